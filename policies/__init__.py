@@ -1,0 +1,1 @@
+"""Policies, trainer, safety model and inference runner (see DESIGN.md)."""

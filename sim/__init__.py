@@ -1,0 +1,1 @@
+"""Simulation: pybullet tasks, a robosuite adapter, scripted operators and the fleet harness."""

@@ -1,0 +1,1 @@
+"""The teleoperator web console (see DESIGN.md)."""

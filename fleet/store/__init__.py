@@ -1,0 +1,17 @@
+"""The zarr episode store (see episode_store.py for the layout and the crash-safety argument)."""
+
+from fleet.store.episode_store import (
+    EpisodeMeta,
+    EpisodeStore,
+    FieldSpec,
+    OpenEpisode,
+    Schema,
+    StepError,
+    StoreCorruptError,
+    StoreError,
+)
+
+__all__ = [
+    "EpisodeMeta", "EpisodeStore", "FieldSpec", "OpenEpisode", "Schema", "StepError", "StoreCorruptError",
+    "StoreError",
+]

@@ -1,0 +1,75 @@
+"""Push expert: push the block along the line from the block to the goal with the closed fingers.
+
+Every step it re-plans from the observation: the push direction ``d`` points from the block to the
+goal, and the tool's position relative to the block is split into ``along`` (along d; negative is
+behind the block) and ``across`` (perpendicular). Then, in order:
+
+1. block at the goal: hold still;
+2. tool low, behind the block and on the line: push forward along d, steering back onto the line;
+3. tool low and clear behind the block: slide (at push height) to the pre-push point behind it;
+4. tool low, touching the back of the block but off the line: back off along -d (re-approach);
+5. tool low anywhere else (beside, in front, on top): rise straight up;
+6. tool high: travel above the pre-push point, then descend onto it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sim.conventions import GRIPPER_CLOSED
+from sim.experts.base import ScriptedOperator
+from sim.tasks.panda_env import FINGERTIP_BELOW_TCP_M, MAX_EE_STEP_M, ee_delta_to_action
+from sim.tasks.push import BLOCK_HALF_M
+
+# The block reaches at most this far from its centre in the plane (a corner, at 45 degrees yaw).
+_BLOCK_REACH_M = BLOCK_HALF_M * np.sqrt(2.0) + 0.001
+# Closed fingers, seen from above: about +-13 mm along world x and +-27 mm along world y.
+_TOOL_HALF_XY = np.array([0.013, 0.027])
+PUSH_HEIGHT_M = 0.028  # TCP height while pushing: fingertips ~17 mm above the table
+TRAVEL_HEIGHT_M = 0.10  # TCP height for moving around the block: fingertips clear its top
+_LOW_M = TRAVEL_HEIGHT_M - 0.02  # below this the tool counts as "low" (could hit the block)
+_STANDOFF_MARGIN_M = 0.012  # gap between tool and block at the pre-push point
+_ON_LINE_M = 0.015  # |across| within which the tool pushes
+_MAX_PUSH_STEP_M = 0.02
+_DONE_M = 0.008
+
+
+class PushExpert(ScriptedOperator):
+    def policy(self, obs: dict) -> np.ndarray:
+        tool = np.asarray(obs["ee_pos"], dtype=np.float64)
+        block = np.asarray(obs["object_pos"][:2], dtype=np.float64)
+        to_goal = np.asarray(obs["goal"], dtype=np.float64) - block
+        distance = float(np.linalg.norm(to_goal))
+        if distance < _DONE_M:
+            return np.array([0.0, 0.0, 0.0, GRIPPER_CLOSED])
+
+        d = to_goal / distance
+        normal = np.array([-d[1], d[0]])
+        rel = tool[:2] - block
+        along, across = float(rel @ d), float(rel @ normal)
+        tool_along = float(_TOOL_HALF_XY @ np.abs(d))  # tool half-size along the push direction
+        tool_across = float(_TOOL_HALF_XY @ np.abs(normal))
+        clear_behind = -(_BLOCK_REACH_M + tool_along)  # `along` below this cannot touch the block
+        pre_push = block + d * (clear_behind - _STANDOFF_MARGIN_M)
+
+        low = tool[2] < _LOW_M
+        at_push_height = abs(tool[2] - PUSH_HEIGHT_M) < 0.01
+        if at_push_height and clear_behind - 0.03 < along < -BLOCK_HALF_M and abs(across) < _ON_LINE_M:
+            # Close any gap to the block's back face, then carry it the remaining distance.
+            gap = max(0.0, -along - (BLOCK_HALF_M + tool_along))
+            step = min(distance + gap, _MAX_PUSH_STEP_M)
+            delta_xy = d * step - normal * across
+            delta = np.append(delta_xy, PUSH_HEIGHT_M - tool[2])
+        elif low and along < clear_behind:
+            delta = np.append(pre_push - tool[:2], PUSH_HEIGHT_M - tool[2])
+        elif low and tool[2] - FINGERTIP_BELOW_TCP_M < 2 * BLOCK_HALF_M and along < 0.0 and abs(
+            across
+        ) < _BLOCK_REACH_M + tool_across:
+            delta = np.append(-d * MAX_EE_STEP_M, 0.0)
+        elif low:
+            delta = np.array([0.0, 0.0, TRAVEL_HEIGHT_M - tool[2]])
+        else:
+            error = pre_push - tool[:2]
+            height = TRAVEL_HEIGHT_M if np.linalg.norm(error) > 0.01 else PUSH_HEIGHT_M
+            delta = np.append(error, height - tool[2])
+        return np.append(ee_delta_to_action(delta), GRIPPER_CLOSED)

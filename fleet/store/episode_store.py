@@ -28,6 +28,7 @@ the prefix `meta/episode_ends` describes.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import fcntl
 import json
@@ -35,13 +36,14 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
 
 from fleet.labels import ControlLabel
 
@@ -218,18 +220,14 @@ class OpenEpisode:
                 changed += 1
         return changed
 
-    def commit(self, success: bool, outcome: str = "", end_time: float | None = None) -> int:
+    def commit(self, success: bool, outcome: str = "") -> int:
         """Write the episode to disk; returns its index. Only after this is it visible to readers."""
-        self._check_open()
-        if not self._steps:
-            raise StoreError("cannot commit an empty episode (it has no steps); abort it instead")
-        index = self._store._commit(self, bool(success), outcome or ("success" if success else "failure"),
-                                    time.time() if end_time is None else end_time)
-        self.closed = True
-        self._steps = []
-        return index
+        return self._store.commit_many([(self, success, outcome)])[0]
 
     def abort(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
         self.closed = True
         self._steps = []
 
@@ -257,6 +255,7 @@ class EpisodeStore:
         self._commit_lock = threading.Lock()
         self._schema: Schema | None = None
         self._ends = np.zeros(0, dtype=np.int64)
+        self._arrays: dict[str, zarr.Array] = {}
         self.refresh()
         if writable:
             self._trim_uncommitted()
@@ -319,6 +318,7 @@ class EpisodeStore:
 
     def refresh(self) -> None:
         """Re-read the committed state from disk (readers call this to see new episodes)."""
+        self._arrays = {}
         attrs = self._group.attrs.get(ATTRS_KEY)
         if not isinstance(attrs, Mapping) or "format" not in attrs:
             raise StoreCorruptError(f"{self.path} is a zarr group but not a Flotilla episode store")
@@ -396,25 +396,45 @@ class EpisodeStore:
         return OpenEpisode(self, str(robot_id), str(task), str(policy_version),
                            time.time() if start_time is None else float(start_time), dict(extra or {}))
 
-    def _commit(self, episode: OpenEpisode, success: bool, outcome: str, end_time: float) -> int:
+    def commit_many(self, finished: Sequence[tuple[OpenEpisode, bool, str]]) -> list[int]:
+        """Commit several episodes in one write (a fleet's episode writer drains its queue this way).
+
+        Each item is (episode, success, outcome); returns their indices. All or none become visible.
+        """
         if not self.writable:
             raise StoreError(f"{self.path} is no longer open for writing")
-        steps = episode._stacked()
-        meta_row = {
-            "robot_id": episode.robot_id, "task": episode.task, "policy_version": episode.policy_version,
-            "outcome": outcome, "success": success, "start_time": episode.start_time, "end_time": end_time,
-            "extra": json.dumps(episode.extra),
+        for episode, _, _ in finished:
+            episode._check_open()
+            if not len(episode):
+                raise StoreError("cannot commit an empty episode (it has no steps); abort it instead")
+        if not finished:
+            return []
+        now = time.time()
+        stacked = [episode._stacked() for episode, _, _ in finished]
+        steps = {key: np.concatenate([s[key] for s in stacked]) for key in stacked[0]}
+        meta_columns = {
+            "robot_id": [e.robot_id for e, _, _ in finished],
+            "task": [e.task for e, _, _ in finished],
+            "policy_version": [e.policy_version for e, _, _ in finished],
+            "outcome": [outcome or ("success" if success else "failure") for _, success, outcome in finished],
+            "success": [bool(success) for _, success, _ in finished],
+            "start_time": [e.start_time for e, _, _ in finished],
+            "end_time": [now] * len(finished),
+            "extra": [json.dumps(e.extra) for e, _, _ in finished],
         }
         with self._commit_lock:
-            start, count = self.num_steps, self.num_episodes
-            for key, values in steps.items():
-                _write_then_grow(self._data(key), start, values)
-            for name, value in meta_row.items():
-                _write_then_grow(self._meta(name), count, np.array([value], dtype=META_FIELDS[name]))
-            new_end = start + len(next(iter(steps.values())))
-            _write_then_grow(self._meta("episode_ends"), count, np.array([new_end], dtype=np.int64))
-            self._ends = np.append(self._ends, new_end)
-            return count
+            start_step, first_index = self.num_steps, self.num_episodes
+            new_ends = start_step + np.cumsum([len(e) for e, _, _ in finished], dtype=np.int64)
+            writes = [(self._data(key), start_step, values) for key, values in steps.items()]
+            writes += [(self._meta(name), first_index, np.array(column, dtype=META_FIELDS[name]))
+                       for name, column in meta_columns.items()]
+            sync(_write_then_grow(writes))
+            # The commit point: episode_ends grows only after everything it points at is on disk.
+            sync(_write_then_grow([(self._meta("episode_ends"), first_index, new_ends)]))
+            self._ends = np.concatenate([self._ends, new_ends])
+        for episode, _, _ in finished:
+            episode._close()
+        return list(range(first_index, first_index + len(finished)))
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -498,24 +518,34 @@ class EpisodeStore:
         return index % self.num_episodes
 
     def _data(self, key: str) -> zarr.Array:
-        return self._group["data"][key]
+        return self._array(f"data/{key}")
 
     def _meta(self, name: str) -> zarr.Array:
-        return self._group["meta"][name]
+        return self._array(f"meta/{name}")
+
+    def _array(self, path: str) -> zarr.Array:
+        # Opening an array reads its metadata file; keep the handles (refresh() drops them).
+        if path not in self._arrays:
+            self._arrays[path] = self._group[path]
+        return self._arrays[path]
 
 
-def _write_then_grow(array: zarr.Array, start: int, values: np.ndarray) -> None:
-    """Write `values` at [start, start + len) and only then save the grown shape.
+async def _write_then_grow(writes: list[tuple[zarr.Array, int, np.ndarray]]) -> None:
+    """For each (array, start, values): write values at [start, start + len), then save the grown shape.
 
     Writing through a copy of the array that already has the new shape (in memory only) puts the
     chunks on disk first; saving the metadata afterwards is the single atomic step that makes them
-    part of the array, so a crash in between leaves the old, consistent shape.
+    part of the array, so a crash in between leaves the old, consistent shape. All chunk writes run
+    concurrently, then all metadata saves.
     """
-    new_shape = (start + len(values), *array.shape[1:])
-    inner = array._async_array
-    grown = zarr.Array(dataclasses.replace(inner, metadata=inner.metadata.update_shape(new_shape)))
-    grown[start:] = values
-    array.resize(new_shape)
+    grown = []
+    for array, start, values in writes:
+        inner = array._async_array
+        new_shape = (start + len(values), *array.shape[1:])
+        grown.append((inner, new_shape, dataclasses.replace(inner, metadata=inner.metadata.update_shape(new_shape))))
+    await asyncio.gather(*(copy.setitem(slice(start, None), values)
+                           for (_, start, values), (_, _, copy) in zip(writes, grown, strict=True)))
+    await asyncio.gather(*(inner.resize(new_shape) for inner, new_shape, _ in grown))
 
 
 def _acquire_writer_lock(path: Path) -> int:

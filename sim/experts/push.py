@@ -25,13 +25,20 @@ from sim.tasks.push import BLOCK_HALF_M
 _BLOCK_REACH_M = BLOCK_HALF_M * np.sqrt(2.0) + 0.001
 # Closed fingers, seen from above: about +-13 mm along world x and +-27 mm along world y.
 _TOOL_HALF_XY = np.array([0.013, 0.027])
-PUSH_HEIGHT_M = 0.028  # TCP height while pushing: fingertips ~17 mm above the table
+PUSH_HEIGHT_M = 0.03  # TCP height while pushing: fingertips ~19 mm above the table
 TRAVEL_HEIGHT_M = 0.10  # TCP height for moving around the block: fingertips clear its top
 _LOW_M = TRAVEL_HEIGHT_M - 0.02  # below this the tool counts as "low" (could hit the block)
+_PUSH_BAND_M = 0.012  # |z - PUSH_HEIGHT_M| within which the tool may push
 _STANDOFF_MARGIN_M = 0.012  # gap between tool and block at the pre-push point
 _ON_LINE_M = 0.015  # |across| within which the tool pushes
 _MAX_PUSH_STEP_M = 0.02
 _DONE_M = 0.008
+# Fraction of the remaining error corrected per step (capped at full speed). Well below 1 so that an
+# operator who reacts a few steps late (reaction_delay) still converges instead of overshooting
+# into the table or oscillating about its waypoint.
+# Height moves get a lower gain: a late reaction there runs the fingers into the table.
+_GAIN = 0.3
+_Z_GAIN = 0.2
 
 
 class PushExpert(ScriptedOperator):
@@ -51,25 +58,24 @@ class PushExpert(ScriptedOperator):
         tool_across = float(_TOOL_HALF_XY @ np.abs(normal))
         clear_behind = -(_BLOCK_REACH_M + tool_along)  # `along` below this cannot touch the block
         pre_push = block + d * (clear_behind - _STANDOFF_MARGIN_M)
+        to_push_height = _Z_GAIN * (PUSH_HEIGHT_M - tool[2])
 
         low = tool[2] < _LOW_M
-        at_push_height = abs(tool[2] - PUSH_HEIGHT_M) < 0.01
+        at_push_height = abs(tool[2] - PUSH_HEIGHT_M) < _PUSH_BAND_M
+        touching_height = tool[2] - FINGERTIP_BELOW_TCP_M < 2 * BLOCK_HALF_M
         if at_push_height and clear_behind - 0.03 < along < -BLOCK_HALF_M and abs(across) < _ON_LINE_M:
             # Close any gap to the block's back face, then carry it the remaining distance.
             gap = max(0.0, -along - (BLOCK_HALF_M + tool_along))
             step = min(distance + gap, _MAX_PUSH_STEP_M)
-            delta_xy = d * step - normal * across
-            delta = np.append(delta_xy, PUSH_HEIGHT_M - tool[2])
+            delta = np.append(d * step - normal * (_GAIN * across), to_push_height)
         elif low and along < clear_behind:
-            delta = np.append(pre_push - tool[:2], PUSH_HEIGHT_M - tool[2])
-        elif low and tool[2] - FINGERTIP_BELOW_TCP_M < 2 * BLOCK_HALF_M and along < 0.0 and abs(
-            across
-        ) < _BLOCK_REACH_M + tool_across:
-            delta = np.append(-d * MAX_EE_STEP_M, 0.0)
+            delta = np.append(_GAIN * (pre_push - tool[:2]), to_push_height)
+        elif low and touching_height and along < 0.0 and abs(across) < _BLOCK_REACH_M + tool_across:
+            delta = np.append(-d * MAX_EE_STEP_M, 0.0)  # touching the back but off the line: back off
         elif low:
-            delta = np.array([0.0, 0.0, TRAVEL_HEIGHT_M - tool[2]])
+            delta = np.array([0.0, 0.0, _Z_GAIN * (TRAVEL_HEIGHT_M - tool[2])])
         else:
             error = pre_push - tool[:2]
-            height = TRAVEL_HEIGHT_M if np.linalg.norm(error) > 0.01 else PUSH_HEIGHT_M
-            delta = np.append(error, height - tool[2])
+            height = TRAVEL_HEIGHT_M if np.linalg.norm(error) > 0.015 else PUSH_HEIGHT_M
+            delta = np.append(_GAIN * error, _Z_GAIN * (height - tool[2]))
         return np.append(ee_delta_to_action(delta), GRIPPER_CLOSED)

@@ -309,7 +309,7 @@ class LiftExpert(ScriptedOperator):
         grasp_offset: float = 0.005,
         xy_tolerance: float = 0.01,
         z_tolerance: float = 0.008,
-        gain: float = 0.7,
+        gain: float = 0.4,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)

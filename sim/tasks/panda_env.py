@@ -65,8 +65,10 @@ _ARM_JOINTS = list(range(7))
 _FINGER_JOINTS = [9, 10]
 _HAND_LINK = 8
 _TCP_LINK = 11  # panda_grasptarget
-_ARM_FORCES = [87.0] * 4 + [12.0] * 3
-_ARM_POSITION_GAIN = 0.3
+# Motor force limits above the real Panda's (87/12 N m): at those the 10 Hz position targets
+# overshoot by centimetres under gravity; these track within a few millimetres.
+_ARM_FORCES = [150.0] * 4 + [40.0] * 3
+_ARM_POSITION_GAIN = 0.25
 _IK_ITERATIONS = 30
 # Null-space IK: limits for the 7 arm joints + 2 fingers, and a comfortable elbow-up rest pose the
 # solver is pulled towards so the arm stays far from its joint limits across the workspace.
@@ -358,7 +360,8 @@ class PandaEnv(gym.Env):
         p = self._p
         p.restoreState(self._initial_state)
         # restoreState restores bodies, not motor targets: command the home pose explicitly.
-        self._command_arm(self._home_q)
+        self._arm_command = self._home_q.copy()
+        self._command_arm(self._arm_command)
         self._command_gripper(GRIPPER_OPEN)
 
         self._goal, object_start = self._sample_episode(goal)
@@ -389,10 +392,11 @@ class PandaEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         action = np.clip(action, -1.0, 1.0)
 
-        if not self.blocked:
-            self._apply_action(action)
-        for _ in range(SUBSTEPS):
-            self._p.stepSimulation()
+        if self.blocked:
+            self._simulate(self._arm_command)
+        else:
+            self._command_gripper(action[3])
+            self._simulate(self._arm_target_for(action))
         self._steps += 1
 
         state = self._read_state()
@@ -401,7 +405,8 @@ class PandaEnv(gym.Env):
             if violation:
                 self._violation = violation
                 # Hold: freeze the arm where it is; the fingers keep their last command.
-                self._command_arm(state["joint_pos"])
+                self._arm_command = state["joint_pos"]
+                self._command_arm(self._arm_command)
         success = not self.blocked and bool(self._is_success(state))
         truncated = self._steps >= self.max_steps
         return self._observation(state), float(success), success, truncated, self._info(state, success)
@@ -421,7 +426,8 @@ class PandaEnv(gym.Env):
     def goal(self) -> np.ndarray:
         return self._goal.copy()
 
-    def _apply_action(self, action: np.ndarray) -> None:
+    def _arm_target_for(self, action: np.ndarray) -> np.ndarray:
+        """Move the commanded TCP target by the action; return the arm joints that reach it."""
         ee = np.array(self._p.getLinkState(self.robot_id, _TCP_LINK, computeForwardKinematics=True)[4])
         target = np.clip(self._target + action[:3] * MAX_EE_STEP_M, WORKSPACE_LOW, WORKSPACE_HIGH)
         ahead = target - ee
@@ -429,8 +435,20 @@ class PandaEnv(gym.Env):
         if distance > TARGET_LEASH_M:
             target = np.clip(ee + ahead * (TARGET_LEASH_M / distance), WORKSPACE_LOW, WORKSPACE_HIGH)
         self._target = target
-        self._command_arm(self._ik(target))
-        self._command_gripper(action[3])
+        return self._ik(target)
+
+    def _simulate(self, arm_goal: np.ndarray) -> None:
+        """Run one control step of physics, ramping the arm's joint targets linearly to `arm_goal`.
+
+        Ramping (rather than jumping the targets once per control step) makes the arm move at a steady
+        speed through the step; a jump would whip the tool at ~1 m/s for a few milliseconds and fling
+        whatever it touches.
+        """
+        start = self._arm_command
+        for i in range(1, SUBSTEPS + 1):
+            self._command_arm(start + (arm_goal - start) * (i / SUBSTEPS))
+            self._p.stepSimulation()
+        self._arm_command = arm_goal
 
     def _command_arm(self, joint_targets: np.ndarray) -> None:
         self._p.setJointMotorControlArray(

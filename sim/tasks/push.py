@@ -16,7 +16,7 @@ from sim.tasks.panda_env import PandaEnv, sample_start_and_goal_xy
 
 BLOCK_HALF_M = 0.025
 BLOCK_MASS_KG = 0.3
-BLOCK_FRICTION = 1.0  # pybullet multiplies frictions: 0.5 against the table, 1.5 against the fingers
+BLOCK_FRICTION = 0.5  # pybullet multiplies frictions: 0.25 against the table, 0.75 against the fingers
 START_LOW = np.array([0.42, -0.15])
 START_HIGH = np.array([0.58, 0.15])
 GOAL_LOW = np.array([0.36, -0.25])

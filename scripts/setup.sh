@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything Flotilla needs on a fresh Debian machine with Python 3.11 (run as root).
+# Safe to run again: it skips what is already installed.
+set -euo pipefail
+export PIP_ROOT_USER_ACTION=ignore
+cd "$(dirname "$0")/.."
+
+# Debian packages: the OSMesa software renderer for robosuite/MuJoCo cameras without a GPU.
+APT_PACKAGES=(libosmesa6 libgl1)
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# torch first and exactly pinned: a CPU wheel of 2.13.0 is on disk here, while a looser request
+# would pull gigabytes of CUDA packages.
+python -m pip install --quiet torch==2.13.0
+python -m pip install --quiet -e ".[test]"
+# pyenv only sees new console scripts (the `flotilla` command) after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+echo "setup: done ($(python --version), torch $(python -c 'import torch; print(torch.__version__)'))"

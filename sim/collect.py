@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fleet.labels import ControlLabel
-from fleet.store import EpisodeStore
+from fleet.store import EpisodeStore, StepError, StoreError
 from sim.experts import make_expert
 from sim.tasks import make_env
 
@@ -82,11 +82,19 @@ def collect_demos(
 
 
 def run(cfg) -> None:
+    if not isinstance(cfg.episodes, int) or cfg.episodes < 1:
+        raise SystemExit(f"flotilla collect: episodes must be a positive integer, got {cfg.episodes!r}")
+    if not isinstance(cfg.image_size, int) or not 16 <= cfg.image_size <= 512:
+        raise SystemExit(f"flotilla collect: image_size must be an integer in [16, 512], got {cfg.image_size!r}")
     out = Path(cfg.out)
-    if cfg.overwrite:
-        store = EpisodeStore.create(out, overwrite=True)
-    else:
-        store = EpisodeStore.open(out, mode="a")
+    try:
+        _collect_into(out, cfg)
+    except (StoreError, StepError) as err:
+        raise SystemExit(f"flotilla collect: {out}: {err}") from None
+
+
+def _collect_into(out: Path, cfg) -> None:
+    store = EpisodeStore.create(out, overwrite=True) if cfg.overwrite else EpisodeStore.open(out, mode="a")
     cameras = list(cfg.camera_names) if cfg.cameras else []
     with store:
         result = collect_demos(

@@ -25,7 +25,7 @@ from sim.tasks.push import BLOCK_HALF_M
 _BLOCK_REACH_M = BLOCK_HALF_M * np.sqrt(2.0) + 0.001
 # Closed fingers, seen from above: about +-13 mm along world x and +-27 mm along world y.
 _TOOL_HALF_XY = np.array([0.013, 0.027])
-PUSH_HEIGHT_M = 0.03  # TCP height while pushing: fingertips ~19 mm above the table
+PUSH_HEIGHT_M = 0.04  # TCP height while pushing: fingertips ~29 mm above the table
 TRAVEL_HEIGHT_M = 0.10  # TCP height for moving around the block: fingertips clear its top
 _LOW_M = TRAVEL_HEIGHT_M - 0.02  # below this the tool counts as "low" (could hit the block)
 _PUSH_BAND_M = 0.012  # |z - PUSH_HEIGHT_M| within which the tool may push

@@ -26,6 +26,8 @@ class Job:
 JOBS: dict[str, Job] = {
     "collect": Job("sim.collect:run", "collect scripted-operator demonstrations into an episode store"),
     "info": Job("fleet.store.inspect:run", "summarize an episode store: episodes, steps, labels, keys, size", "path"),
+    "train": Job("policies.train:run", "train a policy (diffusion, gc_diffusion, mlp) by weighted BC on episode stores"),
+    "eval": Job("policies.evaluate:run", "evaluate a checkpoint in simulation: success rate, length, violations"),
 }
 
 CONFIG_DIR = Path(configs.__file__).resolve().parent

@@ -309,7 +309,8 @@ class LiftExpert(ScriptedOperator):
         grasp_offset: float = 0.005,
         xy_tolerance: float = 0.01,
         z_tolerance: float = 0.008,
-        gain: float = 0.4,
+        gain: float = 0.5,
+        descend_gain: float = 0.15,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -317,7 +318,11 @@ class LiftExpert(ScriptedOperator):
         self.grasp_offset = float(grasp_offset)
         self.xy_tolerance = float(xy_tolerance)
         self.z_tolerance = float(z_tolerance)
+        # Fraction of the remaining error closed per step. Vertical moves near the cube use the
+        # smaller descend_gain: a low gain keeps the approach free of overshoot (so off the table)
+        # even when the operator reacts a few steps late (reaction_delay).
         self.gain = float(gain)
+        self.descend_gain = float(descend_gain)
 
     # Finger openings (m). The cube is 4.0-4.4 cm wide and may sit at any yaw (the tool cannot turn),
     # so fingers closed on it read between its width and its diagonal (~6.2 cm); fully open is ~8 cm.
@@ -325,8 +330,9 @@ class LiftExpert(ScriptedOperator):
     _HOLD_MIN_WIDTH = 0.02
     _OPEN_ENOUGH_WIDTH = 0.072
 
-    def _move(self, target: np.ndarray, ee: np.ndarray) -> np.ndarray:
-        return np.clip(self.gain * (target - ee) / MAX_EE_STEP_M, -1.0, 1.0)
+    def _move(self, target: np.ndarray, ee: np.ndarray, z_gain: float | None = None) -> np.ndarray:
+        gains = np.array([self.gain, self.gain, self.gain if z_gain is None else z_gain])
+        return np.clip(gains * (target - ee) / MAX_EE_STEP_M, -1.0, 1.0)
 
     def policy(self, obs: dict) -> np.ndarray:
         ee = np.asarray(obs["ee_pos"], dtype=np.float64)
@@ -345,17 +351,17 @@ class LiftExpert(ScriptedOperator):
             action[3] = GRIPPER_CLOSED
         elif xy_error < self.xy_tolerance and abs(z_error) < self.z_tolerance and width > self._HOLD_MIN_WIDTH:
             # At the grasp pose: close, holding still.
-            action[:3] = self._move(grasp, ee)
+            action[:3] = self._move(grasp, ee, self.descend_gain)
             action[3] = GRIPPER_CLOSED
         elif xy_error < self.xy_tolerance and width > self._OPEN_ENOUGH_WIDTH and ee[2] > grasp[2] - 0.01:
             # Lined up above the cube with the fingers open: descend.
-            action[:3] = self._move(grasp, ee)
+            action[:3] = self._move(grasp, ee, self.descend_gain)
             action[3] = GRIPPER_OPEN
         else:
             # Rise to the hover height first, then line up over the cube, opening on the way.
             hover = grasp + np.array([0.0, 0.0, self.hover_height])
             if ee[2] < hover[2] - 0.02 and xy_error > self.xy_tolerance:
                 hover[:2] = ee[:2]
-            action[:3] = self._move(hover, ee)
+            action[:3] = self._move(hover, ee, self.descend_gain)
             action[3] = GRIPPER_OPEN
         return action

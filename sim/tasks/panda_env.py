@@ -226,6 +226,19 @@ class PandaEnv(gym.Env):
         p.setCollisionFilterPair(self.robot_id, self.table_id, -1, -1, 0)
         for finger in _FINGER_JOINTS:
             p.changeDynamics(self.robot_id, finger, lateralFriction=FINGER_FRICTION)
+        # Couple the fingers (mirror images, as the real gripper's mechanism does); independent
+        # fingers both pressing at full force let a grasped object slide sideways between them.
+        gear = p.createConstraint(
+            self.robot_id,
+            _FINGER_JOINTS[0],
+            self.robot_id,
+            _FINGER_JOINTS[1],
+            jointType=pybullet.JOINT_GEAR,
+            jointAxis=[1, 0, 0],
+            parentFramePosition=[0, 0, 0],
+            childFramePosition=[0, 0, 0],
+        )
+        p.changeConstraint(gear, gearRatio=-1, erp=0.1, maxForce=50)
 
         self.object_id = self._create_object()
         self.marker_id = p.createMultiBody(

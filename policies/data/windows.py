@@ -1,0 +1,128 @@
+"""Training windows over one or more episode stores, loaded into memory.
+
+A sample is anchored at step t of an episode (the step whose action the policy executes first):
+observations of steps t-To+1..t, actions of steps t-To+1..t-To+Tp (Diffusion Policy's convention,
+so the first To actions line up with the observed steps), and the goal at t. Windows that run over
+an episode's edge repeat its first or last step. The sample's weight is its label's weight at t.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fleet.labels import ControlLabel
+from fleet.store import EpisodeStore
+from policies.data.memory import EpisodeRecord, select_episodes
+from policies.data.weighting import sample_weights
+
+
+@dataclass
+class EpisodeData:
+    """Steps of the selected episodes, concatenated, in RAM."""
+
+    steps: dict[str, np.ndarray]  # obs keys, "action", "goal" (if any), "label"
+    episode_ends: np.ndarray
+    sources: list[tuple[str, int]] = field(default_factory=list)  # (store path, episode index) per episode
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episode_ends)
+
+    def bounds(self, episode: int) -> tuple[int, int]:
+        return (int(self.episode_ends[episode - 1]) if episode else 0), int(self.episode_ends[episode])
+
+    def summary(self) -> dict:
+        labels = Counter(ControlLabel(int(code)).label_name for code in self.steps["label"])
+        return {"stores": sorted({path for path, _ in self.sources}), "episodes": self.num_episodes,
+                "steps": int(self.episode_ends[-1]) if self.num_episodes else 0, "labels": dict(labels)}
+
+
+def load_episodes(paths: Sequence[str], obs_keys: Sequence[str], memory: str = "keep_all",
+                  budget_steps: int | None = None, keep_demos: bool = True) -> EpisodeData:
+    """Read the episodes the memory strategy keeps from `paths` (oldest store first)."""
+    stores = [EpisodeStore.open(path) for path in paths]
+    if not stores:
+        raise ValueError("no episode stores given to train on")
+    wanted = [*obs_keys, "action", "label"]
+    records, where = [], []
+    for store in stores:
+        missing = [key for key in wanted if key not in (store.schema or {})]
+        if missing:
+            raise ValueError(f"{store.path} has no step key(s) {missing}; it has {sorted(store.schema or {})}")
+        labels = store.labels()
+        start_times = store.meta_column("start_time")
+        for index, (start, end) in enumerate(zip(np.r_[0, store.episode_ends[:-1]], store.episode_ends, strict=True)):
+            episode_labels = labels[start:end]
+            records.append(EpisodeRecord(order=len(records), length=int(end - start),
+                                         interventions=int(np.sum(episode_labels == ControlLabel.INTERVENTION)),
+                                         is_demo=bool(np.all(episode_labels == ControlLabel.DEMO))))
+            where.append((store, index, float(start_times[index])))
+    kept = select_episodes(records, memory, budget_steps, keep_demos)
+    if not kept:
+        raise ValueError(f"no episodes left to train on in {list(paths)} (memory={memory}, budget={budget_steps})")
+    has_goal = all("goal" in (store.schema or {}) for store in stores)
+    keys = wanted + (["goal"] if has_goal else [])
+    chunks: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+    for i in kept:
+        store, index, _ = where[i]
+        episode = store.episode(index, keys=keys)
+        for key in keys:
+            chunks[key].append(episode[key])
+    lengths = [records[i].length for i in kept]
+    return EpisodeData(steps={key: np.concatenate(parts) for key, parts in chunks.items()},
+                       episode_ends=np.cumsum(lengths).astype(np.int64),
+                       sources=[(str(where[i][0].path), where[i][1]) for i in kept])
+
+
+def split_episodes(num_episodes: int, val_ratio: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Episode indices for training and validation (at least one training episode)."""
+    if not 0.0 <= val_ratio < 1.0:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    order = np.random.default_rng(seed).permutation(num_episodes)
+    n_val = min(int(round(val_ratio * num_episodes)), num_episodes - 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """(observation history, action chunk, goal, weight) samples from some episodes of `data`."""
+
+    def __init__(self, data: EpisodeData, episodes: np.ndarray, obs_keys: Sequence[str], n_obs_steps: int,
+                 horizon: int, weighting: str = "sirius"):
+        if horizon < n_obs_steps:
+            raise ValueError(f"prediction horizon {horizon} is shorter than the observation horizon {n_obs_steps}")
+        self.data = data
+        self.obs_keys = list(obs_keys)
+        anchors, obs_index, action_index = [], [], []
+        for episode in episodes:
+            start, end = data.bounds(int(episode))
+            t = np.arange(start, end)
+            anchors.append(t)
+            obs_index.append(np.clip(t[:, None] + np.arange(-n_obs_steps + 1, 1), start, end - 1))
+            action_index.append(np.clip(t[:, None] + np.arange(-n_obs_steps + 1, horizon - n_obs_steps + 1),
+                                        start, end - 1))
+        if not anchors:
+            raise ValueError("no episodes selected for this dataset")
+        self.anchors = np.concatenate(anchors)
+        self.obs_index = np.concatenate(obs_index)
+        self.action_index = np.concatenate(action_index)
+        # Weights over the steps this dataset trains on, by the label at each anchor step.
+        self.weights = sample_weights(data.steps["label"][self.anchors], weighting)
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+    def __getitem__(self, i: int) -> dict:
+        steps = self.data.steps
+        sample = {
+            "obs": {key: torch.from_numpy(steps[key][self.obs_index[i]]) for key in self.obs_keys},
+            "action": torch.from_numpy(steps["action"][self.action_index[i]]),
+            "weight": torch.tensor(self.weights[i]),
+        }
+        if "goal" in steps:
+            sample["goal"] = torch.from_numpy(steps["goal"][self.anchors[i]])
+        return sample

@@ -1,0 +1,75 @@
+"""The inference runner: a policy behind the robot agent's small interface (reset, act, version).
+
+Receding-horizon execution: keep the last To observations, and when the queue of planned actions
+runs dry, predict a chunk of Tp actions from them and queue the Ta actions that start at the
+current step (index To-1 of the chunk). Batch 1, `torch.inference_mode`, numpy in and out.
+
+Uncertainty (the signal the fleet allocates humans on): with `num_samples` K > 1 each plan draws K
+action chunks in one batched pass; their spread, the standard deviation across samples of the
+normalized executed actions averaged over steps and dimensions and divided by the normalized action
+range (2), is reported for every action of that chunk.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class PolicyRunner:
+    def __init__(self, policy: nn.Module, version: str = "", num_samples: int = 1,
+                 n_action_steps: int | None = None):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.policy = policy.eval()
+        self.version = version
+        self.num_samples = num_samples
+        self.n_obs_steps = policy.n_obs_steps
+        self.n_action_steps = n_action_steps or policy.n_action_steps
+        if not 1 <= self.n_action_steps <= policy.horizon - policy.n_obs_steps + 1:
+            raise ValueError(f"n_action_steps {self.n_action_steps} does not fit in horizon {policy.horizon} "
+                             f"after {policy.n_obs_steps} observed steps")
+        self.obs_keys = list(policy.shape_meta.obs)
+        self.uses_goal = policy.shape_meta.goal_dim > 0
+        self.uncertainty = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self._history: deque = deque(maxlen=self.n_obs_steps)
+        self._actions: deque = deque()
+        self.uncertainty = 0.0
+
+    def act(self, obs: Mapping[str, np.ndarray], goal: np.ndarray | None = None) -> np.ndarray:
+        """The action for this step (float32, unnormalized)."""
+        missing = [key for key in self.obs_keys if key not in obs]
+        if missing:
+            raise KeyError(f"observation lacks key(s) {missing} the policy needs")
+        frame = {key: np.asarray(obs[key]) for key in self.obs_keys}
+        if not self._history:
+            self._history.extend([frame] * self.n_obs_steps)  # pad the start by repeating the first frame
+        else:
+            self._history.append(frame)
+        if not self._actions:
+            self._plan(obs.get("goal") if goal is None else goal)
+        return self._actions.popleft()
+
+    @torch.inference_mode()
+    def _plan(self, goal: np.ndarray | None) -> None:
+        obs = {key: torch.from_numpy(np.stack([frame[key] for frame in self._history]))[None]
+               for key in self.obs_keys}
+        goal_tensor = None
+        if self.uses_goal:
+            if goal is None:
+                raise ValueError("this policy is goal-conditioned: pass a goal (or an observation with 'goal')")
+            goal_tensor = torch.as_tensor(np.asarray(goal, dtype=np.float32))[None]
+        samples = self.policy.predict_action(obs, goal_tensor, num_samples=self.num_samples)[0]  # (K, Tp, A)
+        start = self.n_obs_steps - 1
+        executed = samples[:, start:start + self.n_action_steps]
+        if self.num_samples > 1:
+            normalized = self.policy.normalizer.normalize("action", executed)
+            self.uncertainty = float(normalized.std(dim=0).mean() / 2.0)
+        self._actions.extend(executed[0].float().numpy().astype(np.float32))

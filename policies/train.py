@@ -1,0 +1,271 @@
+"""`flotilla train`: weighted behavior cloning of a policy on one or more episode stores.
+
+    flotilla train data=[runs/demos.zarr,runs/round1.zarr] policy=diffusion task=push
+    torchrun --nproc_per_node=2 -m policies.train data=[...]     # DDP on CPU (gloo)
+
+Samples are weighted by control label (policies/data/weighting.py, Sirius by default); the data can
+be cut to a step budget by a memory strategy (policies/data/memory.py). Held-out episodes give a
+validation loss; an EMA copy of the weights is what gets deployed. Checkpoints (policies/checkpoint.py)
+land in `out/checkpoints/latest` every `checkpoint_every` steps and at the end, with everything
+resuming needs (`resume=out/checkpoints/latest`). Scalars go to tensorboard under `out/tb`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from policies.checkpoint import (
+    TRAINER_FILE,
+    TRAINER_JSON,
+    CheckpointError,
+    load_state_strict,
+    load_tensors,
+    read_config,
+    save_checkpoint,
+)
+from policies.data.windows import EpisodeData, WindowDataset, load_episodes, split_episodes
+from policies.models.factory import ShapeMeta, build_policy
+
+
+class EMA:
+    """Exponential moving average of weights with Diffusion Policy's warm-up (decay grows with steps)."""
+
+    def __init__(self, model: nn.Module, power: float = 0.75, max_decay: float = 0.9999):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.power, self.max_decay, self.updates = power, max_decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.max_decay, 1 - (1 + self.updates) ** -self.power)
+        for ema_param, param in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_param.lerp_(param.detach(), 1 - decay)
+        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+
+
+def shape_meta_for(data: EpisodeData, obs_keys: list[str]) -> ShapeMeta:
+    goal = data.steps.get("goal")
+    return ShapeMeta(obs={key: tuple(data.steps[key].shape[1:]) for key in obs_keys},
+                     action_dim=int(data.steps["action"].shape[-1]),
+                     goal_dim=0 if goal is None else int(goal.shape[-1]))
+
+
+def normalizer_data(data: EpisodeData, episodes: np.ndarray, shape_meta: ShapeMeta) -> dict[str, np.ndarray]:
+    """Low-dim arrays of the training episodes, for fitting the normalizer (images are scaled by the encoder)."""
+    rows = np.concatenate([np.arange(*data.bounds(int(e))) for e in episodes])
+    keys = [k for k, shape in shape_meta.obs.items() if len(shape) != 3] + ["action"]
+    keys += ["goal"] if shape_meta.goal_dim else []
+    return {key: data.steps[key][rows] for key in keys}
+
+
+class LossForward(nn.Module):
+    """Makes the per-sample loss the module's forward, so DDP's gradient hooks see it."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.policy.compute_loss(batch)
+
+
+def weighted_loss(loss_fn, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted mean loss, unweighted mean loss) of a batch; loss_fn maps a batch to per-sample losses."""
+    per_sample = loss_fn(batch)
+    weights = batch["weight"].to(per_sample.dtype)
+    return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8), per_sample.mean()
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The optimizer's state as flat tensors (safetensors) plus its JSON-able parameter groups."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).clone()
+    return tensors, state["param_groups"]
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def train(cfg) -> Path:
+    """Train per `cfg` (configs/train.yaml); returns the final checkpoint folder."""
+    rank, world = _distributed()
+    torch.manual_seed(cfg.seed + rank)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.out)
+    obs_keys = list(cfg.task.obs_keys) + [f"{name}_rgb" for name in (cfg.camera_names if cfg.cameras else [])]
+    paths = [str(p) for p in (cfg.data if not isinstance(cfg.data, str) else [cfg.data])]
+
+    data = load_episodes(paths, obs_keys, cfg.memory.strategy, cfg.memory.budget_steps, cfg.memory.keep_demos)
+    train_eps, val_eps = split_episodes(data.num_episodes, cfg.val_ratio, cfg.seed)
+    horizons = dict(n_obs_steps=cfg.policy.n_obs_steps, horizon=cfg.policy.horizon)
+    train_set = WindowDataset(data, train_eps, obs_keys, weighting=cfg.weighting, **horizons)
+    val_set = WindowDataset(data, val_eps, obs_keys, weighting=cfg.weighting, **horizons) if len(val_eps) else None
+    shape_meta = shape_meta_for(data, obs_keys)
+
+    policy = build_policy(cfg.policy.kind, shape_meta, n_action_steps=cfg.policy.n_action_steps, **horizons,
+                          **cfg.policy.model)
+    policy.normalizer.fit(normalizer_data(data, train_eps, shape_meta))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(policy, max_decay=cfg.ema_decay) if cfg.ema else None
+    step = 0
+    if cfg.resume:
+        step = _resume(Path(cfg.resume), policy, ema, optimizer)
+
+    model = nn.parallel.DistributedDataParallel(LossForward(policy)) if world > 1 else LossForward(policy)
+    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=cfg.seed) if world > 1 else None
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
+                                         sampler=sampler, drop_last=len(train_set) >= cfg.batch_size * world,
+                                         num_workers=0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps))
+    for _ in range(step):
+        schedule.step()
+
+    writer = _tensorboard(out / "tb") if rank == 0 and cfg.tensorboard else None
+    training_summary = {**data.summary(), "weighting": cfg.weighting, "memory": dict(cfg.memory),
+                        "train_episodes": len(train_eps), "val_episodes": len(val_eps)}
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.policy.kind}", unit="step",
+               disable=rank != 0 or not cfg.progress, file=sys.stdout)
+    started, samples, epoch = time.perf_counter(), 0, 0
+    final = out / "checkpoints" / "latest"
+    while step < cfg.steps:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for batch in loader:
+            model.train()
+            loss, raw = weighted_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            if ema is not None:
+                ema.update(policy)
+            step += 1
+            samples += len(batch["action"]) * world
+            bar.update(1)
+            if rank == 0 and step % cfg.log_every == 0:
+                rate = samples / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+                if writer:
+                    writer.add_scalar("train/weighted_loss", loss.item(), step)
+                    writer.add_scalar("train/loss", raw.item(), step)
+                    writer.add_scalar("train/lr", schedule.get_last_lr()[0], step)
+                    writer.add_scalar("train/samples_per_s", rate, step)
+            if rank == 0 and val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                val = validation_loss(ema.model if ema else policy, val_set, cfg.batch_size)
+                bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{val:.4f}")
+                if writer:
+                    writer.add_scalar("val/loss", val, step)
+            if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                _save(final, policy, ema, optimizer, shape_meta, cfg, training_summary, step, epoch)
+            if step >= cfg.steps:
+                break
+        epoch += 1
+    bar.close()
+    if writer:
+        writer.close()
+    if rank == 0:
+        elapsed = time.perf_counter() - started
+        print(f"trained {cfg.policy.kind} for {step} steps ({samples / max(elapsed, 1e-9):.0f} samples/s); "
+              f"checkpoint: {final}")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return final
+
+
+@torch.no_grad()
+def validation_loss(policy: nn.Module, dataset: WindowDataset, batch_size: int) -> float:
+    policy.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    total, count = 0.0, 0
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same diffusion noise every time, so validation losses compare
+        for batch in loader:
+            loss, _ = weighted_loss(policy.compute_loss, batch)
+            total += loss.item() * len(batch["action"])
+            count += len(batch["action"])
+    return total / max(count, 1)
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _save(directory, policy, ema, optimizer, shape_meta, cfg, training_summary, step, epoch) -> None:
+    tensors, groups = optimizer_tensors(optimizer)
+    tensors.update({f"model.{k}": v for k, v in policy.state_dict().items()})
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
+    version = cfg.version or f"{cfg.policy.kind}-{Path(cfg.out).name}-step{step}"
+    save_checkpoint(directory, ema.model if ema else policy, shape_meta, version, training=training_summary,
+                    step=step, trainer_state=tensors,
+                    trainer_meta={"param_groups": groups, "step": step, "epoch": epoch,
+                                  "ema_updates": ema.updates if ema else 0})
+
+
+def _resume(directory: Path, policy, ema, optimizer) -> int:
+    config = read_config(directory)
+    if config["kind"] != policy.kind:
+        raise CheckpointError(f"{directory}: a {config['kind']} checkpoint cannot resume a {policy.kind} run")
+    meta_path = directory / TRAINER_JSON
+    if not meta_path.is_file():
+        raise CheckpointError(f"{directory}: has no trainer state to resume from ({TRAINER_JSON} is missing)")
+    meta = json.loads(meta_path.read_text())
+    tensors = load_tensors(directory / TRAINER_FILE)
+    load_state_strict(policy, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, directory)
+    if ema is not None:
+        load_state_strict(ema.model, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, directory)
+        ema.updates = int(meta.get("ema_updates", 0))
+    restore_optimizer(optimizer, tensors, meta["param_groups"])
+    return int(meta["step"])
+
+
+def _tensorboard(directory: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: training works without it
+        return None
+    return SummaryWriter(str(directory))
+
+
+def run(cfg) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":  # torchrun -m policies.train key=value ...
+    from flotilla.cli import run_job
+
+    run_job("train", sys.argv[1:])

@@ -3,8 +3,10 @@
 Schemes (all return weights with mean 1 over the training set, so learning rates carry over):
 - sirius (default; Liu et al., 2022): interventions carry 50% of the weighted mass
   (w = 0.5 / share of interventions), pre-intervention steps 0.2% (w = 0.002 / share: the robot was
-  about to fail there), demos weight 1, and autonomous robot steps share the remainder. When demos
-  are so plentiful that nothing remains, robot steps keep a floor of ROBOT_WEIGHT_FLOOR.
+  about to fail there), and demo and autonomous robot steps share the remaining 49.8%, one weight
+  for both. (Read literally, "demos weight 1, robot steps the remainder" leaves robot steps a
+  negative weight whenever demos are over half the data, as they are in the first rounds of a
+  fleet; giving demos and robot steps one weight keeps every mass target in every round.)
 - uniform: plain behavior cloning on everything.
 - hg_dagger: learn only from humans (demos and interventions); robot steps weight 0.
 - iwr (Mandlekar et al., 2020): interventions balanced 50/50 against everything else.
@@ -19,7 +21,6 @@ from fleet.labels import ControlLabel
 SCHEMES = ("sirius", "uniform", "hg_dagger", "iwr")
 INTERVENTION_MASS = 0.5
 PRE_INTERVENTION_MASS = 0.002
-ROBOT_WEIGHT_FLOOR = 0.1
 
 
 def sample_weights(labels: np.ndarray, scheme: str = "sirius") -> np.ndarray:
@@ -44,9 +45,9 @@ def sample_weights(labels: np.ndarray, scheme: str = "sirius") -> np.ndarray:
         if counts[pre]:
             weights[masks[pre]] = PRE_INTERVENTION_MASS * total / counts[pre]
             remainder -= PRE_INTERVENTION_MASS * total
-        remainder -= counts[demo]
-        if counts[robot]:
-            weights[masks[robot]] = max(remainder / counts[robot], ROBOT_WEIGHT_FLOOR)
+        autonomous = masks[demo] | masks[robot]
+        if autonomous.any():
+            weights[autonomous] = remainder / autonomous.sum()
     elif scheme == "hg_dagger":
         weights[masks[robot] | masks[pre]] = 0.0
     elif scheme == "iwr" and 0 < counts[intervention] < total:

@@ -28,7 +28,8 @@ GRASP_ABOVE_CENTRE_M = 0.008  # TCP this far above the cube's centre when closin
 _CUBE_WIDTH_M = 2 * CUBE_HALF_M
 _OPEN_M = 0.07  # finger opening that counts as open
 _EMPTY_M = _CUBE_WIDTH_M - 0.012  # fingers closed past the cube's width: nothing between them
-_HELD_MAX_M = _CUBE_WIDTH_M + 0.003
+# A yawed cube is gripped across its corners, up to its diagonal apart.
+_HELD_MAX_M = _CUBE_WIDTH_M * np.sqrt(2.0) + 0.003
 _ABOVE_M = 0.012  # xy error within which the tool is above the cube (start the descent)
 _GRASP_XY_M = 0.02  # xy error tolerated once descending: the open fingers leave 2 cm each side
 _LOWER_XY_M = 0.02  # start lowering the held cube once this close (xy) to the goal

@@ -1,0 +1,119 @@
+"""A 1-D temporal convolutional U-Net over action sequences with FiLM conditioning.
+
+Input (B, T, A) noisy actions, a (continuous or integer) noise level per sample and a global condition
+vector (B, C). Each residual block is [Conv1d -> GroupNorm -> Mish] x 2 with a FiLM modulation
+(per-channel scale and bias computed from [step embedding, condition]) after the first conv block, and
+a 1x1 conv skip when the channel count changes. Down path: two residual blocks per level then a
+stride-2 conv (not after the last level); two middle blocks; the up path mirrors it with skip
+concatenations (of the deeper levels' outputs) and transposed-conv upsampling. T must be divisible by 2 ** (len(down_dims) - 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Scalar per sample -> [sin(t * f_i), cos(t * f_i)], frequencies geometric from 1 to 1/10000."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim < 4 or dim % 2:
+            raise ValueError(f"step embedding dimension must be even and >= 4, got {dim}")
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t.to(self.freqs.dtype).unsqueeze(-1) * self.freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class ConvNormMish(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, n_groups: int):
+        super().__init__(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+                         nn.GroupNorm(n_groups, c_out), nn.Mish())
+
+
+class FiLMResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel_size: int, n_groups: int):
+        super().__init__()
+        self.block1 = ConvNormMish(c_in, c_out, kernel_size, n_groups)
+        self.block2 = ConvNormMish(c_out, c_out, kernel_size, n_groups)
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
+        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, bias = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
+        h = self.block1(x) * (1.0 + scale) + bias
+        return self.block2(h) + self.skip(x)
+
+
+class ConditionalUnet1D(nn.Module):
+    def __init__(self, input_dim: int, global_cond_dim: int, down_dims: tuple[int, ...] = (64, 128, 256),
+                 kernel_size: int = 5, n_groups: int = 8, step_embed_dim: int = 64):
+        super().__init__()
+        down_dims = tuple(int(d) for d in down_dims)
+        if not down_dims:
+            raise ValueError("down_dims must list at least one channel count")
+        bad = [d for d in down_dims if d % n_groups]
+        if bad:
+            raise ValueError(f"down_dims {down_dims}: {bad} not divisible by n_groups={n_groups}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.down_dims = down_dims
+        self.step_embed = nn.Sequential(SinusoidalEmbedding(step_embed_dim),
+                                        nn.Linear(step_embed_dim, 4 * step_embed_dim), nn.Mish(),
+                                        nn.Linear(4 * step_embed_dim, step_embed_dim))
+        cond_dim = step_embed_dim + global_cond_dim
+        chans = (input_dim, *down_dims)
+        levels = len(down_dims)
+
+        def block(c_in, c_out):
+            return FiLMResBlock(c_in, c_out, cond_dim, kernel_size, n_groups)
+
+        self.down = nn.ModuleList()
+        for i in range(levels):
+            last = i == levels - 1
+            self.down.append(nn.ModuleList([
+                block(chans[i], chans[i + 1]), block(chans[i + 1], chans[i + 1]),
+                nn.Identity() if last else nn.Conv1d(chans[i + 1], chans[i + 1], 3, stride=2, padding=1)]))
+        self.mid = nn.ModuleList([block(down_dims[-1], down_dims[-1]), block(down_dims[-1], down_dims[-1])])
+        self.up = nn.ModuleList()
+        for i in reversed(range(1, levels)):  # each up level undoes one downsampling
+            self.up.append(nn.ModuleList([
+                block(2 * chans[i + 1], chans[i]), block(chans[i], chans[i]),
+                nn.ConvTranspose1d(chans[i], chans[i], 4, stride=2, padding=1)]))
+        self.final = nn.Sequential(ConvNormMish(down_dims[0], down_dims[0], kernel_size, n_groups),
+                                   nn.Conv1d(down_dims[0], input_dim, 1))
+
+    @property
+    def length_multiple(self) -> int:
+        return 2 ** (len(self.down_dims) - 1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                global_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """sample (B, T, A), timestep scalar or (B,), global_cond (B, C) -> (B, T, A)."""
+        batch = sample.shape[0]
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor(timestep, device=sample.device, dtype=torch.float32)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        cond = self.step_embed(timestep)
+        if global_cond is not None:
+            cond = torch.cat([cond, global_cond], dim=-1)
+        x = sample.transpose(1, 2)
+        skips = []
+        for res1, res2, downsample in self.down:
+            x = res2(res1(x, cond), cond)
+            skips.append(x)
+            x = downsample(x)
+        for res in self.mid:
+            x = res(x, cond)
+        for res1, res2, upsample in self.up:
+            x = torch.cat([x, skips.pop()], dim=1)
+            x = upsample(res2(res1(x, cond), cond))
+        return self.final(x).transpose(1, 2)

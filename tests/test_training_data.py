@@ -1,0 +1,107 @@
+"""Sample weights, memory strategies and training windows over real episode stores."""
+
+import numpy as np
+import pytest
+
+from fleet.labels import ControlLabel
+from fleet.store import EpisodeStore
+from policies.data.memory import EpisodeRecord, select_episodes
+from policies.data.weighting import sample_weights
+from policies.data.windows import WindowDataset, load_episodes, split_episodes
+
+D, R, P, I = (ControlLabel.DEMO, ControlLabel.ROBOT, ControlLabel.PRE_INTERVENTION, ControlLabel.INTERVENTION)
+
+
+def mass_share(weights, labels, label):
+    return weights[labels == label].sum() / weights.sum()
+
+
+def test_sirius_rule_on_a_synthetic_label_mix():
+    labels = np.array([D] * 200 + [R] * 600 + [P] * 60 + [I] * 140)
+    weights = sample_weights(labels, "sirius")
+    assert weights.mean() == pytest.approx(1.0)
+    assert mass_share(weights, labels, I) == pytest.approx(0.5)
+    assert mass_share(weights, labels, P) == pytest.approx(0.002)
+    # Demo and robot steps share the remaining 49.8% by count (200 : 600).
+    assert mass_share(weights, labels, D) == pytest.approx(0.498 * 200 / 800)
+    assert mass_share(weights, labels, R) == pytest.approx(0.498 * 600 / 800)
+    assert weights[labels == D][0] == pytest.approx(weights[labels == R][0])
+    # Within a label every step weighs the same; interventions far outweigh robot steps.
+    assert np.ptp(weights[labels == I]) == 0 and weights[labels == I][0] > 5 * weights[labels == R][0]
+
+
+def test_sirius_keeps_its_mass_targets_when_demos_dominate():
+    labels = np.array([D] * 900 + [R] * 50 + [I] * 50)
+    weights = sample_weights(labels, "sirius")
+    assert mass_share(weights, labels, I) == pytest.approx(0.5) and weights[labels == R].min() > 0
+    np.testing.assert_allclose(sample_weights(np.array([D] * 10), "sirius"), 1.0)  # demos only: plain BC
+
+
+def test_other_schemes():
+    labels = np.array([D] * 10 + [R] * 70 + [P] * 5 + [I] * 15)
+    np.testing.assert_allclose(sample_weights(labels, "uniform"), 1.0)
+    hg = sample_weights(labels, "hg_dagger")
+    assert np.all(hg[(labels == R) | (labels == P)] == 0) and np.all(hg[(labels == D) | (labels == I)] > 0)
+    iwr = sample_weights(labels, "iwr")
+    assert mass_share(iwr, labels, I) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown weighting scheme 'sirus'"):
+        sample_weights(labels, "sirus")
+    with pytest.raises(ValueError, match="weight 0"):
+        sample_weights(np.array([R] * 5), "hg_dagger")
+
+
+def test_memory_strategies_under_a_budget():
+    records = [
+        EpisodeRecord(order=0, length=100, interventions=0, is_demo=True),
+        EpisodeRecord(order=1, length=100, interventions=40, is_demo=False),
+        EpisodeRecord(order=2, length=100, interventions=5, is_demo=False),
+        EpisodeRecord(order=3, length=100, interventions=20, is_demo=False),
+    ]
+    assert select_episodes(records, "keep_all", 150) == [0, 1, 2, 3]
+    assert select_episodes(records, "fifo", 200) == [0, 2, 3]  # demo pinned + the two newest
+    assert select_episodes(records, "lfi", 200) == [0, 1, 3]  # keeps the most intervened
+    assert select_episodes(records, "mfi", 200) == [0, 2, 3]  # keeps the least intervened
+    assert select_episodes(records, "fifo", 250, keep_demos=False) == [2, 3]
+    with pytest.raises(ValueError, match="unknown memory strategy"):
+        select_episodes(records, "lifo", 100)
+
+
+def write_store(path, episodes):
+    """episodes: list of label lists; step t of episode e has state = 100 * e + t."""
+    with EpisodeStore.create(path) as store:
+        for e, labels in enumerate(episodes):
+            episode = store.begin_episode("r0", "push")
+            for t, label in enumerate(labels):
+                value = 100.0 * e + t
+                episode.append({"state": np.array([value, -value], np.float32), "goal": np.array([e], np.float32)},
+                               np.full(2, value, np.float32), label)
+            episode.commit(success=True)
+
+
+def test_windows_follow_the_diffusion_policy_convention(tmp_path):
+    write_store(tmp_path / "a.zarr", [[D] * 5, [R] * 3 + [I] * 4])
+    data = load_episodes([str(tmp_path / "a.zarr")], ["state"])
+    dataset = WindowDataset(data, np.array([0, 1]), ["state"], n_obs_steps=2, horizon=4, weighting="sirius")
+    assert len(dataset) == 12
+    first = dataset[0]  # anchored at step 0 of episode 0: history padded with step 0
+    np.testing.assert_array_equal(first["obs"]["state"][:, 0], [0, 0])
+    np.testing.assert_array_equal(first["action"][:, 0], [0, 0, 1, 2])
+    last = dataset[4]  # anchored at the last step of episode 0: actions padded with the last step
+    np.testing.assert_array_equal(last["obs"]["state"][:, 0], [3, 4])
+    np.testing.assert_array_equal(last["action"][:, 0], [3, 4, 4, 4])
+    assert float(dataset[6]["goal"][0]) == 1.0
+    intervention_weight = float(dataset[10]["weight"])
+    robot_weight = float(dataset[6]["weight"])
+    assert intervention_weight > robot_weight
+
+
+def test_loading_several_stores_with_a_budget_and_a_split(tmp_path):
+    write_store(tmp_path / "a.zarr", [[D] * 10])
+    write_store(tmp_path / "b.zarr", [[R] * 10, [R] * 5 + [I] * 5, [R] * 10])
+    data = load_episodes([str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")], ["state"], "lfi", budget_steps=10)
+    # The demo is pinned; of the round's episodes only the intervened one fits the budget.
+    assert data.num_episodes == 2 and data.summary()["labels"] == {"demo": 10, "robot": 5, "intervention": 5}
+    train, val = split_episodes(10, 0.2, seed=0)
+    assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 10
+    with pytest.raises(ValueError, match="no step key"):
+        load_episodes([str(tmp_path / "a.zarr")], ["front_rgb"])

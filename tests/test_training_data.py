@@ -9,7 +9,7 @@ from policies.data.memory import EpisodeRecord, select_episodes
 from policies.data.weighting import sample_weights
 from policies.data.windows import WindowDataset, load_episodes, split_episodes
 
-D, R, P, I = (ControlLabel.DEMO, ControlLabel.ROBOT, ControlLabel.PRE_INTERVENTION, ControlLabel.INTERVENTION)
+D, R, P, I = (ControlLabel.DEMO, ControlLabel.ROBOT, ControlLabel.PRE_INTERVENTION, ControlLabel.INTERVENTION)  # noqa: E741 (the four labels, by initial)
 
 
 def mass_share(weights, labels, label):

@@ -19,12 +19,14 @@ import numpy as np
 
 from sim.conventions import GRIPPER_CLOSED, GRIPPER_OPEN
 from sim.experts.base import ScriptedOperator
-from sim.tasks.panda_env import ee_delta_to_action
+from sim.tasks.panda_env import FINGERTIP_BELOW_TCP_M, ee_delta_to_action
 from sim.tasks.pick_place import CUBE_HALF_M
 
 HOVER_HEIGHT_M = 0.09  # TCP height above which open fingers clear the cube
 CARRY_HEIGHT_M = 0.10  # cube centre height while carrying
-GRASP_ABOVE_CENTRE_M = 0.008  # TCP this far above the cube's centre when closing: fingertips ~17 mm up
+GRASP_ABOVE_CENTRE_M = 0.012  # TCP this far above the cube's centre when closing: fingertips ~21 mm up
+# The tool never goes lower than this: fingertips 12 mm above the table.
+TOOL_FLOOR_M = FINGERTIP_BELOW_TCP_M + 0.012
 _CUBE_WIDTH_M = 2 * CUBE_HALF_M
 _OPEN_M = 0.07  # finger opening that counts as open
 _EMPTY_M = _CUBE_WIDTH_M - 0.012  # fingers closed past the cube's width: nothing between them
@@ -34,7 +36,10 @@ _ABOVE_M = 0.012  # xy error within which the tool is above the cube (start the 
 _GRASP_XY_M = 0.02  # xy error tolerated once descending: the open fingers leave 2 cm each side
 _LOWER_XY_M = 0.02  # start lowering the held cube once this close (xy) to the goal
 _PLACE_XY_M = 0.012  # release once the cube is down this close (xy) to the goal
-_RELEASE_ABOVE_GOAL_M = 0.006
+# Lower the cube to just above its goal and let go there: pressing it into the table would make
+# the fingers slide down it onto the table.
+_SET_DOWN_ABOVE_M = 0.004
+_RELEASE_ABOVE_GOAL_M = 0.008
 _CLEAR_TABLE_M = 0.015  # lift the cube this far before carrying it sideways
 # Fraction of the remaining error corrected per step, capped at full speed. Well below 1 so that an
 # operator who reacts a few steps late still converges; lowest for moving down (towards the table).
@@ -43,8 +48,12 @@ _DOWN_GAIN = 0.2
 _UP_GAIN = 0.4
 
 
-def _toward(current: np.ndarray, target: np.ndarray) -> np.ndarray:
+def _toward(current: np.ndarray, target: np.ndarray, tool_z: float | None = None) -> np.ndarray:
+    """Action moving `current` (the tool, or the held cube with the tool at `tool_z`) to `target`,
+    never taking the tool below TOOL_FLOOR_M."""
     delta = np.asarray(target, dtype=np.float64) - current
+    tool_z = current[2] if tool_z is None else tool_z
+    delta[2] = max(delta[2], TOOL_FLOOR_M - tool_z)
     delta[:2] *= _XY_GAIN
     delta[2] *= _DOWN_GAIN if delta[2] < 0 else _UP_GAIN
     return ee_delta_to_action(delta)
@@ -59,7 +68,9 @@ class PickPlaceExpert(ScriptedOperator):
         opened = width > _OPEN_M
 
         cube_to_goal_xy = float(np.linalg.norm(goal[:2] - cube[:2]))
-        if cube_to_goal_xy < _PLACE_XY_M and cube[2] < goal[2] + _RELEASE_ABOVE_GOAL_M:
+        # Set down: the cube is (nearly) on its goal, or as low as the tool may take it.
+        set_down = cube[2] < goal[2] + _RELEASE_ABOVE_GOAL_M or tool[2] < TOOL_FLOOR_M + 0.004
+        if cube_to_goal_xy < _PLACE_XY_M and set_down:
             if not opened:
                 return np.array([0.0, 0.0, 0.0, GRIPPER_OPEN])
             return np.append(_toward(tool, [tool[0], tool[1], HOVER_HEIGHT_M]), GRIPPER_OPEN)
@@ -72,11 +83,11 @@ class PickPlaceExpert(ScriptedOperator):
         )
         if held:
             # Carry at height until nearly above the goal, then lower it while still correcting.
-            height = CARRY_HEIGHT_M if cube_to_goal_xy > _LOWER_XY_M else goal[2]
+            height = CARRY_HEIGHT_M if cube_to_goal_xy > _LOWER_XY_M else goal[2] + _SET_DOWN_ABOVE_M
             cube_target = np.array([goal[0], goal[1], height])
             if cube[2] < CUBE_HALF_M + _CLEAR_TABLE_M and cube_to_goal_xy > _LOWER_XY_M:
                 cube_target[:2] = cube[:2]  # straight up off the table first
-            return np.append(_toward(cube, cube_target), GRIPPER_CLOSED)
+            return np.append(_toward(cube, cube_target, tool_z=tool[2]), GRIPPER_CLOSED)
 
         grasp_pose = np.array([cube[0], cube[1], cube[2] + GRASP_ABOVE_CENTRE_M])
         if tool_to_cube_xy < _GRASP_XY_M and abs(tool[2] - grasp_pose[2]) < 0.01:

@@ -6,11 +6,12 @@ plane z = 0 and spans ``TABLE_X`` x ``TABLE_Y``. The tool centre point (TCP) is 
 ``FINGERTIP_BELOW_TCP_M`` below it.
 
 Control (sim/conventions.py): each control step adds ``action[:3] * MAX_EE_STEP_M`` to a commanded
-TCP target, clamps the target to the workspace box ``WORKSPACE_LOW``..``WORKSPACE_HIGH``, solves
-pybullet IK once (gripper pointing straight down, fixed yaw) and position-controls the 7 arm joints
-while the physics runs ``PHYSICS_HZ / CONTROL_HZ`` substeps. ``action[3]`` sets the finger opening
-proportionally (-1 open .. +1 closed). The workspace floor deliberately lets the fingertips reach
-below the table top, so a bad policy *can* drive the tool into the table.
+TCP target (kept within ``TARGET_LEASH_M`` of the measured TCP), clamps the target to the workspace
+box ``WORKSPACE_LOW``..``WORKSPACE_HIGH``, solves pybullet IK once (gripper pointing straight down,
+fixed yaw) and position-controls the 7 arm joints, ramping their targets over the
+``PHYSICS_HZ / CONTROL_HZ`` physics substeps. ``action[3]`` sets the finger opening proportionally
+(-1 open .. +1 closed); the two fingers are geared together. The workspace floor deliberately lets
+the fingertips reach below the table top, so a bad policy *can* drive the tool into the table.
 
 Constraint violations (checked after every control step): the object's centre beyond the table
 edge or below the table top, any robot link touching the table, or an arm joint within
@@ -25,6 +26,11 @@ actions give bit-identical observations whatever ran before.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 
 import gymnasium as gym
@@ -49,9 +55,10 @@ TABLE_THICKNESS_M = 0.04
 # purpose so that bad policies meet constraint violations.
 WORKSPACE_LOW = np.array([0.25, -0.35, 0.0])
 WORKSPACE_HIGH = np.array([0.75, 0.35, 0.45])
-# The commanded target may run at most this far ahead of the measured TCP, so pressing against
-# something does not wind up a target that then jumps when released.
-TARGET_LEASH_M = 0.05
+# The commanded target is kept at most this far from the measured TCP before each action is added
+# (free motion lags by ~5 mm), so pushing against something does not wind up a target that the
+# tool then jumps to when it slips free.
+TARGET_LEASH_M = 0.01
 FINGERTIP_BELOW_TCP_M = 0.011
 HOME_TCP = np.array([0.45, 0.0, 0.25])
 
@@ -80,6 +87,25 @@ _IK_REST = [0.0, 0.2, 0.0, -2.2, 0.0, 2.4, 0.785, 0.04, 0.04]
 DOWN_QUAT = np.array(pybullet.getQuaternionFromEuler([np.pi, 0.0, 0.0]))
 
 CAMERAS = ("front", "wrist")
+
+
+@functools.cache
+def lowpoly_panda_urdf() -> str:
+    """Path of a copy of pybullet_data's Panda URDF that draws the links with their (low-poly)
+    collision meshes: the CPU renderer is ~15x faster with them and loading ~20x faster; physics is
+    unchanged. Written once per process to a temporary folder.
+    """
+    source_dir = os.path.join(pybullet_data.getDataPath(), "franka_panda")
+    with open(os.path.join(source_dir, "panda.urdf")) as f:
+        urdf = f.read()
+    urdf = urdf.replace("package://meshes/visual/", "package://meshes/collision/")
+    urdf = urdf.replace("package://meshes/", os.path.join(source_dir, "meshes") + "/")
+    folder = tempfile.mkdtemp(prefix="flotilla_panda_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = os.path.join(folder, "panda_lowpoly.urdf")
+    with open(path, "w") as f:
+        f.write(urdf)
+    return path
 
 
 def ee_delta_to_action(delta_m: np.ndarray, max_speed: float = 1.0) -> np.ndarray:
@@ -166,6 +192,7 @@ class PandaEnv(gym.Env):
         self.observation_space = self._make_observation_space()
         self._goal = np.zeros(self.goal_dim)
         self._target = HOME_TCP.copy()
+        self._arm_command = self._home_q.copy()
         self._steps = 0
         self._violation = ""
         self._needs_reset = True
@@ -214,14 +241,16 @@ class PandaEnv(gym.Env):
             basePosition=centre,
         )
         p.changeDynamics(self.table_id, -1, lateralFriction=TABLE_FRICTION)
-        # A floor well below the table, so whatever falls off comes to rest.
-        p.createMultiBody(
+        # A floor well below the table, so whatever falls off comes to rest. Invisible: cameras
+        # render faster without it.
+        floor = p.createMultiBody(
             baseMass=0.0,
             baseCollisionShapeIndex=p.createCollisionShape(pybullet.GEOM_PLANE),
             basePosition=[0, 0, -0.75],
         )
+        p.changeVisualShape(floor, -1, rgbaColor=[0, 0, 0, 0])
 
-        self.robot_id = p.loadURDF("franka_panda/panda.urdf", [0, 0, 0], useFixedBase=True)
+        self.robot_id = p.loadURDF(lowpoly_panda_urdf(), [0, 0, 0], useFixedBase=True)
         # The base stands on the table: that contact is by design, not a violation.
         p.setCollisionFilterPair(self.robot_id, self.table_id, -1, -1, 0)
         for finger in _FINGER_JOINTS:
@@ -340,12 +369,12 @@ class PandaEnv(gym.Env):
         p = self._p
         size = self.image_size
         if camera == "front":
-            view = p.computeViewMatrix([1.25, 0.0, 0.6], [0.45, 0.0, 0.05], [0, 0, 1])
+            view = p.computeViewMatrix([1.15, 0.0, 0.75], [0.45, 0.0, 0.0], [0, 0, 1])
             proj = p.computeProjectionMatrixFOV(fov=45, aspect=1.0, nearVal=0.05, farVal=3.0)
         else:  # wrist: on the hand, looking down between the fingers
             hand_pos, hand_quat = p.getLinkState(self.robot_id, _HAND_LINK)[4:6]
             rot = np.array(p.getMatrixFromQuaternion(hand_quat)).reshape(3, 3)
-            eye = np.array(hand_pos) + rot @ [0.07, 0.0, 0.0]
+            eye = np.array(hand_pos) + rot @ [0.09, 0.0, 0.04]
             look_at = np.array(hand_pos) + rot @ [0.0, 0.0, 0.2]
             view = p.computeViewMatrix(eye.tolist(), look_at.tolist(), (rot @ [1.0, 0.0, 0.0]).tolist())
             proj = p.computeProjectionMatrixFOV(fov=75, aspect=1.0, nearVal=0.01, farVal=2.0)
@@ -371,6 +400,12 @@ class PandaEnv(gym.Env):
                     f"{self.task_name}: options['goal'] must be {self.goal_dim} finite numbers, got {goal}"
                 )
         p = self._p
+        # Drop the contact caches of the previous episode (object on the floor or in the fingers,
+        # fingers on the table): the snapshot restores the pairs it holds but leaves others behind.
+        for body, height in ((self.robot_id, 10.0), (self.object_id, 20.0)):
+            if body is not None:
+                p.resetBasePositionAndOrientation(body, [0.0, 0.0, height], [0, 0, 0, 1])
+        p.performCollisionDetection()
         p.restoreState(self._initial_state)
         # restoreState restores bodies, not motor targets: command the home pose explicitly.
         self._arm_command = self._home_q.copy()
@@ -442,11 +477,11 @@ class PandaEnv(gym.Env):
     def _arm_target_for(self, action: np.ndarray) -> np.ndarray:
         """Move the commanded TCP target by the action; return the arm joints that reach it."""
         ee = np.array(self._p.getLinkState(self.robot_id, _TCP_LINK, computeForwardKinematics=True)[4])
-        target = np.clip(self._target + action[:3] * MAX_EE_STEP_M, WORKSPACE_LOW, WORKSPACE_HIGH)
-        ahead = target - ee
-        distance = float(np.linalg.norm(ahead))
-        if distance > TARGET_LEASH_M:
-            target = np.clip(ee + ahead * (TARGET_LEASH_M / distance), WORKSPACE_LOW, WORKSPACE_HIGH)
+        lag = self._target - ee
+        lag_norm = float(np.linalg.norm(lag))
+        if lag_norm > TARGET_LEASH_M:  # blocked by contact: forget the wound-up part
+            lag *= TARGET_LEASH_M / lag_norm
+        target = np.clip(ee + lag + action[:3] * MAX_EE_STEP_M, WORKSPACE_LOW, WORKSPACE_HIGH)
         self._target = target
         return self._ik(target)
 
@@ -508,5 +543,5 @@ class PandaEnv(gym.Env):
             "constraint_violation": self.blocked,
             "violation": self._violation,
             "blocked": self.blocked,
-            "goal": self._goal.copy(),
+            "goal": self._goal.astype(np.float32),
         }

@@ -1,0 +1,129 @@
+"""Scripted experts on the real pybullet tasks: success from reset, with human-like imperfection,
+and taking over from arbitrary states (random actions, closed gripper, nudged or dropped object)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sim.conventions import ACTION_DIM, GRIPPER_CLOSED, GRIPPER_OPEN
+from sim.experts import make_expert
+from sim.tasks import make_env
+
+TASKS = ("reach", "push", "pick_place")
+MILD = {"reaction_delay": 2, "action_noise": 0.1, "detour_prob": 0.02}
+
+
+def finish(env, expert, obs):
+    """Let the expert act until the episode ends; return the final info."""
+    info = {"success": False, "blocked": False}
+    while env._steps < env.max_steps:
+        obs, _, terminated, truncated, info = env.step(expert.act(obs))
+        if terminated or truncated or info["blocked"]:
+            break
+    return info
+
+
+def success_rate(task, seeds, random_steps=0, **knobs):
+    env = make_env(task)
+    expert = make_expert(task, **knobs)
+    wins = 0
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        rng = np.random.default_rng(10_000 + seed)
+        for _ in range(rng.integers(random_steps // 2, random_steps + 1) if random_steps else 0):
+            obs, *_ = env.step(rng.uniform(-1, 1, ACTION_DIM))
+        expert.reset(seed=seed)
+        wins += finish(env, expert, obs)["success"]
+    env.close()
+    return wins / len(seeds)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_expert_succeeds_from_reset(task):
+    assert success_rate(task, range(50)) >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_mildly_imperfect_operator_still_succeeds_mostly(task):
+    assert success_rate(task, range(50), **MILD) >= 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_expert_takes_over_after_random_actions(task):
+    assert success_rate(task, range(100, 130), random_steps=20) >= 0.9
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_expert_actions_follow_the_action_contract(task):
+    env, expert = make_env(task, seed=0), make_expert(task, seed=0)
+    obs, _ = env.reset()
+    for _ in range(10):
+        action = expert.act(obs)
+        assert action.shape == (ACTION_DIM,) and action.dtype == np.float32
+        assert np.all(np.abs(action) <= 1.0)
+        obs, *_ = env.step(action)
+
+
+def test_pick_place_takes_over_with_the_gripper_closed_and_the_cube_nudged():
+    env, expert = make_env("pick_place", seed=3), make_expert("pick_place", seed=3)
+    obs, _ = env.reset()
+    for _ in range(4):  # close the gripper and drop towards the table
+        obs, *_ = env.step(np.array([0.0, 0.0, -1.0, GRIPPER_CLOSED]))
+    assert obs["gripper"][0] < 0.01
+    x, y, _ = obs["object_pos"]
+    env._p.resetBasePositionAndOrientation(env.object_id, [x + 0.05, y - 0.04, 0.02], [0, 0, 0.38, 0.92])
+    assert finish(env, expert, obs)["success"]
+
+
+def test_pick_place_starts_over_when_the_cube_is_dropped():
+    env, expert = make_env("pick_place", seed=5), make_expert("pick_place", seed=5)
+    obs, _ = env.reset()
+    while obs["object_pos"][2] < 0.06:  # until the cube has been picked up and lifted
+        obs, *_, info = env.step(expert.act(obs))
+        assert env._steps < 60, "the expert never lifted the cube"
+    for _ in range(3):  # the operator lets go mid-air
+        obs, *_ = env.step(np.array([0.0, 0.0, 0.0, GRIPPER_OPEN]))
+    assert obs["gripper"][0] > 0.06
+    env.max_steps = env._steps + 100
+    assert finish(env, expert, obs)["success"]
+
+
+def test_push_recovers_when_the_block_is_knocked_off_the_push_line():
+    env, expert = make_env("push", seed=2), make_expert("push", seed=2)
+    obs, _ = env.reset()
+    start = obs["object_pos"].copy()
+    while np.linalg.norm(obs["object_pos"][:2] - start[:2]) < 0.03:  # until the push is under way
+        obs, *_ = env.step(expert.act(obs))
+        assert env._steps < 60, "the expert never moved the block"
+    x, y, z = obs["object_pos"]
+    env._p.resetBasePositionAndOrientation(env.object_id, [x - 0.04, y + 0.05, z], [0, 0, 0, 1])
+    assert finish(env, expert, obs)["success"]
+
+
+def test_reaction_delay_holds_still_at_takeover():
+    env, expert = make_env("reach", seed=0), make_expert("reach", seed=0, reaction_delay=3)
+    obs, _ = env.reset()
+    for _ in range(3):
+        action = expert.act(obs)
+        np.testing.assert_array_equal(action[:3], 0.0)
+        obs, *_ = env.step(action)
+    assert np.linalg.norm(expert.act(obs)[:3]) > 0.1
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize(
+    "knobs",
+    [{"reaction_delay": -1}, {"action_noise": -0.1}, {"detour_prob": 1.5}, {"detour_steps": 0}],
+)
+def test_out_of_range_knobs_are_rejected(task, knobs):
+    with pytest.raises(ValueError, match="out of range"):
+        make_expert(task, **knobs)
+
+
+def test_unknown_expert_is_rejected():
+    with pytest.raises(ValueError, match="no scripted expert"):
+        make_expert("juggle")

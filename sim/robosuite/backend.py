@@ -22,6 +22,8 @@ _ROBOSUITE_LOGGER = "robosuite_logs"
 # Measured at steady state: an output limit of 0.05 m moves the tool ~0.0225 m per step. The arm
 # output limit is divided by this so that an action of 1.0 moves the tool ~MAX_EE_STEP_M per step.
 OSC_TRACKING_RATIO = 0.45
+# OSC_POSITION's output limit: the delta set-point (m) that an input of 1.0 asks for.
+OSC_OUTPUT_LIMIT_M = MAX_EE_STEP_M / OSC_TRACKING_RATIO
 
 # robosuite's gripper factory registers a gripper class under its class name.
 PROPORTIONAL_GRIPPER = "FlotillaPandaGripper"
@@ -87,9 +89,8 @@ def osc_position_controller_config(robot: str = "Panda") -> dict:
 
     config = load_composite_controller_config(robot=robot)
     arm = load_part_controller_config(default_controller="OSC_POSITION")
-    limit = MAX_EE_STEP_M / OSC_TRACKING_RATIO
-    arm["output_max"] = [limit] * 3
-    arm["output_min"] = [-limit] * 3
+    arm["output_max"] = [OSC_OUTPUT_LIMIT_M] * 3
+    arm["output_min"] = [-OSC_OUTPUT_LIMIT_M] * 3
     arm["gripper"] = {"type": "GRIP"}
     config["body_parts"]["right"] = arm
     return config

@@ -5,8 +5,9 @@ set -euo pipefail
 export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
 
-# Debian packages: the OSMesa software renderer for robosuite/MuJoCo cameras without a GPU.
-APT_PACKAGES=(libosmesa6 libgl1)
+# Debian packages: Mesa's EGL for robosuite/MuJoCo cameras without a GPU (robosuite picks
+# MUJOCO_GL=egl itself). pybullet renders on the CPU and needs nothing.
+APT_PACKAGES=(libegl1 libegl-mesa0 libgl1-mesa-dri)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -77,7 +77,7 @@ class ShapeMeta:
         try:
             return cls(obs={k: tuple(v) for k, v in dict(data["obs"]).items()},
                        action_dim=data["action_dim"], goal_dim=data.get("goal_dim", 0))
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"bad shape meta {data!r}: {err}") from None
 
 
@@ -245,6 +245,13 @@ class PolicyBase(nn.Module):
         if missing:
             raise KeyError(f"normalizer lacks fitted statistics for {missing}; it has {normalizer.fitted_keys()}")
         self.normalizer.load_from(normalizer, self.normalizer_keys())
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Same as ``compute_loss(batch)``, so a DistributedDataParallel wrapper can be called directly."""
+        return self.compute_loss(batch)
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------ config
     def config(self) -> dict:

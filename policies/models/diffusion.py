@@ -1,0 +1,111 @@
+"""Diffusion Policy (Chi et al. 2023): DDPM training, DDIM sampling, a FiLM-conditioned 1-D U-Net.
+
+The denoiser sees the noisy normalized action chunk (B, Tp, A), the diffusion step, and a global
+condition = concat(observation features of the To steps, normalized goal if goal_dim > 0).
+Schedulers are diffusers' DDPMScheduler (training noise) and DDIMScheduler (sampling), built once
+with the same betas (cosine "squaredcos_cap_v2" over 100 steps by default) and clip_sample=True
+(predicted clean actions are clipped to [-1, 1], the range the "limits" normalizer maps actions to).
+DDIM timesteps use "trailing" spacing so the first sampling step starts at the noisiest training
+timestep (with 10 of 100 steps: 99, 89, ..., 9).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from policies.models.encoders import PolicyBase, ShapeMeta
+from policies.models.unet1d import ConditionalUnet1D
+
+_PREDICTION_TYPES = ("epsilon", "sample")
+
+
+class DiffusionPolicy(PolicyBase):
+    kind = "diffusion"
+
+    def __init__(self, shape_meta: ShapeMeta, n_obs_steps: int = 2, horizon: int = 16, n_action_steps: int = 8,
+                 down_dims: tuple[int, ...] = (64, 128, 256), kernel_size: int = 3, n_groups: int = 8,
+                 step_embed_dim: int = 64, num_train_timesteps: int = 100, num_inference_steps: int = 10,
+                 prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
+                 clip_sample: bool = True, timestep_spacing: str = "trailing", **encoder_kwargs):
+        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, **encoder_kwargs)
+        if prediction_type not in _PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
+        if int(num_train_timesteps) < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        self.model = ConditionalUnet1D(self.action_dim, self.obs_feature_dim + self.goal_dim, tuple(down_dims),
+                                       int(kernel_size), int(n_groups), int(step_embed_dim))
+        if self.horizon % self.model.length_multiple:
+            raise ValueError(f"horizon {self.horizon} must be divisible by {self.model.length_multiple} "
+                             f"(2 ** (len(down_dims) - 1)) for down_dims {tuple(down_dims)}")
+        self.prediction_type = prediction_type
+        scheduler_args = dict(num_train_timesteps=int(num_train_timesteps), beta_schedule=beta_schedule,
+                              clip_sample=bool(clip_sample), prediction_type=prediction_type)
+        try:
+            self.noise_scheduler = DDPMScheduler(**scheduler_args)
+            self.sampler = DDIMScheduler(**scheduler_args, set_alpha_to_one=True,
+                                         timestep_spacing=timestep_spacing)
+        except (NotImplementedError, ValueError) as err:
+            raise ValueError(f"bad scheduler settings {scheduler_args}, spacing {timestep_spacing!r}: {err}") from None
+        self.num_inference_steps = int(num_inference_steps)
+        self._extra_config = {
+            "down_dims": [int(d) for d in down_dims], "kernel_size": int(kernel_size), "n_groups": int(n_groups),
+            "step_embed_dim": int(step_embed_dim), "num_train_timesteps": int(num_train_timesteps),
+            "prediction_type": prediction_type, "beta_schedule": beta_schedule,
+            "clip_sample": bool(clip_sample), "timestep_spacing": timestep_spacing}
+
+    # ------------------------------------------------------------------------------ settings
+    @property
+    def num_inference_steps(self) -> int:
+        return self._num_inference_steps
+
+    @num_inference_steps.setter
+    def num_inference_steps(self, steps: int) -> None:
+        steps = int(steps)
+        if not 1 <= steps <= self.noise_scheduler.config.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {self.noise_scheduler.config.num_train_timesteps}],"
+                             f" got {steps}")
+        self.sampler.set_timesteps(steps)
+        self._timesteps = [int(t) for t in self.sampler.timesteps]
+        self._num_inference_steps = steps
+
+    def config(self) -> dict:
+        return {**super().config(), "num_inference_steps": self.num_inference_steps}
+
+    # ------------------------------------------------------------------------------ training
+    def _condition(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None) -> torch.Tensor:
+        features = self.encode_obs(obs)
+        ngoal = self._normalized_goal(goal, features.shape[0])
+        return features if ngoal is None else torch.cat([features, ngoal], dim=-1)
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        """Per-sample DDPM loss (B,): MSE of the predicted noise (or clean actions) in normalized space."""
+        cond = self._condition(batch["obs"], batch.get("goal"))
+        action = batch["action"]
+        self._check_action(action, cond.shape[0])
+        naction = self.normalizer.normalize("action", action)
+        noise = torch.randn_like(naction)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (naction.shape[0],),
+                          device=naction.device)
+        noisy = self.noise_scheduler.add_noise(naction, noise, t)
+        pred = self.model(noisy, t, cond)
+        target = noise if self.prediction_type == "epsilon" else naction
+        return F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2))
+
+    # ------------------------------------------------------------------------------ inference
+    def predict_action(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None = None, num_samples: int = 1,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, num_samples, Tp, action_dim) unnormalized actions; all samples in one batched DDIM run."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        cond = self._condition(obs, goal)
+        batch = cond.shape[0]
+        if num_samples > 1:
+            cond = cond.repeat_interleave(num_samples, dim=0)
+        x = torch.randn((batch * num_samples, self.horizon, self.action_dim), device=cond.device,
+                        dtype=cond.dtype, generator=generator)
+        for t in self._timesteps:
+            out = self.model(x, float(t), cond)
+            x = self.sampler.step(out, t, x, return_dict=False)[0]
+        return self.normalizer.unnormalize("action", x).reshape(batch, num_samples, self.horizon, self.action_dim)

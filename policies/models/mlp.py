@@ -1,0 +1,51 @@
+"""Deterministic behaviour-cloning baseline: obs features (+ normalized goal) -> MLP -> normalized action chunk."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from policies.models.encoders import PolicyBase, ShapeMeta
+
+
+class MLPPolicy(PolicyBase):
+    kind = "mlp"
+
+    def __init__(self, shape_meta: ShapeMeta, n_obs_steps: int = 2, horizon: int = 16, n_action_steps: int = 8,
+                 hidden_dims: tuple[int, ...] = (256, 256, 256), dropout: float = 0.0, **encoder_kwargs):
+        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, **encoder_kwargs)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        layers: list[nn.Module] = []
+        width = self.obs_feature_dim + self.goal_dim
+        for hidden in hidden_dims:
+            layers += [nn.Linear(width, int(hidden)), nn.Mish()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = int(hidden)
+        layers.append(nn.Linear(width, self.horizon * self.action_dim))
+        self.model = nn.Sequential(*layers)
+        self._extra_config = {"hidden_dims": [int(h) for h in hidden_dims], "dropout": float(dropout)}
+
+    def _forward(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None) -> torch.Tensor:
+        features = self.encode_obs(obs)
+        ngoal = self._normalized_goal(goal, features.shape[0])
+        if ngoal is not None:
+            features = torch.cat([features, ngoal], dim=-1)
+        return self.model(features).view(-1, self.horizon, self.action_dim)
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        """Per-sample MSE (B,) between predicted and demonstrated normalized action chunks."""
+        pred = self._forward(batch["obs"], batch.get("goal"))
+        self._check_action(batch["action"], pred.shape[0])
+        target = self.normalizer.normalize("action", batch["action"])
+        return F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2))
+
+    def predict_action(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None = None, num_samples: int = 1,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, num_samples, Tp, action_dim): the one deterministic chunk repeated num_samples times."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        action = self.normalizer.unnormalize("action", self._forward(obs, goal))
+        return action.unsqueeze(1).expand(-1, num_samples, -1, -1).contiguous()

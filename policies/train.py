@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm import tqdm
 
@@ -131,8 +132,9 @@ def train(cfg) -> Path:
     val_set = WindowDataset(data, val_eps, obs_keys, weighting=cfg.weighting, **horizons) if len(val_eps) else None
     shape_meta = shape_meta_for(data, obs_keys)
 
+    model_kwargs = OmegaConf.to_container(cfg.policy.model, resolve=True)
     policy = build_policy(cfg.policy.kind, shape_meta, n_action_steps=cfg.policy.n_action_steps, **horizons,
-                          **cfg.policy.model)
+                          **model_kwargs)
     policy.normalizer.fit(normalizer_data(data, train_eps, shape_meta))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(policy, max_decay=cfg.ema_decay) if cfg.ema else None
@@ -150,7 +152,8 @@ def train(cfg) -> Path:
         schedule.step()
 
     writer = _tensorboard(out / "tb") if rank == 0 and cfg.tensorboard else None
-    training_summary = {**data.summary(), "weighting": cfg.weighting, "memory": dict(cfg.memory),
+    training_summary = {**data.summary(), "weighting": cfg.weighting,
+                        "memory": OmegaConf.to_container(cfg.memory),
                         "train_episodes": len(train_eps), "val_episodes": len(val_eps)}
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.policy.kind}", unit="step",
                disable=rank != 0 or not cfg.progress, file=sys.stdout)

@@ -1,0 +1,148 @@
+"""The trainer, checkpoints, inference runner and eval, end to end on real scripted demos."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fleet.store import EpisodeStore
+from policies.checkpoint import CheckpointError, load_checkpoint, read_config
+from policies.models.factory import ShapeMeta
+from policies.runner import PolicyRunner
+from sim.collect import collect_demos
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["policy.model.down_dims=[16,32,64]", "steps=30", "batch_size=16", "val_every=15", "checkpoint_every=15",
+        "progress=false", "tensorboard=false", "threads=1"]
+
+
+def flotilla(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "flotilla.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=check, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def push_demos(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demos") / "push.zarr"
+    with EpisodeStore.create(path) as store:
+        collect_demos(store, "push", episodes=6, seed=0, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(push_demos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "diff"
+    flotilla("train", f"data={push_demos}", f"out={out}", *TINY)
+    return out / "checkpoints" / "latest"
+
+
+def test_checkpoint_holds_config_normalizer_and_training_summary(trained, push_demos):
+    config = read_config(trained)
+    assert config["kind"] == "diffusion" and config["step"] == 30
+    assert config["training"]["episodes"] == 6 and config["training"]["weighting"] == "sirius"
+    assert set(config["normalizer"]) >= {"stats.action.scale", "stats.goal.offset"}
+    assert sorted(os.listdir(trained)) == ["config.json", "model.safetensors", "trainer.json", "trainer.safetensors"]
+    checkpoint = load_checkpoint(trained)
+    assert checkpoint.version == config["version"] and checkpoint.shape_meta.goal_dim == 2
+    # The loaded normalizer is the fitted one: demo actions map into [-1, 1].
+    actions = torch.from_numpy(EpisodeStore.open(push_demos).episode(0)["action"])
+    normalized = checkpoint.policy.normalizer.normalize("action", actions)
+    assert normalized.abs().max() <= 1.0 + 1e-5
+
+
+def test_resume_continues_from_the_saved_step(trained, push_demos, tmp_path):
+    out = tmp_path / "resumed"
+    result = flotilla("train", f"data={push_demos}", f"out={out}", f"resume={trained}", *TINY, "steps=40")
+    assert "for 40 steps" in result.stdout
+    assert read_config(out / "checkpoints" / "latest")["step"] == 40
+    mismatched = flotilla("train", f"data={push_demos}", f"out={tmp_path / 'x'}", f"resume={trained}", "policy=mlp",
+                          "steps=35", "progress=false", check=False)
+    assert mismatched.returncode != 0 and "cannot resume" in mismatched.stderr
+
+
+def test_corrupt_or_mismatched_checkpoints_get_clear_errors(trained, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="damaged safetensors"):
+        load_checkpoint(broken)
+
+    shutil.rmtree(broken)
+    shutil.copytree(trained, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["policy_config"]["down_dims"] = [32, 64, 128]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_checkpoint(broken)
+
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="damaged JSON"):
+        load_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_eval_runs_the_policy_in_sim_and_writes_a_video(trained, tmp_path):
+    video = tmp_path / "eval.mp4"
+    result = flotilla("eval", f"checkpoint={trained}", "episodes=2", "num_samples=4", "video=true",
+                      f"video_path={video}", "progress=false", "task.max_steps=20")
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["episodes"] == 2 and 0.0 <= summary["success_rate"] <= 1.0
+    assert 1 <= summary["mean_episode_length"] <= 20
+    assert summary["mean_uncertainty"] > 0.0  # four samples of an undertrained policy disagree
+    assert video.stat().st_size > 1000
+
+
+class RecordingPolicy(torch.nn.Module):
+    """Predicts chunks whose actions encode (plan number, step in chunk) and records what it saw."""
+
+    kind = "recording"
+
+    def __init__(self, n_obs_steps=2, horizon=8, n_action_steps=3):
+        super().__init__()
+        self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
+        self.shape_meta = ShapeMeta(obs={"x": (1,)}, action_dim=2, goal_dim=0)
+        self.seen = []
+
+    def predict_action(self, obs, goal=None, num_samples=1):
+        self.seen.append(obs["x"][0, :, 0].tolist())
+        plan = len(self.seen)
+        chunk = torch.stack([torch.full((self.horizon,), float(plan)), torch.arange(self.horizon).float()], -1)
+        return chunk.expand(1, num_samples, self.horizon, 2)
+
+
+def test_runner_executes_ta_actions_from_index_to_minus_one():
+    policy = RecordingPolicy(n_obs_steps=2, horizon=8, n_action_steps=3)
+    runner = PolicyRunner(policy)
+    actions = [runner.act({"x": np.array([t], np.float32)}) for t in range(7)]
+    # Plans at steps 0, 3, 6; each executes chunk entries 1, 2, 3 (To-1 .. To-1+Ta).
+    assert [tuple(a) for a in actions] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 1)]
+    # The history holds the last To observations; at the start it repeats the first one.
+    assert policy.seen == [[0, 0], [2, 3], [5, 6]]
+    runner.reset()
+    runner.act({"x": np.array([9], np.float32)})
+    assert policy.seen[-1] == [9, 9]
+    with pytest.raises(KeyError, match="lacks key"):
+        runner.act({"y": np.zeros(1)})
+    with pytest.raises(ValueError, match="does not fit"):
+        PolicyRunner(policy, n_action_steps=8)
+
+
+@pytest.mark.slow
+def test_ddp_training_on_two_cpu_processes(push_demos, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                             "-m", "policies.train", f"data={push_demos}", f"out={out}", *TINY],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "for 30 steps" in result.stdout
+    config = read_config(out / "checkpoints" / "latest")
+    assert config["step"] == 30

@@ -1,0 +1,76 @@
+"""Task success of mlp, diffusion and gc_diffusion trained on scripted demos (the policy results table).
+
+    python -m benchmarks.policy_results [--tasks push pick_place] [--demos 50 200] [--steps 3000]
+
+For each task and demo count: collect demos with the scripted expert (seeds 0..n-1), train each
+policy with `flotilla train`'s code and config (any extra hydra override via --override), and
+evaluate it with `flotilla eval`'s code on --eval-episodes episodes from seed 10000 on. Prints one
+row per run as it finishes and writes results.json and results.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from benchmarks.common import machine_line, print_table
+from fleet.store import EpisodeStore
+from flotilla.cli import CONFIG_DIR
+from policies.evaluate import evaluate
+from policies.train import train
+from sim.collect import collect_demos
+
+HEADERS = ["task", "demos", "policy", "success", "mean length", "violations", "train s", "eval episodes"]
+
+
+def demos_store(out: Path, task: str, count: int) -> Path:
+    path = out / f"{task}_{count}_demos.zarr"
+    if not (path / "zarr.json").exists():
+        with EpisodeStore.create(path, overwrite=True) as store:
+            collect_demos(store, task, count, seed=0, progress=False)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", nargs="+", default=["push", "pick_place"])
+    parser.add_argument("--demos", nargs="+", type=int, default=[50, 200])
+    parser.add_argument("--policies", nargs="+", default=["mlp", "diffusion", "gc_diffusion"])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("runs/policy_results"))
+    parser.add_argument("--override", nargs="*", default=[], help="extra hydra overrides for every training run")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(machine_line(), flush=True)
+    rows, records = [], []
+    for task in args.tasks:
+        for count in args.demos:
+            data = demos_store(args.out, task, count)
+            for kind in args.policies:
+                run_dir = args.out / f"{task}_{count}_{kind}"
+                overrides = [f"task={task}", f"policy={kind}", f"data={data}", f"out={run_dir}",
+                             f"steps={args.steps}", "progress=false", *args.override]
+                with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                    cfg = compose(config_name="train", overrides=overrides)
+                started = time.perf_counter()
+                checkpoint = train(cfg)
+                train_s = time.perf_counter() - started
+                result = evaluate(checkpoint, task, args.eval_episodes, max_steps=cfg.task.max_steps, progress=False)
+                row = [task, count, kind, f"{100 * result['success_rate']:.0f}%", result["mean_episode_length"],
+                       result["constraint_violations"], train_s, args.eval_episodes]
+                rows.append(row)
+                records.append({**result, "demos": count, "policy": kind, "train_seconds": train_s,
+                                "train_steps": args.steps})
+                print(" | ".join(str(v) for v in row), flush=True)
+                (args.out / "results.json").write_text(json.dumps(records, indent=2))
+    print()
+    print_table(HEADERS, rows)
+
+
+if __name__ == "__main__":
+    main()

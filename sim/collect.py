@@ -25,8 +25,13 @@ class CollectResult:
 
 def run_episode(env, operator, seed: int) -> tuple[list[tuple[dict, np.ndarray]], dict]:
     """One episode of `operator` acting in `env`; returns the (observation, action) pairs and the last info."""
-    obs, info = env.reset(seed=seed)
+    obs, _ = env.reset(seed=seed)
     operator.reset(seed=seed)
+    return run_until_done(env, operator, obs)
+
+
+def run_until_done(env, operator, obs: dict) -> tuple[list[tuple[dict, np.ndarray]], dict]:
+    """Let `operator` act from `obs` until success, a violation or the step limit; (steps, last info)."""
     steps = []
     while True:
         action = operator.act(obs)

@@ -27,9 +27,21 @@ info (every step): success (bool), constraint_violation (bool), violation (str, 
     blocked (bool: the env ignores actions until reset), goal (the goal array).
 """
 
+import numpy as np
+
 CONTROL_HZ = 10
 MAX_EE_STEP_M = 0.03
 ACTION_DIM = 4
 GRIPPER_OPEN = -1.0
 GRIPPER_CLOSED = 1.0
 IMAGE_SIZE = 96
+
+
+def validate_action(action) -> np.ndarray:
+    """The action as float64, clipped to [-1, 1]; ValueError for a wrong shape or a non-finite value."""
+    action = np.asarray(action, dtype=np.float64)
+    if action.shape != (ACTION_DIM,):
+        raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
+    if not np.all(np.isfinite(action)):
+        raise ValueError(f"action contains non-finite values (NaN or inf): {action.tolist()}")
+    return np.clip(action, -1.0, 1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sim.collect import run_until_done
 from sim.conventions import ACTION_DIM, GRIPPER_CLOSED, GRIPPER_OPEN
 from sim.experts import make_expert
 from sim.tasks import make_env
@@ -16,12 +17,7 @@ MILD = {"reaction_delay": 2, "action_noise": 0.1, "detour_prob": 0.02}
 
 def finish(env, expert, obs):
     """Let the expert act until the episode ends; return the final info."""
-    info = {"success": False, "blocked": False}
-    while env._steps < env.max_steps:
-        obs, _, terminated, truncated, info = env.step(expert.act(obs))
-        if terminated or truncated or info["blocked"]:
-            break
-    return info
+    return run_until_done(env, expert, obs)[1]
 
 
 def success_rate(task, seeds, random_steps=0, **knobs):

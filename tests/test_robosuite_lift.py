@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sim.collect import run_until_done
+
 pytest.importorskip("robosuite")
 
 from omegaconf import OmegaConf  # noqa: E402
@@ -41,12 +43,7 @@ def env():
 
 def run_expert(env, expert, obs):
     """Let the expert act until the episode ends; return the final info."""
-    info = {"success": False, "blocked": False}
-    while env._steps < env.max_steps:
-        obs, _, terminated, truncated, info = env.step(expert.act(obs))
-        if terminated or truncated or info["blocked"]:
-            break
-    return info
+    return run_until_done(env, expert, obs)[1]
 
 
 def per_step_motion(env, direction, scale=1.0, steps=6):

@@ -45,6 +45,7 @@ from sim.conventions import (
     GRIPPER_OPEN,
     IMAGE_SIZE,
     MAX_EE_STEP_M,
+    validate_action,
 )
 from sim.experts.base import ScriptedOperator
 from sim.robosuite.backend import (
@@ -298,14 +299,9 @@ class RobosuiteLiftEnv(gym.Env):
         return self._observation(raw), self._info(success=False)
 
     def step(self, action):
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape != (ACTION_DIM,):
-            raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
-        if not np.all(np.isfinite(action)):
-            raise ValueError(f"action contains non-finite values (NaN or inf): {action.tolist()}")
+        action = validate_action(action)
         if self._needs_reset:
             raise RuntimeError("call reset() before step()")
-        action = np.clip(action, -1.0, 1.0)
 
         if self.blocked:
             # Hold where the violation was seen; the fingers keep their last command. A zero delta

@@ -41,7 +41,7 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 from pybullet_utils.bullet_client import BulletClient
 
-from sim.conventions import ACTION_DIM, CONTROL_HZ, GRIPPER_OPEN, IMAGE_SIZE, MAX_EE_STEP_M
+from sim.conventions import ACTION_DIM, CONTROL_HZ, GRIPPER_OPEN, IMAGE_SIZE, MAX_EE_STEP_M, validate_action
 
 PHYSICS_HZ = 240
 SUBSTEPS = PHYSICS_HZ // CONTROL_HZ
@@ -431,14 +431,9 @@ class PandaEnv(gym.Env):
         return self._observation(state), self._info(state, success=False)
 
     def step(self, action):
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape != (ACTION_DIM,):
-            raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
-        if not np.all(np.isfinite(action)):
-            raise ValueError(f"action contains non-finite values (NaN or inf): {action.tolist()}")
+        action = validate_action(action)
         if self._needs_reset:
             raise RuntimeError("call reset() before step()")
-        action = np.clip(action, -1.0, 1.0)
 
         if self.blocked:
             self._simulate(self._arm_command)

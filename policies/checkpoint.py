@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from policies.action_space import DELTA, ActionSpace
 from policies.models.factory import ShapeMeta, build_policy
 
 FORMAT_VERSION = 1
@@ -51,9 +52,13 @@ class Checkpoint:
     def shape_meta(self) -> ShapeMeta:
         return ShapeMeta.from_dict(self.config["shape_meta"])
 
+    @property
+    def action_space(self) -> ActionSpace:
+        return ActionSpace.from_dict(self.config.get("action_space"))
+
 
 def save_checkpoint(directory: str | os.PathLike, policy: nn.Module, shape_meta: ShapeMeta, version: str,
-                    training: dict | None = None, step: int = 0,
+                    action_space: ActionSpace = DELTA, training: dict | None = None, step: int = 0,
                     trainer_state: dict[str, torch.Tensor] | None = None, trainer_meta: dict | None = None) -> Path:
     """Write a checkpoint folder atomically (a half-written checkpoint is never visible under its name)."""
     directory = Path(directory)
@@ -71,6 +76,7 @@ def save_checkpoint(directory: str | os.PathLike, policy: nn.Module, shape_meta:
         "horizon": policy.horizon,
         "n_action_steps": policy.n_action_steps,
         "normalizer": normalizer,
+        "action_space": action_space.to_dict(),
         "version": version,
         "training": training or {},
         "step": step,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from policies.checkpoint import CheckpointError, load_checkpoint
+from policies.checkpoint import CheckpointError
 from policies.runner import PolicyRunner
 from sim.tasks import make_env
 
@@ -23,8 +23,7 @@ VIDEO_CAMERA = "front"
 def evaluate(checkpoint: str | Path, task: str, episodes: int, seed: int = 10_000, max_steps: int | None = None,
              env_kwargs: dict | None = None, num_samples: int = 1, video_path: Path | None = None,
              video_episodes: int = 3, progress: bool = True) -> dict:
-    loaded = load_checkpoint(checkpoint)
-    runner = PolicyRunner(loaded.policy, loaded.version, num_samples=num_samples)
+    runner = PolicyRunner.from_checkpoint(checkpoint, num_samples=num_samples)
     cameras = [key[: -len("_rgb")] for key in runner.obs_keys if key.endswith("_rgb")]
     if video_path is not None and VIDEO_CAMERA not in cameras:
         cameras.append(VIDEO_CAMERA)
@@ -55,7 +54,7 @@ def evaluate(checkpoint: str | Path, task: str, episodes: int, seed: int = 10_00
     if video_path is not None and frames:
         write_video(video_path, frames)
     return {
-        "checkpoint": str(checkpoint), "policy_version": loaded.version, "task": task, "episodes": episodes,
+        "checkpoint": str(checkpoint), "policy_version": runner.version, "task": task, "episodes": episodes,
         "success_rate": float(np.mean(successes)), "mean_episode_length": float(np.mean(lengths)),
         "constraint_violations": violations,
         "mean_uncertainty": float(np.mean(uncertainties)) if num_samples > 1 else None,

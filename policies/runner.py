@@ -1,5 +1,7 @@
 """The inference runner: a policy behind the robot agent's small interface (reset, act, version).
 
+`PolicyRunner.from_checkpoint(path)` builds one from a checkpoint folder.
+
 Receding-horizon execution: keep the last To observations, and when the queue of planned actions
 runs dry, predict a chunk of Tp actions from them and queue the Ta actions that start at the
 current step (index To-1 of the chunk). Batch 1, `torch.inference_mode`, numpy in and out.
@@ -19,14 +21,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from policies.action_space import DELTA, ActionSpace
+from policies.checkpoint import load_checkpoint
+
 
 class PolicyRunner:
     def __init__(self, policy: nn.Module, version: str = "", num_samples: int = 1,
-                 n_action_steps: int | None = None):
+                 n_action_steps: int | None = None, action_space: ActionSpace = DELTA):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.policy = policy.eval()
         self.version = version
+        self.action_space = action_space
         self.num_samples = num_samples
         self.n_obs_steps = policy.n_obs_steps
         self.n_action_steps = n_action_steps or policy.n_action_steps
@@ -37,6 +43,11 @@ class PolicyRunner:
         self.uses_goal = policy.shape_meta.goal_dim > 0
         self.uncertainty = 0.0
         self.reset()
+
+    @classmethod
+    def from_checkpoint(cls, directory, num_samples: int = 1, n_action_steps: int | None = None) -> PolicyRunner:
+        checkpoint = load_checkpoint(directory)
+        return cls(checkpoint.policy, checkpoint.version, num_samples, n_action_steps, checkpoint.action_space)
 
     def reset(self) -> None:
         self._history: deque = deque(maxlen=self.n_obs_steps)
@@ -55,7 +66,7 @@ class PolicyRunner:
             self._history.append(frame)
         if not self._actions:
             self._plan(obs.get("goal") if goal is None else goal)
-        return self._actions.popleft()
+        return self.action_space.to_robot(self._actions.popleft(), obs.get(self.action_space.position_key))
 
     @torch.inference_mode()
     def _plan(self, goal: np.ndarray | None) -> None:

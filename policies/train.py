@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm import tqdm
 
+from policies.action_space import ActionSpace
 from policies.checkpoint import (
     TRAINER_FILE,
     TRAINER_JSON,
@@ -125,7 +126,11 @@ def train(cfg) -> Path:
     obs_keys = list(cfg.task.obs_keys) + [f"{name}_rgb" for name in (cfg.camera_names if cfg.cameras else [])]
     paths = [str(p) for p in (cfg.data if not isinstance(cfg.data, str) else [cfg.data])]
 
-    data = load_episodes(paths, obs_keys, cfg.memory.strategy, cfg.memory.budget_steps, cfg.memory.keep_demos)
+    action_space = ActionSpace(**OmegaConf.to_container(cfg.action_space, resolve=True))
+    data = load_episodes(paths, obs_keys, cfg.memory.strategy, cfg.memory.budget_steps, cfg.memory.keep_demos,
+                         extra_keys=[action_space.position_key] if action_space.kind == "target" else [])
+    if action_space.kind == "target":
+        data.steps["action"] = action_space.to_policy(data.steps["action"], data.steps[action_space.position_key])
     train_eps, val_eps = split_episodes(data.num_episodes, cfg.val_ratio, cfg.seed)
     horizons = dict(n_obs_steps=cfg.policy.n_obs_steps, horizon=cfg.policy.horizon)
     train_set = WindowDataset(data, train_eps, obs_keys, weighting=cfg.weighting, **horizons)
@@ -189,7 +194,7 @@ def train(cfg) -> Path:
                 if writer:
                     writer.add_scalar("val/loss", val, step)
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                _save(final, policy, ema, optimizer, shape_meta, cfg, training_summary, step, epoch)
+                _save(final, policy, ema, optimizer, shape_meta, action_space, cfg, training_summary, step, epoch)
             if step >= cfg.steps:
                 break
         epoch += 1
@@ -227,13 +232,14 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _save(directory, policy, ema, optimizer, shape_meta, cfg, training_summary, step, epoch) -> None:
+def _save(directory, policy, ema, optimizer, shape_meta, action_space, cfg, training_summary, step, epoch) -> None:
     tensors, groups = optimizer_tensors(optimizer)
     tensors.update({f"model.{k}": v for k, v in policy.state_dict().items()})
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
     version = cfg.version or f"{cfg.policy.kind}-{Path(cfg.out).name}-step{step}"
-    save_checkpoint(directory, ema.model if ema else policy, shape_meta, version, training=training_summary,
+    save_checkpoint(directory, ema.model if ema else policy, shape_meta, version, action_space,
+                    training=training_summary,
                     step=step, trainer_state=tensors,
                     trainer_meta={"param_groups": groups, "step": step, "epoch": epoch,
                                   "ema_updates": ema.updates if ema else 0})

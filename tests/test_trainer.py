@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fleet.store import EpisodeStore
+from policies.action_space import ActionSpace
 from policies.checkpoint import CheckpointError, load_checkpoint, read_config
 from policies.models.factory import ShapeMeta
 from policies.runner import PolicyRunner
@@ -49,9 +50,11 @@ def test_checkpoint_holds_config_normalizer_and_training_summary(trained, push_d
     assert sorted(os.listdir(trained)) == ["config.json", "model.safetensors", "trainer.json", "trainer.safetensors"]
     checkpoint = load_checkpoint(trained)
     assert checkpoint.version == config["version"] and checkpoint.shape_meta.goal_dim == 2
-    # The loaded normalizer is the fitted one: demo actions map into [-1, 1].
-    actions = torch.from_numpy(EpisodeStore.open(push_demos).episode(0)["action"])
-    normalized = checkpoint.policy.normalizer.normalize("action", actions)
+    # The loaded normalizer is the fitted one: the demos' end-effector targets map into [-1, 1].
+    assert checkpoint.action_space.kind == "target"
+    episode = EpisodeStore.open(push_demos).episode(0)
+    targets = checkpoint.action_space.to_policy(episode["action"], episode["ee_pos"])
+    normalized = checkpoint.policy.normalizer.normalize("action", torch.from_numpy(targets))
     assert normalized.abs().max() <= 1.0 + 1e-5
 
 
@@ -116,6 +119,20 @@ class RecordingPolicy(torch.nn.Module):
         plan = len(self.seen)
         chunk = torch.stack([torch.full((self.horizon,), float(plan)), torch.arange(self.horizon).float()], -1)
         return chunk.expand(1, num_samples, self.horizon, 2)
+
+
+def test_target_action_space_round_trips_and_closes_the_loop():
+    space = ActionSpace(kind="target", position_key="ee_pos", step_m=0.03)
+    actions = np.array([[0.5, -1.0, 0.2, 1.0], [0.0, 0.3, -0.4, -1.0]], np.float32)
+    positions = np.array([[0.4, 0.0, 0.1], [0.41, -0.03, 0.106]], np.float32)
+    targets = space.to_policy(actions, positions)
+    np.testing.assert_allclose(targets[0, :3], [0.415, -0.03, 0.106], atol=1e-6)
+    for action, target, position in zip(actions, targets, positions, strict=True):
+        np.testing.assert_allclose(space.to_robot(target, position), action, atol=1e-5)
+    # From wherever the arm really is, the step heads for the target (clipped to the action bounds).
+    np.testing.assert_allclose(space.to_robot(targets[0], np.array([0.5, -0.03, 0.106])), [-1, 0, 0, 1], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown action space"):
+        ActionSpace(kind="velocity")
 
 
 def test_runner_executes_ta_actions_from_index_to_minus_one():

@@ -43,12 +43,13 @@ class EpisodeData:
 
 
 def load_episodes(paths: Sequence[str], obs_keys: Sequence[str], memory: str = "keep_all",
-                  budget_steps: int | None = None, keep_demos: bool = True) -> EpisodeData:
+                  budget_steps: int | None = None, keep_demos: bool = True,
+                  extra_keys: Sequence[str] = ()) -> EpisodeData:
     """Read the episodes the memory strategy keeps from `paths` (oldest store first)."""
     stores = [EpisodeStore.open(path) for path in paths]
     if not stores:
         raise ValueError("no episode stores given to train on")
-    wanted = [*obs_keys, "action", "label"]
+    wanted = list(dict.fromkeys([*obs_keys, *extra_keys, "action", "label"]))
     records, where = [], []
     for store in stores:
         missing = [key for key in wanted if key not in (store.schema or {})]

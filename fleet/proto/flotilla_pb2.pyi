@@ -1,0 +1,385 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ControlLabel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEMO: _ClassVar[ControlLabel]
+    ROBOT: _ClassVar[ControlLabel]
+    PRE_INTERVENTION: _ClassVar[ControlLabel]
+    INTERVENTION: _ClassVar[ControlLabel]
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    AUTONOMOUS: _ClassVar[Mode]
+    TELEOP: _ClassVar[Mode]
+    HOLD: _ClassVar[Mode]
+DEMO: ControlLabel
+ROBOT: ControlLabel
+PRE_INTERVENTION: ControlLabel
+INTERVENTION: ControlLabel
+MODE_UNSPECIFIED: Mode
+AUTONOMOUS: Mode
+TELEOP: Mode
+HOLD: Mode
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("encoding", "data", "width", "height")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    encoding: str
+    data: bytes
+    width: int
+    height: int
+    def __init__(self, encoding: _Optional[str] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class Signals(_message.Message):
+    __slots__ = ("uncertainty", "risk", "density", "constraint_violation")
+    UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_VIOLATION_FIELD_NUMBER: _ClassVar[int]
+    uncertainty: float
+    risk: float
+    density: float
+    constraint_violation: bool
+    def __init__(self, uncertainty: _Optional[float] = ..., risk: _Optional[float] = ..., density: _Optional[float] = ..., constraint_violation: _Optional[bool] = ...) -> None: ...
+
+class RobotHello(_message.Message):
+    __slots__ = ("robot_id", "task", "policy_version", "observation_spec", "action_dim", "goal_dim", "last_acked_seq")
+    class ObservationSpecEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: TensorSpec
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_SPEC_FIELD_NUMBER: _ClassVar[int]
+    ACTION_DIM_FIELD_NUMBER: _ClassVar[int]
+    GOAL_DIM_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    task: str
+    policy_version: str
+    observation_spec: _containers.MessageMap[str, TensorSpec]
+    action_dim: int
+    goal_dim: int
+    last_acked_seq: int
+    def __init__(self, robot_id: _Optional[str] = ..., task: _Optional[str] = ..., policy_version: _Optional[str] = ..., observation_spec: _Optional[_Mapping[str, TensorSpec]] = ..., action_dim: _Optional[int] = ..., goal_dim: _Optional[int] = ..., last_acked_seq: _Optional[int] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("shape", "dtype")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class Step(_message.Message):
+    __slots__ = ("seq", "episode_id", "t", "timestamp", "observation", "goal", "action", "label", "signals", "policy_version", "camera", "operator_id")
+    class ObservationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
+    T_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    GOAL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    episode_id: int
+    t: int
+    timestamp: float
+    observation: _containers.MessageMap[str, Tensor]
+    goal: Tensor
+    action: Tensor
+    label: ControlLabel
+    signals: Signals
+    policy_version: str
+    camera: Image
+    operator_id: str
+    def __init__(self, seq: _Optional[int] = ..., episode_id: _Optional[int] = ..., t: _Optional[int] = ..., timestamp: _Optional[float] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., label: _Optional[_Union[ControlLabel, str]] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., policy_version: _Optional[str] = ..., camera: _Optional[_Union[Image, _Mapping]] = ..., operator_id: _Optional[str] = ...) -> None: ...
+
+class EpisodeStart(_message.Message):
+    __slots__ = ("episode_id", "goal", "policy_version", "timestamp")
+    EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GOAL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    episode_id: int
+    goal: Tensor
+    policy_version: str
+    timestamp: float
+    def __init__(self, episode_id: _Optional[int] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., policy_version: _Optional[str] = ..., timestamp: _Optional[float] = ...) -> None: ...
+
+class EpisodeEnd(_message.Message):
+    __slots__ = ("episode_id", "success", "outcome", "timestamp")
+    EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    episode_id: int
+    success: bool
+    outcome: str
+    timestamp: float
+    def __init__(self, episode_id: _Optional[int] = ..., success: _Optional[bool] = ..., outcome: _Optional[str] = ..., timestamp: _Optional[float] = ...) -> None: ...
+
+class RobotMessage(_message.Message):
+    __slots__ = ("hello", "episode_start", "step", "episode_end")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_START_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_END_FIELD_NUMBER: _ClassVar[int]
+    hello: RobotHello
+    episode_start: EpisodeStart
+    step: Step
+    episode_end: EpisodeEnd
+    def __init__(self, hello: _Optional[_Union[RobotHello, _Mapping]] = ..., episode_start: _Optional[_Union[EpisodeStart, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("ack_seq", "mode", "action", "operator_id", "reset", "policy_version", "estop", "message")
+    ACK_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ESTOP_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ack_seq: int
+    mode: Mode
+    action: Tensor
+    operator_id: str
+    reset: bool
+    policy_version: str
+    estop: bool
+    message: str
+    def __init__(self, ack_seq: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., operator_id: _Optional[str] = ..., reset: _Optional[bool] = ..., policy_version: _Optional[str] = ..., estop: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class OperatorHello(_message.Message):
+    __slots__ = ("operator_id",)
+    OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    operator_id: str
+    def __init__(self, operator_id: _Optional[str] = ...) -> None: ...
+
+class OperatorAction(_message.Message):
+    __slots__ = ("robot_id", "action", "seq")
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    action: Tensor
+    seq: int
+    def __init__(self, robot_id: _Optional[str] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class OperatorMessage(_message.Message):
+    __slots__ = ("hello", "action", "release", "estop", "reset")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    ESTOP_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    hello: OperatorHello
+    action: OperatorAction
+    release: Release
+    estop: EStop
+    reset: ResetRobot
+    def __init__(self, hello: _Optional[_Union[OperatorHello, _Mapping]] = ..., action: _Optional[_Union[OperatorAction, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., estop: _Optional[_Union[EStop, _Mapping]] = ..., reset: _Optional[_Union[ResetRobot, _Mapping]] = ...) -> None: ...
+
+class Release(_message.Message):
+    __slots__ = ("robot_id",)
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    def __init__(self, robot_id: _Optional[str] = ...) -> None: ...
+
+class EStop(_message.Message):
+    __slots__ = ("robot_id", "engage")
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGAGE_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    engage: bool
+    def __init__(self, robot_id: _Optional[str] = ..., engage: _Optional[bool] = ...) -> None: ...
+
+class ResetRobot(_message.Message):
+    __slots__ = ("robot_id",)
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    def __init__(self, robot_id: _Optional[str] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("robot_id", "reason", "min_steps", "needs_reset", "reset_steps")
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_RESET_FIELD_NUMBER: _ClassVar[int]
+    RESET_STEPS_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    reason: str
+    min_steps: int
+    needs_reset: bool
+    reset_steps: int
+    def __init__(self, robot_id: _Optional[str] = ..., reason: _Optional[str] = ..., min_steps: _Optional[int] = ..., needs_reset: _Optional[bool] = ..., reset_steps: _Optional[int] = ...) -> None: ...
+
+class RobotFrame(_message.Message):
+    __slots__ = ("robot_id", "seq", "camera", "observation", "signals", "mode")
+    class ObservationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    seq: int
+    camera: Image
+    observation: _containers.MessageMap[str, Tensor]
+    signals: Signals
+    mode: Mode
+    def __init__(self, robot_id: _Optional[str] = ..., seq: _Optional[int] = ..., camera: _Optional[_Union[Image, _Mapping]] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+
+class QueueEntry(_message.Message):
+    __slots__ = ("robot_id", "priority", "reason", "assigned_to")
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_TO_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    priority: float
+    reason: str
+    assigned_to: str
+    def __init__(self, robot_id: _Optional[str] = ..., priority: _Optional[float] = ..., reason: _Optional[str] = ..., assigned_to: _Optional[str] = ...) -> None: ...
+
+class OperatorUpdate(_message.Message):
+    __slots__ = ("assignment", "released", "frame", "queue", "error")
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    assignment: Assignment
+    released: Release
+    frame: RobotFrame
+    queue: Queue
+    error: str
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., released: _Optional[_Union[Release, _Mapping]] = ..., frame: _Optional[_Union[RobotFrame, _Mapping]] = ..., queue: _Optional[_Union[Queue, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class Queue(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[QueueEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[QueueEntry, _Mapping]]] = ...) -> None: ...
+
+class CheckpointChunk(_message.Message):
+    __slots__ = ("version", "filename", "data", "offset", "last")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    filename: str
+    data: bytes
+    offset: int
+    last: bool
+    def __init__(self, version: _Optional[str] = ..., filename: _Optional[str] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class PublishResult(_message.Message):
+    __slots__ = ("version", "bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    bytes: int
+    def __init__(self, version: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class ListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PolicyVersions(_message.Message):
+    __slots__ = ("versions", "latest")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    latest: str
+    def __init__(self, versions: _Optional[_Iterable[str]] = ..., latest: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RobotStatus(_message.Message):
+    __slots__ = ("robot_id", "mode", "operator_id", "policy_version", "steps", "episodes", "signals", "connected")
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    mode: Mode
+    operator_id: str
+    policy_version: str
+    steps: int
+    episodes: int
+    signals: Signals
+    connected: bool
+    def __init__(self, robot_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., operator_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., steps: _Optional[int] = ..., episodes: _Optional[int] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., connected: _Optional[bool] = ...) -> None: ...
+
+class FleetStatus(_message.Message):
+    __slots__ = ("robots", "operators", "episodes_committed", "steps_logged", "writer_queue_depth")
+    ROBOTS_FIELD_NUMBER: _ClassVar[int]
+    OPERATORS_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_LOGGED_FIELD_NUMBER: _ClassVar[int]
+    WRITER_QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    robots: _containers.RepeatedCompositeFieldContainer[RobotStatus]
+    operators: _containers.RepeatedScalarFieldContainer[str]
+    episodes_committed: int
+    steps_logged: int
+    writer_queue_depth: int
+    def __init__(self, robots: _Optional[_Iterable[_Union[RobotStatus, _Mapping]]] = ..., operators: _Optional[_Iterable[str]] = ..., episodes_committed: _Optional[int] = ..., steps_logged: _Optional[int] = ..., writer_queue_depth: _Optional[int] = ...) -> None: ...

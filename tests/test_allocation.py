@@ -1,0 +1,359 @@
+"""Behaviour of the fleet server's human allocation (fleet/allocation.py)."""
+
+import numpy as np
+import pytest
+
+from fleet.allocation import (
+    CONSTRAINT,
+    NO_LONGER_NEEDED,
+    OPERATOR_DISCONNECTED,
+    OPERATOR_RELEASE,
+    RESET_DONE,
+    RISK,
+    ROBOT_DISCONNECTED,
+    UNCERTAINTY,
+    Allocator,
+    AllocatorConfig,
+    QuantileThreshold,
+    RobotState,
+    Signals,
+    make_allocator,
+)
+
+# Fixed thresholds of 0.5 on both signals unless a test says otherwise.
+FIXED = dict(uncertainty_threshold=0.5, risk_threshold=0.5)
+
+
+def fleet(n: int) -> dict[str, RobotState]:
+    return {f"r{i}": RobotState(f"r{i}") for i in range(n)}
+
+
+def signal(robots, robot_id, uncertainty=0.0, risk=0.0, violation=False):
+    robots[robot_id].signals = Signals(uncertainty=uncertainty, risk=risk, constraint_violation=violation)
+
+
+def assigned(decisions) -> dict[str, str]:
+    return {a.operator_id: a.robot_id for a in decisions.assignments}
+
+
+def released(decisions) -> dict[str, str]:
+    return {r.robot_id: r.reason for r in decisions.releases}
+
+
+@pytest.mark.parametrize("policy", ["flotilla", "cur"])
+def test_highest_priority_gets_the_free_operator(policy):
+    robots = fleet(4)
+    signal(robots, "r1", uncertainty=0.6)
+    signal(robots, "r2", uncertainty=0.9)
+    signal(robots, "r3", uncertainty=0.2)  # below threshold: never served
+    allocator = make_allocator(policy, t_T=5, **FIXED)
+
+    decisions = allocator.tick(robots.values(), ["op"])
+    assert assigned(decisions) == {"op": "r2"}
+    assert decisions.assignments[0].reason == UNCERTAINTY
+    assert robots["r2"].controller == "op"
+
+    # A second operator comes on duty: the next in line, never the robot below threshold.
+    assert assigned(allocator.tick(robots.values(), ["op", "op2"])) == {"op2": "r1"}
+    assert allocator.tick(robots.values(), ["op", "op2", "op3"]).assignments == []
+
+
+def test_min_intervention_time_is_respected():
+    t_T = 4
+    robots = fleet(1)
+    signal(robots, "r0", uncertainty=0.9)
+    allocator = make_allocator("cur", t_T=t_T, **FIXED)
+    assert assigned(allocator.tick(robots.values(), ["op"])) == {"op": "r0"}
+
+    signal(robots, "r0", uncertainty=0.0)  # no longer needs help right away
+    allocator.operator_release(robots["r0"], "op")  # and the operator asks to hand back
+    for _ in range(t_T - 1):
+        assert allocator.tick(robots.values(), ["op"]).releases == []
+        assert robots["r0"].controller == "op"
+    assert released(allocator.tick(robots.values(), ["op"])) == {"r0": OPERATOR_RELEASE}
+    assert robots["r0"].controller is None
+
+
+def test_robot_still_needing_help_keeps_its_operator_after_t_T():
+    robots = fleet(1)
+    signal(robots, "r0", risk=0.8)
+    allocator = make_allocator("cur", t_T=2, **FIXED)
+    allocator.tick(robots.values(), ["op"])
+    for _ in range(5):
+        assert allocator.tick(robots.values(), ["op"]).releases == []
+    signal(robots, "r0", risk=0.1)
+    assert released(allocator.tick(robots.values(), ["op"])) == {"r0": NO_LONGER_NEEDED}
+
+
+def test_constraint_violation_blocks_and_reset_takes_exactly_t_R():
+    t_R = 3
+    robots = fleet(2)
+    signal(robots, "r0", violation=True)
+    signal(robots, "r1", uncertainty=0.9)
+    allocator = make_allocator("flotilla", t_T=1, t_R=t_R, **FIXED)
+
+    # Without an operator the violation stays, whatever the time: the robot is blocked.
+    for _ in range(5):
+        allocator.tick(robots.values(), [])
+    assert robots["r0"].blocked and robots["r0"].controller is None
+
+    decisions = allocator.tick(robots.values(), ["op"])
+    assert assigned(decisions) == {"op": "r0"}  # constraint first, before the uncertain robot
+    (assignment,) = decisions.assignments
+    assert assignment.needs_reset and assignment.reset_steps == t_R and assignment.reason == CONSTRAINT
+    for _ in range(t_R - 1):
+        assert allocator.tick(robots.values(), ["op"]).releases == []
+        assert robots["r0"].resetting and robots["r0"].blocked
+    decisions = allocator.tick(robots.values(), ["op"])
+    assert released(decisions) == {"r0": RESET_DONE}
+    assert not robots["r0"].blocked and not robots["r0"].resetting
+    assert assigned(decisions) == {"op": "r1"}  # the freed operator moves on in the same tick
+
+
+def test_violation_under_a_human_becomes_a_reset_by_that_operator():
+    robots = fleet(1)
+    signal(robots, "r0", uncertainty=0.9)
+    allocator = make_allocator("cur", t_T=10, t_R=2, **FIXED)
+    allocator.tick(robots.values(), ["op"])
+    signal(robots, "r0", violation=True)
+    decisions = allocator.tick(robots.values(), ["op"])
+    assert [(a.operator_id, a.needs_reset) for a in decisions.assignments] == [("op", True)]
+    allocator.tick(robots.values(), ["op"])
+    assert released(allocator.tick(robots.values(), ["op"])) == {"r0": RESET_DONE}
+
+
+def serve_order(order: str) -> list[str]:
+    robots = fleet(4)
+    signal(robots, "r0", uncertainty=0.6)
+    signal(robots, "r1", risk=0.95)
+    signal(robots, "r2", violation=True)
+    signal(robots, "r3", uncertainty=0.8)
+    allocator = make_allocator("cur", order=order, t_T=100, **FIXED)
+    served = []
+    for k in range(4):  # one more operator each tick: each takes the best robot left
+        served += assigned(allocator.tick(robots.values(), [f"op{i}" for i in range(k + 1)])).values()
+    return served
+
+
+def test_cur_ordering_and_custom_order():
+    assert serve_order("cur") == ["r2", "r3", "r0", "r1"]  # C, then U by value, then R
+    assert serve_order("cru") == ["r2", "r1", "r3", "r0"]
+    assert serve_order("ruc") == ["r1", "r3", "r0", "r2"]
+
+
+def test_quantile_threshold_hits_the_target_rate():
+    rng = np.random.default_rng(0)
+    alpha = 0.1
+    calibration = QuantileThreshold(alpha, window=4000, min_samples=200)
+    assert calibration.current().value == np.inf  # too few samples: no requests yet
+    calibration.observe(rng.lognormal(0.0, 1.0, size=10_000))
+    fresh = rng.lognormal(0.0, 1.0, size=20_000)
+    rate = np.mean(fresh >= calibration.current().value)
+    assert abs(rate - alpha) < 0.02
+
+    # The window forgets: after a shift, the threshold follows the new distribution.
+    calibration.observe(rng.lognormal(1.0, 1.0, size=4000))
+    rate = np.mean(rng.lognormal(1.0, 1.0, size=20_000) >= calibration.current().value)
+    assert abs(rate - alpha) < 0.02
+
+
+def test_calibrated_allocator_requests_help_at_the_target_rate():
+    rng = np.random.default_rng(1)
+    alpha, n_robots, ticks = 0.05, 20, 400
+    allocator = make_allocator("cur", alpha=alpha, window=2000, min_samples=200)
+    robots = fleet(n_robots)
+    requests = steps = 0
+    for t in range(ticks):
+        for robot in robots.values():
+            robot.signals = Signals(uncertainty=float(rng.gamma(2.0)), risk=float(rng.beta(2, 5)))
+        allocator.tick(robots.values(), [])  # no operators: every robot stays autonomous
+        if t >= 50:
+            queue = allocator.queue()
+            requests += sum(entry.reason == UNCERTAINTY for entry in queue)
+            steps += n_robots
+    thresholds = allocator.thresholds
+    assert np.isfinite(thresholds.uncertainty.value) and np.isfinite(thresholds.risk.value)
+    assert abs(requests / steps - alpha) < 0.015
+
+
+def run_random(seed: int) -> list[str]:
+    """Which robot one operator gets, over 30 fresh fleets of 8 equally needy robots and 2 quiet ones."""
+    allocator = make_allocator("random", seed=seed, **FIXED)
+    served = []
+    for _ in range(30):
+        robots = fleet(10)
+        for i in range(8):
+            signal(robots, f"r{i}", uncertainty=0.9)
+        served += assigned(allocator.tick(robots.values(), ["op"])).values()
+    return served
+
+
+def test_random_policy_is_deterministic_for_a_seed():
+    assert run_random(3) == run_random(3)
+    assert run_random(3) != run_random(4)
+    assert set(run_random(3)) == {f"r{i}" for i in range(8)}  # all needy robots, never a quiet one
+
+
+def test_random_all_scope_serves_robots_without_need():
+    robots = fleet(3)  # all quiet
+    allocator = make_allocator("random", random_scope="all", seed=0, t_T=2, **FIXED)
+    first = assigned(allocator.tick(robots.values(), ["op"]))["op"]
+    allocator.tick(robots.values(), ["op"])
+    # Its turn ends after t_T and the human moves on to another, freshly drawn robot.
+    decisions = allocator.tick(robots.values(), ["op"])
+    assert released(decisions) == {first: NO_LONGER_NEEDED}
+    assert assigned(decisions)["op"] != first
+
+
+def test_operator_disconnect_requeues_the_robot_first():
+    robots = fleet(3)
+    signal(robots, "r0", uncertainty=0.6)
+    allocator = make_allocator("cur", t_T=10, **FIXED)
+    assert assigned(allocator.tick(robots.values(), ["a"])) == {"a": "r0"}
+    signal(robots, "r1", uncertainty=0.95)  # now a more uncertain robot waits
+
+    releases = allocator.operator_disconnected("a", robots.values())
+    assert [(r.robot_id, r.operator_id, r.reason) for r in releases] == [("r0", "a", OPERATOR_DISCONNECTED)]
+    assert robots["r0"].controller is None
+    decisions = allocator.tick(robots.values(), ["b"])
+    assert assigned(decisions) == {"b": "r0"}  # ahead of r1 despite r1's higher uncertainty
+
+
+def test_operator_missing_from_duty_is_treated_as_disconnected():
+    robots = fleet(2)
+    signal(robots, "r0", uncertainty=0.6)
+    signal(robots, "r1", uncertainty=0.95)
+    allocator = make_allocator("cur", t_T=10, **FIXED)
+    allocator.tick(robots.values(), ["a", "b"])
+    assert robots["r0"].controller == "b"
+    decisions = allocator.tick(robots.values(), ["a", "c"])  # b vanished without a word
+    assert released(decisions) == {"r0": OPERATOR_DISCONNECTED}
+    assert assigned(decisions) == {"c": "r0"}
+
+
+def test_robot_disconnect_frees_the_operator():
+    robots = fleet(2)
+    signal(robots, "r0", uncertainty=0.9)
+    signal(robots, "r1", uncertainty=0.6)
+    allocator = make_allocator("flotilla", t_T=10, **FIXED)
+    assert assigned(allocator.tick(robots.values(), ["op"])) == {"op": "r0"}
+    release = allocator.robot_disconnected(robots["r0"])
+    assert (release.robot_id, release.operator_id, release.reason) == ("r0", "op", ROBOT_DISCONNECTED)
+    assert not robots["r0"].connected and robots["r0"].controller is None
+    assert assigned(allocator.tick(robots.values(), ["op"])) == {"op": "r1"}
+
+
+def flaps(hysteresis: float) -> int:
+    """Times a robot whose uncertainty hovers around the threshold enters the queue."""
+    robots = fleet(1)
+    # Too few samples for a typical value, so it is 0: one unit of exceedance is the threshold, 0.5.
+    allocator = make_allocator("flotilla", hysteresis=hysteresis, min_samples=1000, **FIXED)
+    entries, queued = 0, False
+    for t in range(40):
+        signal(robots, "r0", uncertainty=0.5 + (0.03 if t % 2 == 0 else -0.03))
+        allocator.tick(robots.values(), [])
+        now = any(entry.robot_id == "r0" for entry in allocator.queue())
+        entries += now and not queued
+        queued = now
+    return entries
+
+
+def test_flotilla_hysteresis_prevents_flapping():
+    assert flaps(hysteresis=0.0) == 20
+    assert flaps(hysteresis=0.25) == 1
+
+
+def test_flotilla_hysteresis_keeps_the_human_until_clearly_below():
+    robots = fleet(1)
+    allocator = make_allocator("flotilla", t_T=1, hysteresis=0.5, **FIXED)  # leave below 0.25
+    signal(robots, "r0", risk=0.6)
+    allocator.tick(robots.values(), ["op"])
+    signal(robots, "r0", risk=0.4)  # under the threshold, inside the band
+    for _ in range(5):
+        assert allocator.tick(robots.values(), ["op"]).releases == []
+    signal(robots, "r0", risk=0.2)
+    assert released(allocator.tick(robots.values(), ["op"])) == {"r0": NO_LONGER_NEEDED}
+
+
+def test_flotilla_combines_signals_where_cur_is_lexicographic():
+    robots = fleet(2)
+    signal(robots, "r0", uncertainty=0.55)  # barely past the uncertainty threshold
+    signal(robots, "r1", risk=0.95)  # far past the risk threshold
+    for policy, first in (("cur", "r0"), ("flotilla", "r1")):
+        for robot in robots.values():
+            robot.controller = None
+        decisions = make_allocator(policy, **FIXED).tick(robots.values(), ["op"])
+        assert assigned(decisions) == {"op": first}
+    assert decisions.assignments[0].reason == RISK
+
+
+def test_flotilla_ties_go_to_the_longest_waiting():
+    robots = fleet(3)
+    allocator = make_allocator("flotilla", t_T=100, **FIXED)
+    signal(robots, "r2", violation=True)
+    allocator.tick(robots.values(), [])
+    allocator.tick(robots.values(), [])
+    signal(robots, "r0", violation=True)  # blocked later, same priority, lower id
+    allocator.tick(robots.values(), [])
+    assert [entry.robot_id for entry in allocator.queue()] == ["r2", "r0"]
+    assert assigned(allocator.tick(robots.values(), ["op"])) == {"op": "r2"}
+
+
+def test_queue_lists_waiting_robots_in_order_then_assigned():
+    robots = fleet(4)
+    signal(robots, "r0", uncertainty=0.7)
+    signal(robots, "r1", violation=True)
+    signal(robots, "r2", risk=0.9)
+    allocator = make_allocator("cur", **FIXED)
+    allocator.tick(robots.values(), ["op"])
+    rows = [(e.robot_id, e.reason, e.assigned_to) for e in allocator.queue()]
+    assert rows == [("r0", UNCERTAINTY, None), ("r2", RISK, None), ("r1", CONSTRAINT, "op")]
+
+
+def test_idle_robots_need_no_help():
+    robots = fleet(1)
+    signal(robots, "r0", uncertainty=0.9)
+    robots["r0"].idle = True
+    assert make_allocator("cur", **FIXED).tick(robots.values(), ["op"]).assignments == []
+
+
+def test_operator_release_of_a_robot_it_does_not_control_is_refused():
+    robots = fleet(1)
+    with pytest.raises(ValueError, match="operator 'op' does not control robot 'r0'"):
+        make_allocator().operator_release(robots["r0"], "op")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(t_T=-1), "t_T must be an integer >= 0"),
+        (dict(t_R=-2), "t_R must be an integer >= 0"),
+        (dict(t_T=1.5), "t_T must be an integer"),
+        (dict(alpha=0.0), "alpha must be in \\(0, 1\\)"),
+        (dict(alpha=1.0), "alpha must be in \\(0, 1\\)"),
+        (dict(window=0), "window must be an integer >= 1"),
+        (dict(window=10, min_samples=20), "min_samples \\(20\\) must not exceed window \\(10\\)"),
+        (dict(policy="fifo"), "unknown allocation policy 'fifo'"),
+        (dict(order="cux"), "order must be a permutation of 'cur'"),
+        (dict(order="cu"), "order must be a permutation of 'cur'"),
+        (dict(hysteresis=-0.1), "hysteresis must be >= 0"),
+        (dict(risk_weight=2.0), "risk_weight must be in \\[0, 1\\]"),
+        (dict(uncertainty_threshold=float("nan")), "uncertainty_threshold must be a finite number"),
+        (dict(random_scope="some"), "random_scope must be one of"),
+    ],
+)
+def test_bad_config_values_are_rejected(settings, message):
+    with pytest.raises(ValueError, match=message):
+        AllocatorConfig(**settings)
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(ValueError, match="unknown allocation setting\\(s\\) \\['tT'\\]"):
+        make_allocator("cur", tT=3)
+
+
+def test_inconsistent_pairings_are_rejected():
+    robots = fleet(2)
+    robots["r0"].controller = robots["r1"].controller = "op"
+    with pytest.raises(ValueError, match="operator 'op' controls both 'r0' and 'r1'"):
+        Allocator().tick(robots.values(), ["op"])

@@ -15,7 +15,7 @@ from sim.conventions import IMAGE_SIZE
 from sim.experts import make_expert
 from sim.tasks import make_env
 
-TASKS = ("reach", "push", "pick_place")
+TASKS = ("reach", "push", "pick_place", "lift")  # lift: the robosuite (MuJoCo) adapter
 CAMERA_SETS = {"no cameras": (), "front": ("front",), "front+wrist": ("front", "wrist")}
 
 

@@ -481,7 +481,8 @@ class EpisodeStore:
         cumulative = np.cumsum(starts_per_episode)
         episodes = np.searchsorted(cumulative, picks, side="right")
         offsets = picks - (cumulative[episodes] - starts_per_episode[episodes])
-        return [self.read_window(int(e), int(o), length, keys) for e, o in zip(episodes, offsets, strict=True)]
+        firsts = np.r_[0, self._ends[:-1]][episodes] + offsets
+        return [self._read(int(first), int(first) + length, keys) for first in firsts]
 
     def labels(self) -> np.ndarray:
         """Control label codes of every committed step."""
@@ -510,7 +511,10 @@ class EpisodeStore:
         unknown = [key for key in names if key not in (self._schema or {})]
         if unknown:
             raise KeyError(f"unknown step key(s) {unknown}; the store has {sorted(self._schema or {})}")
-        return {key: self._data(key)[start:end] for key in names}
+        # One round trip to zarr's event loop for all keys rather than one per key. (Gathering many
+        # windows at once is slower again: the same chunks get decoded over and over concurrently.)
+        values = sync(_read_all([(self._data(key)._async_array, slice(start, end)) for key in names]))
+        return dict(zip(names, values, strict=True))
 
     def _check_index(self, index: int) -> int:
         if not -self.num_episodes <= index < self.num_episodes:
@@ -546,6 +550,10 @@ async def _write_then_grow(writes: list[tuple[zarr.Array, int, np.ndarray]]) -> 
     await asyncio.gather(*(copy.setitem(slice(start, None), values)
                            for (_, start, values), (_, _, copy) in zip(writes, grown, strict=True)))
     await asyncio.gather(*(inner.resize(new_shape) for inner, new_shape, _ in grown))
+
+
+async def _read_all(reads: list[tuple[Any, slice]]) -> list[np.ndarray]:
+    return await asyncio.gather(*(array.getitem(selection) for array, selection in reads))
 
 
 def _acquire_writer_lock(path: Path) -> int:

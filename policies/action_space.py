@@ -39,13 +39,6 @@ class ActionSpace:
         out[..., :dims] = positions + actions[..., :dims] * self.step_m
         return out
 
-    def motion(self, actions: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
-        """Per-step displacement of the predicted positions (None for delta actions), used to keep
-        training targets moving past an episode's end instead of stopping there."""
-        if self.kind == "delta":
-            return None
-        return (actions[..., : positions.shape[-1]] * self.step_m).astype(np.float32)
-
     def to_robot(self, policy_action: np.ndarray, position: np.ndarray | None) -> np.ndarray:
         """One predicted action -> the robot action to send now from the measured `position`."""
         if self.kind == "delta":

@@ -129,16 +129,12 @@ def train(cfg) -> Path:
     action_space = ActionSpace(**OmegaConf.to_container(cfg.action_space, resolve=True))
     data = load_episodes(paths, obs_keys, cfg.memory.strategy, cfg.memory.budget_steps, cfg.memory.keep_demos,
                          extra_keys=[action_space.position_key] if action_space.kind == "target" else [])
-    motion = None
     if action_space.kind == "target":
-        positions = data.steps[action_space.position_key]
-        motion = action_space.motion(data.steps["action"], positions)
-        data.steps["action"] = action_space.to_policy(data.steps["action"], positions)
+        data.steps["action"] = action_space.to_policy(data.steps["action"], data.steps[action_space.position_key])
     train_eps, val_eps = split_episodes(data.num_episodes, cfg.val_ratio, cfg.seed)
     horizons = dict(n_obs_steps=cfg.policy.n_obs_steps, horizon=cfg.policy.horizon)
-    train_set = WindowDataset(data, train_eps, obs_keys, weighting=cfg.weighting, motion=motion, **horizons)
-    val_set = (WindowDataset(data, val_eps, obs_keys, weighting=cfg.weighting, motion=motion, **horizons)
-               if len(val_eps) else None)
+    train_set = WindowDataset(data, train_eps, obs_keys, weighting=cfg.weighting, **horizons)
+    val_set = WindowDataset(data, val_eps, obs_keys, weighting=cfg.weighting, **horizons) if len(val_eps) else None
     shape_meta = shape_meta_for(data, obs_keys)
 
     model_kwargs = OmegaConf.to_container(cfg.policy.model, resolve=True)

@@ -105,13 +105,3 @@ def test_loading_several_stores_with_a_budget_and_a_split(tmp_path):
     assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 10
     with pytest.raises(ValueError, match="no step key"):
         load_episodes([str(tmp_path / "a.zarr")], ["front_rgb"])
-
-
-def test_target_windows_keep_moving_past_the_episode_end(tmp_path):
-    write_store(tmp_path / "a.zarr", [[D] * 5])
-    data = load_episodes([str(tmp_path / "a.zarr")], ["state"])
-    motion = np.full((5, 2), 10.0, np.float32)  # every step moved the tool by 10 along each axis
-    dataset = WindowDataset(data, np.array([0]), ["state"], n_obs_steps=2, horizon=4, motion=motion)
-    # Anchored at the last step: positions past the end continue the last step's motion, not stop.
-    np.testing.assert_array_equal(dataset[4]["action"][:, 0], [3, 4, 14, 24])
-    np.testing.assert_array_equal(dataset[2]["action"][:, 0], [1, 2, 3, 4])  # inside: unchanged

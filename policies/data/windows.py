@@ -3,11 +3,7 @@
 A sample is anchored at step t of an episode (the step whose action the policy executes first):
 observations of steps t-To+1..t, actions of steps t-To+1..t-To+Tp (Diffusion Policy's convention,
 so the first To actions line up with the observed steps), and the goal at t. Windows that run over
-an episode's edge repeat its first or last step, except that with `motion` given (the per-step
-end-effector displacement, for policies that predict absolute positions) the positions past the end
-keep moving as the last step did: repeating the last *position* would teach the policy to stop short
-of every goal, since episodes end the moment they succeed. The sample's weight is its label's
-weight at t.
+an episode's edge repeat its first or last step. The sample's weight is its label's weight at t.
 """
 
 from __future__ import annotations
@@ -97,27 +93,24 @@ class WindowDataset(torch.utils.data.Dataset):
     """(observation history, action chunk, goal, weight) samples from some episodes of `data`."""
 
     def __init__(self, data: EpisodeData, episodes: np.ndarray, obs_keys: Sequence[str], n_obs_steps: int,
-                 horizon: int, weighting: str = "sirius", motion: np.ndarray | None = None):
+                 horizon: int, weighting: str = "sirius"):
         if horizon < n_obs_steps:
             raise ValueError(f"prediction horizon {horizon} is shorter than the observation horizon {n_obs_steps}")
         self.data = data
         self.obs_keys = list(obs_keys)
-        self.motion = motion
-        anchors, obs_index, action_index, overrun = [], [], [], []
+        anchors, obs_index, action_index = [], [], []
         for episode in episodes:
             start, end = data.bounds(int(episode))
             t = np.arange(start, end)
             anchors.append(t)
             obs_index.append(np.clip(t[:, None] + np.arange(-n_obs_steps + 1, 1), start, end - 1))
-            wanted = t[:, None] + np.arange(-n_obs_steps + 1, horizon - n_obs_steps + 1)
-            action_index.append(np.clip(wanted, start, end - 1))
-            overrun.append(np.maximum(wanted - (end - 1), 0))  # steps past the episode's last step
+            action_index.append(np.clip(t[:, None] + np.arange(-n_obs_steps + 1, horizon - n_obs_steps + 1),
+                                        start, end - 1))
         if not anchors:
             raise ValueError("no episodes selected for this dataset")
         self.anchors = np.concatenate(anchors)
         self.obs_index = np.concatenate(obs_index)
         self.action_index = np.concatenate(action_index)
-        self.overrun = np.concatenate(overrun).astype(np.float32)
         # Weights over the steps this dataset trains on, by the label at each anchor step.
         self.weights = sample_weights(data.steps["label"][self.anchors], weighting)
 
@@ -126,14 +119,9 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         steps = self.data.steps
-        action = steps["action"][self.action_index[i]]
-        if self.motion is not None and self.overrun[i, -1] > 0:
-            action = action.copy()
-            last = self.action_index[i, -1]
-            action[:, : self.motion.shape[1]] += self.overrun[i][:, None] * self.motion[last]
         sample = {
             "obs": {key: torch.from_numpy(steps[key][self.obs_index[i]]) for key in self.obs_keys},
-            "action": torch.from_numpy(action),
+            "action": torch.from_numpy(steps["action"][self.action_index[i]]),
             "weight": torch.tensor(self.weights[i]),
         }
         if "goal" in steps:

@@ -1,0 +1,21 @@
+"""The OperatorService handler: a session per teleoperator (the web console, or a simulated operator).
+
+The rules (who may move which robot, release after t_T, resets, e-stop) live in Fleet.operator_message.
+"""
+
+from __future__ import annotations
+
+from fleet.proto import flotilla_pb2_grpc as pb_grpc
+from fleet.server.streams import serve_session
+
+
+class OperatorService(pb_grpc.OperatorServiceServicer):
+    def __init__(self, fleet):
+        self.fleet = fleet
+
+    async def Session(self, requests, context):  # noqa: N802 - the generated servicer's name
+        fleet = self.fleet
+        async for update in serve_session(requests, context, "an operator", hello=fleet.operator_hello,
+                                          handle=fleet.operator_message, left=fleet.operator_left,
+                                          spawn=fleet.spawn):
+            yield update

@@ -1,0 +1,154 @@
+"""Robot sessions: the hello's declared spec, step checks against it, and the RobotService handler.
+
+Everything a step carries is checked here, on the request path, before it is queued for the writer:
+a bad step ends that robot's stream with a status naming the problem, never the writer or the server.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from fleet import codec
+from fleet.labels import ControlLabel
+from fleet.proto import flotilla_pb2 as pb
+from fleet.proto import flotilla_pb2_grpc as pb_grpc
+from fleet.server.streams import FleetError, serve_session
+from fleet.store import FieldSpec, Schema
+from fleet.store.episode_store import RESERVED_KEYS, SIGNAL_PREFIX
+
+SIGNAL_NAMES = ("uncertainty", "risk", "density", "constraint_violation")
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass(frozen=True)
+class RobotSpec:
+    """What a robot declared in its hello; every one of its steps must match it."""
+
+    observation: dict[str, FieldSpec]
+    action_dim: int
+    goal_dim: int
+
+    @classmethod
+    def from_hello(cls, hello: pb.RobotHello) -> RobotSpec:
+        if hello.action_dim <= 0:
+            raise FleetError(INVALID, f"hello: action_dim must be positive, got {hello.action_dim}")
+        if hello.goal_dim < 0:
+            raise FleetError(INVALID, f"hello: goal_dim must not be negative, got {hello.goal_dim}")
+        observation = {}
+        for key, spec in sorted(hello.observation_spec.items()):
+            if not key or key in RESERVED_KEYS or key.startswith(SIGNAL_PREFIX):
+                raise FleetError(INVALID, f"hello: observation key {key!r} is empty or reserved "
+                                          f"({', '.join(RESERVED_KEYS)}, {SIGNAL_PREFIX}*)")
+            try:
+                observation[key] = FieldSpec(codec.parse_shape(spec.shape, key), codec.parse_dtype(spec.dtype))
+            except ValueError as err:
+                raise FleetError(INVALID, f"hello: observation_spec {err}") from None
+        return cls(observation, hello.action_dim, hello.goal_dim)
+
+    def store_schema(self) -> Schema:
+        """The episode store keys this robot's steps become (see flatten_step)."""
+        schema = dict(self.observation)
+        if self.goal_dim:
+            schema["goal"] = FieldSpec((self.goal_dim,), np.dtype(np.float32))
+        schema["action"] = FieldSpec((self.action_dim,), np.dtype(np.float32))
+        schema["label"] = FieldSpec((), np.dtype(np.uint8))
+        schema["timestamp"] = FieldSpec((), np.dtype(np.float64))
+        schema.update({SIGNAL_PREFIX + name: FieldSpec((), np.dtype(np.float32)) for name in SIGNAL_NAMES})
+        return schema
+
+    def is_image(self, key: str) -> bool:
+        return self.observation[key].is_image
+
+
+def schema_difference(expected: Schema, got: Schema) -> str:
+    """One line naming how two store schemas differ ('' when equal)."""
+    problems = [f"missing {sorted(set(expected) - set(got))}" if set(expected) - set(got) else "",
+                f"unexpected {sorted(set(got) - set(expected))}" if set(got) - set(expected) else ""]
+    problems += [f"{key}: {got[key].shape} {got[key].dtype} instead of {spec.shape} {spec.dtype}"
+                 for key, spec in expected.items() if key in got and got[key] != spec]
+    return "; ".join(p for p in problems if p)
+
+
+def decode_vector(tensor: pb.Tensor, size: int, what: str) -> np.ndarray:
+    """A finite float32 vector of `size` numbers (actions, goals), or INVALID_ARGUMENT naming the problem."""
+    try:
+        value = codec.from_tensor(tensor, max_bytes=8 * max(size, 1), what=what)
+    except ValueError as err:
+        raise FleetError(INVALID, str(err)) from None
+    if value.shape != (size,):
+        raise FleetError(INVALID, f"{what}: shape {value.shape}, expected ({size},)")
+    if value.dtype.kind not in "fiu":
+        raise FleetError(INVALID, f"{what}: dtype {value.dtype} is not numeric")
+    if not np.all(np.isfinite(value)):
+        raise FleetError(INVALID, f"{what} contains NaN or infinity: {value.tolist()}")
+    return value.astype(np.float32)
+
+
+def flatten_step(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int) -> dict:
+    """A checked step as the flat key -> array mapping the episode store keeps."""
+    where = f"step seq {step.seq}"
+    if step.HasField("camera") and len(step.camera.data) > max_frame_bytes:
+        raise FleetError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"{where}: camera frame of {len(step.camera.data)} bytes is over max_frame_bytes="
+                         f"{max_frame_bytes}; send a smaller or more compressed frame")
+    missing = sorted(set(spec.observation) - set(step.observation))
+    unexpected = sorted(set(step.observation) - set(spec.observation))
+    if missing or unexpected:
+        raise FleetError(INVALID, f"{where}: observation keys differ from the hello's observation_spec "
+                                  f"(missing {missing}, unexpected {unexpected})")
+    flat: dict = {}
+    for key, field_spec in spec.observation.items():
+        tensor = step.observation[key]
+        if tuple(tensor.shape) != field_spec.shape:
+            raise FleetError(INVALID, f"{where}: observation {key!r} has shape {tuple(tensor.shape)}, "
+                                      f"the hello declared {field_spec.shape}")
+        try:
+            value = codec.from_tensor(tensor, max_bytes=8 * math.prod(field_spec.shape),
+                                      what=f"{where}: observation {key!r}")
+        except ValueError as err:
+            raise FleetError(INVALID, str(err)) from None
+        if value.dtype != field_spec.dtype:
+            raise FleetError(INVALID, f"{where}: observation {key!r} has dtype {value.dtype}, "
+                                      f"the hello declared {field_spec.dtype}")
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise FleetError(INVALID, f"{where}: observation {key!r} contains NaN or infinity")
+        flat[key] = value
+    if spec.goal_dim:
+        if step.HasField("goal"):
+            flat["goal"] = decode_vector(step.goal, spec.goal_dim, f"{where}: goal")
+        elif episode_goal is not None:
+            flat["goal"] = episode_goal
+        else:
+            raise FleetError(INVALID, f"{where}: no goal (goal_dim is {spec.goal_dim}; set it in the step "
+                                      "or in episode_start)")
+    if not step.HasField("action"):
+        raise FleetError(INVALID, f"{where}: no action")
+    flat["action"] = decode_vector(step.action, spec.action_dim, f"{where}: action")
+    try:
+        flat["label"] = np.uint8(ControlLabel.parse(int(step.label)))
+    except ValueError as err:
+        raise FleetError(INVALID, f"{where}: {err}") from None
+    flat["timestamp"] = np.float64(step.timestamp or time.time())
+    for name in SIGNAL_NAMES:
+        value = float(getattr(step.signals, name))
+        if not math.isfinite(value):
+            raise FleetError(INVALID, f"{where}: signal {name} is {value}")
+        flat[SIGNAL_PREFIX + name] = np.float32(value)
+    return flat
+
+
+class RobotService(pb_grpc.RobotServiceServicer):
+    def __init__(self, fleet):
+        self.fleet = fleet
+
+    async def Session(self, requests, context):  # noqa: N802 - the generated servicer's name
+        fleet = self.fleet
+        async for command in serve_session(requests, context, "a robot", hello=fleet.robot_hello,
+                                           handle=fleet.robot_message, left=fleet.robot_left, spawn=fleet.spawn,
+                                           on_sent=fleet.metrics.observe_step_latency):
+            yield command

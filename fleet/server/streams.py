@@ -1,0 +1,126 @@
+"""What robot and operator sessions share: an outbox the server pushes into, and the error type.
+
+A session's handler only drains its outbox; everything else (the request reader, the allocation tick,
+other sessions) pushes into it without waiting, so no robot ever waits on another robot or operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class FleetError(Exception):
+    """Bad input or state on one stream: ends that stream with `code` and a message naming the problem."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _End:
+    code: grpc.StatusCode | None = None  # None: finish the stream normally
+    message: str = ""
+
+
+class Outbox:
+    """Messages for one stream, in order. `send` never blocks; `fail` ends the stream with a status."""
+
+    def __init__(self, max_droppable: int = 32):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._max_droppable = max_droppable
+        self.ended = False
+
+    def send(self, message, received_at: float | None = None) -> None:
+        if not self.ended:
+            self._queue.put_nowait((message, received_at))
+
+    def send_droppable(self, message) -> bool:
+        """Send unless the reader is behind (live camera frames: a late one is worth nothing)."""
+        if self.ended or self._queue.qsize() >= self._max_droppable:
+            return False
+        self._queue.put_nowait((message, None))
+        return True
+
+    def fail(self, code: grpc.StatusCode, message: str) -> None:
+        if not self.ended:
+            self.ended = True
+            self._queue.put_nowait((_End(code, message), None))
+
+    def close(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self._queue.put_nowait((_End(), None))
+
+    async def drain(self, context: grpc.aio.ServicerContext,
+                    on_sent: Callable[[float], None] | None = None) -> AsyncIterator:
+        """Yield messages for the handler to stream; abort the RPC with the status a `fail` gave."""
+        while True:
+            message, received_at = await self._queue.get()
+            if isinstance(message, _End):
+                if message.code is not None:
+                    await context.abort(message.code, message.message)
+                return
+            yield message
+            if received_at is not None and on_sent is not None:
+                on_sent(time.monotonic() - received_at)
+
+
+async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerContext, what: str, *,
+                        hello: Callable, handle: Callable, left: Callable, spawn: Callable,
+                        on_sent: Callable[[float], None] | None = None) -> AsyncIterator:
+    """Run one bidirectional session (robot or operator); yields what the handler streams back.
+
+    The first message must be a hello: `hello(message.hello, outbox)` returns the session's state;
+    each later message goes to `handle(state, outbox, message)`; `left(state, outbox)` runs at the end,
+    however the stream ends. A FleetError (or a bug) ends only this stream, with its status.
+    """
+    outbox = Outbox()
+    state = None
+
+    async def read() -> None:
+        nonlocal state
+        try:
+            messages = aiter(requests)
+            first = await anext(messages, None)
+            if first is None:
+                outbox.close()
+                return
+            if first.WhichOneof("kind") != "hello":
+                raise FleetError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"the first message of {what} session must be hello, got {first.WhichOneof('kind')}")
+            state = hello(first.hello, outbox)
+            async for message in messages:
+                if outbox.ended:
+                    return
+                if message.WhichOneof("kind") == "hello":
+                    raise FleetError(grpc.StatusCode.FAILED_PRECONDITION, "hello was already sent on this session")
+                handle(state, outbox, message)
+            outbox.close()  # the client finished sending: finish our side too
+        except FleetError as err:
+            outbox.fail(err.code, err.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a bug must not take the server down; the caller sees INTERNAL
+            if outbox.ended:
+                return  # the stream was already ended (replaced, failed): reading it raises, nothing more
+            log.exception("%s session failed", what)
+            outbox.fail(grpc.StatusCode.INTERNAL, f"server error: {type(err).__name__}: {err}")
+
+    reader = spawn(read())
+    try:
+        async for message in outbox.drain(context, on_sent):
+            yield message
+    finally:
+        reader.cancel()
+        if state is not None:
+            left(state, outbox)

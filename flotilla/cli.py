@@ -28,6 +28,7 @@ JOBS: dict[str, Job] = {
     "info": Job("fleet.store.inspect:run", "summarize an episode store: episodes, steps, labels, keys, size", "path"),
     "train": Job("policies.train:run", "train a policy (diffusion, gc_diffusion, mlp) by weighted BC on episode stores"),
     "eval": Job("policies.evaluate:run", "evaluate a checkpoint in simulation: success rate, length, violations"),
+    "serve": Job("fleet.server.app:run", "run the fleet server (gRPC robots/operators/registry, metrics) until Ctrl-C"),
 }
 
 CONFIG_DIR = Path(configs.__file__).resolve().parent

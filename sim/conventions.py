@@ -45,3 +45,13 @@ def validate_action(action) -> np.ndarray:
     if not np.all(np.isfinite(action)):
         raise ValueError(f"action contains non-finite values (NaN or inf): {action.tolist()}")
     return np.clip(action, -1.0, 1.0)
+
+
+def goal_from_options(options: dict | None, goal_dim: int, task_name: str) -> np.ndarray | None:
+    """The goal `reset(options={"goal": ...})` asks for, or None to sample one; ValueError if malformed."""
+    if not options or options.get("goal") is None:
+        return None
+    goal = np.asarray(options["goal"], dtype=np.float64).reshape(-1)
+    if goal.shape != (goal_dim,) or not np.all(np.isfinite(goal)):
+        raise ValueError(f"{task_name}: options['goal'] must be {goal_dim} finite numbers, got {options['goal']!r}")
+    return goal

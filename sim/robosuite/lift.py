@@ -45,6 +45,7 @@ from sim.conventions import (
     GRIPPER_OPEN,
     IMAGE_SIZE,
     MAX_EE_STEP_M,
+    goal_from_options,
     validate_action,
 )
 from sim.experts.base import ScriptedOperator
@@ -275,14 +276,7 @@ class RobosuiteLiftEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        goal = None
-        if options and options.get("goal") is not None:
-            goal = np.asarray(options["goal"], dtype=np.float64).reshape(-1)
-            if goal.shape != (self.goal_dim,) or not np.all(np.isfinite(goal)):
-                raise ValueError(
-                    f"{self.task_name}: options['goal'] must be {self.goal_dim} finite numbers "
-                    f"(the cube-centre target, m, world frame), got {options['goal']!r}"
-                )
+        goal = goal_from_options(options, self.goal_dim, self.task_name)
         # robosuite's reset randomness (joint noise, cube placement) comes from the global np.random.
         with seeded_global_numpy(int(self.np_random.integers(2**31))):
             raw = self._env.reset()

@@ -41,7 +41,15 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 from pybullet_utils.bullet_client import BulletClient
 
-from sim.conventions import ACTION_DIM, CONTROL_HZ, GRIPPER_OPEN, IMAGE_SIZE, MAX_EE_STEP_M, validate_action
+from sim.conventions import (
+    ACTION_DIM,
+    CONTROL_HZ,
+    GRIPPER_OPEN,
+    IMAGE_SIZE,
+    MAX_EE_STEP_M,
+    goal_from_options,
+    validate_action,
+)
 
 PHYSICS_HZ = 240
 SUBSTEPS = PHYSICS_HZ // CONTROL_HZ
@@ -392,13 +400,7 @@ class PandaEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        goal = None
-        if options and options.get("goal") is not None:
-            goal = np.asarray(options["goal"], dtype=np.float64).reshape(-1)
-            if goal.shape != (self.goal_dim,) or not np.all(np.isfinite(goal)):
-                raise ValueError(
-                    f"{self.task_name}: options['goal'] must be {self.goal_dim} finite numbers, got {goal}"
-                )
+        goal = goal_from_options(options, self.goal_dim, self.task_name)
         p = self._p
         # Drop the contact caches of the previous episode (object on the floor or in the fingers,
         # fingers on the table): the snapshot restores the pairs it holds but leaves others behind.

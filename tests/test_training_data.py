@@ -105,3 +105,25 @@ def test_loading_several_stores_with_a_budget_and_a_split(tmp_path):
     assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 10
     with pytest.raises(ValueError, match="no step key"):
         load_episodes([str(tmp_path / "a.zarr")], ["front_rgb"])
+
+
+def test_padding_past_an_episode_edge_is_masked_out_of_the_loss(tmp_path):
+    write_store(tmp_path / "a.zarr", [[D] * 5])
+    data = load_episodes([str(tmp_path / "a.zarr")], ["state"])
+    dataset = WindowDataset(data, np.array([0]), ["state"], n_obs_steps=2, horizon=4)
+    np.testing.assert_array_equal(dataset[0]["action_mask"], [0, 1, 1, 1])  # step -1 never happened
+    np.testing.assert_array_equal(dataset[2]["action_mask"], [1, 1, 1, 1])
+    np.testing.assert_array_equal(dataset[4]["action_mask"], [1, 1, 0, 0])  # steps 5, 6 never happened
+
+
+def test_chunk_loss_ignores_masked_steps():
+    import torch
+
+    from policies.models.encoders import chunk_loss
+
+    error = torch.ones(2, 4, 3)
+    error[:, 2:] = 100.0  # huge error only on padded steps
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    loss = chunk_loss(error, {"action_mask": mask})
+    assert loss[0].item() == 1.0 and loss[1].item() > 40
+    assert torch.equal(chunk_loss(error, {}), error.mean(dim=(1, 2)))

@@ -3,7 +3,8 @@
 A sample is anchored at step t of an episode (the step whose action the policy executes first):
 observations of steps t-To+1..t, actions of steps t-To+1..t-To+Tp (Diffusion Policy's convention,
 so the first To actions line up with the observed steps), and the goal at t. Windows that run over
-an episode's edge repeat its first or last step. The sample's weight is its label's weight at t.
+an episode's edge repeat its first or last step, and `action_mask` marks them (0) so the loss
+ignores them (policies/models/encoders.py: chunk_loss). The sample's weight is its label's weight at t.
 """
 
 from __future__ import annotations
@@ -98,19 +99,21 @@ class WindowDataset(torch.utils.data.Dataset):
             raise ValueError(f"prediction horizon {horizon} is shorter than the observation horizon {n_obs_steps}")
         self.data = data
         self.obs_keys = list(obs_keys)
-        anchors, obs_index, action_index = [], [], []
+        anchors, obs_index, action_index, inside = [], [], [], []
         for episode in episodes:
             start, end = data.bounds(int(episode))
             t = np.arange(start, end)
             anchors.append(t)
             obs_index.append(np.clip(t[:, None] + np.arange(-n_obs_steps + 1, 1), start, end - 1))
-            action_index.append(np.clip(t[:, None] + np.arange(-n_obs_steps + 1, horizon - n_obs_steps + 1),
-                                        start, end - 1))
+            wanted = t[:, None] + np.arange(-n_obs_steps + 1, horizon - n_obs_steps + 1)
+            action_index.append(np.clip(wanted, start, end - 1))
+            inside.append((wanted >= start) & (wanted < end))
         if not anchors:
             raise ValueError("no episodes selected for this dataset")
         self.anchors = np.concatenate(anchors)
         self.obs_index = np.concatenate(obs_index)
         self.action_index = np.concatenate(action_index)
+        self.action_mask = np.concatenate(inside).astype(np.float32)
         # Weights over the steps this dataset trains on, by the label at each anchor step.
         self.weights = sample_weights(data.steps["label"][self.anchors], weighting)
 
@@ -122,6 +125,7 @@ class WindowDataset(torch.utils.data.Dataset):
         sample = {
             "obs": {key: torch.from_numpy(steps[key][self.obs_index[i]]) for key in self.obs_keys},
             "action": torch.from_numpy(steps["action"][self.action_index[i]]),
+            "action_mask": torch.from_numpy(self.action_mask[i]),
             "weight": torch.tensor(self.weights[i]),
         }
         if "goal" in steps:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from policies.models.encoders import PolicyBase, ShapeMeta
+from policies.models.encoders import PolicyBase, ShapeMeta, chunk_loss
 from policies.models.unet1d import ConditionalUnet1D
 
 _PREDICTION_TYPES = ("epsilon", "sample")
@@ -91,7 +91,7 @@ class DiffusionPolicy(PolicyBase):
         noisy = self.noise_scheduler.add_noise(naction, noise, t)
         pred = self.model(noisy, t, cond)
         target = noise if self.prediction_type == "epsilon" else naction
-        return F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2))
+        return chunk_loss(F.mse_loss(pred, target, reduction="none"), batch)
 
     # ------------------------------------------------------------------------------ inference
     def predict_action(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None = None, num_samples: int = 1,

@@ -296,6 +296,20 @@ class PolicyBase(nn.Module):
                              f"expected ({batch}, {self.horizon}, {self.action_dim})")
 
 
+def chunk_loss(squared_error: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-sample loss (B,) from a (B, Tp, A) squared error.
+
+    With ``batch["action_mask"]`` (B, Tp; 1 = a step that happened, 0 = padding past an episode's
+    edge) padded steps carry no loss: the edge copies are not behaviour, and learning them teaches
+    a policy to stop (repeated positions) or to overshoot (repeated steps) near every goal.
+    """
+    mask = batch.get("action_mask")
+    if mask is None:
+        return squared_error.mean(dim=(1, 2))
+    mask = mask.to(squared_error.dtype)
+    return (squared_error * mask[..., None]).sum(dim=(1, 2)) / (mask.sum(dim=1) * squared_error.shape[-1]).clamp_min(1)
+
+
 def accepted_kwargs(cls: type) -> list[str]:
     """Constructor keyword names of a policy class (for error messages and validation)."""
     names = []

@@ -37,7 +37,7 @@ import math
 import torch
 from torch import nn
 
-from policies.models.encoders import PolicyBase, ShapeMeta
+from policies.models.encoders import PolicyBase, ShapeMeta, chunk_loss
 from policies.models.unet1d import ConditionalUnet1D
 
 _SAMPLERS = ("ddim", "dpmpp_2m")
@@ -168,7 +168,7 @@ class GCDiffusionPolicy(PolicyBase):
         noisy = naction + sigma.view(b, 1, 1) * torch.randn_like(naction)
         out = self.model(noisy * c_in.view(b, 1, 1), t_in, cond)
         target = (naction - c_skip.view(b, 1, 1) * noisy) / c_out.view(b, 1, 1)
-        return (out - target).square().mean(dim=(1, 2))
+        return chunk_loss((out - target).square(), batch)
 
     # ------------------------------------------------------------------------------ inference
     def _denoise(self, x: torch.Tensor, step: int, cond: torch.Tensor, guided: bool) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policies.models.encoders import PolicyBase, ShapeMeta
+from policies.models.encoders import PolicyBase, ShapeMeta, chunk_loss
 
 
 class MLPPolicy(PolicyBase):
@@ -40,7 +40,7 @@ class MLPPolicy(PolicyBase):
         pred = self._forward(batch["obs"], batch.get("goal"))
         self._check_action(batch["action"], pred.shape[0])
         target = self.normalizer.normalize("action", batch["action"])
-        return F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2))
+        return chunk_loss(F.mse_loss(pred, target, reduction="none"), batch)
 
     def predict_action(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None = None, num_samples: int = 1,
                        generator: torch.Generator | None = None) -> torch.Tensor:

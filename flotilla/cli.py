@@ -28,6 +28,8 @@ JOBS: dict[str, Job] = {
     "info": Job("fleet.store.inspect:run", "summarize an episode store: episodes, steps, labels, keys, size", "path"),
     "train": Job("policies.train:run", "train a policy (diffusion, gc_diffusion, mlp) by weighted BC on episode stores"),
     "eval": Job("policies.evaluate:run", "evaluate a checkpoint in simulation: success rate, length, violations"),
+    "fleet": Job("sim.fleet_sim:run", "run simulated robots and scripted operators against a fleet server"),
+    "demo": Job("sim.demo:run", "the whole fleet learning loop in one process: train, deploy, intervene, retrain"),
     "serve": Job("fleet.server.app:run", "run the fleet server (gRPC robots/operators/registry, metrics) until Ctrl-C"),
 }
 

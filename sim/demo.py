@@ -1,0 +1,176 @@
+"""`flotilla demo` (configs/demo.yaml): the whole fleet learning loop in one command, no outside services.
+
+1. start the fleet server in-process on a free 127.0.0.1 port (store and registry under `out`);
+2. collect scripted demonstrations and train an initial policy; publish it to the registry;
+3. R rounds: the sim fleet (N robots, M scripted operators over gRPC) runs on the deployed policy,
+   humans intervene, every step is logged; then retrain on all stores (demos + fleet, Sirius
+   weighting), publish, and the robots hot-swap to the new version before the next round;
+4. print a table row per round, write metrics.json and PNG curves into `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+import configs
+from fleet.clients import publish_checkpoint
+from fleet.server import ServerConfig, ServerThread
+from fleet.store import EpisodeStore
+from sim.collect import collect_demos
+from sim.fleet_sim import RegistryPolicies, SimFleet, lockstep_tick
+from sim.metrics import RoundMetrics, table_header, table_row
+
+log = logging.getLogger(__name__)
+
+TRAIN_CONFIG = Path(configs.__file__).resolve().parent / "train.yaml"
+ROLES = ("robot", "operator", "trainer", "admin")
+LOCKSTEP_TICK_HZ = 1e-6
+
+
+def train_config(cfg, data: list[str], out: Path, version: str):
+    """configs/train.yaml with the demo's task, policy and `train` overrides (no hydra needed)."""
+    base = OmegaConf.load(TRAIN_CONFIG)
+    base.pop("defaults", None)
+    merged = OmegaConf.merge(base, {"task": cfg.task, "policy": cfg.policy}, cfg.train,
+                             {"data": data, "out": str(out), "version": version})
+    OmegaConf.resolve(merged)
+    return merged
+
+
+def train_and_publish(cfg, data: list[str], out: Path, version: str, server: ServerThread, token: str) -> float:
+    """Train `version` on `data`, publish it to the registry; returns the training wall time."""
+    from policies.train import train  # torch is imported only here
+
+    started = time.monotonic()
+    print(f"training {version} on {len(data)} store(s) ({cfg.train.steps} steps)...", flush=True)
+    checkpoint = train(train_config(cfg, data, out / "train" / version, version))
+    _set_torch_threads(cfg.threads)  # train() set its own count; more threads than cores stalls the robots
+    publish_checkpoint(server.address, token, checkpoint, version)
+    return time.monotonic() - started
+
+
+def wait_committed(server: ServerThread, episodes: int, timeout: float = 60.0) -> None:
+    """Wait until the server's episode writer has committed (or discarded, if empty) `episodes` episodes."""
+    stats = server.server.writer.stats
+    deadline = time.monotonic() + timeout
+    while stats.episodes_committed + stats.episodes_discarded < episodes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the episode writer committed {stats.episodes_committed} of {episodes} episodes")
+        time.sleep(0.05)
+
+
+def server_config(cfg, out: Path, tokens: dict[str, str]) -> ServerConfig:
+    values = OmegaConf.to_container(cfg.server, resolve=True)
+    # The fleet ticks the allocator itself after every step (sim.fleet_sim.lockstep_tick): one tick is one
+    # robot step however loaded the machine is, so the server's own timer is set never to fire.
+    values["allocation"]["tick_hz"] = LOCKSTEP_TICK_HZ
+    return ServerConfig.from_dict({**values, "host": "127.0.0.1", "port": 0, "metrics_port": None,
+                                   "tokens": {role: [token] for role, token in tokens.items()},
+                                   "store": str(out / "fleet.zarr"), "registry_dir": str(out / "registry")})
+
+
+def run_demo(cfg) -> list[RoundMetrics]:
+    out = Path(cfg.out)
+    if out.exists():
+        if not cfg.overwrite:
+            raise SystemExit(f"flotilla demo: {out} exists; pass overwrite=true or another out=")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    task = cfg.task.name
+    env_kwargs = {"max_steps": cfg.task.max_steps, **cfg.task.env}
+
+    demos = out / "demos.zarr"
+    with EpisodeStore.create(demos) as store:
+        result = collect_demos(store, task, cfg.demos.episodes, seed=cfg.seed, env_kwargs=env_kwargs,
+                               operator_kwargs=OmegaConf.to_container(cfg.demos.operator), progress=cfg.progress)
+    print(f"collected {result.committed} scripted {task} demos ({result.steps} steps)", flush=True)
+    timings["collect_s"] = time.monotonic() - started
+
+    tokens = {role: secrets.token_hex(16) for role in ROLES}  # this run's own; nothing outside can call in
+    rounds: list[RoundMetrics] = []
+    with ServerThread(server_config(cfg, out, tokens)) as server:
+        print(f"fleet server on {server.address} (store {out / 'fleet.zarr'})", flush=True)
+        version = f"{task}-r0"
+        timings["train_s"] = [train_and_publish(cfg, [str(demos)], out, version, server, tokens["trainer"])]
+        loader = RegistryPolicies(server.address, tokens["robot"], out / "policy_cache", cfg.fleet.num_samples)
+        fleet = SimFleet(server.address, tokens, task, cfg.fleet.robots, cfg.fleet.operators, policy=version,
+                         load_policy=loader, control_hz=cfg.fleet.control_hz, env_kwargs=env_kwargs,
+                         expert_kwargs=OmegaConf.to_container(cfg.fleet.operator.expert),
+                         operator_extra_steps=cfg.fleet.operator.extra_steps, seed=cfg.seed + 1,
+                         server_tick=lockstep_tick(server))
+        with fleet:
+            if not fleet.wait_connected():
+                raise RuntimeError("the embedded fleet server did not answer the robots")
+            print(table_header(), flush=True)
+            for index in range(cfg.rounds):
+                metrics = fleet.run_round(cfg.fleet.episodes_per_robot, max_steps=cfg.fleet.max_round_steps)
+                rounds.append(metrics)
+                print(table_row(metrics), flush=True)
+                if index + 1 == cfg.rounds:
+                    break
+                fleet.flush()
+                wait_committed(server, len(fleet.finished))
+                version = f"{task}-r{index + 1}"
+                timings["train_s"].append(train_and_publish(cfg, [str(demos), str(out / "fleet.zarr")], out,
+                                                            version, server, tokens["trainer"]))
+                if not fleet.wait_for_policy(version):
+                    raise RuntimeError(f"robots did not load {version}")
+                print(table_header(), flush=True)
+            fleet.flush()
+    timings["total_s"] = time.monotonic() - started
+    write_results(out, cfg, rounds, timings)
+    print(f"done in {timings['total_s']:.0f} s; results in {out} (metrics.json, curves.png, stores, checkpoints)")
+    return rounds
+
+
+def write_results(out: Path, cfg, rounds: list[RoundMetrics], timings: dict) -> None:
+    report = {"config": OmegaConf.to_container(cfg, resolve=True), "rounds": [m.to_dict() for m in rounds],
+              "timings": timings}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    plot_curves(rounds, out / "curves.png")
+
+
+def plot_curves(rounds: list[RoundMetrics], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [m.round for m in rounds]
+    panels = [("autonomous success rate", [m.autonomous_success_rate for m in rounds]),
+              ("ROHE", [m.rohe for m in rounds]),
+              ("human action steps", [m.human_action_steps for m in rounds]),
+              ("idle robot-steps", [m.idle_steps for m in rounds])]
+    figure, axes = plt.subplots(2, 2, figsize=(9, 6), constrained_layout=True)
+    for axis, (title, values) in zip(axes.flat, panels, strict=True):
+        axis.plot(x, values, marker="o")
+        axis.set_title(title)
+        axis.set_xlabel("round")
+        axis.set_xticks(x)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"Flotilla fleet learning: {rounds[0].robots if rounds else 0} robots, "
+                    f"{rounds[0].operators if rounds else 0} operators")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def run(cfg) -> None:
+    logging.getLogger().setLevel(cfg.log_level)  # hydra set up INFO logging; a table reads better alone
+    _set_torch_threads(cfg.threads)
+    run_demo(cfg)

@@ -1,0 +1,319 @@
+"""The fleet learning loop end to end: a real fleet server on a 127.0.0.1 port, real pybullet robots driven
+by the RobotAgent, scripted operators over gRPC, a real zarr store and registry, and `flotilla demo`.
+
+The allocator is ticked in lockstep with the robots (sim.fleet_sim.lockstep_tick), so t_T and t_R are
+exact in robot steps however busy the machine is.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fleet.agent import HOLD_OFFLINE, HOLD_SERVER, OPERATOR, POLICY, RobotAgent, observation_spec
+from fleet.clients import OperatorClient, RobotClient, fleet_status, publish_checkpoint
+from fleet.labels import ControlLabel
+from fleet.proto import flotilla_pb2 as pb
+from fleet.server import AllocationConfig, ServerConfig, ServerThread
+from fleet.store import EpisodeStore
+from policies.checkpoint import save_checkpoint
+from policies.models.factory import ShapeMeta, build_policy
+from sim.fleet_sim import RegistryPolicies, SimFleet, lockstep_tick
+
+TOKENS = {"robot": "robot-token", "operator": "operator-token", "trainer": "trainer-token", "admin": "admin-token"}
+T_T, T_R, PRE = 6, 4, 3
+HZ = 20
+ROBOT, PRE_INTERVENTION, INTERVENTION = (int(ControlLabel.ROBOT), int(ControlLabel.PRE_INTERVENTION),
+                                        int(ControlLabel.INTERVENTION))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared: more threads than free cores stall every plan
+    yield
+    torch.set_num_threads(previous)
+
+
+def server_config(tmp_path, port: int = 0) -> ServerConfig:
+    """C.U.R. with a fixed uncertainty threshold; the timer never ticks: the fleet does (lockstep)."""
+    return ServerConfig(port=port, metrics_port=None, tokens={role: [token] for role, token in TOKENS.items()},
+                          store=str(tmp_path / "fleet.zarr"), registry_dir=str(tmp_path / "registry"),
+                          pre_intervention_steps=PRE, frame_hz=1000, shutdown_grace_s=0.5,
+                          allocation=AllocationConfig(policy="cur", tick_hz=1e-6, t_T=T_T, t_R=T_R,
+                                                      uncertainty_threshold=0.35, risk_threshold=1.0))
+
+
+def start_server(tmp_path) -> ServerThread:
+    return ServerThread(server_config(tmp_path)).start()
+
+
+def tiny_checkpoint(folder: Path, version: str, seed: int) -> Path:
+    """An untrained tiny diffusion policy for reach (its samples disagree: high uncertainty)."""
+    torch.manual_seed(seed)
+    meta = ShapeMeta(obs={"ee_pos": (3,)}, action_dim=4, goal_dim=3)
+    policy = build_policy("diffusion", meta, n_obs_steps=2, horizon=8, n_action_steps=4, down_dims=[8, 16],
+                          num_inference_steps=3)
+    rng = np.random.default_rng(seed)
+    policy.normalizer.fit({"ee_pos": rng.uniform(0.2, 0.6, (64, 3)).astype(np.float32),
+                           "goal": rng.uniform(0.2, 0.6, (64, 3)).astype(np.float32),
+                           "action": rng.uniform(-1, 1, (64, 4)).astype(np.float32)})
+    return save_checkpoint(folder / version, policy, meta, version)
+
+
+class ScriptedPolicy:
+    """A torch-free policy for the agent: a fixed action and a fixed uncertainty."""
+
+    def __init__(self, action, uncertainty: float, version: str):
+        self.action, self.uncertainty, self.version = np.asarray(action, np.float32), uncertainty, version
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs, goal=None):
+        return self.action.copy()
+
+
+DIVE = ScriptedPolicy([0.0, 0.0, -1.0, -1.0], 0.0, "dive")  # straight into the table: a constraint violation
+
+
+def make_fleet(server, n_robots, n_operators, policy, **kwargs) -> SimFleet:
+    fleet = SimFleet(server.address, TOKENS, "reach", n_robots, n_operators, policy=policy, control_hz=HZ,
+                     env_kwargs={"max_steps": 30}, expert_kwargs={"reaction_delay": 1}, operator_extra_steps=2,
+                     record_steps=True, backoff=(0.05, 0.2), server_tick=lockstep_tick(server), **kwargs).start()
+    assert fleet.wait_connected(30)
+    return fleet
+
+
+def drive(fleet: SimFleet, until, timeout: float = 30.0, what: str = "condition") -> None:
+    """Step the fleet at HZ until `until()` holds."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        fleet.step()
+        time.sleep(1.0 / HZ)
+
+
+def takeovers(steps, robot_id):
+    """Runs of consecutive INTERVENTION steps of one robot under one operator, across episodes:
+    [(operator, length, ended_while_stepping)]. A run is cut short when the robot stops stepping (it finished
+    its episodes and idles): t_T then runs out unwatched, so such runs have ended_while_stepping False."""
+    mine = [s for s in steps if s.robot_id == robot_id]
+    ticks = {s.tick for s in mine}
+    runs = []  # [operator, length, last tick]
+    for previous, step in zip([None, *mine], mine, strict=False):
+        if step.label != INTERVENTION:
+            continue
+        if (previous is not None and previous.label == INTERVENTION and previous.operator_id == step.operator_id
+                and step.tick == previous.tick + 1):
+            runs[-1][1:] = [runs[-1][1] + 1, step.tick]
+        else:
+            runs.append([step.operator_id, 1, step.tick])
+    return [(operator, length, last + 1 in ticks) for operator, length, last in runs]
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tmp_path_factory):
+    """4 robots (one diving into the table, three on an untrained tiny policy from the registry), 2 operators;
+    2 episodes each, then a new version is published and every robot runs 1 more episode on it."""
+    tmp = tmp_path_factory.mktemp("fleet")
+    server = start_server(tmp)
+    for version, seed in (("tiny-v1", 1), ("tiny-v2", 2)):
+        tiny_checkpoint(tmp / "checkpoints", version, seed)
+    publish_checkpoint(server.address, TOKENS["trainer"], tmp / "checkpoints" / "tiny-v1", "tiny-v1")
+
+    loader = RegistryPolicies(server.address, TOKENS["robot"], tmp / "cache", num_samples=4)
+
+    def policy(robot_id):
+        return DIVE if robot_id == "sim-robot-0" else loader("tiny-v1")
+
+    fleet = None
+    try:
+        fleet = make_fleet(server, 4, 2, policy, load_policy=loader)
+        first = fleet.run_round(2, max_steps=600)
+        publish_checkpoint(server.address, TOKENS["trainer"], tmp / "checkpoints" / "tiny-v2", "tiny-v2")
+        assert fleet.wait_for_policy("tiny-v2", timeout=60)
+        second = fleet.run_round(1, max_steps=600)
+        assert fleet.flush(30)
+        status = fleet_status(server.address, TOKENS["admin"])
+    finally:
+        if fleet is not None:
+            fleet.close()
+        server.stop()
+    yield {"store": EpisodeStore.open(tmp / "fleet.zarr"), "steps": fleet.steps, "operators": fleet.operators,
+           "rounds": (first, second), "status": status}
+
+
+def test_interventions_respect_t_T_and_only_the_assigned_operator_moves_a_robot(fleet_run):
+    steps, operators = fleet_run["steps"], fleet_run["operators"]
+    first, _ = fleet_run["rounds"]
+    assert first.interventions > 0 and first.intervention_steps > 0
+    sent = {(robot, op.operator_id, tuple(np.round(action, 5))) for op in operators for robot, _, action in op.sent}
+    checked = 0
+    for step in steps:
+        if step.control == OPERATOR:
+            # The applied action is one the robot's assigned operator sent for this very robot.
+            assert (step.robot_id, step.operator_id, tuple(np.round(step.action, 5))) in sent
+            checked += 1
+    assert checked > 0
+    finished = 0
+    for robot_id in {step.robot_id for step in steps}:
+        runs = takeovers(steps, robot_id)
+        finished += sum(run[2] for run in runs)
+        # Every takeover that ended while the robot was stepping lasted t_T steps (give or take the one step a
+        # command takes to arrive at each end).
+        short = [run for run in runs if run[2] and run[1] < T_T - 1]
+        assert not short, f"{robot_id}: takeovers shorter than t_T={T_T}: {short} (all: {runs})"
+    assert finished > 0
+
+
+def test_blocked_robot_holds_t_R_steps_and_gets_a_human_reset(fleet_run):
+    store, (first, _) = fleet_run["store"], fleet_run["rounds"]
+    assert first.hard_resets >= 1 and first.constraint_violations >= 1
+    resets = [i for i in range(store.num_episodes) if store.episode_meta(i).outcome == "reset"]
+    assert resets, "no episode ended with a human reset"
+    for index in resets:
+        violation = store.episode(index, keys=["signal_constraint_violation"])["signal_constraint_violation"]
+        blocked = int(np.sum(violation > 0))
+        assert blocked >= T_R, f"episode {index} was reset after {blocked} blocked steps (t_R={T_R})"
+
+
+def test_episodes_are_logged_with_sirius_labels(fleet_run):
+    store, first, second = fleet_run["store"], *fleet_run["rounds"]
+    assert store.num_episodes == first.episodes + second.episodes == 12
+    labels = store.labels()
+    assert {ROBOT, PRE_INTERVENTION, INTERVENTION} <= set(np.unique(labels).tolist())
+    assert int(np.sum(labels == INTERVENTION)) == first.intervention_steps + second.intervention_steps
+    # pre_intervention marks the PRE robot steps right before a human took over: each run of them is followed
+    # by an intervention, or (a takeover to reset a blocked robot) by the hold that ends in the reset.
+    for index in range(store.num_episodes):
+        episode_labels = store.episode(index, keys=["label"])["label"]
+        pre = np.flatnonzero(episode_labels == PRE_INTERVENTION)
+        for start, end in zip(pre[np.r_[True, np.diff(pre) > 1]], pre[np.r_[np.diff(pre) > 1, True]], strict=True):
+            assert end - start + 1 <= PRE
+            after = episode_labels[end + 1:end + 3]
+            assert INTERVENTION in after or store.episode_meta(index).outcome == "reset", (index, episode_labels)
+
+
+def test_new_policy_is_hot_swapped_between_episodes(fleet_run):
+    store, second = fleet_run["store"], fleet_run["rounds"][1]
+    assert second.policy_version == "tiny-v2"
+    by_robot: dict[str, list[str]] = {}
+    for index in range(store.num_episodes):
+        meta = store.episode_meta(index)
+        by_robot.setdefault(meta.robot_id, []).append(meta.policy_version)
+    for robot_id, versions in by_robot.items():
+        assert versions[-1] == "tiny-v2", (robot_id, versions)
+        assert versions[0] in ("tiny-v1", "dive"), (robot_id, versions)
+    # Within an episode the version never changes: every step of it carries the episode's version.
+    for step in fleet_run["steps"]:
+        assert step.policy_version in ("tiny-v1", "tiny-v2", "dive")
+    assert {robot.policy_version for robot in fleet_run["status"].robots} == {"tiny-v2"}
+
+
+def test_robot_disconnect_mid_intervention_frees_the_operator(tmp_path):
+    server = start_server(tmp_path)
+    fleet = make_fleet(server, 1, 1, lambda robot_id: ScriptedPolicy([0, 0, 0, -1], 0.9, "unsure"))
+    try:
+        operator, robot = fleet.operators[0], fleet.robots[0]
+        drive(fleet, lambda: operator.robot_id == robot.robot_id, what="a takeover")
+        drive(fleet, lambda: any(s.control == OPERATOR for s in fleet.steps), what="a teleop step")
+        robot.agent.client.close()
+        fleet.robots.remove(robot)
+        deadline = time.monotonic() + 10
+        while operator.robot_id is not None:
+            assert time.monotonic() < deadline, "the operator was never released"
+            server.call(server.server.fleet.tick)
+            time.sleep(0.05)
+        status = fleet_status(server.address, TOKENS["admin"])
+        assert not status.robots[0].connected and status.robots[0].operator_id == ""
+    finally:
+        fleet.close()
+        robot.env.close()
+        server.stop()
+
+
+def test_operator_disconnect_holds_the_robot_and_requeues_it(tmp_path):
+    server = start_server(tmp_path)
+    fleet = make_fleet(server, 1, 1, lambda robot_id: ScriptedPolicy([0, 0, 0, -1], 0.9, "unsure"))
+    try:
+        first, robot = fleet.operators[0], fleet.robots[0]
+        drive(fleet, lambda: first.robot_id == robot.robot_id, what="a takeover")
+        first.close()
+        fleet.operators.remove(first)
+        held_from = len(fleet.steps)
+        drive(fleet, lambda: sum(s.control == HOLD_SERVER for s in fleet.steps[held_from:]) >= 3,
+              what="the robot to hold")
+        # Nobody moves it meanwhile, and it waits at the head of the queue for the next human.
+        assert not any(s.control == OPERATOR for s in fleet.steps[held_from + 2:])
+        watcher = OperatorClient(server.address, TOKENS["operator"], "watcher").start()
+        try:
+            queue = watcher.next_update(5, kind="queue")
+            assert queue is not None and queue.queue.entries[0].robot_id == robot.robot_id
+            assert queue.queue.entries[0].assigned_to == ""
+        finally:
+            watcher.close()
+        second = fleet.add_operator("sim-operator-late")
+        drive(fleet, lambda: any(s.operator_id == "sim-operator-late" and s.control == OPERATOR
+                                 for s in fleet.steps[held_from:]), what="the new operator to take over")
+        assert second.assignments >= 1
+        assert robot.agent.client.state.mode in (pb.TELEOP, pb.AUTONOMOUS)
+    finally:
+        fleet.close()
+        server.stop()
+
+
+def test_unreachable_server_makes_the_robot_hold_and_loses_no_step(tmp_path):
+    with socket.socket() as probe:  # a free port, with nobody listening on it yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    obs = {"state": np.zeros(3, np.float32)}
+    client = RobotClient(f"127.0.0.1:{port}", TOKENS["robot"], "lonely", "reach", observation_spec(obs), action_dim=4,
+                         backoff=(0.05, 0.2))
+    agent = RobotAgent(client, ScriptedPolicy([0.5, 0, 0, 1], 0.0, "v1"), gripper_index=3).start()
+    server = None
+    try:
+        agent.begin_episode()
+        offline = [agent.step(obs) for _ in range(5)]
+        assert all(tick.control == HOLD_OFFLINE for tick in offline)
+        assert all(np.array_equal(tick.action, [0, 0, 0, 0]) for tick in offline)  # gripper kept (never opened)
+        config = server_config(tmp_path, port)  # now serve on the port the robot has been dialling
+        server = ServerThread(config).start()
+        deadline = time.monotonic() + 20
+        while agent.step(obs).control != POLICY:
+            assert time.monotonic() < deadline, "the robot never reconnected"
+            server.call(server.server.fleet.tick)
+            time.sleep(0.02)
+        agent.end_episode(True, "success")
+        assert client.wait_acked(timeout=10)
+        while server.server.writer.stats.episodes_committed < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        episode = EpisodeStore.open(config.store).episode(0, keys=["action"])
+        assert len(episode["action"]) == agent.t and np.allclose(episode["action"][-1], [0.5, 0, 0, 1])
+    finally:
+        agent.close(timeout=2)
+        if server is not None:
+            server.stop()
+
+
+def test_flotilla_demo_runs_one_tiny_round(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "flotilla.cli", "demo", f"out={out}", "rounds=1", "demos.episodes=3",
+         "train.steps=4", "train.batch_size=8", "fleet.robots=2", "fleet.operators=1", "fleet.episodes_per_robot=1",
+         "fleet.control_hz=40", "policy.model.down_dims=[8,16]", "progress=false", "train.progress=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)  # hydra's demo.log lands in tmp_path
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "auto success" in result.stdout and "ROHE" in result.stdout
+    report = json.loads((out / "metrics.json").read_text())
+    assert len(report["rounds"]) == 1 and report["rounds"][0]["episodes"] == 2
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert EpisodeStore.open(out / "fleet.zarr").num_episodes == 2
+    assert (out / "registry" / "reach-r0" / "config.json").exists()

@@ -203,6 +203,12 @@ class QuantileThreshold:
             return Threshold(value, 0.0)  # signals are >= 0 by convention, so 0 is a fair typical
         median, quantile = np.quantile(self._values[: self._count], [0.5, 1.0 - self.alpha])
         value = float(quantile) if self.fixed is None else self.fixed
+        if self.fixed is None and quantile <= median:
+            # Mostly one value (e.g. risk before a risk model exists): "at least the quantile" would
+            # flag every robot. Flag only what stands above the typical value, if anything does.
+            window = self._values[: self._count]
+            above = window[window > median]
+            value = float(above.min()) if above.size else math.inf
         return Threshold(value, float(median))
 
 

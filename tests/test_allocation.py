@@ -357,3 +357,19 @@ def test_inconsistent_pairings_are_rejected():
     robots["r0"].controller = robots["r1"].controller = "op"
     with pytest.raises(ValueError, match="operator 'op' controls both 'r0' and 'r1'"):
         Allocator().tick(robots.values(), ["op"])
+
+
+def test_a_constant_signal_requests_no_help():
+    from fleet.allocation import QuantileThreshold
+
+    threshold = QuantileThreshold(alpha=0.05, window=100, min_samples=10)
+    threshold.observe([0.0] * 50)  # e.g. risk before any risk model exists
+    assert threshold.current().value == float("inf")
+
+
+def test_a_mostly_constant_signal_flags_only_what_stands_out():
+    from fleet.allocation import QuantileThreshold
+
+    threshold = QuantileThreshold(alpha=0.05, window=100, min_samples=10)
+    threshold.observe([0.0] * 98 + [0.7, 0.9])
+    assert threshold.current().value == 0.7

@@ -22,8 +22,8 @@ VIDEO_CAMERA = "front"
 
 def evaluate(checkpoint: str | Path, task: str, episodes: int, seed: int = 10_000, max_steps: int | None = None,
              env_kwargs: dict | None = None, num_samples: int = 1, video_path: Path | None = None,
-             video_episodes: int = 3, progress: bool = True) -> dict:
-    runner = PolicyRunner.from_checkpoint(checkpoint, num_samples=num_samples)
+             video_episodes: int = 3, progress: bool = True, noise_seed: int | None = None) -> dict:
+    runner = PolicyRunner.from_checkpoint(checkpoint, num_samples=num_samples, noise_seed=noise_seed)
     cameras = [key[: -len("_rgb")] for key in runner.obs_keys if key.endswith("_rgb")]
     if video_path is not None and VIDEO_CAMERA not in cameras:
         cameras.append(VIDEO_CAMERA)
@@ -84,7 +84,8 @@ def run(cfg) -> None:
     try:
         result = evaluate(cfg.checkpoint, cfg.task.name, cfg.episodes, seed=cfg.seed, max_steps=cfg.task.max_steps,
                           env_kwargs=dict(cfg.task.env), num_samples=cfg.num_samples,
-                          video_path=Path(cfg.video_path) if cfg.video else None, progress=cfg.progress)
+                          video_path=Path(cfg.video_path) if cfg.video else None, progress=cfg.progress,
+                          noise_seed=cfg.noise_seed)
     except CheckpointError as err:
         raise SystemExit(f"flotilla eval: {err}") from None
     print(json.dumps(result, indent=2))

@@ -56,6 +56,7 @@ from sim.robosuite.backend import (
     osc_position_controller_config,
     seeded_global_numpy,
 )
+from sim.task_env import TaskEnv
 
 CAMERA_ALIASES = {
     "front": "agentview",
@@ -128,7 +129,7 @@ def _float_box(size: int, low: float = -np.inf, high: float = np.inf) -> gym.spa
     return gym.spaces.Box(low, high, shape=(size,), dtype=np.float32)
 
 
-class RobosuiteLiftEnv(gym.Env):
+class RobosuiteLiftEnv(TaskEnv):
     """Lift the cube to a goal position. See the module docstring for goal, success and constraints."""
 
     metadata = {"render_modes": []}
@@ -266,14 +267,6 @@ class RobosuiteLiftEnv(gym.Env):
 
     # ---------------------------------------------------------------- gym API
 
-    @property
-    def blocked(self) -> bool:
-        return bool(self._violation)
-
-    @property
-    def goal(self) -> np.ndarray:
-        return self._goal.copy()
-
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         goal = goal_from_options(options, self.goal_dim, self.task_name)
@@ -370,14 +363,6 @@ class RobosuiteLiftEnv(gym.Env):
             )
         return obs
 
-    def _info(self, success: bool) -> dict:
-        return {
-            "success": bool(success),
-            "constraint_violation": self.blocked,
-            "violation": self._violation,
-            "blocked": self.blocked,
-            "goal": self._goal.astype(np.float32),
-        }
 
 
 class LiftExpert(ScriptedOperator):

@@ -33,7 +33,6 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
-import gymnasium as gym
 import numpy as np
 import pybullet
 import pybullet_data
@@ -50,6 +49,7 @@ from sim.conventions import (
     goal_from_options,
     validate_action,
 )
+from sim.task_env import TaskEnv
 
 PHYSICS_HZ = 240
 SUBSTEPS = PHYSICS_HZ // CONTROL_HZ
@@ -154,7 +154,7 @@ def sample_start_and_goal_xy(
     )
 
 
-class PandaEnv(gym.Env):
+class PandaEnv(TaskEnv):
     """Panda on a table; subclasses add the object, goal sampling and the success test.
 
     Subclass hooks: ``_create_object`` (optional), ``_sample_episode``, ``_is_success`` and
@@ -430,7 +430,7 @@ class PandaEnv(gym.Env):
         self._violation = ""
         self._needs_reset = False
         state = self._read_state()
-        return self._observation(state), self._info(state, success=False)
+        return self._observation(state), self._info(success=False)
 
     def step(self, action):
         action = validate_action(action)
@@ -454,7 +454,7 @@ class PandaEnv(gym.Env):
                 self._command_arm(self._arm_command)
         success = not self.blocked and bool(self._is_success(state))
         truncated = self._steps >= self.max_steps
-        return self._observation(state), float(success), success, truncated, self._info(state, success)
+        return self._observation(state), float(success), success, truncated, self._info(success)
 
     def close(self):
         if getattr(self, "_p", None) is not None:
@@ -462,14 +462,6 @@ class PandaEnv(gym.Env):
             self._p = None
 
     # ----------------------------------------------------------------- control and constraints
-
-    @property
-    def blocked(self) -> bool:
-        return bool(self._violation)
-
-    @property
-    def goal(self) -> np.ndarray:
-        return self._goal.copy()
 
     def _arm_target_for(self, action: np.ndarray) -> np.ndarray:
         """Move the commanded TCP target by the action; return the arm joints that reach it."""
@@ -534,11 +526,3 @@ class PandaEnv(gym.Env):
             return f"arm joint {j + 1} at its limit ({q[j]:.3f} rad, range {_IK_LOWER[j]}..{_IK_UPPER[j]})"
         return ""
 
-    def _info(self, state: dict, success: bool) -> dict:
-        return {
-            "success": bool(success),
-            "constraint_violation": self.blocked,
-            "violation": self._violation,
-            "blocked": self.blocked,
-            "goal": self._goal.astype(np.float32),
-        }

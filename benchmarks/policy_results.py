@@ -1,6 +1,7 @@
 """Task success of mlp, diffusion and gc_diffusion trained on scripted demos (the policy results table).
 
     python -m benchmarks.policy_results [--tasks push pick_place] [--demos 50 200] [--steps 3000]
+        [--operator approach=around]
 
 For each task and demo count: collect demos with the scripted expert (seeds 0..n-1), train each
 policy with `flotilla train`'s code and config (any extra hydra override via --override), and
@@ -27,12 +28,26 @@ from sim.collect import collect_demos
 HEADERS = ["task", "demos", "policy", "success", "mean length", "violations", "train s", "eval episodes"]
 
 
-def demos_store(out: Path, task: str, count: int) -> Path:
+def demos_store(out: Path, task: str, count: int, operator: dict) -> Path:
     path = out / f"{task}_{count}_demos.zarr"
     if not (path / "zarr.json").exists():
         with EpisodeStore.create(path, overwrite=True) as store:
-            collect_demos(store, task, count, seed=0, progress=False)
+            collect_demos(store, task, count, seed=0, operator_kwargs=operator, progress=False)
     return path
+
+
+def parse_operator(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs for the scripted expert (numbers parsed, e.g. approach=around action_noise=0.05)."""
+    kwargs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--operator wants KEY=VALUE pairs, got {pair!r}")
+        try:
+            kwargs[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            kwargs[key] = value
+    return kwargs
 
 
 def main() -> None:
@@ -43,6 +58,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("runs/policy_results"))
+    parser.add_argument("--operator", nargs="*", default=[],
+                        help="scripted expert knobs for the demos, e.g. approach=around (push)")
     parser.add_argument("--override", nargs="*", default=[], help="extra hydra overrides for every training run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +67,7 @@ def main() -> None:
     rows, records = [], []
     for task in args.tasks:
         for count in args.demos:
-            data = demos_store(args.out, task, count)
+            data = demos_store(args.out, task, count, parse_operator(args.operator))
             for kind in args.policies:
                 run_dir = args.out / f"{task}_{count}_{kind}"
                 overrides = [f"task={task}", f"policy={kind}", f"data={data}", f"out={run_dir}",

@@ -10,6 +10,12 @@ behind the block) and ``across`` (perpendicular). Then, in order:
 4. tool low, touching the back of the block but off the line: back off along -d (re-approach);
 5. tool low anywhere else (beside, in front, on top): rise straight up;
 6. tool high: travel above the pre-push point, then descend onto it.
+
+With ``approach="around"`` steps 5 and 6 change: the tool instead moves out to a circle around the
+block and slides along it at push height to the back of the block. Which way round is the operator's
+choice when the tool starts in front of the block, drawn at random per episode (and at every
+takeover), as people do. This makes the demonstrations multimodal: the mean of the two ways round
+runs the tool into the block, which is what separates a regression policy from a generative one.
 """
 
 from __future__ import annotations
@@ -39,9 +45,25 @@ _DONE_M = 0.008
 # Height moves get a lower gain: a late reaction there runs the fingers into the table.
 _GAIN = 0.3
 _Z_GAIN = 0.2
+# approach="around": the circle the tool slides along clears the block's corners and the tool's
+# longest half-size with margin; inside the front sector the episode's side decides the way round.
+_AROUND_RADIUS_M = _BLOCK_REACH_M + float(_TOOL_HALF_XY.max()) + _STANDOFF_MARGIN_M
+_AROUND_SPEED_M = 0.02
+_FRONT_SECTOR_RAD = np.deg2rad(60.0)
+APPROACHES = ("over", "around")
 
 
 class PushExpert(ScriptedOperator):
+    def __init__(self, *args, approach: str = "over", **kwargs):
+        if approach not in APPROACHES:
+            raise ValueError(f"push expert approach must be one of {APPROACHES}, got {approach!r}")
+        self.approach = approach
+        super().__init__(*args, **kwargs)
+
+    def reset(self, seed: int | None = None) -> None:
+        super().reset(seed)
+        self.side = 1.0 if self.rng.random() < 0.5 else -1.0  # +1: round the block's left (+normal) side
+
     def policy(self, obs: dict) -> np.ndarray:
         tool = np.asarray(obs["ee_pos"], dtype=np.float64)
         block = np.asarray(obs["object_pos"][:2], dtype=np.float64)
@@ -72,6 +94,8 @@ class PushExpert(ScriptedOperator):
             delta = np.append(_GAIN * (pre_push - tool[:2]), to_push_height)
         elif low and touching_height and along < 0.0 and abs(across) < _BLOCK_REACH_M + tool_across:
             delta = np.append(-d * MAX_EE_STEP_M, 0.0)  # touching the back but off the line: back off
+        elif self.approach == "around":
+            delta = self._around(rel, d, normal, tool[2])
         elif low:
             delta = np.array([0.0, 0.0, _Z_GAIN * (TRAVEL_HEIGHT_M - tool[2])])
         else:
@@ -79,3 +103,19 @@ class PushExpert(ScriptedOperator):
             height = TRAVEL_HEIGHT_M if np.linalg.norm(error) > 0.015 else PUSH_HEIGHT_M
             delta = np.append(_GAIN * error, _Z_GAIN * (height - tool[2]))
         return np.append(ee_delta_to_action(delta), GRIPPER_CLOSED)
+
+    def _around(self, rel: np.ndarray, d: np.ndarray, normal: np.ndarray, height: float) -> np.ndarray:
+        """Out to the circle round the block, then along it towards the back, descending to push height."""
+        radius = float(np.linalg.norm(rel))
+        if radius < 1e-6:
+            rel, radius = normal * self.side * 1e-6, 1e-6
+        outward = rel / radius
+        angle = float(np.arctan2(rel @ normal, rel @ d))  # 0: in front of the block (goal side), +-pi: behind
+        way_round = self.side if abs(angle) < _FRONT_SECTOR_RAD else np.sign(angle)
+        tangent = way_round * (-np.sin(angle) * d + np.cos(angle) * normal)  # towards the back on that side
+        radial = outward * _GAIN * (_AROUND_RADIUS_M - radius)
+        if radius < _AROUND_RADIUS_M - 0.01:
+            # Inside the circle: get out first, at the current height (below travel height this
+            # means sliding away beside the block, never over its top edge).
+            return np.append(radial, 0.0)
+        return np.append(radial + tangent * _AROUND_SPEED_M, _Z_GAIN * (PUSH_HEIGHT_M - height))

@@ -7,7 +7,7 @@ policy registry, admin status and Prometheus metrics. `flotilla serve` runs `fle
                                and the allocation tick that drives fleet/allocation.py
     fleet/server/robots.py     robot sessions: hello spec, step checks
     fleet/server/operators.py  operator sessions
-    fleet/server/writer.py     the episode writer thread (owns the EpisodeStore)
+    fleet/server/writer.py     the episode writer and committer threads (own the EpisodeStore)
     fleet/server/registry.py   the policy registry
     fleet/server/auth.py       tokens -> roles
     fleet/server/metrics.py    Prometheus text over HTTP

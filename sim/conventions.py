@@ -20,6 +20,8 @@ Observation (a dict of float32 arrays unless noted):
     gripper     (1,)   finger opening, m (0 closed .. ~0.08 open)
     object_pos  (3,)   manipulated object position (tasks with an object)
     object_quat (4,)   manipulated object orientation, xyzw (tasks with an object)
+    ee_to_object (3,)  object_pos - ee_pos (pybullet tasks with an object)
+    object_to_goal (G,) goal - the object's position's first G coordinates (pybullet tasks with an object)
     goal        (G,)   the episode's goal, task-specific (see each task)
     <cam>_rgb   (H, W, 3) uint8 camera image, only when cameras are enabled
 

@@ -45,7 +45,9 @@ def test_spaces_shapes_and_dtypes(task):
     obs, info = env.reset()
     expected = {"joint_pos", "ee_pos", "ee_quat", "gripper", "goal"}
     if task != "reach":
-        expected |= {"object_pos", "object_quat"}
+        expected |= {"object_pos", "object_quat", "ee_to_object", "object_to_goal"}
+        np.testing.assert_allclose(obs["ee_to_object"], obs["object_pos"] - obs["ee_pos"], atol=1e-6)
+        np.testing.assert_allclose(obs["object_to_goal"], obs["goal"] - obs["object_pos"][: env.goal_dim], atol=1e-6)
     assert set(obs) == expected == set(env.observation_space.spaces)
     assert env.observation_space.contains(obs)
     assert obs["goal"].shape == (env.goal_dim,)

@@ -344,6 +344,8 @@ class PandaEnv(TaskEnv):
         if self.object_id is not None:
             keys["object_pos"] = spaces.Box(-np.inf, np.inf, (3,), dtype=f32)
             keys["object_quat"] = spaces.Box(-1.0, 1.0, (4,), dtype=f32)
+            keys["ee_to_object"] = spaces.Box(-np.inf, np.inf, (3,), dtype=f32)
+            keys["object_to_goal"] = spaces.Box(-np.inf, np.inf, (self.goal_dim,), dtype=f32)
         keys["goal"] = spaces.Box(-np.inf, np.inf, (self.goal_dim,), dtype=f32)
         for cam in self.cameras:
             keys[f"{cam}_rgb"] = spaces.Box(0, 255, (self.image_size, self.image_size, 3), dtype=np.uint8)
@@ -368,6 +370,11 @@ class PandaEnv(TaskEnv):
 
     def _observation(self, state: dict) -> dict:
         obs = {key: value.astype(np.float32) for key, value in state.items()}
+        if "object_pos" in state:
+            # Relative positions, as robosuite's observables give them: a policy learns "push towards
+            # the goal" from 50 demos far more easily than it derives it from absolute coordinates.
+            obs["ee_to_object"] = (state["object_pos"] - state["ee_pos"]).astype(np.float32)
+            obs["object_to_goal"] = (self._goal - state["object_pos"][: self.goal_dim]).astype(np.float32)
         obs["goal"] = self._goal.astype(np.float32)
         for cam in self.cameras:
             obs[f"{cam}_rgb"] = self._render(cam)

@@ -62,7 +62,9 @@ class PushExpert(ScriptedOperator):
 
     def reset(self, seed: int | None = None) -> None:
         super().reset(seed)
-        self.side = 1.0 if self.rng.random() < 0.5 else -1.0  # +1: round the block's left (+normal) side
+        # +1: round the block's left (+normal) side. Drawn only when used, so that the "over" operator's
+        # noise and detours stay exactly what they were.
+        self.side = (1.0 if self.rng.random() < 0.5 else -1.0) if self.approach == "around" else 1.0
 
     def policy(self, obs: dict) -> np.ndarray:
         tool = np.asarray(obs["ee_pos"], dtype=np.float64)

@@ -1,11 +1,16 @@
 """`flotilla demo` (configs/demo.yaml): the whole fleet learning loop in one command, no outside services.
 
-1. start the fleet server in-process on a free 127.0.0.1 port (store and registry under `out`);
-2. collect scripted demonstrations and train an initial policy; publish it to the registry;
+1. collect scripted demonstrations and train an initial policy on them (`initial_policy`);
+2. start the fleet server in-process on a free 127.0.0.1 port (store and registry under `out`) and
+   publish the initial policy to its registry;
 3. R rounds: the sim fleet (N robots, M scripted operators over gRPC) runs on the deployed policy,
-   humans intervene, every step is logged; then retrain on all stores (demos + fleet, Sirius
-   weighting), publish, and the robots hot-swap to the new version before the next round;
+   humans intervene, every step is logged; then retrain on all stores (demos + fleet, weighted by
+   control label as `train.weighting` says), publish, and the robots hot-swap to the new version
+   before the next round (2 and 3 are `fleet_rounds`);
 4. print a table row per round, write metrics.json and PNG curves into `out`.
+
+benchmarks/fleet.py runs the same two functions, one initial policy per seed shared by every
+allocation policy it compares.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -34,26 +40,28 @@ ROLES = ("robot", "operator", "trainer", "admin")
 LOCKSTEP_TICK_HZ = 1e-6
 
 
-def train_config(cfg, data: list[str], out: Path, version: str):
+def train_config(cfg, data: list[str], out: Path, version: str, steps: int | None = None):
     """configs/train.yaml with the demo's task, policy and `train` overrides (no hydra needed)."""
     base = OmegaConf.load(TRAIN_CONFIG)
     base.pop("defaults", None)
     merged = OmegaConf.merge(base, {"task": cfg.task, "policy": cfg.policy}, cfg.train,
-                             {"data": data, "out": str(out), "version": version})
+                             {"data": data, "out": str(out), "version": version},
+                             {"steps": steps} if steps else {})
     OmegaConf.resolve(merged)
     return merged
 
 
-def train_and_publish(cfg, data: list[str], out: Path, version: str, server: ServerThread, token: str) -> float:
-    """Train `version` on `data`, publish it to the registry; returns the training wall time."""
+def train_version(cfg, data: list[Path], out: Path, version: str, steps: int | None = None) -> tuple[Path, float]:
+    """Train `version` on the stores `data` (for `steps`, default train.steps); returns (checkpoint folder,
+    training wall time)."""
     from policies.train import train  # torch is imported only here
 
     started = time.monotonic()
-    print(f"training {version} on {len(data)} store(s) ({cfg.train.steps} steps)...", flush=True)
-    checkpoint = train(train_config(cfg, data, out / "train" / version, version))
+    config = train_config(cfg, [str(path) for path in data], out / "train" / version, version, steps)
+    print(f"training {version} on {len(data)} store(s) ({config.steps} steps)...", flush=True)
+    checkpoint = train(config)
     _set_torch_threads(cfg.threads)  # train() set its own count; more threads than cores stalls the robots
-    publish_checkpoint(server.address, token, checkpoint, version)
-    return time.monotonic() - started
+    return checkpoint, time.monotonic() - started
 
 
 def wait_committed(server: ServerThread, episodes: int, timeout: float = 60.0) -> None:
@@ -76,60 +84,90 @@ def server_config(cfg, out: Path, tokens: dict[str, str]) -> ServerConfig:
                                    "store": str(out / "fleet.zarr"), "registry_dir": str(out / "registry")})
 
 
-def run_demo(cfg) -> list[RoundMetrics]:
-    out = Path(cfg.out)
+def fresh_folder(out: Path, overwrite: bool) -> Path:
     if out.exists():
-        if not cfg.overwrite:
+        if not overwrite:
             raise SystemExit(f"flotilla demo: {out} exists; pass overwrite=true or another out=")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    started = time.monotonic()
-    timings: dict[str, float] = {}
-    task = cfg.task.name
-    env_kwargs = {"max_steps": cfg.task.max_steps, **cfg.task.env}
+    return out
 
+
+def initial_policy(cfg, out: Path) -> tuple[Path, Path, dict]:
+    """Step 1, no server needed: scripted demos into `out`/demos.zarr and the policy <task>-r0 trained on
+    them (demos.train_steps). Returns (demos store, checkpoint, timings)."""
+    started = time.monotonic()
+    task = cfg.task.name
     demos = out / "demos.zarr"
     with EpisodeStore.create(demos) as store:
-        result = collect_demos(store, task, cfg.demos.episodes, seed=cfg.seed, env_kwargs=env_kwargs,
+        result = collect_demos(store, task, cfg.demos.episodes, seed=cfg.seed, env_kwargs=env_kwargs(cfg),
                                operator_kwargs=OmegaConf.to_container(cfg.demos.operator), progress=cfg.progress)
     print(f"collected {result.committed} scripted {task} demos ({result.steps} steps)", flush=True)
-    timings["collect_s"] = time.monotonic() - started
+    timings = {"collect_s": time.monotonic() - started}
+    checkpoint, timings["initial_train_s"] = train_version(cfg, [demos], out, f"{task}-r0", cfg.demos.train_steps)
+    return demos, checkpoint, timings
 
+
+def fleet_rounds(cfg, out: Path, demos: Path, initial: Path,
+                 on_round: Callable[[RoundMetrics], None] | None = None) -> tuple[list[RoundMetrics], dict]:
+    """Steps 2-3: an embedded server (store and registry in `out`) deploys `initial` (<task>-r0), then
+    cfg.rounds rounds of the fleet with retraining on demos + fleet data between them.
+    Returns each round's metrics and the retraining times."""
+    task = cfg.task.name
     tokens = {role: secrets.token_hex(16) for role in ROLES}  # this run's own; nothing outside can call in
     rounds: list[RoundMetrics] = []
+    timings: dict[str, list[float]] = {"retrain_s": []}
     with ServerThread(server_config(cfg, out, tokens)) as server:
-        print(f"fleet server on {server.address} (store {out / 'fleet.zarr'})", flush=True)
+        print(f"fleet server on {server.address} (store {out / 'fleet.zarr'}, "
+              f"allocation {cfg.server.allocation.policy})", flush=True)
         version = f"{task}-r0"
-        timings["train_s"] = [train_and_publish(cfg, [str(demos)], out, version, server, tokens["trainer"])]
+        publish_checkpoint(server.address, tokens["trainer"], initial, version)
         loader = RegistryPolicies(server.address, tokens["robot"], out / "policy_cache", cfg.fleet.num_samples)
         fleet = SimFleet(server.address, tokens, task, cfg.fleet.robots, cfg.fleet.operators, policy=version,
-                         load_policy=loader, control_hz=cfg.fleet.control_hz, env_kwargs=env_kwargs,
+                         load_policy=loader, control_hz=cfg.fleet.control_hz, env_kwargs=env_kwargs(cfg),
                          expert_kwargs=OmegaConf.to_container(cfg.fleet.operator.expert),
                          operator_extra_steps=cfg.fleet.operator.extra_steps, seed=cfg.seed + 1,
                          server_tick=lockstep_tick(server))
         with fleet:
             if not fleet.wait_connected():
                 raise RuntimeError("the embedded fleet server did not answer the robots")
-            print(table_header(), flush=True)
             for index in range(cfg.rounds):
                 metrics = fleet.run_round(cfg.fleet.episodes_per_robot, max_steps=cfg.fleet.max_round_steps)
                 rounds.append(metrics)
-                print(table_row(metrics), flush=True)
+                if on_round is not None:
+                    on_round(metrics)
                 if index + 1 == cfg.rounds:
                     break
                 fleet.flush()
                 wait_committed(server, len(fleet.finished))
                 version = f"{task}-r{index + 1}"
-                timings["train_s"].append(train_and_publish(cfg, [str(demos), str(out / "fleet.zarr")], out,
-                                                            version, server, tokens["trainer"]))
+                checkpoint, seconds = train_version(cfg, [demos, out / "fleet.zarr"], out, version)
+                timings["retrain_s"].append(seconds)
+                publish_checkpoint(server.address, tokens["trainer"], checkpoint, version)
                 if not fleet.wait_for_policy(version):
                     raise RuntimeError(f"robots did not load {version}")
-                print(table_header(), flush=True)
             fleet.flush()
-    timings["total_s"] = time.monotonic() - started
+    return rounds, timings
+
+
+def run_demo(cfg) -> list[RoundMetrics]:
+    out = fresh_folder(Path(cfg.out), cfg.overwrite)
+    started = time.monotonic()
+    demos, initial, timings = initial_policy(cfg, out)
+
+    def show(metrics: RoundMetrics) -> None:
+        print(table_header(), table_row(metrics), sep="\n", flush=True)
+
+    rounds, more = fleet_rounds(cfg, out, demos, initial, on_round=show)
+    timings.update(more, total_s=time.monotonic() - started)
     write_results(out, cfg, rounds, timings)
+    print("\nall rounds:", table_header(), *map(table_row, rounds), sep="\n")
     print(f"done in {timings['total_s']:.0f} s; results in {out} (metrics.json, curves.png, stores, checkpoints)")
     return rounds
+
+
+def env_kwargs(cfg) -> dict:
+    return {"max_steps": cfg.task.max_steps, **cfg.task.env}
 
 
 def write_results(out: Path, cfg, rounds: list[RoundMetrics], timings: dict) -> None:

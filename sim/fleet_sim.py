@@ -96,6 +96,7 @@ class SimOperator:
         self._extra_steps = extra_steps
         self._on_queue = on_queue
         self.robot_id: str | None = None  # the robot it controls now
+        self._goal: np.ndarray | None = None  # the goal of the episode it is acting in
         self.resetting = False
         self._min_steps = 0
         self._acted = 0
@@ -127,6 +128,7 @@ class SimOperator:
                 self.client.reset(assignment.robot_id)  # what a person does at the console
             else:
                 self.expert.reset()  # a takeover: the operator starts looking now
+                self._goal = None
         elif kind == "released":
             if update.released.robot_id == self.robot_id:
                 self.robot_id, self.resetting = None, False
@@ -143,6 +145,11 @@ class SimOperator:
             return
         obs = {key: codec.from_tensor(tensor) for key, tensor in frame.observation.items()}
         obs["goal"] = self._goal_of(frame.robot_id)
+        if self._goal is not None and not np.array_equal(obs["goal"], self._goal):
+            # A takeover that outlasts the robot's episode: a person sees the scene reset and starts
+            # afresh, rather than acting on what they saw of the last episode.
+            self.expert.reset()
+        self._goal = obs["goal"]
         action = self.expert.act(obs)
         self.client.act(frame.robot_id, action, seq=frame.seq)
         if self.sent is not None:
@@ -182,6 +189,7 @@ class SimRobot:
     info: dict = field(default_factory=dict)
     record: EpisodeRecord | None = None  # the open episode
     blocked_steps: int = 0
+    waited_steps: int = 0  # fleet steps waited between episodes for a human to hand the robot back
 
     @property
     def in_episode(self) -> bool:
@@ -334,11 +342,24 @@ class SimFleet:
             if not robot.in_episode:
                 if quota is not None and robot.episodes_begun >= quota[robot.robot_id]:
                     continue
+                if self._human_still_on(robot):
+                    continue
                 self._begin_episode(robot)
             self._tick(robot)
         if self._server_tick is not None:
             self.flush(timeout=5.0)  # the allocator must see this step of every robot before it ticks
             self._server_tick()
+
+    def _human_still_on(self, robot: SimRobot) -> bool:
+        """Between episodes, a robot whose episode a human finished waits for that human to hand it back
+        (the rest of t_T) before it begins the next one, as a scene reset would take that long. Else
+        the human would carry the takeover into the new episode and drive it from its first step (on
+        reach, half the episodes), leaving the policy nothing to show; at most blocked_timeout_steps."""
+        if robot.agent.client.state.mode != pb.TELEOP or robot.waited_steps >= self.blocked_timeout_steps:
+            robot.waited_steps = 0
+            return False
+        robot.waited_steps += 1
+        return True
 
     def _begin_episode(self, robot: SimRobot) -> None:
         seed = robot.seed + robot.episodes_begun

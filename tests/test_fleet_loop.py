@@ -201,6 +201,15 @@ def test_episodes_are_logged_with_sirius_labels(fleet_run):
             assert INTERVENTION in after or store.episode_meta(index).outcome == "reset", (index, episode_labels)
 
 
+def test_no_episode_begins_under_a_human(fleet_run):
+    # A robot whose episode ended under a human waits to be handed back before its next episode, so the
+    # human's takeover never spills into (and finishes) an episode the policy should be judged on.
+    store = fleet_run["store"]
+    first_labels = [int(store.episode(i, keys=["label"])["label"][0]) for i in range(store.num_episodes)]
+    assert INTERVENTION not in first_labels
+    assert any(INTERVENTION in store.episode(i, keys=["label"])["label"] for i in range(store.num_episodes))
+
+
 def test_new_policy_is_hot_swapped_between_episodes(fleet_run):
     store, second = fleet_run["store"], fleet_run["rounds"][1]
     assert second.policy_version == "tiny-v2"
@@ -307,7 +316,7 @@ def test_flotilla_demo_runs_one_tiny_round(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, "-m", "flotilla.cli", "demo", f"out={out}", "rounds=1", "demos.episodes=3",
-         "train.steps=4", "train.batch_size=8", "fleet.robots=2", "fleet.operators=1", "fleet.episodes_per_robot=1",
+         "demos.train_steps=4", "train.steps=4", "train.batch_size=8", "fleet.robots=2", "fleet.operators=1", "fleet.episodes_per_robot=1",
          "fleet.control_hz=40", "policy.model.down_dims=[8,16]", "progress=false", "train.progress=false"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # hydra's demo.log lands in tmp_path
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -317,3 +326,25 @@ def test_flotilla_demo_runs_one_tiny_round(tmp_path):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert EpisodeStore.open(out / "fleet.zarr").num_episodes == 2
     assert (out / "registry" / "reach-r0" / "config.json").exists()
+
+
+def test_fleet_benchmark_summarizes_runs_over_seeds(tmp_path):
+    from benchmarks.fleet import plot, run_totals, summary_table
+
+    def rounds(autonomous, human):
+        return [{"robots": 4, "operators": 2, "autonomous_successes": a, "autonomous_success_rate": a / 10,
+                 "human_action_steps": h, "interventions": 3, "hard_resets": 1, "rohe": 0.1}
+                for a, h in zip(autonomous, human, strict=True)]
+
+    records = [{"seed": 0, "policy": "cur", "rounds": rounds([2, 4], [10, 9])},
+               {"seed": 1, "policy": "cur", "rounds": rounds([4, 6], [10, 9])},
+               {"seed": 0, "policy": "random", "rounds": rounds([1, 1], [30, 30])}]
+    totals = run_totals(records[0]["rounds"])
+    # ROHE over all rounds: (M / N) * autonomous successes / (1 + human action steps).
+    assert totals["rohe"] == pytest.approx(0.5 * 6 / 20)
+    assert totals["final_success"] == 0.4 and totals["human_steps"] == 19 and totals["hard_resets"] == 2
+    table = summary_table(records).splitlines()
+    assert table[2].startswith("| C.U.R. | ") and "50% +- 10%" in table[2] and "19 +- 0" in table[2]
+    assert table[3].startswith("| random | ")
+    plot(records, tmp_path / "allocation.png")
+    assert (tmp_path / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ import pytest
 from fleet.labels import ControlLabel
 from fleet.store import EpisodeStore
 from policies.data.memory import EpisodeRecord, select_episodes
-from policies.data.weighting import sample_weights
+from policies.data.weighting import sample_weights, takeover_holds
 from policies.data.windows import WindowDataset, load_episodes, split_episodes
 
 D, R, P, I = (ControlLabel.DEMO, ControlLabel.ROBOT, ControlLabel.PRE_INTERVENTION, ControlLabel.INTERVENTION)  # noqa: E741 (the four labels, by initial)
@@ -127,3 +127,49 @@ def test_chunk_loss_ignores_masked_steps():
     loss = chunk_loss(error, {"action_mask": mask})
     assert loss[0].item() == 1.0 and loss[1].item() > 40
     assert torch.equal(chunk_loss(error, {}), error.mean(dim=(1, 2)))
+
+
+def test_takeover_holds_are_the_zero_motion_steps_opening_a_takeover():
+    labels = np.array([R, R, I, I, I, I, R, I] + [I, I, R])
+    moves = np.array([1, 1, 0, 0, 1, 0, 1, 1] + [0, 1, 1], bool)  # ep 1 starts with the takeover held over
+    actions = np.zeros((len(labels), 4), np.float32)
+    actions[moves, :3] = 0.5
+    actions[:, 3] = 1.0  # the gripper is kept during a hold: it does not count as motion
+    holds = takeover_holds(labels, actions, episode_ends=np.array([8, 11]))
+    # The two steps before the operator's first action, and the takeover carried into episode 1;
+    # not the stop in mid-takeover (step 5: the human chose to), nor anything the robot did.
+    np.testing.assert_array_equal(np.flatnonzero(holds), [2, 3, 8])
+    assert not takeover_holds(labels, actions, gripper_index=None)[2:4].any()  # the gripper moved "motion"
+
+
+def test_training_windows_leave_out_takeover_holds(tmp_path):
+    labels, moves = [R, R, R, I, I, I, I, I, R, R], [1, 1, 1, 0, 0, 1, 1, 1, 1, 1]
+    with EpisodeStore.create(tmp_path / "a.zarr") as store:
+        episode = store.begin_episode("r0", "reach")
+        for t, (label, moving) in enumerate(zip(labels, moves, strict=True)):
+            episode.append({"state": np.array([t], np.float32)}, np.array([0.5 * moving, 1.0], np.float32), label)
+        episode.commit(success=True)
+    data = load_episodes([str(tmp_path / "a.zarr")], ["state"])
+    assert data.summary()["takeover_holds"] == 2
+    dataset = WindowDataset(data, np.array([0]), ["state"], n_obs_steps=2, horizon=4, weighting="sirius")
+    # No window is anchored at a hold, and every window masks the hold steps out of its loss.
+    np.testing.assert_array_equal(dataset.anchors, [0, 1, 2, 5, 6, 7, 8, 9])
+    before = dataset[2]  # anchored at step 2: actions of steps 1..4
+    np.testing.assert_array_equal(before["action_mask"], [1, 1, 0, 0])
+    first_move = dataset[3]  # anchored at step 5: actions of steps 4..7
+    np.testing.assert_array_equal(first_move["action_mask"], [0, 1, 1, 1])
+    # Sirius gives the three interventions that moved half the weight.
+    assert dataset.weights[dataset.anchors >= 5][:3].sum() / dataset.weights.sum() == pytest.approx(0.5)
+
+
+def test_steps_of_weight_zero_are_left_out(tmp_path):
+    write_store(tmp_path / "a.zarr", [[D] * 5, [R] * 3 + [P] * 2 + [I] * 4])
+    data = load_episodes([str(tmp_path / "a.zarr")], ["state"])
+    dataset = WindowDataset(data, np.array([0, 1]), ["state"], n_obs_steps=2, horizon=4, weighting="hg_dagger")
+    # hg_dagger learns from humans only: batches hold demo and intervention windows, nothing weighing 0.
+    np.testing.assert_array_equal(dataset.anchors, [0, 1, 2, 3, 4, 10, 11, 12, 13])
+    np.testing.assert_allclose(dataset.weights, 1.0)
+    # ... and no window imitates a robot step either: the first takeover window (actions of steps 9..12)
+    # masks step 9, a pre-intervention step.
+    np.testing.assert_array_equal(dataset[5]["action_mask"], [0, 1, 1, 1])
+    assert len(WindowDataset(data, np.array([0, 1]), ["state"], n_obs_steps=2, horizon=4, weighting="uniform")) == 14

@@ -5,6 +5,10 @@ observations of steps t-To+1..t, actions of steps t-To+1..t-To+Tp (Diffusion Pol
 so the first To actions line up with the observed steps), and the goal at t. Windows that run over
 an episode's edge repeat its first or last step, and `action_mask` marks them (0) so the loss
 ignores them (policies/models/encoders.py: chunk_loss). The sample's weight is its label's weight at t.
+The zero-motion holds that open a human takeover (policies/data/weighting.py: takeover_holds) are
+found on the actions as the robot logged them, and left out: no window is anchored at one, and every
+window masks them out of its loss like padding. Steps whose label the weighting gives 0 (robot steps
+under hg_dagger) are left out the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from fleet.labels import ControlLabel
 from fleet.store import EpisodeStore
 from policies.data.memory import EpisodeRecord, select_episodes
-from policies.data.weighting import sample_weights
+from policies.data.weighting import sample_weights, takeover_holds
 
 
 @dataclass
@@ -29,6 +33,7 @@ class EpisodeData:
     steps: dict[str, np.ndarray]  # obs keys, "action", "goal" (if any), "label"
     episode_ends: np.ndarray
     sources: list[tuple[str, int]] = field(default_factory=list)  # (store path, episode index) per episode
+    holds: np.ndarray | None = None  # per step: a takeover's opening hold, left out of training
 
     @property
     def num_episodes(self) -> int:
@@ -40,7 +45,8 @@ class EpisodeData:
     def summary(self) -> dict:
         labels = Counter(ControlLabel(int(code)).label_name for code in self.steps["label"])
         return {"stores": sorted({path for path, _ in self.sources}), "episodes": self.num_episodes,
-                "steps": int(self.episode_ends[-1]) if self.num_episodes else 0, "labels": dict(labels)}
+                "steps": int(self.episode_ends[-1]) if self.num_episodes else 0, "labels": dict(labels),
+                "takeover_holds": int(self.holds.sum()) if self.holds is not None else 0}
 
 
 def load_episodes(paths: Sequence[str], obs_keys: Sequence[str], memory: str = "keep_all",
@@ -76,8 +82,11 @@ def load_episodes(paths: Sequence[str], obs_keys: Sequence[str], memory: str = "
         for key in keys:
             chunks[key].append(episode[key])
     lengths = [records[i].length for i in kept]
-    return EpisodeData(steps={key: np.concatenate(parts) for key, parts in chunks.items()},
-                       episode_ends=np.cumsum(lengths).astype(np.int64),
+    steps = {key: np.concatenate(parts) for key, parts in chunks.items()}
+    episode_ends = np.cumsum(lengths).astype(np.int64)
+    # Before the trainer converts actions (e.g. to targets), while a hold is still a zero action.
+    holds = takeover_holds(steps["label"], steps["action"], episode_ends)
+    return EpisodeData(steps=steps, episode_ends=episode_ends, holds=holds,
                        sources=[(str(where[i][0].path), where[i][1]) for i in kept])
 
 
@@ -99,15 +108,23 @@ class WindowDataset(torch.utils.data.Dataset):
             raise ValueError(f"prediction horizon {horizon} is shorter than the observation horizon {n_obs_steps}")
         self.data = data
         self.obs_keys = list(obs_keys)
+        labels = data.steps["label"]
+        holds = data.holds if data.holds is not None else np.zeros(len(labels), bool)
+        # Steps that teach nothing: takeover holds, and steps the weighting gives 0 (robot steps under
+        # hg_dagger). No window is anchored at one, so batches hold only samples that count, and every
+        # window masks them out of its loss like padding, so no chunk imitates what the scheme distrusts.
+        skip = holds | (sample_weights(labels, weighting) == 0)
         anchors, obs_index, action_index, inside = [], [], [], []
         for episode in episodes:
             start, end = data.bounds(int(episode))
             t = np.arange(start, end)
+            t = t[~skip[t]]
             anchors.append(t)
             obs_index.append(np.clip(t[:, None] + np.arange(-n_obs_steps + 1, 1), start, end - 1))
             wanted = t[:, None] + np.arange(-n_obs_steps + 1, horizon - n_obs_steps + 1)
-            action_index.append(np.clip(wanted, start, end - 1))
-            inside.append((wanted >= start) & (wanted < end))
+            clipped = np.clip(wanted, start, end - 1)
+            action_index.append(clipped)
+            inside.append((wanted >= start) & (wanted < end) & ~skip[clipped])
         if not anchors:
             raise ValueError("no episodes selected for this dataset")
         self.anchors = np.concatenate(anchors)
@@ -115,7 +132,7 @@ class WindowDataset(torch.utils.data.Dataset):
         self.action_index = np.concatenate(action_index)
         self.action_mask = np.concatenate(inside).astype(np.float32)
         # Weights over the steps this dataset trains on, by the label at each anchor step.
-        self.weights = sample_weights(data.steps["label"][self.anchors], weighting)
+        self.weights = sample_weights(labels[self.anchors], weighting)
 
     def __len__(self) -> int:
         return len(self.anchors)

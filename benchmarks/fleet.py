@@ -1,0 +1,164 @@
+"""Allocation policies compared in the fleet learning loop: random, C.U.R. and Flotilla (Fleet-DAgger's IFL
+benchmark on push).
+
+    python -m benchmarks.fleet [--policies random cur flotilla] [--seeds 0 1 2] [--override key=value ...]
+    python -m benchmarks.fleet --report runs/bench_fleet/results.json     # table and plot again, no runs
+
+Each seed collects scripted demos and trains the initial policy once (sim.demo.initial_policy); every
+allocation policy then starts from that same policy and runs `flotilla demo`'s loop (sim.demo.fleet_rounds:
+an embedded server, the sim fleet, retraining between rounds) with `server.allocation.policy` set to it.
+The human budget is the same for all: the same operators, robots, rounds and episodes per round (and the
+same t_T, t_R and request rate alpha); what differs is whom the humans go to. The random baseline is
+Fleet-DAgger's: humans go to random robots, whether they ask for help or not (random_scope=all).
+
+Reported per policy, mean +- std over seeds: ROHE over all rounds ((M / N) * autonomous successes /
+(1 + human action steps), sim/metrics.py), the last round's autonomous success rate, and human action
+steps over all rounds. Writes results.json into --out, benchmarks/figures/fleet_allocation.png, and
+prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+
+from benchmarks.common import machine_line
+from flotilla.cli import CONFIG_DIR
+from sim.demo import fleet_rounds, fresh_folder, initial_policy
+from sim.metrics import rohe, table_header, table_row
+
+POLICIES = ("random", "cur", "flotilla")
+LABELS = {"random": "random", "cur": "C.U.R.", "flotilla": "Flotilla"}
+FIGURE = Path(__file__).resolve().parent / "figures" / "fleet_allocation.png"
+# Overrides of configs/demo.yaml (the rest, e.g. hg_dagger weighting and the allocation settings, as the
+# demo has them): push with a small diffusion model, sized so that 3 seeds x 3 policies finish within an
+# hour on the project's 2-core machine (threads=1 everywhere). Push predicts target positions (with steps,
+# z errors add up over a chunk into the table: benchmarks/README.md, policy_results).
+DEFAULTS = [
+    "task=push", "rounds=3", "demos.episodes=30", "demos.train_steps=1500", "train.steps=1500",
+    "train.action_space.kind=target", "policy.model.down_dims=[16,32,64]", "fleet.episodes_per_robot=4",
+    "fleet.control_hz=40", "threads=1", "train.threads=1", "progress=false", "train.progress=false",
+]
+
+
+def demo_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="demo", overrides=overrides)
+
+
+def policy_overrides(policy: str, seed: int) -> list[str]:
+    extra = [f"server.allocation.policy={policy}", f"+server.allocation.options.seed={seed}"]
+    if policy == "random":
+        extra.append("+server.allocation.options.random_scope=all")
+    return extra
+
+
+def show_round(tag: str, metrics) -> None:
+    print(f"{tag}:", table_header(), table_row(metrics), sep="\n", flush=True)
+
+
+def run_benchmark(overrides: list[str], seeds: list[int], policies: list[str], out: Path) -> list[dict]:
+    """Every (seed, policy) run's rounds, written to out/results.json as each run ends."""
+    records: list[dict] = []
+    for seed in seeds:
+        base = [*overrides, f"seed={seed}"]
+        seed_dir = fresh_folder(out / f"seed{seed}", overwrite=True)
+        demos, initial, timings = initial_policy(demo_config(base), seed_dir)
+        for policy in policies:
+            cfg = demo_config([*base, *policy_overrides(policy, seed)])
+            started = time.monotonic()
+            rounds, more = fleet_rounds(cfg, fresh_folder(seed_dir / policy, overwrite=True), demos, initial,
+                                        on_round=functools.partial(show_round, f"seed {seed} {policy}"))
+            records.append({"seed": seed, "policy": policy, "rounds": [m.to_dict() for m in rounds],
+                            "timings": {**timings, **more, "wall_s": time.monotonic() - started}})
+            (out / "results.json").write_text(json.dumps({"overrides": overrides, "runs": records}, indent=2))
+    return records
+
+
+def run_totals(rounds: list[dict]) -> dict:
+    """One run's benchmark numbers from its rounds."""
+    robots, operators = rounds[0]["robots"], rounds[0]["operators"]
+    autonomous = sum(r["autonomous_successes"] for r in rounds)
+    human = sum(r["human_action_steps"] for r in rounds)
+    return {"rohe": rohe(robots, operators, autonomous, human),
+            "final_success": rounds[-1]["autonomous_success_rate"], "human_steps": human,
+            "interventions": sum(r["interventions"] for r in rounds),
+            "hard_resets": sum(r["hard_resets"] for r in rounds)}
+
+
+def summary_table(records: list[dict]) -> str:
+    columns = [("ROHE (all rounds)", "rohe", "{:.4f}"), ("final auto success", "final_success", "{:.0%}"),
+               ("human action steps", "human_steps", "{:.0f}"), ("interventions", "interventions", "{:.0f}"),
+               ("hard resets", "hard_resets", "{:.1f}")]
+    lines = ["| allocation | " + " | ".join(title for title, _, _ in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for policy in dict.fromkeys(record["policy"] for record in records):
+        totals = [run_totals(record["rounds"]) for record in records if record["policy"] == policy]
+        cells = []
+        for _, key, spec in columns:
+            values = np.array([t[key] for t in totals], float)
+            cells.append(f"{spec.format(values.mean())} +- {spec.format(values.std())}")
+        lines.append(f"| {LABELS.get(policy, policy)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("autonomous success rate", "autonomous_success_rate"), ("human action steps", "human_action_steps"),
+              ("ROHE", "rohe")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(12, 3.6), constrained_layout=True)
+    for policy in dict.fromkeys(record["policy"] for record in records):
+        runs = [record["rounds"] for record in records if record["policy"] == policy]
+        rounds = min(len(run) for run in runs)
+        x = np.arange(1, rounds + 1)
+        for axis, (title, key) in zip(axes, panels, strict=True):
+            values = np.array([[r[key] for r in run[:rounds]] for run in runs], float)
+            mean, std = values.mean(axis=0), values.std(axis=0)
+            axis.plot(x, mean, marker="o", label=LABELS.get(policy, policy))
+            axis.fill_between(x, mean - std, mean + std, alpha=0.2)
+            axis.set_title(title)
+            axis.set_xlabel("round")
+            axis.set_xticks(x)
+            axis.grid(alpha=0.3)
+    axes[0].legend()
+    seeds = len({record["seed"] for record in records})
+    figure.suptitle(f"allocation policies in the fleet loop (mean +- std over {seeds} seeds)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_fleet"))
+    parser.add_argument("--figure", type=Path, default=FIGURE)
+    parser.add_argument("--override", nargs="*", default=[], help="hydra overrides of configs/demo.yaml, after ours")
+    parser.add_argument("--report", type=Path, help="only print the table and plot from this results.json")
+    args = parser.parse_args()
+    print(machine_line(), flush=True)
+    if args.report:
+        records = json.loads(args.report.read_text())["runs"]
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        records = run_benchmark([*DEFAULTS, *args.override], args.seeds, args.policies, args.out)
+        print(f"benchmark done in {time.monotonic() - started:.0f} s; runs in {args.out}")
+    plot(records, args.figure)
+    print(summary_table(records))
+    print(f"figure: {args.figure}")
+
+
+if __name__ == "__main__":
+    main()

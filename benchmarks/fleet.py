@@ -4,7 +4,8 @@ benchmark on push).
     python -m benchmarks.fleet [--policies random cur flotilla] [--seeds 0 1 2] [--override key=value ...]
     python -m benchmarks.fleet --report runs/bench_fleet/results.json     # table and plot again, no runs
 
-Each seed collects scripted demos and trains the initial policy once (sim.demo.initial_policy); every
+Each seed s (the demo's seed 1000 * s: its demos, fleet episodes and training seed share nothing with
+another's) collects scripted demos and trains the initial policy once (sim.demo.initial_policy); every
 allocation policy then starts from that same policy and runs `flotilla demo`'s loop (sim.demo.fleet_rounds:
 an embedded server, the sim fleet, retraining between rounds) with `server.allocation.policy` set to it.
 The human budget is the same for all: the same operators, robots, rounds and episodes per round (and the
@@ -34,6 +35,8 @@ from sim.demo import fleet_rounds, fresh_folder, initial_policy
 from sim.metrics import rohe, table_header, table_row
 
 POLICIES = ("random", "cur", "flotilla")
+# The demo seeds its demos, fleet episodes and training from `seed` on: seeds this far apart share none.
+SEED_STRIDE = 1000
 LABELS = {"random": "random", "cur": "C.U.R.", "flotilla": "Flotilla"}
 FIGURE = Path(__file__).resolve().parent / "figures" / "fleet_allocation.png"
 # Overrides of configs/demo.yaml (the rest, e.g. hg_dagger weighting and the allocation settings, as the
@@ -69,7 +72,7 @@ def run_benchmark(overrides: list[str], seeds: list[int], policies: list[str], o
     """Every (seed, policy) run's rounds, written to out/results.json as each run ends."""
     records: list[dict] = []
     for seed in seeds:
-        base = [*overrides, f"seed={seed}"]
+        base = [*overrides, f"seed={SEED_STRIDE * seed}"]
         seed_dir = fresh_folder(out / f"seed{seed}", overwrite=True)
         demos, initial, timings = initial_policy(demo_config(base), seed_dir)
         for policy in policies:

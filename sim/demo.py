@@ -38,13 +38,16 @@ log = logging.getLogger(__name__)
 TRAIN_CONFIG = Path(configs.__file__).resolve().parent / "train.yaml"
 ROLES = ("robot", "operator", "trainer", "admin")
 LOCKSTEP_TICK_HZ = 1e-6
+# The fleet's episodes start from seeds this far past the demos' (robot i: + 100000 * i), so no robot
+# replays a demonstration's start and goal (evaluation, policies/evaluate.py, uses 10000 on).
+FLEET_SEED_OFFSET = 50_000
 
 
 def train_config(cfg, data: list[str], out: Path, version: str, steps: int | None = None):
     """configs/train.yaml with the demo's task, policy and `train` overrides (no hydra needed)."""
     base = OmegaConf.load(TRAIN_CONFIG)
     base.pop("defaults", None)
-    merged = OmegaConf.merge(base, {"task": cfg.task, "policy": cfg.policy}, cfg.train,
+    merged = OmegaConf.merge(base, {"task": cfg.task, "policy": cfg.policy, "seed": cfg.seed}, cfg.train,
                              {"data": data, "out": str(out), "version": version},
                              {"steps": steps} if steps else {})
     OmegaConf.resolve(merged)
@@ -126,7 +129,7 @@ def fleet_rounds(cfg, out: Path, demos: Path, initial: Path,
         fleet = SimFleet(server.address, tokens, task, cfg.fleet.robots, cfg.fleet.operators, policy=version,
                          load_policy=loader, control_hz=cfg.fleet.control_hz, env_kwargs=env_kwargs(cfg),
                          expert_kwargs=OmegaConf.to_container(cfg.fleet.operator.expert),
-                         operator_extra_steps=cfg.fleet.operator.extra_steps, seed=cfg.seed + 1,
+                         operator_extra_steps=cfg.fleet.operator.extra_steps, seed=cfg.seed + FLEET_SEED_OFFSET,
                          server_tick=lockstep_tick(server))
         with fleet:
             if not fleet.wait_connected():

@@ -32,7 +32,7 @@ from hydra import compose, initialize_config_dir
 from benchmarks.common import machine_line
 from flotilla.cli import CONFIG_DIR
 from sim.demo import fleet_rounds, fresh_folder, initial_policy
-from sim.metrics import rohe, table_header, table_row
+from sim.metrics import cumulative, table_header, table_row
 
 POLICIES = ("random", "cur", "flotilla")
 # The demo seeds its demos, fleet episodes and training from `seed` on: seeds this far apart share none.
@@ -88,13 +88,10 @@ def run_benchmark(overrides: list[str], seeds: list[int], policies: list[str], o
 
 def run_totals(rounds: list[dict]) -> dict:
     """One run's benchmark numbers from its rounds."""
-    robots, operators = rounds[0]["robots"], rounds[0]["operators"]
-    autonomous = sum(r["autonomous_successes"] for r in rounds)
-    human = sum(r["human_action_steps"] for r in rounds)
-    return {"rohe": rohe(robots, operators, autonomous, human),
-            "final_success": rounds[-1]["autonomous_success_rate"], "human_steps": human,
-            "interventions": sum(r["interventions"] for r in rounds),
-            "hard_resets": sum(r["hard_resets"] for r in rounds)}
+    totals = cumulative(rounds)
+    return {"rohe": totals["rohe"], "final_success": totals["final_autonomous_success_rate"],
+            "human_steps": totals["human_action_steps"], "interventions": totals["interventions"],
+            "hard_resets": totals["hard_resets"]}
 
 
 def summary_table(records: list[dict]) -> str:

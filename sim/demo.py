@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
 import configs
@@ -31,7 +32,7 @@ from fleet.server import ServerConfig, ServerThread
 from fleet.store import EpisodeStore
 from sim.collect import collect_demos
 from sim.fleet_sim import RegistryPolicies, SimFleet, lockstep_tick
-from sim.metrics import RoundMetrics, table_header, table_row
+from sim.metrics import RoundMetrics, cumulative, table_header, table_row, totals_line
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def run_demo(cfg) -> list[RoundMetrics]:
     timings.update(more, total_s=time.monotonic() - started)
     write_results(out, cfg, rounds, timings)
     print("\nall rounds:", table_header(), *map(table_row, rounds), sep="\n")
+    print(totals_line(cumulative([m.to_dict() for m in rounds])))
     print(f"done in {timings['total_s']:.0f} s; results in {out} (metrics.json, curves.png, stores, checkpoints)")
     return rounds
 
@@ -174,8 +176,9 @@ def env_kwargs(cfg) -> dict:
 
 
 def write_results(out: Path, cfg, rounds: list[RoundMetrics], timings: dict) -> None:
-    report = {"config": OmegaConf.to_container(cfg, resolve=True), "rounds": [m.to_dict() for m in rounds],
-              "timings": timings}
+    per_round = [m.to_dict() for m in rounds]
+    report = {"config": OmegaConf.to_container(cfg, resolve=True), "rounds": per_round,
+              "totals": cumulative(per_round), "timings": timings}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     plot_curves(rounds, out / "curves.png")
 
@@ -190,8 +193,10 @@ def plot_curves(rounds: list[RoundMetrics], path: Path) -> None:
     panels = [("autonomous success rate", [m.autonomous_success_rate for m in rounds]),
               ("ROHE", [m.rohe for m in rounds]),
               ("human action steps", [m.human_action_steps for m in rounds]),
-              ("idle robot-steps", [m.idle_steps for m in rounds])]
-    figure, axes = plt.subplots(2, 2, figsize=(9, 6), constrained_layout=True)
+              ("idle robot-steps", [m.idle_steps for m in rounds]),
+              ("cumulative autonomous successes", np.cumsum([m.autonomous_successes for m in rounds])),
+              ("cumulative human action steps", np.cumsum([m.human_action_steps for m in rounds]))]
+    figure, axes = plt.subplots(3, 2, figsize=(9, 8.5), constrained_layout=True)
     for axis, (title, values) in zip(axes.flat, panels, strict=True):
         axis.plot(x, values, marker="o")
         axis.set_title(title)

@@ -107,6 +107,29 @@ def rohe(robots: int, operators: int, autonomous_successes: int, human_action_st
     return (operators / max(robots, 1)) * autonomous_successes / (1 + human_action_steps)
 
 
+# Counts that add up over rounds (the IFL benchmark's cumulative curves).
+CUMULATIVE_KEYS = ("episodes", "successes", "autonomous_successes", "interventions", "human_action_steps",
+                   "idle_steps", "hard_resets", "constraint_violations", "robot_steps")
+
+
+def cumulative(rounds: Sequence[dict]) -> dict:
+    """Totals over rounds (RoundMetrics.to_dict() each), ROHE over all of them and the last round's
+    autonomous success rate."""
+    totals = {key: sum(r[key] for r in rounds) for key in CUMULATIVE_KEYS}
+    robots, operators = (rounds[0]["robots"], rounds[0]["operators"]) if rounds else (0, 0)
+    totals["rohe"] = rohe(robots, operators, totals["autonomous_successes"], totals["human_action_steps"])
+    totals["final_autonomous_success_rate"] = rounds[-1]["autonomous_success_rate"] if rounds else 0.0
+    return totals
+
+
+def totals_line(totals: dict) -> str:
+    return (f"over all rounds: {totals['autonomous_successes']} autonomous successes of {totals['episodes']} "
+            f"episodes ({totals['successes']} with help), {totals['human_action_steps']} human action steps, "
+            f"{totals['interventions']} interventions, ROHE {totals['rohe']:.4f}, {totals['idle_steps']} idle "
+            f"robot-steps, {totals['hard_resets']} hard resets, {totals['constraint_violations']} constraint "
+            f"violations")
+
+
 # (title, RoundMetrics field, format spec); the title sets the column width.
 TABLE_COLUMNS = (("round", "round", "d"), ("auto success", "autonomous_success_rate", ".0%"),
                  ("interventions", "interventions", "d"), ("human steps", "human_action_steps", "d"),

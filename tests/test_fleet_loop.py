@@ -321,8 +321,11 @@ def test_flotilla_demo_runs_one_tiny_round(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # hydra's demo.log lands in tmp_path
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "auto success" in result.stdout and "ROHE" in result.stdout
+    assert "over all rounds:" in result.stdout and "hard resets" in result.stdout
     report = json.loads((out / "metrics.json").read_text())
     assert len(report["rounds"]) == 1 and report["rounds"][0]["episodes"] == 2
+    assert report["totals"]["episodes"] == 2
+    assert report["totals"]["human_action_steps"] == report["rounds"][0]["human_action_steps"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert EpisodeStore.open(out / "fleet.zarr").num_episodes == 2
     assert (out / "registry" / "reach-r0" / "config.json").exists()
@@ -332,8 +335,9 @@ def test_fleet_benchmark_summarizes_runs_over_seeds(tmp_path):
     from benchmarks.fleet import plot, run_totals, summary_table
 
     def rounds(autonomous, human):
-        return [{"robots": 4, "operators": 2, "autonomous_successes": a, "autonomous_success_rate": a / 10,
-                 "human_action_steps": h, "interventions": 3, "hard_resets": 1, "rohe": 0.1}
+        return [{"robots": 4, "operators": 2, "episodes": 10, "successes": a + 1, "autonomous_successes": a,
+                 "autonomous_success_rate": a / 10, "human_action_steps": h, "interventions": 3, "hard_resets": 1,
+                 "idle_steps": 5, "constraint_violations": 1, "robot_steps": 300, "rohe": 0.1}
                 for a, h in zip(autonomous, human, strict=True)]
 
     records = [{"seed": 0, "policy": "cur", "rounds": rounds([2, 4], [10, 9])},
@@ -348,3 +352,18 @@ def test_fleet_benchmark_summarizes_runs_over_seeds(tmp_path):
     assert table[3].startswith("| random | ")
     plot(records, tmp_path / "allocation.png")
     assert (tmp_path / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cumulative_totals_add_rounds_up():
+    from sim.metrics import cumulative
+
+    first = {"robots": 4, "operators": 2, "episodes": 10, "successes": 6, "autonomous_successes": 4,
+             "autonomous_success_rate": 0.4, "interventions": 3, "human_action_steps": 30, "idle_steps": 12,
+             "hard_resets": 1, "constraint_violations": 2, "robot_steps": 400}
+    second = {**first, "successes": 9, "autonomous_successes": 8, "autonomous_success_rate": 0.8,
+              "human_action_steps": 9, "hard_resets": 0, "constraint_violations": 0}
+    totals = cumulative([first, second])
+    assert totals["episodes"] == 20 and totals["successes"] == 15 and totals["autonomous_successes"] == 12
+    assert totals["human_action_steps"] == 39 and totals["hard_resets"] == 1 and totals["constraint_violations"] == 2
+    assert totals["idle_steps"] == 24 and totals["final_autonomous_success_rate"] == 0.8
+    assert totals["rohe"] == pytest.approx(0.5 * 12 / 40)

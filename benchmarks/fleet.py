@@ -3,6 +3,7 @@ benchmark on push).
 
     python -m benchmarks.fleet [--policies random cur flotilla] [--seeds 0 1 2] [--override key=value ...]
     python -m benchmarks.fleet --report runs/bench_fleet/results.json     # table and plot again, no runs
+    python -m benchmarks.fleet --report runs/bench_fleet/results.json --evaluate 100   # + held-out evals
 
 Each seed s (the demo's seed 1000 * s: its demos, fleet episodes and training seed share nothing with
 another's) collects scripted demos and trains the initial policy once (sim.demo.initial_policy); every
@@ -16,6 +17,12 @@ Reported per policy, mean +- std over seeds: ROHE over all rounds ((M / N) * aut
 (1 + human action steps), sim/metrics.py), the last round's autonomous success rate, and human action
 steps over all rounds. Writes results.json into --out, benchmarks/figures/fleet_allocation.png, and
 prints the markdown table.
+
+A round's success rate comes from the fleet's own episodes (16 at the defaults: +-12 points), with
+humans cutting in. `--evaluate N` also runs every seed's initial policy and every run's final policy
+(the last one deployed) alone on N held-out episodes (policies/evaluate.py, seeds 10000 on), which
+says with less noise how much each allocation's human data improved the policy. Those results are
+kept in results.json, so a later --report does not evaluate again.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from hydra import compose, initialize_config_dir
 
 from benchmarks.common import machine_line
 from flotilla.cli import CONFIG_DIR
-from sim.demo import fleet_rounds, fresh_folder, initial_policy
+from sim.demo import fleet_rounds, fresh_folder, initial_policy, set_torch_threads
 from sim.metrics import cumulative, table_header, table_row
 
 POLICIES = ("random", "cur", "flotilla")
@@ -86,6 +93,35 @@ def run_benchmark(overrides: list[str], seeds: list[int], policies: list[str], o
     return records
 
 
+def deployed_checkpoint(out: Path, record: dict, round_index: int) -> Path:
+    """The checkpoint the fleet ran in a round: <task>-r0 is the seed's initial policy (shared by all
+    allocation policies); later versions were trained in the run's own folder (sim.demo.fleet_rounds)."""
+    version = record["rounds"][round_index]["policy_version"]
+    seed_dir = out / f"seed{record['seed']}"
+    train_dir = seed_dir / "train" if version.endswith("-r0") else seed_dir / record["policy"] / "train"
+    return train_dir / version / "checkpoints" / "latest"
+
+
+def evaluate_runs(records: list[dict], out: Path, episodes: int, task: str, max_steps: int) -> None:
+    """Held-out success of each run's initial and final policy (record["eval"]); evaluated once each."""
+    from policies.evaluate import evaluate
+
+    cache: dict[Path, float] = {}
+    for record in records:
+        if record.get("eval", {}).get("episodes") == episodes:
+            continue
+        results = {}
+        for name, index in (("initial", 0), ("final", -1)):
+            checkpoint = deployed_checkpoint(out, record, index)
+            if checkpoint not in cache:
+                cache[checkpoint] = evaluate(checkpoint, task, episodes, max_steps=max_steps,
+                                             progress=False)["success_rate"]
+            results[name] = cache[checkpoint]
+        record["eval"] = {"episodes": episodes, **results}
+        print(f"seed {record['seed']} {record['policy']}: held-out success {results['initial']:.0%} initial -> "
+              f"{results['final']:.0%} final ({episodes} episodes)", flush=True)
+
+
 def run_totals(rounds: list[dict]) -> dict:
     """One run's benchmark numbers from its rounds."""
     totals = cumulative(rounds)
@@ -98,10 +134,16 @@ def summary_table(records: list[dict]) -> str:
     columns = [("ROHE (all rounds)", "rohe", "{:.4f}"), ("final auto success", "final_success", "{:.0%}"),
                ("human action steps", "human_steps", "{:.0f}"), ("interventions", "interventions", "{:.0f}"),
                ("hard resets", "hard_resets", "{:.1f}")]
+    if records and all("eval" in record for record in records):
+        episodes = records[0]["eval"]["episodes"]
+        columns += [(f"held-out success, initial ({episodes} eps)", "eval_initial", "{:.0%}"),
+                    (f"held-out success, final ({episodes} eps)", "eval_final", "{:.0%}")]
     lines = ["| allocation | " + " | ".join(title for title, _, _ in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for policy in dict.fromkeys(record["policy"] for record in records):
-        totals = [run_totals(record["rounds"]) for record in records if record["policy"] == policy]
+        totals = [{**run_totals(record["rounds"]),
+                   **{f"eval_{name}": value for name, value in record.get("eval", {}).items()}}
+                  for record in records if record["policy"] == policy]
         cells = []
         for _, key, spec in columns:
             values = np.array([t[key] for t in totals], float)
@@ -148,15 +190,26 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=FIGURE)
     parser.add_argument("--override", nargs="*", default=[], help="hydra overrides of configs/demo.yaml, after ours")
     parser.add_argument("--report", type=Path, help="only print the table and plot from this results.json")
+    parser.add_argument("--evaluate", type=int, default=0, metavar="N",
+                        help="also evaluate each run's initial and final policy on N held-out episodes")
     args = parser.parse_args()
     print(machine_line(), flush=True)
     if args.report:
-        records = json.loads(args.report.read_text())["runs"]
+        results_path = args.report
+        results = json.loads(results_path.read_text())
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         records = run_benchmark([*DEFAULTS, *args.override], args.seeds, args.policies, args.out)
         print(f"benchmark done in {time.monotonic() - started:.0f} s; runs in {args.out}")
+        results_path = args.out / "results.json"
+        results = {"overrides": [*DEFAULTS, *args.override], "runs": records}
+    records = results["runs"]
+    if args.evaluate:
+        cfg = demo_config(results["overrides"])
+        set_torch_threads(cfg.threads)
+        evaluate_runs(records, results_path.parent, args.evaluate, cfg.task.name, cfg.task.max_steps)
+        results_path.write_text(json.dumps(results, indent=2))
     plot(records, args.figure)
     print(summary_table(records))
     print(f"figure: {args.figure}")

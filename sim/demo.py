@@ -64,7 +64,7 @@ def train_version(cfg, data: list[Path], out: Path, version: str, steps: int | N
     config = train_config(cfg, [str(path) for path in data], out / "train" / version, version, steps)
     print(f"training {version} on {len(data)} store(s) ({config.steps} steps)...", flush=True)
     checkpoint = train(config)
-    _set_torch_threads(cfg.threads)  # train() set its own count; more threads than cores stalls the robots
+    set_torch_threads(cfg.threads)  # train() set its own count; more threads than cores stalls the robots
     return checkpoint, time.monotonic() - started
 
 
@@ -209,7 +209,7 @@ def plot_curves(rounds: list[RoundMetrics], path: Path) -> None:
     plt.close(figure)
 
 
-def _set_torch_threads(threads: int | None) -> None:
+def set_torch_threads(threads: int | None) -> None:
     if threads:
         import torch
 
@@ -218,5 +218,5 @@ def _set_torch_threads(threads: int | None) -> None:
 
 def run(cfg) -> None:
     logging.getLogger().setLevel(cfg.log_level)  # hydra set up INFO logging; a table reads better alone
-    _set_torch_threads(cfg.threads)
+    set_torch_threads(cfg.threads)
     run_demo(cfg)

@@ -353,6 +353,22 @@ def test_fleet_benchmark_summarizes_runs_over_seeds(tmp_path):
     plot(records, tmp_path / "allocation.png")
     assert (tmp_path / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Held-out evaluations of the initial and final policies become two more columns.
+    for record, final in zip(records, (0.6, 0.8, 0.3), strict=True):
+        record["eval"] = {"episodes": 50, "initial": 0.4, "final": final}
+    table = summary_table(records).splitlines()
+    assert "held-out success, final (50 eps)" in table[0]
+    assert table[2].endswith("| 40% +- 0% | 70% +- 10% |") and table[3].endswith("| 40% +- 0% | 30% +- 0% |")
+
+
+def test_fleet_benchmark_finds_the_checkpoint_each_round_deployed(tmp_path):
+    from benchmarks.fleet import deployed_checkpoint
+
+    record = {"seed": 2, "policy": "cur", "rounds": [{"policy_version": "push-r0"}, {"policy_version": "push-r1"}]}
+    # r0 is trained once per seed and shared by every allocation policy; later versions are the run's own.
+    assert deployed_checkpoint(tmp_path, record, 0) == tmp_path / "seed2/train/push-r0/checkpoints/latest"
+    assert deployed_checkpoint(tmp_path, record, -1) == tmp_path / "seed2/cur/train/push-r1/checkpoints/latest"
+
 
 def test_cumulative_totals_add_rounds_up():
     from sim.metrics import cumulative

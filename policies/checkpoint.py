@@ -1,8 +1,8 @@
 """Checkpoints: safetensors weights plus a JSON config; loading never executes code from the files.
 
 A checkpoint is a folder:
-    config.json           format, policy kind and constructor config, shape meta, horizons,
-                          normalizer statistics, policy version, training-data summary, step
+    config.json           format, policy kind and constructor config, ensemble size, shape meta,
+                          horizons, normalizer statistics, policy version, training-data summary, step
     model.safetensors     the weights to deploy (the EMA weights when training keeps them)
     trainer.safetensors   (optional) what resuming needs: raw weights, EMA weights, optimizer tensors
     trainer.json          (optional) optimizer hyper-parameters, step, epoch
@@ -10,6 +10,11 @@ A checkpoint is a folder:
 Everything is read with `json` and `safetensors`, so a malicious checkpoint can at worst hold wrong
 numbers: a missing file, a damaged file, a different architecture or a shape mismatch each raise
 CheckpointError naming what is wrong.
+
+An ensemble (policies/models/ensemble.py) is one checkpoint like any policy: config.json's `ensemble`
+is its size E (1, or the key absent in older checkpoints: a single policy), `kind` and
+`policy_config` are its members', the shared normalizer statistics are in config.json as usual, and
+model.safetensors holds `members.<i>.*` for i < E.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from policies.action_space import DELTA, ActionSpace
-from policies.models.factory import ShapeMeta, build_policy
+from policies.models.factory import ShapeMeta, build_policy, ensemble_size
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -71,6 +76,7 @@ def save_checkpoint(directory: str | os.PathLike, policy: nn.Module, shape_meta:
         "format": FORMAT_VERSION,
         "kind": policy.kind,
         "policy_config": policy.config(),
+        "ensemble": getattr(policy, "ensemble_size", 1),
         "shape_meta": shape_meta.to_dict(),
         "n_obs_steps": policy.n_obs_steps,
         "horizon": policy.horizon,
@@ -127,16 +133,30 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str = "cpu") -> 
     """Rebuild the policy a checkpoint describes and load its weights (no pickle, no code)."""
     directory = Path(directory)
     config = read_config(directory)
+    size = config_ensemble_size(config, directory / CONFIG_FILE)
     try:
-        policy = build_policy(config["kind"], ShapeMeta.from_dict(config["shape_meta"]), **config["policy_config"])
+        policy = build_policy(config["kind"], ShapeMeta.from_dict(config["shape_meta"]), ensemble=size,
+                              **config["policy_config"])
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{directory}: cannot rebuild policy {config['kind']!r} ({err})") from None
     state = load_tensors(directory / MODEL_FILE)
+    held = len({name.split(".")[1] for name in state if name.startswith("members.")})
+    if held != (size if size > 1 else 0):
+        raise CheckpointError(f"{directory / MODEL_FILE} does not match the policy: {CONFIG_FILE} says ensemble "
+                              f"{size} but the weights hold {held or 'no'} ensemble member(s)")
     state.update({_NORMALIZER_PREFIX + name: torch.tensor(values)
                   for name, values in config["normalizer"].items()})
     load_state_strict(policy, state, directory / MODEL_FILE)
     policy.to(map_location).eval()
     return Checkpoint(policy=policy, version=str(config["version"]), config=config)
+
+
+def config_ensemble_size(config: dict, source: Any) -> int:
+    """The ensemble size a checkpoint config records (1 when the key is absent: older checkpoints)."""
+    try:
+        return ensemble_size(config.get("ensemble", 1))
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from None
 
 
 def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Any) -> None:

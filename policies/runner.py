@@ -10,6 +10,13 @@ Uncertainty (the signal the fleet allocates humans on): with `num_samples` K > 1
 action chunks in one batched pass; their spread, the standard deviation across samples of the
 normalized executed actions averaged over steps and dimensions and divided by the normalized action
 range (2), is reported for every action of that chunk.
+
+Ensembles (ThriftyDAgger / Fleet-DAgger style; `ensemble=E` in configs/train.yaml, see
+policies/models/ensemble.py): sample k comes from member k mod E, and with K > 1 the runner draws at
+least E samples so every member contributes. The uncertainty is the same normalized spread, now of
+the members' actions, so thresholds stay comparable with sampling spread; a deterministic mlp
+ensemble gets a nonzero signal this way (a single mlp reports 0). The executed chunk is sample 0,
+member 0's, whatever K is.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ class PolicyRunner:
         # The same initial noise for every plan makes consecutive chunks agree with each other
         # (measured on push, 50 demos, 20 episodes: diffusion 8 -> 11 successes, gc 7 -> 9).
         self.noise_seed = noise_seed
-        self.num_samples = num_samples
+        ensemble = getattr(policy, "ensemble_size", 1)
+        self.num_samples = max(num_samples, ensemble) if num_samples > 1 else 1  # every member gets a say
         self.n_obs_steps = policy.n_obs_steps
         self.n_action_steps = n_action_steps or policy.n_action_steps
         if not 1 <= self.n_action_steps <= policy.horizon - policy.n_obs_steps + 1:

@@ -8,6 +8,10 @@ be cut to a step budget by a memory strategy (policies/data/memory.py). Held-out
 validation loss; an EMA copy of the weights is what gets deployed. Checkpoints (policies/checkpoint.py)
 land in `out/checkpoints/latest` every `checkpoint_every` steps and at the end, with everything
 resuming needs (`resume=out/checkpoints/latest`). Scalars go to tensorboard under `out/tb`.
+
+`ensemble=E` (E >= 2) trains E members of the policy in one run and one checkpoint
+(policies/models/ensemble.py): each member on its own bootstrap of the training windows (the batches
+carry each window's index for that), so their disagreement can serve as the uncertainty signal.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from policies.checkpoint import (
     TRAINER_FILE,
     TRAINER_JSON,
     CheckpointError,
+    config_ensemble_size,
     load_state_strict,
     load_tensors,
     read_config,
     save_checkpoint,
 )
 from policies.data.windows import EpisodeData, WindowDataset, load_episodes, split_episodes
-from policies.models.factory import ShapeMeta, build_policy
+from policies.models.factory import ShapeMeta, build_policy, ensemble_size
 
 
 class EMA:
@@ -70,6 +75,20 @@ def normalizer_data(data: EpisodeData, episodes: np.ndarray, shape_meta: ShapeMe
     keys = [k for k, shape in shape_meta.obs.items() if len(shape) != 3] + ["action"]
     keys += ["goal"] if shape_meta.goal_dim else []
     return {key: data.steps[key][rows] for key in keys}
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A dataset whose samples also carry their index ("index"), so an ensemble can give every member a
+    fixed bootstrap of the samples."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], "index": i}
 
 
 class LossForward(nn.Module):
@@ -118,6 +137,7 @@ def _distributed() -> tuple[int, int]:
 
 def train(cfg) -> Path:
     """Train per `cfg` (configs/train.yaml); returns the final checkpoint folder."""
+    ensemble = ensemble_size(cfg.get("ensemble", 1))
     rank, world = _distributed()
     torch.manual_seed(cfg.seed + rank)
     if cfg.threads:
@@ -138,8 +158,11 @@ def train(cfg) -> Path:
     shape_meta = shape_meta_for(data, obs_keys)
 
     model_kwargs = OmegaConf.to_container(cfg.policy.model, resolve=True)
-    policy = build_policy(cfg.policy.kind, shape_meta, n_action_steps=cfg.policy.n_action_steps, **horizons,
-                          **model_kwargs)
+    policy = build_policy(cfg.policy.kind, shape_meta, ensemble=ensemble, n_action_steps=cfg.policy.n_action_steps,
+                          **horizons, **model_kwargs)
+    if ensemble > 1:
+        policy.bootstrap_seed = int(cfg.seed)
+        train_set = IndexedDataset(train_set)
     policy.normalizer.fit(normalizer_data(data, train_eps, shape_meta))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(policy, max_decay=cfg.ema_decay) if cfg.ema else None
@@ -249,6 +272,10 @@ def _resume(directory: Path, policy, ema, optimizer) -> int:
     config = read_config(directory)
     if config["kind"] != policy.kind:
         raise CheckpointError(f"{directory}: a {config['kind']} checkpoint cannot resume a {policy.kind} run")
+    size, wanted = config_ensemble_size(config, directory), getattr(policy, "ensemble_size", 1)
+    if size != wanted:
+        raise CheckpointError(f"{directory}: a checkpoint of ensemble {size} cannot resume a run with "
+                              f"ensemble={wanted}")
     meta_path = directory / TRAINER_JSON
     if not meta_path.is_file():
         raise CheckpointError(f"{directory}: has no trainer state to resume from ({TRAINER_JSON} is missing)")

@@ -69,11 +69,20 @@ Kinds and their defaults (see each module's docstring for the details)
     (32, 64, 128, 256) with GroupNorm, image_blocks_per_stage 1, spatial softmax with num_keypoints 32,
     linear to image_feature_dim 64.
 
+Ensembles
+    ``build_policy(kind, shape_meta, ensemble=E, **config)`` with E >= 2 gives a ``PolicyEnsemble``
+    (policies/models/ensemble.py): E members of that kind and config, different initial seeds, one
+    shared normalizer, bootstrap-weighted training (the trainer adds ``batch["index"]``). It keeps the
+    contract above (``kind`` and ``config()`` are the members'; ``ensemble_size`` is E): sample k of
+    ``predict_action`` comes from member k mod E, so sample 0 is member 0's and the spread of K >= E
+    samples is the members' disagreement. Checkpoints record E as ``ensemble`` in config.json.
+
 EMA weights are the trainer's business (keep an EMA copy of the whole module).
 """
 
 from policies.models.diffusion import DiffusionPolicy
 from policies.models.encoders import ImageEncoder, ObsEncoder, PolicyBase, ShapeMeta
+from policies.models.ensemble import PolicyEnsemble, ensemble_size
 from policies.models.factory import POLICIES, build_policy, policy_kwargs
 from policies.models.gc_diffusion import GCDiffusionPolicy
 from policies.models.mlp import MLPPolicy
@@ -88,7 +97,9 @@ __all__ = [
     "MLPPolicy",
     "ObsEncoder",
     "PolicyBase",
+    "PolicyEnsemble",
     "ShapeMeta",
     "build_policy",
+    "ensemble_size",
     "policy_kwargs",
 ]

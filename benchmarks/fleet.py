@@ -38,7 +38,8 @@ from hydra import compose, initialize_config_dir
 
 from benchmarks.common import machine_line
 from flotilla.cli import CONFIG_DIR
-from sim.demo import fleet_rounds, fresh_folder, initial_policy, set_torch_threads
+from sim.demo import fleet_rounds, fresh_folder, initial_policy
+from sim.fleet_sim import set_torch_threads
 from sim.metrics import cumulative, table_header, table_row
 
 POLICIES = ("random", "cur", "flotilla")

@@ -26,6 +26,7 @@ from flotilla.cli import CONFIG_DIR
 from policies.evaluate import evaluate
 from policies.train import train
 from sim.collect import collect_demos
+from sim.fleet_sim import set_torch_threads
 
 HEADERS = ["task", "demos", "policy", "train steps", "success", "mean length", "violations", "train s",
            "eval episodes"]
@@ -105,6 +106,7 @@ def main() -> None:
                              f"steps={steps}", "progress=false", *args.override]
                 with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                     cfg = compose(config_name="train", overrides=overrides)
+                set_torch_threads(cfg.threads)  # train() sets it too; a reused checkpoint skips train()
                 checkpoint = trained_checkpoint(run_dir, steps, data) if args.reuse else None
                 train_s = None  # not trained in this run (reused)
                 if checkpoint is None:

@@ -31,7 +31,7 @@ from fleet.clients import publish_checkpoint
 from fleet.server import ServerConfig, ServerThread
 from fleet.store import EpisodeStore
 from sim.collect import collect_demos
-from sim.fleet_sim import RegistryPolicies, SimFleet, lockstep_tick
+from sim.fleet_sim import RegistryPolicies, SimFleet, lockstep_tick, set_torch_threads
 from sim.metrics import RoundMetrics, cumulative, table_header, table_row, totals_line
 
 log = logging.getLogger(__name__)
@@ -207,13 +207,6 @@ def plot_curves(rounds: list[RoundMetrics], path: Path) -> None:
                     f"{rounds[0].operators if rounds else 0} operators")
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def set_torch_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
 
 
 def run(cfg) -> None:

@@ -468,7 +468,7 @@ def run(cfg) -> None:
     from sim.metrics import table_header, table_row
 
     logging.getLogger().setLevel(cfg.log_level)
-    _limit_torch_threads(cfg.threads)
+    set_torch_threads(cfg.threads)
     print(table_header(), flush=True)
     results = run_fleet(
         cfg.server, {"robot": cfg.tokens.robot, "operator": cfg.tokens.operator}, cfg.task.name, cfg.robots,
@@ -484,7 +484,7 @@ def run(cfg) -> None:
         print(f"metrics: {cfg.metrics_out}")
 
 
-def _limit_torch_threads(threads: int | None) -> None:
+def set_torch_threads(threads: int | None) -> None:
     # One thread per policy: with more torch threads than free cores, every plan stalls (measured 30x).
     if threads:
         import torch

@@ -36,6 +36,7 @@ from policies.checkpoint import (
     TRAINER_JSON,
     CheckpointError,
     config_ensemble_size,
+    load_checkpoint,
     load_state_strict,
     load_tensors,
     read_config,
@@ -163,7 +164,12 @@ def train(cfg) -> Path:
     if ensemble > 1:
         policy.bootstrap_seed = int(cfg.seed)
         train_set = IndexedDataset(train_set)
-    policy.normalizer.fit(normalizer_data(data, train_eps, shape_meta))
+    if cfg.get("init_from"):
+        if cfg.resume:
+            raise ValueError("set resume (continue a run) or init_from (fine-tune a trained policy), not both")
+        _init_from(Path(cfg.init_from), policy)
+    else:
+        policy.normalizer.fit(normalizer_data(data, train_eps, shape_meta))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(policy, max_decay=cfg.ema_decay) if cfg.ema else None
     step = 0
@@ -180,7 +186,7 @@ def train(cfg) -> Path:
         schedule.step()
 
     writer = _tensorboard(out / "tb") if rank == 0 and cfg.tensorboard else None
-    training_summary = {**data.summary(), "weighting": cfg.weighting,
+    training_summary = {**data.summary(), "weighting": cfg.weighting, "init_from": cfg.get("init_from"),
                         "memory": OmegaConf.to_container(cfg.memory),
                         "train_episodes": len(train_eps), "val_episodes": len(val_eps)}
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.policy.kind}", unit="step",
@@ -266,6 +272,15 @@ def _save(directory, policy, ema, optimizer, shape_meta, action_space, cfg, trai
                     step=step, trainer_state=tensors,
                     trainer_meta={"param_groups": groups, "step": step, "epoch": epoch,
                                   "ema_updates": ema.updates if ema else 0})
+
+
+def _init_from(directory: Path, policy) -> None:
+    """Start from a trained policy's weights and normalizer (its input and action scaling go with its
+    weights); the optimizer, schedule and step count start afresh."""
+    previous = load_checkpoint(directory).policy
+    if previous.kind != policy.kind:
+        raise CheckpointError(f"{directory}: a {previous.kind} checkpoint cannot start a {policy.kind} run")
+    load_state_strict(policy, previous.state_dict(), directory)
 
 
 def _resume(directory: Path, policy, ema, optimizer) -> int:

@@ -44,25 +44,29 @@ LOCKSTEP_TICK_HZ = 1e-6
 FLEET_SEED_OFFSET = 50_000
 
 
-def train_config(cfg, data: list[str], out: Path, version: str, steps: int | None = None):
+def train_config(cfg, data: list[str], out: Path, version: str, steps: int | None = None,
+                 init_from: Path | None = None):
     """configs/train.yaml with the demo's task, policy and `train` overrides (no hydra needed)."""
     base = OmegaConf.load(TRAIN_CONFIG)
     base.pop("defaults", None)
     merged = OmegaConf.merge(base, {"task": cfg.task, "policy": cfg.policy, "seed": cfg.seed}, cfg.train,
                              {"data": data, "out": str(out), "version": version},
-                             {"steps": steps} if steps else {})
+                             {"steps": steps} if steps else {},
+                             {"init_from": str(init_from)} if init_from else {})
     OmegaConf.resolve(merged)
     return merged
 
 
-def train_version(cfg, data: list[Path], out: Path, version: str, steps: int | None = None) -> tuple[Path, float]:
-    """Train `version` on the stores `data` (for `steps`, default train.steps); returns (checkpoint folder,
-    training wall time)."""
+def train_version(cfg, data: list[Path], out: Path, version: str, steps: int | None = None,
+                  init_from: Path | None = None) -> tuple[Path, float]:
+    """Train `version` on the stores `data` (for `steps`, default train.steps; fine-tuning the checkpoint
+    `init_from` if given); returns (checkpoint folder, training wall time)."""
     from policies.train import train  # torch is imported only here
 
     started = time.monotonic()
-    config = train_config(cfg, [str(path) for path in data], out / "train" / version, version, steps)
-    print(f"training {version} on {len(data)} store(s) ({config.steps} steps)...", flush=True)
+    config = train_config(cfg, [str(path) for path in data], out / "train" / version, version, steps, init_from)
+    start = f", from {Path(init_from).parent.parent.name}" if init_from else ""
+    print(f"training {version} on {len(data)} store(s) ({config.steps} steps{start})...", flush=True)
     checkpoint = train(config)
     set_torch_threads(cfg.threads)  # train() set its own count; more threads than cores stalls the robots
     return checkpoint, time.monotonic() - started
@@ -126,6 +130,7 @@ def fleet_rounds(cfg, out: Path, demos: Path, initial: Path,
               f"allocation {cfg.server.allocation.policy})", flush=True)
         version = f"{task}-r0"
         publish_checkpoint(server.address, tokens["trainer"], initial, version)
+        checkpoint = initial  # the deployed policy; with warm_start each retraining fine-tunes it
         loader = RegistryPolicies(server.address, tokens["robot"], out / "policy_cache", cfg.fleet.num_samples)
         fleet = SimFleet(server.address, tokens, task, cfg.fleet.robots, cfg.fleet.operators, policy=version,
                          load_policy=loader, control_hz=cfg.fleet.control_hz, env_kwargs=env_kwargs(cfg),
@@ -145,7 +150,8 @@ def fleet_rounds(cfg, out: Path, demos: Path, initial: Path,
                 fleet.flush()
                 wait_committed(server, len(fleet.finished))
                 version = f"{task}-r{index + 1}"
-                checkpoint, seconds = train_version(cfg, [demos, out / "fleet.zarr"], out, version)
+                checkpoint, seconds = train_version(cfg, [demos, out / "fleet.zarr"], out, version,
+                                                    init_from=checkpoint if cfg.warm_start else None)
                 timings["retrain_s"].append(seconds)
                 publish_checkpoint(server.address, tokens["trainer"], checkpoint, version)
                 if not fleet.wait_for_policy(version):

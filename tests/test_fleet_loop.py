@@ -312,23 +312,28 @@ def test_unreachable_server_makes_the_robot_hold_and_loses_no_step(tmp_path):
             server.stop()
 
 
-def test_flotilla_demo_runs_one_tiny_round(tmp_path):
+def test_flotilla_demo_runs_two_tiny_rounds(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "flotilla.cli", "demo", f"out={out}", "rounds=1", "demos.episodes=3",
-         "demos.train_steps=4", "train.steps=4", "train.batch_size=8", "fleet.robots=2", "fleet.operators=1", "fleet.episodes_per_robot=1",
-         "fleet.control_hz=40", "policy.model.down_dims=[8,16]", "progress=false", "train.progress=false"],
+        [sys.executable, "-m", "flotilla.cli", "demo", f"out={out}", "rounds=2", "demos.episodes=3",
+         "demos.train_steps=4", "train.steps=4", "train.batch_size=8", "fleet.robots=2", "fleet.operators=1",
+         "fleet.episodes_per_robot=1", "fleet.control_hz=40", "policy.model.down_dims=[8,16]", "progress=false",
+         "train.progress=false"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # hydra's demo.log lands in tmp_path
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "auto success" in result.stdout and "ROHE" in result.stdout
     assert "over all rounds:" in result.stdout and "hard resets" in result.stdout
     report = json.loads((out / "metrics.json").read_text())
-    assert len(report["rounds"]) == 1 and report["rounds"][0]["episodes"] == 2
-    assert report["totals"]["episodes"] == 2
-    assert report["totals"]["human_action_steps"] == report["rounds"][0]["human_action_steps"]
+    assert [r["episodes"] for r in report["rounds"]] == [2, 2]
+    assert [r["policy_version"] for r in report["rounds"]] == ["reach-r0", "reach-r1"]  # hot-swapped
+    assert report["totals"]["episodes"] == 4
+    assert report["totals"]["human_action_steps"] == sum(r["human_action_steps"] for r in report["rounds"])
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert EpisodeStore.open(out / "fleet.zarr").num_episodes == 2
+    assert EpisodeStore.open(out / "fleet.zarr").num_episodes == 4
     assert (out / "registry" / "reach-r0" / "config.json").exists()
+    # warm_start (the default): round 2's policy was fine-tuned from the one deployed in round 1.
+    retrained = json.loads((out / "train" / "reach-r1" / "checkpoints" / "latest" / "config.json").read_text())
+    assert retrained["training"]["init_from"] == str(out / "train" / "reach-r0" / "checkpoints" / "latest")
 
 
 def test_fleet_benchmark_summarizes_runs_over_seeds(tmp_path):

@@ -68,6 +68,27 @@ def test_resume_continues_from_the_saved_step(trained, push_demos, tmp_path):
     assert mismatched.returncode != 0 and "cannot resume" in mismatched.stderr
 
 
+def test_init_from_fine_tunes_a_trained_policy(trained, push_demos, tmp_path):
+    from safetensors.torch import load_file
+
+    # lr 0: the run changes nothing, so the new checkpoint must hold the old weights and normalizer exactly.
+    out = tmp_path / "tuned"
+    flotilla("train", f"data={push_demos}", f"out={out}", f"init_from={trained}", *TINY, "steps=5", "lr=0.0")
+    tuned = out / "checkpoints" / "latest"
+    config = read_config(tuned)
+    assert config["step"] == 5 and config["training"]["init_from"] == str(trained)
+    assert config["normalizer"] == read_config(trained)["normalizer"]
+    before, after = load_file(str(trained / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
+
+    wrong_kind = flotilla("train", f"data={push_demos}", f"out={tmp_path / 'mlp'}", f"init_from={trained}",
+                          "policy=mlp", "steps=5", "progress=false", check=False)
+    assert wrong_kind.returncode != 0 and "cannot start a mlp run" in wrong_kind.stderr
+    both = flotilla("train", f"data={push_demos}", f"out={tmp_path / 'both'}", f"init_from={trained}",
+                    f"resume={trained}", *TINY, check=False)
+    assert both.returncode != 0 and "not both" in both.stderr
+
+
 def test_corrupt_or_mismatched_checkpoints_get_clear_errors(trained, tmp_path):
     import shutil
 

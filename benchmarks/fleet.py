@@ -52,7 +52,9 @@ FIGURE = Path(__file__).resolve().parent / "figures" / "fleet_allocation.png"
 # hour on the project's 2-core machine (threads=1 everywhere). Push predicts target positions (with steps,
 # z errors add up over a chunk into the table: benchmarks/README.md, policy_results). Training steps
 # matter most (seed 0, 30 episodes each): 1500 steps gave 7% success on the demos alone and 0% with two
-# rounds of C.U.R. fleet data; 4000 steps gave 20% on the demos and 40% with three rounds.
+# rounds of C.U.R. fleet data; 4000 steps gave 20% on the demos and 40% with three rounds. Those were
+# retrained from scratch; with the demo's warm_start (fine-tune the deployed policy, now the default)
+# 3000 steps a round took held-out success from 33% to 70% (C.U.R., Flotilla; benchmarks/README.md).
 DEFAULTS = [
     "task=push", "rounds=3", "demos.episodes=30", "demos.train_steps=3000", "train.steps=3000",
     "train.action_space.kind=target", "policy.model.down_dims=[16,32,64]", "fleet.episodes_per_robot=4",

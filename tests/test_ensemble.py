@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +191,17 @@ def test_diffusion_ensemble_executes_member_zero_and_spreads_samples_over_member
     runner = PolicyRunner(ensemble, num_samples=4)
     runner.act({"ee_pos": np.full(3, 0.4, np.float32)}, goal=np.full(3, 0.4, np.float32))
     assert runner.uncertainty > 0.0
+
+
+def test_ensemble_trains_under_ddp_on_two_cpu_processes(demos, tmp_path):
+    out = tmp_path / "ddp"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29537", "-m", "policies.train", f"data={demos}", f"out={out}",
+                             *TINY_MLP, "steps=20", "ensemble=2"],
+                            cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)},
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = read_config(out / "checkpoints" / "latest")
+    assert config["ensemble"] == 2 and config["step"] == 20
+    assert load_checkpoint(out / "checkpoints" / "latest").policy.ensemble_size == 2

@@ -128,12 +128,19 @@ def ee_delta_to_action(delta_m: np.ndarray, max_speed: float = 1.0) -> np.ndarra
     return action
 
 
+# The table-top workspace of the object tasks (push, pick_place), x and y in metres, world frame: where
+# the object starts, where its goal may lie, and how far apart the two are.
+OBJECT_START_XY = (np.array([0.42, -0.15]), np.array([0.58, 0.15]))
+OBJECT_GOAL_XY = (np.array([0.36, -0.25]), np.array([0.64, 0.25]))
+OBJECT_GOAL_DISTANCE_M = (0.10, 0.25)
+
+
 def sample_start_and_goal_xy(
     rng: np.random.Generator,
-    start_box: tuple[np.ndarray, np.ndarray],
-    goal_box: tuple[np.ndarray, np.ndarray],
-    distance: tuple[float, float],
     goal_xy: np.ndarray | None = None,
+    start_box: tuple[np.ndarray, np.ndarray] = OBJECT_START_XY,
+    goal_box: tuple[np.ndarray, np.ndarray] = OBJECT_GOAL_XY,
+    distance: tuple[float, float] = OBJECT_GOAL_DISTANCE_M,
 ) -> tuple[np.ndarray, np.ndarray]:
     """An object start (x, y) in `start_box` and a goal (x, y) in `goal_box` whose distance from it
     lies in `distance` (min, max), in a uniformly random direction. A given `goal_xy` is kept and

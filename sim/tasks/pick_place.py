@@ -2,8 +2,8 @@
 
 Goal: (3,) the target position (x, y, z) of the cube's centre, metres, world frame; z is the
 height of the centre of a cube resting on the table (``CUBE_HALF_M``). The cube starts in
-``START_LOW``..``START_HIGH`` with a small random yaw; the goal lies ``GOAL_DISTANCE_M`` away from it
-in the plane, inside ``GOAL_LOW``..``GOAL_HIGH``. Success: the cube's centre within
+``OBJECT_START_XY`` (sim/tasks/panda_env.py) with a small random yaw; the goal lies
+``OBJECT_GOAL_DISTANCE_M`` away from it in the plane, inside ``OBJECT_GOAL_XY``. Success: the cube's centre within
 ``SUCCESS_RADIUS_M`` of the goal, released (no robot link touching it) and at rest.
 """
 
@@ -18,11 +18,6 @@ CUBE_HALF_M = 0.02
 CUBE_MASS_KG = 0.1
 CUBE_FRICTION = 1.0  # pybullet multiplies frictions: 0.5 against the table, 1.5 against the fingers
 CUBE_MAX_YAW_RAD = np.pi / 6
-START_LOW = np.array([0.42, -0.15])
-START_HIGH = np.array([0.58, 0.15])
-GOAL_LOW = np.array([0.36, -0.25])
-GOAL_HIGH = np.array([0.64, 0.25])
-GOAL_DISTANCE_M = (0.10, 0.25)
 SUCCESS_RADIUS_M = 0.03
 AT_REST_SPEED_M_S = 0.05
 
@@ -36,13 +31,7 @@ class PickPlaceEnv(PandaEnv):
         return self._make_cube(CUBE_HALF_M, CUBE_MASS_KG, CUBE_FRICTION, [0.2, 0.35, 0.85, 1.0])
 
     def _sample_episode(self, goal):
-        start, goal_xy = sample_start_and_goal_xy(
-            self.np_random,
-            (START_LOW, START_HIGH),
-            (GOAL_LOW, GOAL_HIGH),
-            GOAL_DISTANCE_M,
-            None if goal is None else goal[:2],
-        )
+        start, goal_xy = sample_start_and_goal_xy(self.np_random, None if goal is None else goal[:2])
         yaw = self.np_random.uniform(-CUBE_MAX_YAW_RAD, CUBE_MAX_YAW_RAD)
         goal = np.array([goal_xy[0], goal_xy[1], CUBE_HALF_M if goal is None else goal[2]])
         return goal, np.array([start[0], start[1], CUBE_HALF_M, yaw])

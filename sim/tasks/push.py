@@ -2,9 +2,9 @@
 expert and policies push it with the closed fingers).
 
 Goal: (2,) the target (x, y) of the block's centre on the table, metres, world frame. The block
-starts in ``START_LOW``..``START_HIGH`` with a random yaw; the goal lies ``GOAL_DISTANCE_M`` away from
-it in any direction, inside ``GOAL_LOW``..``GOAL_HIGH``. Success: the block's centre within
-``SUCCESS_RADIUS_M`` of the goal in the plane (its orientation does not matter).
+starts in ``OBJECT_START_XY`` (sim/tasks/panda_env.py) with a random yaw; the goal lies
+``OBJECT_GOAL_DISTANCE_M`` away from it in any direction, inside ``OBJECT_GOAL_XY``. Success: the
+block's centre within ``SUCCESS_RADIUS_M`` of the goal in the plane (its orientation does not matter).
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ from sim.tasks.panda_env import PandaEnv, sample_start_and_goal_xy
 BLOCK_HALF_M = 0.025
 BLOCK_MASS_KG = 0.3
 BLOCK_FRICTION = 0.5  # pybullet multiplies frictions: 0.25 against the table, 0.75 against the fingers
-START_LOW = np.array([0.42, -0.15])
-START_HIGH = np.array([0.58, 0.15])
-GOAL_LOW = np.array([0.36, -0.25])
-GOAL_HIGH = np.array([0.64, 0.25])
-GOAL_DISTANCE_M = (0.10, 0.25)
 SUCCESS_RADIUS_M = 0.03
 
 
@@ -34,9 +29,7 @@ class PushEnv(PandaEnv):
         return self._make_cube(BLOCK_HALF_M, BLOCK_MASS_KG, BLOCK_FRICTION, [0.85, 0.2, 0.15, 1.0])
 
     def _sample_episode(self, goal):
-        start, goal = sample_start_and_goal_xy(
-            self.np_random, (START_LOW, START_HIGH), (GOAL_LOW, GOAL_HIGH), GOAL_DISTANCE_M, goal
-        )
+        start, goal = sample_start_and_goal_xy(self.np_random, goal)
         yaw = self.np_random.uniform(-np.pi / 4, np.pi / 4)
         return goal, np.array([start[0], start[1], BLOCK_HALF_M, yaw])
 

@@ -222,7 +222,8 @@ def test_takeover_relabels_pre_intervention_and_teleop_reaches_the_robot(server,
     send(robot, 1, [7, 8], label=INTERVENTION)  # calm signals: once released, it stays released
     assert robot.wait_acked()
     operator.release("r1")  # honoured once t_T ticks are served
-    assert operator.next_update(5, kind="released").released.robot_id == "r1"
+    released = operator.next_update(5, kind="released").released
+    assert (released.robot_id, released.reason) == ("r1", "operator_release")
     wait_until(lambda: robot.state.mode == pb.AUTONOMOUS, what="AUTONOMOUS after release")
     send(robot, 1, [9], uncertainty=0.1)
     robot.end_episode(1, success=True)
@@ -297,7 +298,8 @@ def test_robot_disconnect_mid_intervention_frees_the_operator(make_server, clien
     robot = clients(robot_client(server))
     take_over(robot, alice)
     robot.close()
-    assert alice.next_update(5, kind="released").released.robot_id == "r1"
+    released = alice.next_update(5, kind="released").released
+    assert (released.robot_id, released.reason) == ("r1", "robot_disconnected")
     assert alice.assigned == set()
     status = fleet_status(server.address, "admin-token")
     assert [(r.robot_id, r.connected, r.operator_id) for r in status.robots] == [("r1", False, "")]
@@ -316,7 +318,8 @@ def test_blocked_robot_holds_until_a_human_reset_of_t_R_steps(server, clients):
     assert assignment.needs_reset and assignment.reset_steps == 2 and assignment.reason == "constraint_violation"
     assert robot.state.mode == pb.HOLD  # the human is resetting it: it does not act
     alice.reset("r1")  # already under way: nothing more happens until t_R is served
-    assert alice.next_update(5, kind="released").released.robot_id == "r1"
+    released = alice.next_update(5, kind="released").released
+    assert (released.robot_id, released.reason) == ("r1", "reset_done")
     wait_until(robot.take_reset, what="the reset order")
     assert not robot.take_reset()  # exactly one reset
     send(robot, 1, [1], constraint_violation=True)  # a stale step from before the reset: not blocked again

@@ -218,10 +218,12 @@ class OperatorMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[OperatorHello, _Mapping]] = ..., action: _Optional[_Union[OperatorAction, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., estop: _Optional[_Union[EStop, _Mapping]] = ..., reset: _Optional[_Union[ResetRobot, _Mapping]] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("robot_id",)
+    __slots__ = ("robot_id", "reason")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
-    def __init__(self, robot_id: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, robot_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class EStop(_message.Message):
     __slots__ = ("robot_id", "engage")

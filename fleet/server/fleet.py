@@ -403,7 +403,8 @@ class Fleet:
         """Tell the operator (if still here) and the robot; a finished human reset also orders the reset."""
         operator = self.operators.get(release.operator_id)
         if operator is not None:
-            operator.outbox.send(pb.OperatorUpdate(released=pb.Release(robot_id=release.robot_id)))
+            operator.outbox.send(pb.OperatorUpdate(released=pb.Release(robot_id=release.robot_id,
+                                                                       reason=release.reason)))
         robot = self.robots.get(release.robot_id)
         if robot is not None:
             reset = release.reason == allocation.RESET_DONE

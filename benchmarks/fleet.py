@@ -38,8 +38,9 @@ from hydra import compose, initialize_config_dir
 
 from benchmarks.common import machine_line
 from flotilla.cli import CONFIG_DIR
-from sim.demo import fleet_rounds, fresh_folder, initial_policy
-from sim.fleet_sim import set_torch_threads
+from policies.threads import set_torch_threads
+from policies.train import final_checkpoint
+from sim.demo import fleet_rounds, fresh_folder, initial_policy, version_dir
 from sim.metrics import cumulative, table_header, table_row
 
 POLICIES = ("random", "cur", "flotilla")
@@ -101,8 +102,8 @@ def deployed_checkpoint(out: Path, record: dict, round_index: int) -> Path:
     allocation policies); later versions were trained in the run's own folder (sim.demo.fleet_rounds)."""
     version = record["rounds"][round_index]["policy_version"]
     seed_dir = out / f"seed{record['seed']}"
-    train_dir = seed_dir / "train" if version.endswith("-r0") else seed_dir / record["policy"] / "train"
-    return train_dir / version / "checkpoints" / "latest"
+    demo_dir = seed_dir if version.endswith("-r0") else seed_dir / record["policy"]
+    return final_checkpoint(version_dir(demo_dir, version))
 
 
 def evaluate_runs(records: list[dict], out: Path, episodes: int, task: str, max_steps: int) -> None:

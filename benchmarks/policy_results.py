@@ -24,9 +24,9 @@ from benchmarks.common import machine_line, print_table
 from fleet.store import EpisodeStore
 from flotilla.cli import CONFIG_DIR
 from policies.evaluate import evaluate
-from policies.train import train
+from policies.threads import set_torch_threads
+from policies.train import final_checkpoint, train
 from sim.collect import collect_demos
-from sim.fleet_sim import set_torch_threads
 
 HEADERS = ["task", "demos", "policy", "train steps", "success", "mean length", "violations", "train s",
            "eval episodes"]
@@ -42,7 +42,7 @@ def demos_store(out: Path, task: str, count: int, operator: dict) -> Path:
 
 def trained_checkpoint(run_dir: Path, steps: int, data: Path) -> Path | None:
     """The run's checkpoint if it was trained for `steps` on the store `data`, else None."""
-    config_path = run_dir / "checkpoints" / "latest" / "config.json"
+    config_path = final_checkpoint(run_dir) / "config.json"
     if not config_path.exists():
         return None
     config = json.loads(config_path.read_text())

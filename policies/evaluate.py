@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from policies.checkpoint import CheckpointError
 from policies.runner import PolicyRunner
+from policies.threads import set_torch_threads
 from sim.tasks import make_env
 
 VIDEO_CAMERA = "front"
@@ -79,8 +79,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, scale: int 
 def run(cfg) -> None:
     if not cfg.checkpoint:
         raise SystemExit("flotilla eval: give checkpoint=PATH (a folder written by `flotilla train`)")
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    set_torch_threads(cfg.threads)
     try:
         result = evaluate(cfg.checkpoint, cfg.task.name, cfg.episodes, seed=cfg.seed, max_steps=cfg.task.max_steps,
                           env_kwargs=dict(cfg.task.env), num_samples=cfg.num_samples,

@@ -44,6 +44,12 @@ from policies.checkpoint import (
 )
 from policies.data.windows import EpisodeData, WindowDataset, load_episodes, split_episodes
 from policies.models.factory import ShapeMeta, build_policy, ensemble_size
+from policies.threads import set_torch_threads
+
+
+def final_checkpoint(out: str | os.PathLike) -> Path:
+    """Where a run with `out` keeps its latest checkpoint (and the one it ends with)."""
+    return Path(out) / "checkpoints" / "latest"
 
 
 class EMA:
@@ -141,8 +147,7 @@ def train(cfg) -> Path:
     ensemble = ensemble_size(cfg.get("ensemble", 1))
     rank, world = _distributed()
     torch.manual_seed(cfg.seed + rank)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    set_torch_threads(cfg.threads)
     out = Path(cfg.out)
     obs_keys = list(cfg.task.obs_keys) + [f"{name}_rgb" for name in (cfg.camera_names if cfg.cameras else [])]
     paths = [str(p) for p in (cfg.data if not isinstance(cfg.data, str) else [cfg.data])]
@@ -192,7 +197,7 @@ def train(cfg) -> Path:
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.policy.kind}", unit="step",
                disable=rank != 0 or not cfg.progress, file=sys.stdout)
     started, samples, epoch = time.perf_counter(), 0, 0
-    final = out / "checkpoints" / "latest"
+    final = final_checkpoint(out)
     while step < cfg.steps:
         if sampler is not None:
             sampler.set_epoch(epoch)

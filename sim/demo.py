@@ -30,8 +30,9 @@ import configs
 from fleet.clients import publish_checkpoint
 from fleet.server import ServerConfig, ServerThread
 from fleet.store import EpisodeStore
+from policies.threads import set_torch_threads
 from sim.collect import collect_demos
-from sim.fleet_sim import RegistryPolicies, SimFleet, lockstep_tick, set_torch_threads
+from sim.fleet_sim import RegistryPolicies, SimFleet, lockstep_tick
 from sim.metrics import RoundMetrics, cumulative, table_header, table_row, totals_line
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,17 @@ def train_version(cfg, data: list[Path], out: Path, version: str, steps: int | N
     from policies.train import train  # torch is imported only here
 
     started = time.monotonic()
-    config = train_config(cfg, [str(path) for path in data], out / "train" / version, version, steps, init_from)
+    config = train_config(cfg, [str(path) for path in data], version_dir(out, version), version, steps, init_from)
     start = f", from {Path(init_from).parent.parent.name}" if init_from else ""
     print(f"training {version} on {len(data)} store(s) ({config.steps} steps{start})...", flush=True)
     checkpoint = train(config)
     set_torch_threads(cfg.threads)  # train() set its own count; more threads than cores stalls the robots
     return checkpoint, time.monotonic() - started
+
+
+def version_dir(out: Path, version: str) -> Path:
+    """The training run folder of policy `version` in a demo folder `out`."""
+    return out / "train" / version
 
 
 def wait_committed(server: ServerThread, episodes: int, timeout: float = 60.0) -> None:

@@ -31,6 +31,7 @@ from fleet import codec
 from fleet.agent import HOLD_SERVER, HOLD_VIOLATION, AgentStep, RobotAgent, observation_spec
 from fleet.clients import OperatorClient, RobotClient, fetch_checkpoint
 from fleet.proto import flotilla_pb2 as pb
+from policies.threads import set_torch_threads
 from sim.experts import make_expert
 from sim.metrics import EpisodeRecord, RoundMetrics, summarize
 from sim.tasks import make_env
@@ -482,11 +483,3 @@ def run(cfg) -> None:
         Path(cfg.metrics_out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.metrics_out).write_text(json.dumps([m.to_dict() for m in results], indent=2))
         print(f"metrics: {cfg.metrics_out}")
-
-
-def set_torch_threads(threads: int | None) -> None:
-    # One thread per policy: with more torch threads than free cores, every plan stalls (measured 30x).
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))

@@ -3,8 +3,8 @@
 Goal: (3,) the target position (x, y, z) of the cube's centre, metres, world frame; z is the
 height of the centre of a cube resting on the table (``CUBE_HALF_M``). The cube starts in
 ``OBJECT_START_XY`` (sim/tasks/panda_env.py) with a small random yaw; the goal lies
-``OBJECT_GOAL_DISTANCE_M`` away from it in the plane, inside ``OBJECT_GOAL_XY``. Success: the cube's centre within
-``SUCCESS_RADIUS_M`` of the goal, released (no robot link touching it) and at rest.
+``OBJECT_GOAL_DISTANCE_M`` away from it in the plane, inside ``OBJECT_GOAL_XY``. Success: the cube's
+centre within ``SUCCESS_RADIUS_M`` of the goal, released (no robot link touching it) and at rest.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fleet.proto import flotilla_pb2 as fleet_dot_proto_dot_flotilla__pb2
+from fleet.proto.flotilla.v1 import flotilla_pb2 as fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fleet/proto/flotilla_pb2_grpc.py depends on'
+        + ' but the generated code in fleet/proto/flotilla/v1/flotilla_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,8 +36,8 @@ class RobotServiceStub:
         """
         self.Session = channel.stream_stream(
                 '/flotilla.v1.RobotService/Session',
-                request_serializer=fleet_dot_proto_dot_flotilla__pb2.RobotMessage.SerializeToString,
-                response_deserializer=fleet_dot_proto_dot_flotilla__pb2.Command.FromString,
+                request_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.RobotMessage.SerializeToString,
+                response_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.Command.FromString,
                 _registered_method=True)
 
 
@@ -55,8 +55,8 @@ def add_RobotServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
-                    request_deserializer=fleet_dot_proto_dot_flotilla__pb2.RobotMessage.FromString,
-                    response_serializer=fleet_dot_proto_dot_flotilla__pb2.Command.SerializeToString,
+                    request_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.RobotMessage.FromString,
+                    response_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.Command.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -84,8 +84,8 @@ class RobotService:
             request_iterator,
             target,
             '/flotilla.v1.RobotService/Session',
-            fleet_dot_proto_dot_flotilla__pb2.RobotMessage.SerializeToString,
-            fleet_dot_proto_dot_flotilla__pb2.Command.FromString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.RobotMessage.SerializeToString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.Command.FromString,
             options,
             channel_credentials,
             insecure,
@@ -108,8 +108,8 @@ class OperatorServiceStub:
         """
         self.Session = channel.stream_stream(
                 '/flotilla.v1.OperatorService/Session',
-                request_serializer=fleet_dot_proto_dot_flotilla__pb2.OperatorMessage.SerializeToString,
-                response_deserializer=fleet_dot_proto_dot_flotilla__pb2.OperatorUpdate.FromString,
+                request_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.OperatorMessage.SerializeToString,
+                response_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.OperatorUpdate.FromString,
                 _registered_method=True)
 
 
@@ -127,8 +127,8 @@ def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
-                    request_deserializer=fleet_dot_proto_dot_flotilla__pb2.OperatorMessage.FromString,
-                    response_serializer=fleet_dot_proto_dot_flotilla__pb2.OperatorUpdate.SerializeToString,
+                    request_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.OperatorMessage.FromString,
+                    response_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.OperatorUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -156,8 +156,8 @@ class OperatorService:
             request_iterator,
             target,
             '/flotilla.v1.OperatorService/Session',
-            fleet_dot_proto_dot_flotilla__pb2.OperatorMessage.SerializeToString,
-            fleet_dot_proto_dot_flotilla__pb2.OperatorUpdate.FromString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.OperatorMessage.SerializeToString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.OperatorUpdate.FromString,
             options,
             channel_credentials,
             insecure,
@@ -180,18 +180,18 @@ class RegistryServiceStub:
         """
         self.Publish = channel.stream_unary(
                 '/flotilla.v1.RegistryService/Publish',
-                request_serializer=fleet_dot_proto_dot_flotilla__pb2.CheckpointChunk.SerializeToString,
-                response_deserializer=fleet_dot_proto_dot_flotilla__pb2.PublishResult.FromString,
+                request_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.CheckpointChunk.SerializeToString,
+                response_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.PublishResult.FromString,
                 _registered_method=True)
         self.Fetch = channel.unary_stream(
                 '/flotilla.v1.RegistryService/Fetch',
-                request_serializer=fleet_dot_proto_dot_flotilla__pb2.FetchRequest.SerializeToString,
-                response_deserializer=fleet_dot_proto_dot_flotilla__pb2.CheckpointChunk.FromString,
+                request_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.FetchRequest.SerializeToString,
+                response_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.CheckpointChunk.FromString,
                 _registered_method=True)
         self.List = channel.unary_unary(
                 '/flotilla.v1.RegistryService/List',
-                request_serializer=fleet_dot_proto_dot_flotilla__pb2.ListRequest.SerializeToString,
-                response_deserializer=fleet_dot_proto_dot_flotilla__pb2.PolicyVersions.FromString,
+                request_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.ListRequest.SerializeToString,
+                response_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.PolicyVersions.FromString,
                 _registered_method=True)
 
 
@@ -221,18 +221,18 @@ def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Publish': grpc.stream_unary_rpc_method_handler(
                     servicer.Publish,
-                    request_deserializer=fleet_dot_proto_dot_flotilla__pb2.CheckpointChunk.FromString,
-                    response_serializer=fleet_dot_proto_dot_flotilla__pb2.PublishResult.SerializeToString,
+                    request_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.CheckpointChunk.FromString,
+                    response_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.PublishResult.SerializeToString,
             ),
             'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
-                    request_deserializer=fleet_dot_proto_dot_flotilla__pb2.FetchRequest.FromString,
-                    response_serializer=fleet_dot_proto_dot_flotilla__pb2.CheckpointChunk.SerializeToString,
+                    request_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.FetchRequest.FromString,
+                    response_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.CheckpointChunk.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
-                    request_deserializer=fleet_dot_proto_dot_flotilla__pb2.ListRequest.FromString,
-                    response_serializer=fleet_dot_proto_dot_flotilla__pb2.PolicyVersions.SerializeToString,
+                    request_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.ListRequest.FromString,
+                    response_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.PolicyVersions.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,8 +260,8 @@ class RegistryService:
             request_iterator,
             target,
             '/flotilla.v1.RegistryService/Publish',
-            fleet_dot_proto_dot_flotilla__pb2.CheckpointChunk.SerializeToString,
-            fleet_dot_proto_dot_flotilla__pb2.PublishResult.FromString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.CheckpointChunk.SerializeToString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.PublishResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -287,8 +287,8 @@ class RegistryService:
             request,
             target,
             '/flotilla.v1.RegistryService/Fetch',
-            fleet_dot_proto_dot_flotilla__pb2.FetchRequest.SerializeToString,
-            fleet_dot_proto_dot_flotilla__pb2.CheckpointChunk.FromString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.FetchRequest.SerializeToString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.CheckpointChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -314,8 +314,8 @@ class RegistryService:
             request,
             target,
             '/flotilla.v1.RegistryService/List',
-            fleet_dot_proto_dot_flotilla__pb2.ListRequest.SerializeToString,
-            fleet_dot_proto_dot_flotilla__pb2.PolicyVersions.FromString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.ListRequest.SerializeToString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.PolicyVersions.FromString,
             options,
             channel_credentials,
             insecure,
@@ -338,8 +338,8 @@ class AdminServiceStub:
         """
         self.Status = channel.unary_unary(
                 '/flotilla.v1.AdminService/Status',
-                request_serializer=fleet_dot_proto_dot_flotilla__pb2.StatusRequest.SerializeToString,
-                response_deserializer=fleet_dot_proto_dot_flotilla__pb2.FleetStatus.FromString,
+                request_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.StatusRequest.SerializeToString,
+                response_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.FleetStatus.FromString,
                 _registered_method=True)
 
 
@@ -357,8 +357,8 @@ def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=fleet_dot_proto_dot_flotilla__pb2.StatusRequest.FromString,
-                    response_serializer=fleet_dot_proto_dot_flotilla__pb2.FleetStatus.SerializeToString,
+                    request_deserializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.StatusRequest.FromString,
+                    response_serializer=fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.FleetStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -386,8 +386,8 @@ class AdminService:
             request,
             target,
             '/flotilla.v1.AdminService/Status',
-            fleet_dot_proto_dot_flotilla__pb2.StatusRequest.SerializeToString,
-            fleet_dot_proto_dot_flotilla__pb2.FleetStatus.FromString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.StatusRequest.SerializeToString,
+            fleet_dot_proto_dot_flotilla_dot_v1_dot_flotilla__pb2.FleetStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,25 +9,72 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 class ControlLabel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DEMO: _ClassVar[ControlLabel]
-    ROBOT: _ClassVar[ControlLabel]
-    PRE_INTERVENTION: _ClassVar[ControlLabel]
-    INTERVENTION: _ClassVar[ControlLabel]
+    CONTROL_LABEL_UNSPECIFIED: _ClassVar[ControlLabel]
+    CONTROL_LABEL_DEMO: _ClassVar[ControlLabel]
+    CONTROL_LABEL_ROBOT: _ClassVar[ControlLabel]
+    CONTROL_LABEL_PRE_INTERVENTION: _ClassVar[ControlLabel]
+    CONTROL_LABEL_INTERVENTION: _ClassVar[ControlLabel]
+
+class AssignmentReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ASSIGNMENT_REASON_UNSPECIFIED: _ClassVar[AssignmentReason]
+    ASSIGNMENT_REASON_CONSTRAINT_VIOLATION: _ClassVar[AssignmentReason]
+    ASSIGNMENT_REASON_UNCERTAINTY: _ClassVar[AssignmentReason]
+    ASSIGNMENT_REASON_RISK: _ClassVar[AssignmentReason]
+    ASSIGNMENT_REASON_RANDOM: _ClassVar[AssignmentReason]
+    ASSIGNMENT_REASON_DENSITY: _ClassVar[AssignmentReason]
+
+class ReleaseReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RELEASE_REASON_UNSPECIFIED: _ClassVar[ReleaseReason]
+    RELEASE_REASON_OPERATOR_RELEASE: _ClassVar[ReleaseReason]
+    RELEASE_REASON_NO_LONGER_NEEDED: _ClassVar[ReleaseReason]
+    RELEASE_REASON_RESET_DONE: _ClassVar[ReleaseReason]
+    RELEASE_REASON_OPERATOR_DISCONNECTED: _ClassVar[ReleaseReason]
+    RELEASE_REASON_ROBOT_DISCONNECTED: _ClassVar[ReleaseReason]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODE_UNSPECIFIED: _ClassVar[Mode]
-    AUTONOMOUS: _ClassVar[Mode]
-    TELEOP: _ClassVar[Mode]
-    HOLD: _ClassVar[Mode]
-DEMO: ControlLabel
-ROBOT: ControlLabel
-PRE_INTERVENTION: ControlLabel
-INTERVENTION: ControlLabel
+    MODE_AUTONOMOUS: _ClassVar[Mode]
+    MODE_TELEOP: _ClassVar[Mode]
+    MODE_HOLD: _ClassVar[Mode]
+
+class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_CODE_UNSPECIFIED: _ClassVar[ErrorCode]
+    ERROR_CODE_INVALID_ARGUMENT: _ClassVar[ErrorCode]
+    ERROR_CODE_NOT_FOUND: _ClassVar[ErrorCode]
+    ERROR_CODE_PERMISSION_DENIED: _ClassVar[ErrorCode]
+    ERROR_CODE_FAILED_PRECONDITION: _ClassVar[ErrorCode]
+    ERROR_CODE_RESOURCE_EXHAUSTED: _ClassVar[ErrorCode]
+CONTROL_LABEL_UNSPECIFIED: ControlLabel
+CONTROL_LABEL_DEMO: ControlLabel
+CONTROL_LABEL_ROBOT: ControlLabel
+CONTROL_LABEL_PRE_INTERVENTION: ControlLabel
+CONTROL_LABEL_INTERVENTION: ControlLabel
+ASSIGNMENT_REASON_UNSPECIFIED: AssignmentReason
+ASSIGNMENT_REASON_CONSTRAINT_VIOLATION: AssignmentReason
+ASSIGNMENT_REASON_UNCERTAINTY: AssignmentReason
+ASSIGNMENT_REASON_RISK: AssignmentReason
+ASSIGNMENT_REASON_RANDOM: AssignmentReason
+ASSIGNMENT_REASON_DENSITY: AssignmentReason
+RELEASE_REASON_UNSPECIFIED: ReleaseReason
+RELEASE_REASON_OPERATOR_RELEASE: ReleaseReason
+RELEASE_REASON_NO_LONGER_NEEDED: ReleaseReason
+RELEASE_REASON_RESET_DONE: ReleaseReason
+RELEASE_REASON_OPERATOR_DISCONNECTED: ReleaseReason
+RELEASE_REASON_ROBOT_DISCONNECTED: ReleaseReason
 MODE_UNSPECIFIED: Mode
-AUTONOMOUS: Mode
-TELEOP: Mode
-HOLD: Mode
+MODE_AUTONOMOUS: Mode
+MODE_TELEOP: Mode
+MODE_HOLD: Mode
+ERROR_CODE_UNSPECIFIED: ErrorCode
+ERROR_CODE_INVALID_ARGUMENT: ErrorCode
+ERROR_CODE_NOT_FOUND: ErrorCode
+ERROR_CODE_PERMISSION_DENIED: ErrorCode
+ERROR_CODE_FAILED_PRECONDITION: ErrorCode
+ERROR_CODE_RESOURCE_EXHAUSTED: ErrorCode
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -64,7 +111,7 @@ class Signals(_message.Message):
     def __init__(self, uncertainty: _Optional[float] = ..., risk: _Optional[float] = ..., density: _Optional[float] = ..., constraint_violation: _Optional[bool] = ...) -> None: ...
 
 class RobotHello(_message.Message):
-    __slots__ = ("robot_id", "task", "policy_version", "observation_spec", "action_dim", "goal_dim", "last_acked_seq")
+    __slots__ = ("robot_id", "task", "policy_version", "observation_spec", "action_dim", "goal_dim", "last_acked_seq", "boot_id")
     class ObservationSpecEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +126,7 @@ class RobotHello(_message.Message):
     ACTION_DIM_FIELD_NUMBER: _ClassVar[int]
     GOAL_DIM_FIELD_NUMBER: _ClassVar[int]
     LAST_ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     task: str
     policy_version: str
@@ -86,7 +134,8 @@ class RobotHello(_message.Message):
     action_dim: int
     goal_dim: int
     last_acked_seq: int
-    def __init__(self, robot_id: _Optional[str] = ..., task: _Optional[str] = ..., policy_version: _Optional[str] = ..., observation_spec: _Optional[_Mapping[str, TensorSpec]] = ..., action_dim: _Optional[int] = ..., goal_dim: _Optional[int] = ..., last_acked_seq: _Optional[int] = ...) -> None: ...
+    boot_id: str
+    def __init__(self, robot_id: _Optional[str] = ..., task: _Optional[str] = ..., policy_version: _Optional[str] = ..., observation_spec: _Optional[_Mapping[str, TensorSpec]] = ..., action_dim: _Optional[int] = ..., goal_dim: _Optional[int] = ..., last_acked_seq: _Optional[int] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("shape", "dtype")
@@ -132,43 +181,53 @@ class Step(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., episode_id: _Optional[int] = ..., t: _Optional[int] = ..., timestamp: _Optional[float] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., label: _Optional[_Union[ControlLabel, str]] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., policy_version: _Optional[str] = ..., camera: _Optional[_Union[Image, _Mapping]] = ..., operator_id: _Optional[str] = ...) -> None: ...
 
 class EpisodeStart(_message.Message):
-    __slots__ = ("episode_id", "goal", "policy_version", "timestamp")
+    __slots__ = ("episode_id", "goal", "policy_version", "timestamp", "seq")
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     episode_id: int
     goal: Tensor
     policy_version: str
     timestamp: float
-    def __init__(self, episode_id: _Optional[int] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., policy_version: _Optional[str] = ..., timestamp: _Optional[float] = ...) -> None: ...
+    seq: int
+    def __init__(self, episode_id: _Optional[int] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., policy_version: _Optional[str] = ..., timestamp: _Optional[float] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class EpisodeEnd(_message.Message):
-    __slots__ = ("episode_id", "success", "outcome", "timestamp")
+    __slots__ = ("episode_id", "success", "outcome", "timestamp", "seq")
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     episode_id: int
     success: bool
     outcome: str
     timestamp: float
-    def __init__(self, episode_id: _Optional[int] = ..., success: _Optional[bool] = ..., outcome: _Optional[str] = ..., timestamp: _Optional[float] = ...) -> None: ...
+    seq: int
+    def __init__(self, episode_id: _Optional[int] = ..., success: _Optional[bool] = ..., outcome: _Optional[str] = ..., timestamp: _Optional[float] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RobotMessage(_message.Message):
-    __slots__ = ("hello", "episode_start", "step", "episode_end")
+    __slots__ = ("hello", "episode_start", "step", "episode_end", "heartbeat")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     EPISODE_START_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPISODE_END_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     hello: RobotHello
     episode_start: EpisodeStart
     step: Step
     episode_end: EpisodeEnd
-    def __init__(self, hello: _Optional[_Union[RobotHello, _Mapping]] = ..., episode_start: _Optional[_Union[EpisodeStart, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ...) -> None: ...
+    heartbeat: Heartbeat
+    def __init__(self, hello: _Optional[_Union[RobotHello, _Mapping]] = ..., episode_start: _Optional[_Union[EpisodeStart, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("ack_seq", "mode", "action", "operator_id", "reset", "policy_version", "estop", "message")
+    __slots__ = ("ack_seq", "mode", "action", "operator_id", "reset", "policy_version", "estop", "message", "committed_seq")
     ACK_SEQ_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +236,7 @@ class Command(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     ESTOP_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_SEQ_FIELD_NUMBER: _ClassVar[int]
     ack_seq: int
     mode: Mode
     action: Tensor
@@ -185,7 +245,8 @@ class Command(_message.Message):
     policy_version: str
     estop: bool
     message: str
-    def __init__(self, ack_seq: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., operator_id: _Optional[str] = ..., reset: _Optional[bool] = ..., policy_version: _Optional[str] = ..., estop: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    committed_seq: int
+    def __init__(self, ack_seq: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., operator_id: _Optional[str] = ..., reset: _Optional[bool] = ..., policy_version: _Optional[str] = ..., estop: _Optional[bool] = ..., message: _Optional[str] = ..., committed_seq: _Optional[int] = ...) -> None: ...
 
 class OperatorHello(_message.Message):
     __slots__ = ("operator_id",)
@@ -194,36 +255,40 @@ class OperatorHello(_message.Message):
     def __init__(self, operator_id: _Optional[str] = ...) -> None: ...
 
 class OperatorAction(_message.Message):
-    __slots__ = ("robot_id", "action", "seq")
+    __slots__ = ("robot_id", "action", "seq", "frame_seq")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    FRAME_SEQ_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     action: Tensor
     seq: int
-    def __init__(self, robot_id: _Optional[str] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+    frame_seq: int
+    def __init__(self, robot_id: _Optional[str] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., seq: _Optional[int] = ..., frame_seq: _Optional[int] = ...) -> None: ...
 
 class OperatorMessage(_message.Message):
-    __slots__ = ("hello", "action", "release", "estop", "reset")
+    __slots__ = ("hello", "action", "release", "estop", "reset", "heartbeat")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     ESTOP_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     hello: OperatorHello
     action: OperatorAction
     release: Release
     estop: EStop
     reset: ResetRobot
-    def __init__(self, hello: _Optional[_Union[OperatorHello, _Mapping]] = ..., action: _Optional[_Union[OperatorAction, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., estop: _Optional[_Union[EStop, _Mapping]] = ..., reset: _Optional[_Union[ResetRobot, _Mapping]] = ...) -> None: ...
+    heartbeat: Heartbeat
+    def __init__(self, hello: _Optional[_Union[OperatorHello, _Mapping]] = ..., action: _Optional[_Union[OperatorAction, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., estop: _Optional[_Union[EStop, _Mapping]] = ..., reset: _Optional[_Union[ResetRobot, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("robot_id", "reason")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
-    reason: str
-    def __init__(self, robot_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    reason: ReleaseReason
+    def __init__(self, robot_id: _Optional[str] = ..., reason: _Optional[_Union[ReleaseReason, str]] = ...) -> None: ...
 
 class EStop(_message.Message):
     __slots__ = ("robot_id", "engage")
@@ -240,21 +305,21 @@ class ResetRobot(_message.Message):
     def __init__(self, robot_id: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("robot_id", "reason", "min_steps", "needs_reset", "reset_steps")
+    __slots__ = ("robot_id", "min_steps", "needs_reset", "reset_steps", "reason")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
-    REASON_FIELD_NUMBER: _ClassVar[int]
     MIN_STEPS_FIELD_NUMBER: _ClassVar[int]
     NEEDS_RESET_FIELD_NUMBER: _ClassVar[int]
     RESET_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
-    reason: str
     min_steps: int
     needs_reset: bool
     reset_steps: int
-    def __init__(self, robot_id: _Optional[str] = ..., reason: _Optional[str] = ..., min_steps: _Optional[int] = ..., needs_reset: _Optional[bool] = ..., reset_steps: _Optional[int] = ...) -> None: ...
+    reason: AssignmentReason
+    def __init__(self, robot_id: _Optional[str] = ..., min_steps: _Optional[int] = ..., needs_reset: _Optional[bool] = ..., reset_steps: _Optional[int] = ..., reason: _Optional[_Union[AssignmentReason, str]] = ...) -> None: ...
 
 class RobotFrame(_message.Message):
-    __slots__ = ("robot_id", "seq", "camera", "observation", "signals", "mode")
+    __slots__ = ("robot_id", "seq", "camera", "observation", "signals", "mode", "goal", "timestamp")
     class ObservationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -268,25 +333,51 @@ class RobotFrame(_message.Message):
     OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    GOAL_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     seq: int
     camera: Image
     observation: _containers.MessageMap[str, Tensor]
     signals: Signals
     mode: Mode
-    def __init__(self, robot_id: _Optional[str] = ..., seq: _Optional[int] = ..., camera: _Optional[_Union[Image, _Mapping]] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+    goal: Tensor
+    timestamp: float
+    def __init__(self, robot_id: _Optional[str] = ..., seq: _Optional[int] = ..., camera: _Optional[_Union[Image, _Mapping]] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., timestamp: _Optional[float] = ...) -> None: ...
 
 class QueueEntry(_message.Message):
-    __slots__ = ("robot_id", "priority", "reason", "assigned_to")
+    __slots__ = ("robot_id", "priority", "assigned_to", "reason", "score", "waited_s")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
-    REASON_FIELD_NUMBER: _ClassVar[int]
     ASSIGNED_TO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    WAITED_S_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     priority: float
-    reason: str
     assigned_to: str
-    def __init__(self, robot_id: _Optional[str] = ..., priority: _Optional[float] = ..., reason: _Optional[str] = ..., assigned_to: _Optional[str] = ...) -> None: ...
+    reason: AssignmentReason
+    score: float
+    waited_s: float
+    def __init__(self, robot_id: _Optional[str] = ..., priority: _Optional[float] = ..., assigned_to: _Optional[str] = ..., reason: _Optional[_Union[AssignmentReason, str]] = ..., score: _Optional[float] = ..., waited_s: _Optional[float] = ...) -> None: ...
+
+class Queue(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[QueueEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[QueueEntry, _Mapping]]] = ...) -> None: ...
+
+class OperatorError(_message.Message):
+    __slots__ = ("code", "message", "robot_id", "request")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    code: ErrorCode
+    message: str
+    robot_id: str
+    request: str
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., robot_id: _Optional[str] = ..., request: _Optional[str] = ...) -> None: ...
 
 class OperatorUpdate(_message.Message):
     __slots__ = ("assignment", "released", "frame", "queue", "error")
@@ -299,28 +390,24 @@ class OperatorUpdate(_message.Message):
     released: Release
     frame: RobotFrame
     queue: Queue
-    error: str
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., released: _Optional[_Union[Release, _Mapping]] = ..., frame: _Optional[_Union[RobotFrame, _Mapping]] = ..., queue: _Optional[_Union[Queue, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
-
-class Queue(_message.Message):
-    __slots__ = ("entries",)
-    ENTRIES_FIELD_NUMBER: _ClassVar[int]
-    entries: _containers.RepeatedCompositeFieldContainer[QueueEntry]
-    def __init__(self, entries: _Optional[_Iterable[_Union[QueueEntry, _Mapping]]] = ...) -> None: ...
+    error: OperatorError
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., released: _Optional[_Union[Release, _Mapping]] = ..., frame: _Optional[_Union[RobotFrame, _Mapping]] = ..., queue: _Optional[_Union[Queue, _Mapping]] = ..., error: _Optional[_Union[OperatorError, _Mapping]] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
-    __slots__ = ("version", "filename", "data", "offset", "last")
+    __slots__ = ("version", "filename", "data", "offset", "last", "sha256")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     version: str
     filename: str
     data: bytes
     offset: int
     last: bool
-    def __init__(self, version: _Optional[str] = ..., filename: _Optional[str] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+    sha256: str
+    def __init__(self, version: _Optional[str] = ..., filename: _Optional[str] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., last: _Optional[bool] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class PublishResult(_message.Message):
     __slots__ = ("version", "bytes")
@@ -341,19 +428,21 @@ class ListRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PolicyVersions(_message.Message):
-    __slots__ = ("versions", "latest")
+    __slots__ = ("versions", "latest", "damaged")
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedScalarFieldContainer[str]
     latest: str
-    def __init__(self, versions: _Optional[_Iterable[str]] = ..., latest: _Optional[str] = ...) -> None: ...
+    damaged: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, versions: _Optional[_Iterable[str]] = ..., latest: _Optional[str] = ..., damaged: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class RobotStatus(_message.Message):
-    __slots__ = ("robot_id", "mode", "operator_id", "policy_version", "steps", "episodes", "signals", "connected")
+    __slots__ = ("robot_id", "mode", "operator_id", "policy_version", "steps", "episodes", "signals", "connected", "estop", "blocked", "task")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +451,9 @@ class RobotStatus(_message.Message):
     EPISODES_FIELD_NUMBER: _ClassVar[int]
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    ESTOP_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     mode: Mode
     operator_id: str
@@ -370,18 +462,27 @@ class RobotStatus(_message.Message):
     episodes: int
     signals: Signals
     connected: bool
-    def __init__(self, robot_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., operator_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., steps: _Optional[int] = ..., episodes: _Optional[int] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., connected: _Optional[bool] = ...) -> None: ...
+    estop: bool
+    blocked: bool
+    task: str
+    def __init__(self, robot_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., operator_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., steps: _Optional[int] = ..., episodes: _Optional[int] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., connected: _Optional[bool] = ..., estop: _Optional[bool] = ..., blocked: _Optional[bool] = ..., task: _Optional[str] = ...) -> None: ...
 
 class FleetStatus(_message.Message):
-    __slots__ = ("robots", "operators", "episodes_committed", "steps_logged", "writer_queue_depth")
+    __slots__ = ("robots", "operators", "episodes_committed", "steps_logged", "writer_queue_depth", "fleet_estop", "writer_healthy", "writer_error")
     ROBOTS_FIELD_NUMBER: _ClassVar[int]
     OPERATORS_FIELD_NUMBER: _ClassVar[int]
     EPISODES_COMMITTED_FIELD_NUMBER: _ClassVar[int]
     STEPS_LOGGED_FIELD_NUMBER: _ClassVar[int]
     WRITER_QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    FLEET_ESTOP_FIELD_NUMBER: _ClassVar[int]
+    WRITER_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    WRITER_ERROR_FIELD_NUMBER: _ClassVar[int]
     robots: _containers.RepeatedCompositeFieldContainer[RobotStatus]
     operators: _containers.RepeatedScalarFieldContainer[str]
     episodes_committed: int
     steps_logged: int
     writer_queue_depth: int
-    def __init__(self, robots: _Optional[_Iterable[_Union[RobotStatus, _Mapping]]] = ..., operators: _Optional[_Iterable[str]] = ..., episodes_committed: _Optional[int] = ..., steps_logged: _Optional[int] = ..., writer_queue_depth: _Optional[int] = ...) -> None: ...
+    fleet_estop: bool
+    writer_healthy: bool
+    writer_error: str
+    def __init__(self, robots: _Optional[_Iterable[_Union[RobotStatus, _Mapping]]] = ..., operators: _Optional[_Iterable[str]] = ..., episodes_committed: _Optional[int] = ..., steps_logged: _Optional[int] = ..., writer_queue_depth: _Optional[int] = ..., fleet_estop: _Optional[bool] = ..., writer_healthy: _Optional[bool] = ..., writer_error: _Optional[str] = ...) -> None: ...

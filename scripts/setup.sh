@@ -22,6 +22,11 @@ fi
 # would pull gigabytes of CUDA packages.
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e ".[test]"
+# buf (pinned in package.json/package-lock.json) guards the protocol in tests/test_proto_v1.py.
+if [ ! -x node_modules/.bin/buf ]; then
+  echo "setup: installing buf (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error >/dev/null  # errors still reach stderr
+fi
 # pyenv only sees new console scripts (the `flotilla` command) after a rehash.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 echo "setup: done ($(python --version), torch $(python -c 'import torch; print(torch.__version__)'))"

@@ -188,14 +188,14 @@ class RobotAgent:
             action, control = self._hold(), HOLD_ESTOP
         elif violation:
             action, control = self._hold(), HOLD_VIOLATION
-        elif state.mode == pb.TELEOP:
+        elif state.mode == pb.MODE_TELEOP:
             label, operator_id = ControlLabel.INTERVENTION, state.operator_id
             self._shadow(obs, goal)  # keeps the uncertainty signal current, so the allocator can hand back
             if state.action is not None and time.monotonic() - state.action_time <= self.teleop_timeout_s:
                 action, control = np.asarray(state.action, np.float32).reshape(self._action_dim), OPERATOR
             else:
                 action, control = self._hold(), HOLD_TELEOP
-        elif state.mode == pb.AUTONOMOUS:
+        elif state.mode == pb.MODE_AUTONOMOUS:
             if not self._was_autonomous:
                 self.policy.reset()  # plans made before a human or a hold took over are stale
             action, control, autonomous = np.asarray(self.policy.act(obs, goal), np.float32), POLICY, True

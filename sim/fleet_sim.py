@@ -138,11 +138,11 @@ class SimOperator:
         elif kind == "queue" and self._on_queue is not None:
             self._on_queue(update.queue)
         elif kind == "error":
-            self.errors.append(update.error)
-            log.debug("operator %s: server said %s", self.operator_id, update.error)
+            self.errors.append(update.error.message)
+            log.debug("operator %s: server said %s", self.operator_id, update.error.message)
 
     def _act(self, frame: pb.RobotFrame) -> None:
-        if frame.robot_id != self.robot_id or self.resetting or frame.mode != pb.TELEOP:
+        if frame.robot_id != self.robot_id or self.resetting or frame.mode != pb.MODE_TELEOP:
             return
         obs = {key: codec.from_tensor(tensor) for key, tensor in frame.observation.items()}
         obs["goal"] = self._goal_of(frame.robot_id)
@@ -152,7 +152,7 @@ class SimOperator:
             self.expert.reset()
         self._goal = obs["goal"]
         action = self.expert.act(obs)
-        self.client.act(frame.robot_id, action, seq=frame.seq)
+        self.client.act(frame.robot_id, action, seq=frame.seq, frame_seq=frame.seq)
         if self.sent is not None:
             self.sent.append((frame.robot_id, frame.seq, action))
         self._acted += 1
@@ -356,7 +356,7 @@ class SimFleet:
         (the rest of t_T) before it begins the next one, as a scene reset would take that long. Else
         the human would carry the takeover into the new episode and drive it from its first step (on
         reach, half the episodes), leaving the policy nothing to show; at most blocked_timeout_steps."""
-        if robot.agent.client.state.mode != pb.TELEOP or robot.waited_steps >= self.blocked_timeout_steps:
+        if robot.agent.client.state.mode != pb.MODE_TELEOP or robot.waited_steps >= self.blocked_timeout_steps:
             robot.waited_steps = 0
             return False
         robot.waited_steps += 1

@@ -272,7 +272,7 @@ def test_operator_disconnect_holds_the_robot_and_requeues_it(tmp_path):
         drive(fleet, lambda: any(s.operator_id == "sim-operator-late" and s.control == OPERATOR
                                  for s in fleet.steps[held_from:]), what="the new operator to take over")
         assert second.assignments >= 1
-        assert robot.agent.client.state.mode in (pb.TELEOP, pb.AUTONOMOUS)
+        assert robot.agent.client.state.mode in (pb.MODE_TELEOP, pb.MODE_AUTONOMOUS)
     finally:
         fleet.close()
         server.stop()

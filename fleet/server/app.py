@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 import signal
 import threading
@@ -38,6 +37,15 @@ from fleet.server.writer import EpisodeWriter
 from fleet.store import EpisodeStore
 
 log = logging.getLogger(__name__)
+
+# HTTP/2 pings find peers that vanished without closing (a cut cable, a frozen host); the fleet's own
+# silence timeouts (robot_silence_s, operator_silence_s) find frozen processes faster. Clients ping no
+# more often than the server permits (fleet/clients.py uses the same numbers).
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                     ("grpc.http2.max_ping_strikes", 2)]
+WRITER_CLOSE_TIMEOUT_S = 60.0  # a store that cannot be written must not hang a stop forever
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
@@ -70,19 +78,27 @@ class FleetServer:
         loop = asyncio.get_running_loop()
         if not config.tokens:
             raise ValueError("serve: no tokens configured; every call would be refused")
+        problems = config.exposure_problems()
+        if problems and not config.insecure:
+            raise ValueError("serve: refusing to listen beyond loopback insecurely: " + "; ".join(problems)
+                             + " (or set insecure=true on a closed network)")
+        for problem in problems:
+            log.warning("INSECURE (insecure=true): %s", problem)
         store = EpisodeStore.open(config.store, mode="a")
         writer = EpisodeWriter(store, config.writer_queue_size, config.writer_batch_episodes,
-                               on_error=lambda key, message: loop.call_soon_threadsafe(self.fleet.writer_failed, key, message))
+                               on_error=lambda key, message: loop.call_soon_threadsafe(self.fleet.writer_failed, key, message),
+                               on_commit=lambda keys: loop.call_soon_threadsafe(self.fleet.episodes_committed, keys))
         registry = PolicyRegistry(config.registry_dir, config.max_checkpoint_bytes)
         self.metrics = Metrics(gauges=self._gauges(writer))
         self.writer = writer
         self.fleet = fleet = Fleet(config, writer, self.metrics, self.allocator, latest_policy=registry.latest())
 
-        limits = [("grpc.max_receive_message_length", config.max_message_bytes),
-                  ("grpc.max_send_message_length", config.max_message_bytes)]
-        server = grpc.aio.server(interceptors=[AuthInterceptor(TokenAuth(config.tokens))], options=limits)
-        pb_grpc.add_RobotServiceServicer_to_server(RobotService(fleet), server)
-        pb_grpc.add_OperatorServiceServicer_to_server(OperatorService(fleet), server)
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes), *KEEPALIVE_OPTIONS]
+        auth = TokenAuth(config.tokens)
+        server = grpc.aio.server(interceptors=[AuthInterceptor(auth)], options=options)
+        pb_grpc.add_RobotServiceServicer_to_server(RobotService(fleet, auth), server)
+        pb_grpc.add_OperatorServiceServicer_to_server(OperatorService(fleet, auth), server)
         pb_grpc.add_RegistryServiceServicer_to_server(
             RegistryService(registry, config.registry_chunk_bytes, fleet.policy_published), server)
         pb_grpc.add_AdminServiceServicer_to_server(AdminService(fleet), server)
@@ -91,13 +107,11 @@ class FleetServer:
             credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
             self.port = server.add_secure_port(address, credentials)
         else:
-            if not _is_loopback(config.host):
-                log.warning("serving WITHOUT TLS on %s: tokens travel in clear text; set tls_cert/tls_key", config.host)
             self.port = server.add_insecure_port(address)
         await server.start()
         self._grpc = server
         if config.metrics_port is not None:
-            self._http = MetricsHttpServer(self.metrics, config.host, config.metrics_port)
+            self._http = MetricsHttpServer(self.metrics, config.metrics_host, config.metrics_port)
             self.metrics_port = self._http.port
         self._tick = fleet.spawn(self._tick_loop())
         log.info("fleet server on %s (%s), metrics on %s, store %s", self.address,
@@ -115,6 +129,9 @@ class FleetServer:
             "steps_logged_total": ("steps committed to the store", lambda: writer.stats.steps_logged),
             "writer_failures_total": ("episodes the writer could not store (reported to the robot)",
                                       lambda: writer.stats.failures),
+            "writer_healthy": ("1 while the episode store can be written; 0: steps are refused",
+                               lambda: int(writer.healthy)),
+            "robot_records": ("robot records kept (connected or recently departed)", lambda: len(self.fleet.robots)),
         }
 
     async def _tick_loop(self) -> None:
@@ -134,7 +151,7 @@ class FleetServer:
         self._tick.cancel()
         self.fleet.shutdown()
         await server.stop(self.config.shutdown_grace_s)
-        await asyncio.to_thread(self.writer.close)
+        await asyncio.to_thread(self.writer.close, WRITER_CLOSE_TIMEOUT_S)
         if self._http is not None:
             self._http.close()
         log.info("fleet server stopped: %d episodes committed, %d steps logged",
@@ -223,12 +240,3 @@ def run(cfg) -> None:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(ServerConfig.from_dict(cfg)))
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -1,52 +1,177 @@
-"""Token authentication: `authorization: Bearer <token>` metadata -> a role, checked per method.
+"""Token authentication: `authorization: Bearer <token>` metadata -> an Identity (role + the ids it may use).
 
 One interceptor guards every RPC, so no handler can forget the check. A missing or unknown token is
-UNAUTHENTICATED; a known token whose role may not call the method is PERMISSION_DENIED.
+UNAUTHENTICATED; a known token whose role may not call the method is PERMISSION_DENIED. Sessions then
+check the robot or operator id in their hello against `Identity.may_use`, so a token bound to `arm-1`
+cannot speak for `arm-2`.
+
+The interceptor also parses every request itself: gRPC would answer bytes that are not a valid message
+with INTERNAL and a traceback in the server log (any token holder could flood it); here they get
+INVALID_ARGUMENT, logged at most once per peer per interval.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
+import logging
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
-ANY_ROLE = frozenset({"robot", "operator", "trainer", "admin"})
+from fleet.server.streams import FleetError, RateLimitedLog, peer_of
 
-# Which roles may call which method; a method missing here is refused for everyone.
+log = logging.getLogger(__name__)
+
+ROLES = ("robot", "operator", "trainer", "admin")
+ANY_ROLE = frozenset(ROLES)
+
+# Which roles may call which method; a method missing here is refused for everyone. An admin may open an
+# operator session (to release a fleet-wide protective stop, say).
 METHOD_ROLES: dict[str, frozenset[str]] = {
     "/flotilla.v1.RobotService/Session": frozenset({"robot"}),
-    "/flotilla.v1.OperatorService/Session": frozenset({"operator"}),
+    "/flotilla.v1.OperatorService/Session": frozenset({"operator", "admin"}),
     "/flotilla.v1.RegistryService/Publish": frozenset({"trainer"}),
     "/flotilla.v1.RegistryService/Fetch": ANY_ROLE,
     "/flotilla.v1.RegistryService/List": ANY_ROLE,
     "/flotilla.v1.AdminService/Status": frozenset({"admin"}),
 }
 
+# Robot and operator ids: short, printable, safe in logs, metadata and file names.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ID_RULE = "1-64 characters of letters, digits and . _ - (starting with a letter or digit)"
+
+
+def clip(text: str, limit: int = 48) -> str:
+    """A client-supplied string safe to echo in an error: never longer than `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
+
+def check_id(value: str, what: str) -> str:
+    """`value` if it is a valid robot/operator id, else INVALID_ARGUMENT naming the problem."""
+    if not ID_PATTERN.fullmatch(value):
+        raise FleetError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"hello: {what} {clip(value)!r} is not a valid id ({ID_RULE})")
+    return value
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a token speaks for: its role and the ids (fnmatch patterns) it may use in a hello."""
+
+    role: str
+    ids: tuple[str, ...] = ("*",)
+
+    def may_use(self, identity: str) -> bool:
+        return any(fnmatch.fnmatchcase(identity, pattern) for pattern in self.ids)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def token_entries(tokens: Mapping[str, Sequence]) -> list[tuple[str, Identity]]:
+    """(token, Identity) pairs from the config's role -> [token | {token, ids}] mapping, checked."""
+    entries, seen = [], {}
+    for role, role_tokens in tokens.items():
+        if role not in ROLES:
+            raise ValueError(f"tokens: unknown role {role!r}; roles are {list(ROLES)}")
+        for entry in role_tokens:
+            if isinstance(entry, Mapping):
+                unknown = sorted(set(entry) - {"token", "ids"})
+                if unknown:
+                    raise ValueError(f"tokens.{role}: unknown key(s) {unknown} in a token entry (use token, ids)")
+                token, ids = entry.get("token"), entry.get("ids", ["*"])
+                ids = [ids] if isinstance(ids, str) else list(ids or [])
+            else:
+                token, ids = entry, ["*"]
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"tokens.{role}: an empty token")
+            if not ids or not all(isinstance(pattern, str) and pattern for pattern in ids):
+                raise ValueError(f"tokens.{role}: ids must be a non-empty list of id patterns")
+            if token in seen:
+                raise ValueError(f"tokens: the same token is configured twice (roles {seen[token]!r} and {role!r})")
+            seen[token] = role
+            entries.append((token, Identity(role, tuple(ids))))
+    return entries
+
 
 class TokenAuth:
-    def __init__(self, tokens: Mapping[str, Sequence[str]]):
-        self._tokens: list[tuple[bytes, str]] = []
-        seen: dict[str, str] = {}
-        for role, role_tokens in tokens.items():
-            for token in role_tokens:
-                if not token:
-                    raise ValueError(f"tokens: an empty token for role {role!r}")
-                if token in seen and seen[token] != role:
-                    raise ValueError(f"tokens: the same token is configured for roles {seen[token]!r} and {role!r}")
-                seen[token] = role
-                self._tokens.append((token.encode(), role))
+    def __init__(self, tokens: Mapping[str, Sequence]):
+        self._tokens = [(token.encode(), identity) for token, identity in token_entries(tokens)]
 
-    def role_of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    def identity_of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Identity | None:
         header = next((value for key, value in metadata or () if key == "authorization"), None)
         if not isinstance(header, str) or not header.startswith("Bearer "):
             return None
         presented = header[len("Bearer "):].strip().encode()
-        role = None
-        for token, token_role in self._tokens:  # compare every token in constant time: no timing hints
+        found = None
+        for token, identity in self._tokens:  # compare every token in constant time: no timing hints
             if hmac.compare_digest(presented, token):
-                role = token_role
-        return role
+                found = identity
+        return found
+
+    def role_of(self, metadata) -> str | None:
+        identity = self.identity_of(metadata)
+        return None if identity is None else identity.role
+
+
+BAD_MESSAGES = RateLimitedLog()
+
+
+def _parser(deserializer, method: str, peer_of):
+    def parse(data: bytes, context):
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError, TypeError) as err:  # protobuf raises DecodeError, or others on odd input
+            BAD_MESSAGES.warning((peer_of(context), method), "undecodable %s message from %s: %s", method,
+                                 peer_of(context), err)
+            raise FleetError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{method}: the request is not a valid protobuf message ({len(data)} bytes)") from None
+    return parse
+
+
+def _parsing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """The same handler, but requests arrive as raw bytes and are parsed here (see the module docstring)."""
+    parse = _parser(handler.request_deserializer, method, peer_of)
+    kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    if handler.request_streaming:
+        async def parsed_stream(requests, context):
+            async for data in requests:
+                yield parse(data, context)
+
+        if handler.response_streaming:
+            async def stream_stream(requests, context):
+                async for response in handler.stream_stream(parsed_stream(requests, context), context):
+                    yield response
+            return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+        async def stream_unary(requests, context):
+            try:
+                return await handler.stream_unary(parsed_stream(requests, context), context)
+            except FleetError as err:
+                await context.abort(err.code, err.message)
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+
+    async def parsed_one(data, context):
+        try:
+            return parse(data, context)
+        except FleetError as err:
+            await context.abort(err.code, err.message)
+
+    if handler.response_streaming:
+        async def unary_stream(data, context):
+            request = await parsed_one(data, context)
+            async for response in handler.unary_stream(request, context):
+                yield response
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+
+    async def unary_unary(data, context):
+        return await handler.unary_unary(await parsed_one(data, context), context)
+    return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -65,13 +190,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if role not in allowed:
             return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
                             f"role {role!r} may not call {details.method} (allowed: {sorted(allowed) or 'nobody'})")
-        return handler
+        return _parsing(handler, details.method.rsplit("/", 1)[-1])
 
 
 def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same streaming shape as `handler` that only aborts with (code, message)."""
-    kwargs = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
+    kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.response_streaming:
         async def refuse_stream(request, context):
             await context.abort(code, message)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-ROLES = ("robot", "operator", "trainer", "admin")
+from fleet.server.auth import token_entries
+
+# The tokens configs/serve.yaml falls back to when no FLOTILLA_*_TOKEN variable is set: fine on
+# loopback for a developer, refused beyond it (see ServerConfig.check_exposure).
+DEV_TOKENS = frozenset({"dev-robot-token", "dev-operator-token", "dev-trainer-token", "dev-admin-token"})
+MIN_TOKEN_CHARS = 16
 
 
 @dataclasses.dataclass
@@ -30,11 +36,16 @@ class AllocationConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: the OS picks a free port (FleetServer.port tells which)
-    metrics_port: int | None = 9100  # Prometheus text on http://host:metrics_port/metrics; None: off
-    # role -> accepted tokens (callers send `authorization: Bearer <token>`).
-    tokens: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    tls_cert: str = ""  # PEM paths; both set: TLS, both empty: insecure (keep host on 127.0.0.1 then)
+    metrics_port: int | None = 9100  # Prometheus text on http://metrics_host:metrics_port/metrics; None: off
+    metrics_host: str = "127.0.0.1"  # metrics carry fleet state: loopback unless configured
+    # role -> accepted tokens (callers send `authorization: Bearer <token>`). An entry is a token (it may
+    # use any robot/operator id) or {token: ..., ids: [patterns]} binding it to the ids it may use.
+    tokens: dict[str, list] = dataclasses.field(default_factory=dict)
+    tls_cert: str = ""  # PEM paths; both set: TLS, both empty: insecure (only on loopback, see insecure)
     tls_key: str = ""
+    # Beyond loopback the server refuses to start without TLS and real tokens; insecure=true overrides
+    # that (loudly), for a closed lab network only.
+    insecure: bool = False
     store: str = "data/fleet.zarr"
     writer_queue_size: int = 1024  # steps waiting for the episode writer before robots are refused
     writer_batch_episodes: int = 16  # most episodes committed in one commit_many
@@ -49,24 +60,67 @@ class ServerConfig:
     robot_ids: list[str] = dataclasses.field(default_factory=list)  # allowed robot ids; empty: any
     resume_grace_s: float = 30.0  # a disconnected robot's open episode waits this long for it to resume
     shutdown_grace_s: float = 2.0
+    max_episode_steps: int = 10_000  # an episode this long is committed with outcome "too_long"
+    max_step_bytes: int = 16 * 1024 * 1024  # most bytes of observation a hello may declare per step
+    # Liveness: a session that sends nothing (clients heartbeat when idle) for this long is ended; its
+    # robot holds and goes back to the queue, or its operator is freed.
+    robot_silence_s: float = 1.0
+    operator_silence_s: float = 1.0
+    forget_robot_after_s: float = 300.0  # a departed robot's record (idle, not stopped) is dropped after this
+    max_robots: int = 10_000  # robot records kept at once (connected or recently departed)
+    # A step labelled intervention is logged as one only if that operator controls the robot, or did
+    # until at most this long ago (steps in flight when control changed).
+    label_grace_s: float = 1.0
+    # Protective stops survive a restart of the server: they are kept in this file ("" = beside the store).
+    estop_file: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.allocation, Mapping):
             self.allocation = _build(AllocationConfig, self.allocation, "allocation")
-        self.tokens = {role: [tokens] if isinstance(tokens, str) else list(tokens or [])
+        self.tokens = {role: [tokens] if isinstance(tokens, str | Mapping) else list(tokens or [])
                        for role, tokens in dict(self.tokens).items()}
-        unknown = sorted(set(self.tokens) - set(ROLES))
-        if unknown:
-            raise ValueError(f"tokens: unknown role(s) {unknown}; roles are {list(ROLES)}")
+        token_entries(self.tokens)  # checks roles, duplicates and entry shapes
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together (or both left empty for insecure)")
-        if self.writer_queue_size < 1 or self.registry_chunk_bytes < 1 or self.allocation.tick_hz <= 0:
-            raise ValueError("writer_queue_size, registry_chunk_bytes and allocation.tick_hz must be positive")
+        for name in ("writer_queue_size", "registry_chunk_bytes", "max_episode_steps", "max_step_bytes", "max_robots"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("robot_silence_s", "operator_silence_s", "forget_robot_after_s", "label_grace_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.allocation.tick_hz > 0:
+            raise ValueError(f"allocation.tick_hz must be positive, got {self.allocation.tick_hz!r}")
+
+    def exposure_problems(self) -> list[str]:
+        """Why serving this config beyond loopback would be unsafe ([] when it is fine or loopback-only)."""
+        problems = []
+        if not is_loopback(self.host):
+            if not self.tls_cert:
+                problems.append(f"host {self.host} is not loopback and TLS is off (set tls_cert and tls_key)")
+            weak = sorted({role for role, token in self.token_pairs() if token in DEV_TOKENS or len(token) < MIN_TOKEN_CHARS})
+            if weak:
+                problems.append(f"role(s) {weak} use a development token or one shorter than {MIN_TOKEN_CHARS} "
+                                "characters (set FLOTILLA_*_TOKEN)")
+        if self.metrics_port is not None and not is_loopback(self.metrics_host) and not self.tls_cert:
+            problems.append(f"metrics_host {self.metrics_host} is not loopback (metrics have no TLS or tokens)")
+        return problems
+
+    def token_pairs(self) -> list[tuple[str, str]]:
+        return [(identity.role, token) for token, identity in token_entries(self.tokens)]
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ServerConfig:
         """From a plain mapping (e.g. OmegaConf.to_container of the hydra config); unknown keys are errors."""
         return _build(cls, values, "serve")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _build(cls, values: Mapping[str, Any], where: str):

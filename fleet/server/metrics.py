@@ -35,8 +35,11 @@ class Metrics:
 
     COUNTERS = {
         "steps_received": "robot steps accepted and queued for logging",
-        "steps_refused": "robot steps refused (invalid, or the writer queue was full); the robot was told",
+        "steps_refused": "robot steps refused for any reason (invalid, writer queue full, store not writable); "
+                         "the robot was told",
         "steps_refused_queue_full": "robot steps refused because the episode writer queue was full",
+        "steps_refused_store": "robot steps refused because the episode store could not be written",
+        "labels_corrected": "steps claiming an intervention the server did not assign, logged as robot steps",
         "teleop_actions": "operator actions forwarded to robots",
         "teleop_actions_refused": "operator actions refused (not assigned, e-stop, malformed)",
         "takeovers": "operator takeovers started",

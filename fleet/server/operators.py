@@ -10,12 +10,14 @@ from fleet.server.streams import serve_session
 
 
 class OperatorService(pb_grpc.OperatorServiceServicer):
-    def __init__(self, fleet):
+    def __init__(self, fleet, auth):
         self.fleet = fleet
+        self.auth = auth
 
     async def Session(self, requests, context):  # noqa: N802 - the generated servicer's name
         fleet = self.fleet
-        async for update in serve_session(requests, context, "an operator", hello=fleet.operator_hello,
+        identity = self.auth.identity_of(context.invocation_metadata())
+        async for update in serve_session(requests, context, "an operator", identity, hello=fleet.operator_hello,
                                           handle=fleet.operator_message, left=fleet.operator_left,
                                           spawn=fleet.spawn):
             yield update

@@ -15,15 +15,17 @@ import grpc
 import numpy as np
 
 from fleet import codec
-from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from fleet.server.streams import FleetError, serve_session
-from fleet.store import FieldSpec, Schema
+from fleet.server.auth import clip
+from fleet.store import FieldSpec, Schema, StepError, check_schema
 from fleet.store.episode_store import RESERVED_KEYS, SIGNAL_PREFIX
 
 SIGNAL_NAMES = ("uncertainty", "risk", "density", "constraint_violation")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+MAX_KEYS = 64  # observation keys per robot
+MAX_VECTOR = 4096  # most numbers in an action or goal
 
 
 @dataclass(frozen=True)
@@ -35,21 +37,33 @@ class RobotSpec:
     goal_dim: int
 
     @classmethod
-    def from_hello(cls, hello: pb.RobotHello) -> RobotSpec:
-        if hello.action_dim <= 0:
-            raise FleetError(INVALID, f"hello: action_dim must be positive, got {hello.action_dim}")
-        if hello.goal_dim < 0:
-            raise FleetError(INVALID, f"hello: goal_dim must not be negative, got {hello.goal_dim}")
+    def from_hello(cls, hello: pb.RobotHello, max_step_bytes: int) -> RobotSpec:
+        """The hello's spec, checked: key names and dtypes the store accepts, bounded sizes."""
+        if not 0 < hello.action_dim <= MAX_VECTOR:
+            raise FleetError(INVALID, f"hello: action_dim must be in 1..{MAX_VECTOR}, got {hello.action_dim}")
+        if not 0 <= hello.goal_dim <= MAX_VECTOR:
+            raise FleetError(INVALID, f"hello: goal_dim must be in 0..{MAX_VECTOR}, got {hello.goal_dim}")
+        if len(hello.observation_spec) > MAX_KEYS:
+            raise FleetError(INVALID, f"hello: {len(hello.observation_spec)} observation keys, at most {MAX_KEYS}")
         observation = {}
         for key, spec in sorted(hello.observation_spec.items()):
-            if not key or key in RESERVED_KEYS or key.startswith(SIGNAL_PREFIX):
-                raise FleetError(INVALID, f"hello: observation key {key!r} is empty or reserved "
+            if key in RESERVED_KEYS or key.startswith(SIGNAL_PREFIX):
+                raise FleetError(INVALID, f"hello: observation key {clip(key)!r} is reserved "
                                           f"({', '.join(RESERVED_KEYS)}, {SIGNAL_PREFIX}*)")
             try:
-                observation[key] = FieldSpec(codec.parse_shape(spec.shape, key), codec.parse_dtype(spec.dtype))
+                observation[key] = FieldSpec(codec.parse_shape(spec.shape, clip(key)), codec.parse_dtype(spec.dtype))
             except ValueError as err:
                 raise FleetError(INVALID, f"hello: observation_spec {err}") from None
-        return cls(observation, hello.action_dim, hello.goal_dim)
+        spec = cls(observation, hello.action_dim, hello.goal_dim)
+        try:  # the store's own rules for key names, dtypes and dimensions, before anything is written
+            check_schema(spec.store_schema())
+        except StepError as err:
+            raise FleetError(INVALID, f"hello: observation_spec: {err}") from None
+        step_bytes = sum(math.prod(field.shape) * field.dtype.itemsize for field in observation.values())
+        if step_bytes > max_step_bytes:
+            raise FleetError(INVALID, f"hello: the observation is {step_bytes} bytes per step, over "
+                                      f"max_step_bytes={max_step_bytes}")
+        return spec
 
     def store_schema(self) -> Schema:
         """The episode store keys this robot's steps become (see flatten_step)."""
@@ -97,18 +111,30 @@ def decode_vector(tensor: pb.Tensor, size: int, what: str) -> np.ndarray:
     return value.astype(np.float32)
 
 
-LABEL_CODES = {int(label): np.uint8(label) for label in ControlLabel}
 SIGNAL_KEYS = tuple((name, SIGNAL_PREFIX + name) for name in SIGNAL_NAMES)
 
 
-def flatten_step(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int) -> dict:
-    """A checked step as the flat key -> array mapping the episode store keeps.
+def step_time(timestamp: float, what: str) -> np.float64:
+    """A robot's timestamp (seconds since the epoch; 0: now), refused when it is not a finite time."""
+    if not math.isfinite(timestamp) or timestamp < 0:
+        raise FleetError(INVALID, f"{what}: timestamp {timestamp} is not a time (finite seconds since the epoch)")
+    return np.float64(timestamp or time.time())
+
+
+def flatten_step(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int,
+                 label: np.uint8) -> dict:
+    """A checked step as the flat key -> array mapping the episode store keeps; `label` (a store code)
+    is the server's decision, not the robot's claim.
 
     Every step of a robot runs through here (10 Hz times the fleet), so a step that is plainly right
     takes a fast path; anything else goes through the full checks, which name the problem.
     """
     flat = _flatten_plain(step, spec, episode_goal, max_frame_bytes)
-    return flat if flat is not None else _flatten_checked(step, spec, episode_goal, max_frame_bytes)
+    if flat is None:
+        flat = _flatten_checked(step, spec, episode_goal, max_frame_bytes)
+    flat["label"] = label
+    flat["timestamp"] = step_time(step.timestamp, f"step seq {step.seq}")
+    return flat
 
 
 def _flatten_plain(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int) -> dict | None:
@@ -151,11 +177,6 @@ def _flatten_plain(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | No
         float32_bytes.append(data)
     if not np.isfinite(np.frombuffer(b"".join(float32_bytes), np.float32)).all():
         return None
-    label = LABEL_CODES.get(step.label)
-    if label is None:
-        return None
-    flat["label"] = label
-    flat["timestamp"] = np.float64(step.timestamp or time.time())
     signals = step.signals
     for name, key in SIGNAL_KEYS:
         value = float(getattr(signals, name))
@@ -205,11 +226,6 @@ def _flatten_checked(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | 
     if not step.HasField("action"):
         raise FleetError(INVALID, f"{where}: no action")
     flat["action"] = decode_vector(step.action, spec.action_dim, f"{where}: action")
-    try:
-        flat["label"] = np.uint8(ControlLabel.parse(int(step.label)))
-    except ValueError as err:
-        raise FleetError(INVALID, f"{where}: {err}") from None
-    flat["timestamp"] = np.float64(step.timestamp or time.time())
     for name in SIGNAL_NAMES:
         value = float(getattr(step.signals, name))
         if not math.isfinite(value):
@@ -219,12 +235,14 @@ def _flatten_checked(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | 
 
 
 class RobotService(pb_grpc.RobotServiceServicer):
-    def __init__(self, fleet):
+    def __init__(self, fleet, auth):
         self.fleet = fleet
+        self.auth = auth
 
     async def Session(self, requests, context):  # noqa: N802 - the generated servicer's name
         fleet = self.fleet
-        async for command in serve_session(requests, context, "a robot", hello=fleet.robot_hello,
+        identity = self.auth.identity_of(context.invocation_metadata())
+        async for command in serve_session(requests, context, "a robot", identity, hello=fleet.robot_hello,
                                            handle=fleet.robot_message, left=fleet.robot_left, spawn=fleet.spawn,
                                            on_sent=fleet.metrics.observe_step_latency):
             yield command

@@ -75,14 +75,15 @@ class Outbox:
                 on_sent(time.monotonic() - received_at)
 
 
-async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerContext, what: str, *,
+async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerContext, what: str, identity, *,
                         hello: Callable, handle: Callable, left: Callable, spawn: Callable,
                         on_sent: Callable[[float], None] | None = None) -> AsyncIterator:
     """Run one bidirectional session (robot or operator); yields what the handler streams back.
 
-    The first message must be a hello: `hello(message.hello, outbox)` returns the session's state;
-    each later message goes to `handle(state, outbox, message)`; `left(state, outbox)` runs at the end,
-    however the stream ends. A FleetError (or a bug) ends only this stream, with its status.
+    The first message must be a hello: `hello(message.hello, outbox, identity)` returns the session's
+    state; each later message goes to `handle(state, outbox, message)` after `state.last_heard` is set
+    (the liveness check reads it); `left(state, outbox)` runs at the end, however the stream ends. A
+    FleetError (or a bug) ends only this stream, with its status.
     """
     outbox = Outbox()
     state = None
@@ -98,10 +99,11 @@ async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerConte
             if first.WhichOneof("kind") != "hello":
                 raise FleetError(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"the first message of {what} session must be hello, got {first.WhichOneof('kind')}")
-            state = hello(first.hello, outbox)
+            state = hello(first.hello, outbox, identity)
             async for message in messages:
                 if outbox.ended:
                     return
+                state.last_heard = time.monotonic()
                 if message.WhichOneof("kind") == "hello":
                     raise FleetError(grpc.StatusCode.FAILED_PRECONDITION, "hello was already sent on this session")
                 handle(state, outbox, message)
@@ -113,8 +115,9 @@ async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerConte
         except Exception as err:  # a bug must not take the server down; the caller sees INTERNAL
             if outbox.ended:
                 return  # the stream was already ended (replaced, failed): reading it raises, nothing more
-            log.exception("%s session failed", what)
-            outbox.fail(grpc.StatusCode.INTERNAL, f"server error: {type(err).__name__}: {err}")
+            SESSION_ERRORS.warning((peer_of(context), type(err).__name__), "%s session failed: %s: %s", what,
+                                   type(err).__name__, err, exc_info=True)
+            outbox.fail(grpc.StatusCode.INTERNAL, f"server error: {type(err).__name__}")
 
     reader = spawn(read())
     try:
@@ -124,3 +127,35 @@ async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerConte
         reader.cancel()
         if state is not None:
             left(state, outbox)
+
+
+def peer_of(context) -> str:
+    try:
+        return context.peer()
+    except Exception:  # a finished call may not know its peer any more
+        return "?"
+
+
+class RateLimitedLog:
+    """Log a kind of event at most once per `interval_s` per key (a peer), counting what it held back:
+    whatever a client sends, it cannot flood the server's log."""
+
+    def __init__(self, interval_s: float = 10.0, max_keys: int = 4096):
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._last: dict[tuple, tuple[float, int]] = {}
+
+    def warning(self, key: tuple, message: str, *args, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        last, held = self._last.get(key, (-float("inf"), 0))
+        if now - last < self.interval_s:
+            self._last[key] = (last, held + 1)
+            return
+        if len(self._last) >= self.max_keys:  # bounded: forget everyone rather than grow without end
+            self._last.clear()
+        self._last[key] = (now, 0)
+        suffix = f" ({held} more like it in the last {self.interval_s:.0f} s)" if held else ""
+        log.warning(message + suffix, *args, exc_info=exc_info)
+
+
+SESSION_ERRORS = RateLimitedLog()

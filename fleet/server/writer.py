@@ -14,6 +14,13 @@ waiting. An episode that ends on a quiet fleet is committed at once; under load,
 visible up to `commit_interval_s` after they ended. `close` drains everything queued, commits what
 ended, commits episodes still open with outcome "shutdown" (success false: kept, and marked as cut
 short), and closes the store.
+
+Failures. No exception ends either thread. A step or episode the store refuses (its schema clashes
+with what another robot committed first) fails that episode alone: `on_error(key, message)` tells its
+robot. A commit that fails for any other reason (disk full, permissions, a damaged store) is retried
+with backoff, and meanwhile the writer is not `healthy`: the server refuses new steps with UNAVAILABLE
+(the robots keep them and resend), so nothing is acknowledged that cannot be kept. `on_commit(keys)`
+reports each committed group, so the server can tell robots which of their messages are durable.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_OUTCOME = "shutdown"
 COMMIT_INTERVAL_S = 1.0  # group commits: about one a second, plus one per full batch
+RETRY_S = (0.2, 5.0)  # a failed commit is retried after this backoff (doubling up to the second value)
 # The writer takes what is queued at most this often. Woken per step, its GIL handoffs with the event
 # loop cost more than the step itself; 20 ms of steps is far below any sensible max_pending_steps.
 PASS_INTERVAL_S = 0.02
@@ -54,11 +62,12 @@ class _Work:
 
 
 class EpisodeWriter:
-    """`on_error(key, message)` is called (from the writer thread) when a step or commit of episode
-    `key` fails; the server reports it to the robot."""
+    """`on_error(key, message)` is called (from a writer thread) when episode `key` failed for good;
+    `on_commit(keys)` after every successful commit. The server reports both to the robots."""
 
     def __init__(self, store: EpisodeStore, max_pending_steps: int, batch_episodes: int = 16,
-                 on_error: Callable[[str, str], None] | None = None, commit_interval_s: float = COMMIT_INTERVAL_S):
+                 on_error: Callable[[str, str], None] | None = None, commit_interval_s: float = COMMIT_INTERVAL_S,
+                 on_commit: Callable[[list[str]], None] | None = None):
         self.store = store
         self.max_pending_steps = max_pending_steps
         self.batch_episodes = max(1, batch_episodes)
@@ -66,10 +75,13 @@ class EpisodeWriter:
         self.stats = WriterStats()
         self._stats_lock = threading.Lock()  # both threads count failures
         self._on_error = on_error or (lambda key, message: None)
+        self._on_commit = on_commit or (lambda keys: None)
+        self.error = ""  # why the writer is not healthy ("" while it is)
         self._work: collections.deque[_Work] = collections.deque()
         self._pending_steps = 0
         self._cond = threading.Condition()
         self._closing = False
+        self._give_up = False  # close() timed out: stop retrying failed commits
         self._paused = False
         self._open: dict[str, OpenEpisode] = {}  # the writer thread's alone
         # Ended episodes waiting for the committer: (key, episode, success, outcome), in the order they ended.
@@ -82,6 +94,11 @@ class EpisodeWriter:
         self._committer.start()
 
     # -- called from the server's event loop ------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False while commits fail (steps must then be refused: they could not be kept)."""
+        return not self.error
 
     @property
     def depth(self) -> int:
@@ -133,6 +150,10 @@ class EpisodeWriter:
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in (self._thread, self._committer):
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive() and self.error:
+                with self._cond:
+                    self._give_up = True  # the store cannot be written: the robots still hold what was not committed
+                thread.join(2 * RETRY_S[1])
             if thread.is_alive():
                 log.error("episode writer did not finish within %s s; the store stays locked until exit", timeout)
                 return
@@ -162,7 +183,7 @@ class EpisodeWriter:
                 self._work.clear()
                 self._pending_steps = 0
                 closing = self._closing
-            finished = [item for work in batch if (item := self._apply(work)) is not None]
+            finished = [item for work in batch if (item := self._apply_safely(work)) is not None]
             if closing:
                 finished += [(key, episode, False, SHUTDOWN_OUTCOME) for key, episode in self._open.items()]
                 self._open.clear()
@@ -189,9 +210,32 @@ class EpisodeWriter:
                 group = [self._finished.popleft() for _ in range(count)]
             last_commit = time.monotonic()
             for start in range(0, len(group), self.batch_episodes):
-                self._commit(group[start:start + self.batch_episodes])
+                part = group[start:start + self.batch_episodes]
+                try:
+                    self._commit(part)
+                except Exception as err:  # a bug here must not end the thread: fail the group, go on
+                    log.exception("episode committer failed")
+                    for key, episode, _, _ in part:
+                        episode.abort()
+                        self._failed(key, f"committing failed: {type(err).__name__}: {err}")
             if closing:
                 return
+
+    def _apply_safely(self, work: _Work):
+        try:
+            return self._apply(work)
+        except Exception as err:  # whatever the store raised: this episode fails alone, the thread goes on
+            episode = self._open.pop(work.key, None)
+            if episode is not None:
+                episode.abort()
+            self._failed(work.key, f"the episode writer could not {work.op} it: {type(err).__name__}: {err}")
+            return None
+
+    def _failed(self, key: str, message: str) -> None:
+        with self._stats_lock:
+            self.stats.failures += 1
+        log.error("episode %s dropped: %s", key, message)
+        self._on_error(key, message)
 
     def _apply(self, work: _Work):
         """Apply one work item; an ended episode comes back as (key, episode, success, outcome)."""
@@ -213,37 +257,63 @@ class EpisodeWriter:
                 del self._open[work.key]
                 episode.abort()
         except (StepError, StoreError) as err:
-            # The server validates steps before queueing them, so this is a schema clash with the store.
+            # The server checks steps before queueing them, so this is a clash with the store's schema.
             self._open.pop(work.key, None).abort()
-            with self._stats_lock:
-                self.stats.failures += 1
-            log.error("episode %s dropped: %s", work.key, err)
-            self._on_error(work.key, f"episode writer refused a step, the episode was dropped: {err}")
+            self._failed(work.key, f"the episode store refused a step, the episode was dropped: {err}")
         return None
 
     def _commit(self, finished: list) -> None:
+        """Commit a group: empty episodes are discarded, episodes that clash with the store's schema fail
+        alone, and a failing write is retried until it succeeds (or the writer is closed for good)."""
         keep = []
         for key, episode, success, outcome in finished:
-            if len(episode):
-                keep.append((key, episode, success, outcome))
-            else:
+            problem = "" if len(episode) else "empty"
+            if problem == "":
+                try:
+                    problem = self.store.schema_mismatch(episode)
+                except Exception as err:  # a damaged store: treat as a failed write, retried below
+                    problem = ""
+                    log.warning("schema check of episode %s failed: %s", key, err)
+            if problem == "empty":
                 episode.abort()
                 with self._stats_lock:
                     self.stats.episodes_discarded += 1
                 log.info("episode %s ended with no steps; nothing to commit", key)
-        if not keep:
-            return
-        steps = sum(len(episode) for _, episode, _, _ in keep)  # commit_many empties the episodes
-        try:
-            self.store.commit_many([(episode, success, outcome) for _, episode, success, outcome in keep])
-        except Exception as err:  # disk full, permissions...: report each episode, keep the thread alive
-            with self._stats_lock:
-                self.stats.failures += len(keep)
-            log.exception("commit of %d episode(s) failed", len(keep))
-            for key, episode, _, _ in keep:
+            elif problem:
                 episode.abort()
-                self._on_error(key, f"committing the episode failed: {type(err).__name__}: {err}")
+                self._failed(key, f"the episode does not fit the episode store: {problem}")
+            else:
+                keep.append((key, episode, success, outcome))
+        if self.store.schema is None and len(keep) > 1:
+            # The first commit fixes the store's schema: commit one alone, then check the rest against it.
+            self._commit(keep[:1])
+            self._commit(keep[1:])
             return
+        if keep:
+            self._commit_retrying(keep)
+
+    def _commit_retrying(self, keep: list) -> None:
+        delay = RETRY_S[0]
+        while True:
+            steps = sum(len(episode) for _, episode, _, _ in keep)  # commit_many empties the episodes
+            try:
+                self.store.commit_many([(episode, success, outcome) for _, episode, success, outcome in keep])
+                break
+            except Exception as err:  # disk full, permissions, a damaged store: not this episode's fault
+                self.error = f"commit of {len(keep)} episode(s) failed: {type(err).__name__}: {err}"
+                log.error("episode writer: %s; retrying in %.1f s (steps are refused meanwhile)", self.error, delay)
+                with self._cond:
+                    if self._closing and self._give_up:
+                        for key, episode, _, _ in keep:
+                            episode.abort()
+                            self._failed(key, self.error)
+                        return
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_S[1])
+        if self.error:
+            log.info("episode writer: commits succeed again")
+            self.error = ""
         with self._stats_lock:  # steps first: whoever sees the episode count sees its steps
             self.stats.steps_logged += steps
             self.stats.episodes_committed += len(keep)
+        self._on_commit([key for key, _, _, _ in keep])

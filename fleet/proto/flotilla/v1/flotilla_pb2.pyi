@@ -249,10 +249,12 @@ class Command(_message.Message):
     def __init__(self, ack_seq: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., operator_id: _Optional[str] = ..., reset: _Optional[bool] = ..., policy_version: _Optional[str] = ..., estop: _Optional[bool] = ..., message: _Optional[str] = ..., committed_seq: _Optional[int] = ...) -> None: ...
 
 class OperatorHello(_message.Message):
-    __slots__ = ("operator_id",)
+    __slots__ = ("operator_id", "boot_id")
     OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     operator_id: str
-    def __init__(self, operator_id: _Optional[str] = ...) -> None: ...
+    boot_id: str
+    def __init__(self, operator_id: _Optional[str] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class OperatorAction(_message.Message):
     __slots__ = ("robot_id", "action", "seq", "frame_seq")

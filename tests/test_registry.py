@@ -445,7 +445,9 @@ def test_a_version_published_by_older_code_gets_a_manifest(tmp_path, caplog):
     root = tmp_path / "registry"
     old = checkpoint(root / "v0")  # the old layout: files and LATEST, no manifest
     (root / "LATEST").write_text("v0\n")
-    (root / ".incoming-0123").mkdir()  # a publish cut short by a crash
+    (root / ".incoming-0123").mkdir()  # leftovers of a crash: a publish, a LATEST and a manifest update
+    (root / ".LATEST.0123").write_text("v0\n")
+    (root / "v0" / f"{MANIFEST_FILE}.0123").write_text("{")
     with caplog.at_level("INFO"), RegistryServer(root) as server:
         listed = list_policies(server.address, TOKEN)
         assert (list(listed.versions), listed.latest, list(listed.damaged)) == (["v0"], "v0", [])
@@ -461,7 +463,29 @@ def test_a_version_published_by_older_code_gets_a_manifest(tmp_path, caplog):
         assert names == ["config.json", "empty.yaml", "model.safetensors"]  # the manifest stays server-side
         assert all((fetched / name).read_bytes() == (old / name).read_bytes() for name in names)
     assert sorted(os.listdir(root)) == ["LATEST", "v0"]
+    assert sorted(os.listdir(root / "v0")) == [
+        MANIFEST_FILE,
+        "config.json",
+        "empty.yaml",
+        "model.safetensors",
+    ]
     assert PolicyRegistry(root, 10**8).damaged() == []  # and the written manifest checks out
+
+
+def test_a_version_published_by_older_code_is_served_when_its_manifest_cannot_be_written(
+    tmp_path, monkeypatch, caplog
+):
+    root = tmp_path / "registry"
+    old = checkpoint(root / "v0")
+
+    def read_only(path, text):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(registry_module, "_write_durably", read_only)
+    with caplog.at_level("WARNING"), RegistryServer(root) as server:
+        assert "none could be written (Read-only file system)" in caplog.text
+        assert same_files(fetch_checkpoint(server.address, TOKEN, tmp_path / "dest", "v0"), old)
+        assert server.registry.damaged() == [] and not (root / "v0" / MANIFEST_FILE).exists()
 
 
 # ------------------------------------------------------------------------------ the client's checks

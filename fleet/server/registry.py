@@ -195,6 +195,13 @@ def _why(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+def _remove_leftover(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as err:  # a read-only registry still starts
+        log.warning("registry: cannot remove the leftover %s (%s)", path, _why(err))
+
+
 class PolicyRegistry:
     """The registry folder's versions (see the module docstring). Safe to call from several threads.
 
@@ -346,7 +353,7 @@ class PolicyRegistry:
             if name.startswith(_INCOMING):  # a publish cut short by a crash
                 shutil.rmtree(entry.path, ignore_errors=True)
             elif name.startswith(_LATEST_TEMP) and entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)  # a LATEST update cut short by a crash
+                _remove_leftover(entry.path)  # a LATEST update cut short by a crash
             elif name == LATEST_FILE:
                 latest_entry = entry
             elif name.startswith(_MOVED_LATEST):
@@ -415,7 +422,7 @@ class PolicyRegistry:
             if entry.name == MANIFEST_FILE:
                 has_manifest = True
             elif entry.name.startswith(_MANIFEST_TEMP) and entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)  # a manifest write cut short by a crash
+                _remove_leftover(entry.path)  # a manifest write cut short by a crash
             elif entry.is_file(follow_symlinks=False) and _is_checkpoint_name(entry.name):
                 files.append(entry.name)
             else:

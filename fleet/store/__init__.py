@@ -9,9 +9,17 @@ from fleet.store.episode_store import (
     StepError,
     StoreCorruptError,
     StoreError,
+    check_schema,
 )
 
 __all__ = [
-    "EpisodeMeta", "EpisodeStore", "FieldSpec", "OpenEpisode", "Schema", "StepError", "StoreCorruptError",
+    "EpisodeMeta",
+    "EpisodeStore",
+    "FieldSpec",
+    "OpenEpisode",
+    "Schema",
+    "StepError",
+    "StoreCorruptError",
     "StoreError",
+    "check_schema",
 ]

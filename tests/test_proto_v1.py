@@ -5,6 +5,7 @@ it); fleet/proto/buf.yaml holds the lint and breaking rules. buf comes from pack
 scripts/setup.sh installs it: a missing buf fails these tests, it never skips them.
 """
 
+import difflib
 import re
 import shutil
 import subprocess
@@ -142,9 +143,15 @@ def test_the_image_is_the_generated_code_schema():
     )
     assert {s.name for s in frozen.service} == set(flotilla_pb2.DESCRIPTOR.services_by_name)
     assert {e.name for e in frozen.enum_type} == set(flotilla_pb2.DESCRIPTOR.enum_types_by_name)
-    assert _normalized(frozen) == _normalized(generated), (
+    frozen_text, generated_text = str(_normalized(frozen)), str(_normalized(generated))
+    difference = "\n".join(
+        difflib.unified_diff(
+            frozen_text.splitlines(), generated_text.splitlines(), "image", "generated", lineterm=""
+        )
+    )
+    assert frozen_text == generated_text, (
         "the frozen image and the generated code describe different schemas: after an allowed .proto change "
-        "regenerate the code (see fleet/proto/__init__.py) and run scripts/freeze_proto.sh"
+        f"regenerate the code (see fleet/proto/__init__.py) and run scripts/freeze_proto.sh\n{difference}"
     )
 
 

@@ -56,7 +56,7 @@ class RobotLog:
 
     robot_id: str
     sent: int = 0  # steps written (seq 1..sent)
-    acked: int = 0  # the highest ack_seq heard
+    acked: int = 0  # steps acknowledged
     latencies_ms: list[float] = field(default_factory=list)  # one per acked step
     lag_ms: list[float] = field(default_factory=list)  # how late each step went out against its 10 Hz slot
     episodes: dict[int, list[float]] = field(default_factory=dict)  # episode id -> timestamps of its steps
@@ -143,7 +143,7 @@ def _hello(robot_id: str):
     from fleet.proto import flotilla_pb2 as pb
 
     hello = pb.RobotHello(robot_id=robot_id, task="push", policy_version="bench", action_dim=ACTION_DIM,
-                          goal_dim=GOAL_DIM)
+                          goal_dim=GOAL_DIM, boot_id=f"{robot_id}-{os.getpid()}-{time.time_ns()}")
     for key, (shape, dtype) in OBSERVATION_SPEC.items():
         hello.observation_spec[key].CopyFrom(pb.TensorSpec(shape=shape, dtype=dtype))
     return hello
@@ -152,7 +152,7 @@ def _hello(robot_id: str):
 def _spec():
     from fleet.server.robots import RobotSpec
 
-    return RobotSpec.from_hello(_hello("any"))
+    return RobotSpec.from_hello(_hello("any"), max_step_bytes=1 << 30)
 
 
 class SyntheticRobot:
@@ -169,7 +169,7 @@ class SyntheticRobot:
         self.hello = pb.RobotMessage(hello=_hello(robot_id))
         self.goal = codec.to_tensor(rng.uniform(-0.2, 0.2, GOAL_DIM).astype(np.float32))
         step = pb.Step(action=codec.to_tensor(rng.uniform(-1, 1, ACTION_DIM).astype(np.float32)),
-                       goal=self.goal, label=pb.ROBOT, policy_version="bench")
+                       goal=self.goal, label=pb.CONTROL_LABEL_ROBOT, policy_version="bench")
         for key, (shape, dtype) in OBSERVATION_SPEC.items():
             step.observation[key].CopyFrom(codec.to_tensor(rng.normal(size=shape).astype(dtype)))
         self.step_message = pb.RobotMessage(step=step)
@@ -177,7 +177,8 @@ class SyntheticRobot:
         self.phase = PERIOD_S * index / fleet_size  # spread the fleet's steps evenly over a period
         self.episode_steps = episode_steps
         self.first_episode_steps = episode_steps - (index * episode_steps) // fleet_size  # stagger the ends
-        self.pending: collections.deque[tuple[int, float]] = collections.deque()  # (seq, sent at)
+        self.pending: collections.deque[tuple[int, float]] = collections.deque()  # (step seq, sent at)
+        self.seq = 0  # one counter for every message, as RobotClient numbers them
         self.connected = asyncio.Event()
         self.call = None
         self.reader: asyncio.Task | None = None
@@ -200,7 +201,7 @@ class SyntheticRobot:
                 self.connected.set()
                 while pending and pending[0][0] <= command.ack_seq:
                     log.latencies_ms.append(1000 * (now - pending.popleft()[1]))
-                log.acked = max(log.acked, command.ack_seq)
+                    log.acked += 1
         except grpc.aio.AioRpcError as err:
             log.error = log.error or f"{err.code().name}: {err.details()}"
         finally:
@@ -223,14 +224,16 @@ class SyntheticRobot:
                     episode += 1
                     left = self.first_episode_steps if episode == 1 else self.episode_steps
                     log.episodes[episode] = []
+                    self.seq += 1
                     await self.call.write(pb.RobotMessage(episode_start=pb.EpisodeStart(
-                        episode_id=episode, goal=self.goal, policy_version="bench", timestamp=time.time())))
+                        episode_id=episode, goal=self.goal, policy_version="bench", timestamp=time.time(), seq=self.seq)))
                 log.sent += 1
-                step.seq, step.episode_id, step.t = log.sent, episode, len(log.episodes[episode])
+                self.seq += 1
+                step.seq, step.episode_id, step.t = self.seq, episode, len(log.episodes[episode])
                 step.timestamp = time.time()
                 step.signals.uncertainty = self.uncertainty[k % len(self.uncertainty)]
                 log.episodes[episode].append(step.timestamp)
-                self.pending.append((log.sent, time.perf_counter()))
+                self.pending.append((self.seq, time.perf_counter()))
                 await self.call.write(self.step_message)  # serialized before the await: reuse is safe
                 left -= 1
                 k += 1
@@ -243,8 +246,9 @@ class SyntheticRobot:
             log.error = log.error or f"write failed: {err}"
 
     async def _end(self, episode: int, success: bool, outcome: str) -> None:
+        self.seq += 1
         await self.call.write(self.pb.RobotMessage(episode_end=self.pb.EpisodeEnd(
-            episode_id=episode, success=success, outcome=outcome, timestamp=time.time())))
+            episode_id=episode, success=success, outcome=outcome, timestamp=time.time(), seq=self.seq)))
 
     async def finish(self, timeout: float) -> None:
         """Wait for the server to finish the stream (every ack is in by then)."""

@@ -52,16 +52,16 @@ def test_fast_step_path_agrees_with_the_full_checks():
     produce exactly what the full checks do."""
     from fleet import codec
     from fleet.proto import flotilla_pb2 as pb
-    from fleet.server.robots import RobotSpec, _flatten_checked, flatten_step
+    from fleet.server.robots import RobotSpec, _flatten_checked, flatten_step, step_time
     from fleet.server.streams import FleetError
 
     hello = pb.RobotHello(robot_id="r", action_dim=4, goal_dim=2)
     for key, (shape, dtype) in {"state": ((3,), "float32"), "rgb": ((2, 2, 3), "uint8"), "q": ((2,), "float64")}.items():
         hello.observation_spec[key].CopyFrom(pb.TensorSpec(shape=shape, dtype=dtype))
-    spec = RobotSpec.from_hello(hello)
+    spec = RobotSpec.from_hello(hello, max_step_bytes=1 << 20)
 
     def step(**changes) -> pb.Step:
-        message = pb.Step(seq=3, timestamp=5.0, label=pb.ROBOT, action=codec.to_tensor(np.ones(4, np.float32)),
+        message = pb.Step(seq=3, timestamp=5.0, label=pb.CONTROL_LABEL_ROBOT, action=codec.to_tensor(np.ones(4, np.float32)),
                           goal=codec.to_tensor(np.ones(2, np.float32)), signals=pb.Signals(uncertainty=0.5))
         for key, value in {"state": np.arange(3, dtype=np.float32), "rgb": np.zeros((2, 2, 3), np.uint8),
                            "q": np.zeros(2)}.items():
@@ -75,10 +75,16 @@ def test_fast_step_path_agrees_with_the_full_checks():
                 setattr(message, name, value)
         return message
 
+    label = np.uint8(ControlLabel.ROBOT)  # the server's decision, passed in (fleet.server.fleet)
+
+    def checked(message, spec, goal, max_frame_bytes, label):
+        return {**_flatten_checked(message, spec, goal, max_frame_bytes), "label": label,
+                "timestamp": step_time(message.timestamp, f"step seq {message.seq}")}
+
     def outcome(flatten, message, goal):
         try:
             return [(key, np.asarray(value).dtype.str, np.asarray(value).tolist())
-                    for key, value in flatten(message, spec, goal, 50).items()]
+                    for key, value in sorted(flatten(message, spec, goal, 50, label).items())]
         except FleetError as err:
             return err.code, err.message
 
@@ -87,7 +93,7 @@ def test_fast_step_path_agrees_with_the_full_checks():
              step(state=np.arange(4, dtype=np.float32)), step(state=np.arange(3, dtype=np.float64)),
              step(action=np.ones(4)), step(action=np.array([0, 0, 0, nan], np.float32)),
              step(goal=np.ones((1, 2), np.float32)), step(goal=np.array([np.inf, 0], np.float32)),
-             step(no="goal"), step(no="action"), step(label=3), step(label=9),
+             step(no="goal"), step(no="action"), step(timestamp=float("nan")), step(timestamp=-1.0),
              step(signals=pb.Signals(risk=nan)), step(signals=pb.Signals(constraint_violation=True)),
              step(camera=pb.Image(encoding="jpeg", data=b"x" * 10)),
              step(camera=pb.Image(encoding="jpeg", data=b"x" * 100))]
@@ -97,4 +103,4 @@ def test_fast_step_path_agrees_with_the_full_checks():
     del missing.observation["q"]
     for message in [*cases, aliased, missing]:
         for goal in (None, np.array([3, 4], np.float32)):
-            assert outcome(flatten_step, message, goal) == outcome(_flatten_checked, message, goal)
+            assert outcome(flatten_step, message, goal) == outcome(checked, message, goal)

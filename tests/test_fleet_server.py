@@ -49,39 +49,6 @@ def make_config(tmp_path, t_T=3, **overrides) -> ServerConfig:
     return ServerConfig(**values)
 
 
-@pytest.fixture
-def make_server(tmp_path):
-    """Start servers with make_config overrides; they stop after the test (and after its clients)."""
-    servers = []
-
-    def start(**overrides) -> ServerThread:
-        servers.append(ServerThread(make_config(tmp_path, **overrides)).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def server(make_server):
-    return make_server()
-
-
-@pytest.fixture
-def clients():
-    """Start clients through this list; they are all closed at the end of the test."""
-    started = []
-
-    def start(client):
-        started.append(client.start())
-        return client
-
-    yield start
-    for client in started:
-        client.close(timeout=2)
-
-
 def robot_client(server, robot_id="r1", **kwargs) -> RobotClient:
     return RobotClient(server.address, "robot-token", robot_id, "push", SPEC, action_dim=2, backoff=FAST, **kwargs)
 
@@ -94,9 +61,10 @@ def obs(t: int) -> dict:
     return {"state": np.full(3, t, np.float32), "rgb": np.full((8, 8, 3), t % 256, np.uint8)}
 
 
-def send(robot: RobotClient, episode: int, ts, label=ROBOT, **signals) -> None:
+def send(robot: RobotClient, episode: int, ts, label=ROBOT, operator_id="", **signals) -> None:
     for t in ts:
-        robot.step(episode, t, obs(t), np.array([t, -t], np.float32), label, signals=signals or None)
+        robot.step(episode, t, obs(t), np.array([t, -t], np.float32), label, signals=signals or None,
+                   operator_id=operator_id)
 
 
 def wait_until(predicate, timeout=10.0, what="condition"):
@@ -121,7 +89,7 @@ def take_over(robot: RobotClient, operator: OperatorClient, episode: int = 1, st
     send(robot, episode, [steps], uncertainty=0.9)
     update = operator.next_update(5, kind="assignment")
     assert update is not None, "no assignment"
-    wait_until(lambda: robot.state.mode == pb.TELEOP, what="TELEOP")
+    wait_until(lambda: robot.state.mode == pb.MODE_TELEOP, what="TELEOP")
     return update.assignment
 
 
@@ -139,7 +107,7 @@ def raw_robot_session(server, messages, token="robot-token"):
 
 
 def hello(robot_id="bad", **overrides) -> pb.RobotMessage:
-    message = pb.RobotHello(robot_id=robot_id, task="push", action_dim=2)
+    message = pb.RobotHello(robot_id=robot_id, task="push", action_dim=2, boot_id=f"boot-{robot_id}")
     for key, (shape, dtype) in SPEC.items():
         message.observation_spec[key].CopyFrom(pb.TensorSpec(shape=shape, dtype=dtype))
     for key, value in overrides.items():
@@ -149,7 +117,7 @@ def hello(robot_id="bad", **overrides) -> pb.RobotMessage:
 
 def step_message(seq, episode=1, t=0, action=(0.0, 0.0), observation=None, camera=None) -> pb.RobotMessage:
     step = pb.Step(seq=seq, episode_id=episode, t=t, action=codec.to_tensor(np.array(action, np.float32)),
-                   label=pb.ROBOT)
+                   label=pb.CONTROL_LABEL_ROBOT)
     for key, value in (observation or obs(t)).items():
         step.observation[key].CopyFrom(codec.to_tensor(value))
     if camera is not None:
@@ -185,22 +153,25 @@ def test_episode_is_committed_with_labels_signals_and_metadata(server, clients):
     robot = clients(robot_client(server))
     robot.start_episode(7)
     send(robot, 7, range(4), uncertainty=0.25, risk=0.1)
-    send(robot, 7, range(4, 6), label=INTERVENTION)
+    send(robot, 7, range(4, 6), label=INTERVENTION, operator_id="mallory")  # nobody assigned mallory
     robot.end_episode(7, success=True, outcome="success")
     assert robot.wait_acked(timeout=10)
-    assert robot.state.mode == pb.AUTONOMOUS and robot.state.acked_seq == 6
+    assert robot.state.mode == pb.MODE_AUTONOMOUS and robot.state.acked_seq == 8  # start, 6 steps, end
 
     store = committed(server, 1)
     assert store.num_episodes == 1
     episode = store.episode(0)
-    assert episode["label"].tolist() == [ROBOT] * 4 + [INTERVENTION] * 2
+    # The server decides labels: an intervention it did not assign is logged as the robot's own step.
+    assert episode["label"].tolist() == [ROBOT] * 6
+    assert server.server.metrics.counters["labels_corrected"] == 2
     assert np.array_equal(episode["state"][:, 0], np.arange(6, dtype=np.float32))
     assert episode["rgb"].shape == (6, 8, 8, 3) and episode["action"].dtype == np.float32
     assert np.allclose(episode["signal_uncertainty"][:4], 0.25)
     assert {"signal_risk", "signal_density", "signal_constraint_violation", "timestamp"} <= set(episode)
     meta = store.episode_meta(0)
     assert (meta.robot_id, meta.task, meta.success, meta.outcome) == ("r1", "push", True, "success")
-    assert meta.extra == {"robot_episode_id": 7}
+    assert meta.extra == {"robot_episode_id": 7, "boot_id": robot.boot_id}
+    assert robot.wait_committed(timeout=10) and robot.unacked == 0  # durable: the robot forgot it
     status = fleet_status(server.address, "admin-token")
     assert status.robots[0].robot_id == "r1" and status.robots[0].steps == 6 and status.robots[0].connected
 
@@ -209,22 +180,22 @@ def test_takeover_relabels_pre_intervention_and_teleop_reaches_the_robot(server,
     operator = clients(operator_client(server, "alice"))
     robot = clients(robot_client(server))
     assignment = take_over(robot, operator)
-    assert (assignment.robot_id, assignment.reason, assignment.min_steps) == ("r1", "uncertainty", 3)
+    assert (assignment.robot_id, assignment.reason, assignment.min_steps) == ("r1", pb.ASSIGNMENT_REASON_UNCERTAINTY, 3)
     assert robot.state.operator_id == "alice" and operator.assigned == {"r1"}
 
     operator.act("r1", [0.5, -0.5])
     wait_until(lambda: robot.state.action is not None, what="the teleop action")
     assert robot.state.action.tolist() == [0.5, -0.5]
-    robot.step(1, 6, obs(6), [0.5, -0.5], INTERVENTION, camera=np.zeros((16, 16, 3), np.uint8))
+    robot.step(1, 6, obs(6), [0.5, -0.5], INTERVENTION, camera=np.zeros((16, 16, 3), np.uint8), operator_id="alice")
     frame = operator.next_update(5, kind="frame").frame  # the live view of the robot it controls
     assert frame.robot_id == "r1" and "state" in frame.observation and "rgb" not in frame.observation
     assert codec.decode_image(frame.camera).shape == (16, 16, 3)
-    send(robot, 1, [7, 8], label=INTERVENTION)  # calm signals: once released, it stays released
+    send(robot, 1, [7, 8], label=INTERVENTION, operator_id="alice")  # calm: once released, it stays released
     assert robot.wait_acked()
     operator.release("r1")  # honoured once t_T ticks are served
     released = operator.next_update(5, kind="released").released
-    assert (released.robot_id, released.reason) == ("r1", "operator_release")
-    wait_until(lambda: robot.state.mode == pb.AUTONOMOUS, what="AUTONOMOUS after release")
+    assert (released.robot_id, released.reason) == ("r1", pb.RELEASE_REASON_OPERATOR_RELEASE)
+    wait_until(lambda: robot.state.mode == pb.MODE_AUTONOMOUS, what="AUTONOMOUS after release")
     send(robot, 1, [9], uncertainty=0.1)
     robot.end_episode(1, success=True)
 
@@ -241,9 +212,11 @@ def test_only_the_assigned_operator_moves_a_robot(server, clients):
     bob = clients(operator_client(server, "bob"))
     bob.act("r1", [9.0, 9.0])
     error = bob.next_update(5, kind="error").error
-    assert "not assigned to operator 'bob'" in error and "alice" in error
+    assert "not assigned to operator 'bob'" in error.message and "alice" in error.message
+    assert (error.code, error.robot_id, error.request) == (pb.ERROR_CODE_PERMISSION_DENIED, "r1", "action")
     bob.act("nobody", [1.0, 1.0])
-    assert "unknown robot 'nobody'" in bob.next_update(5, kind="error").error
+    error = bob.next_update(5, kind="error").error
+    assert "unknown robot 'nobody'" in error.message and error.code == pb.ERROR_CODE_NOT_FOUND
     alice.act("r1", [0.25, 0.25])
     wait_until(lambda: received, what="alice's action")
     time.sleep(0.1)
@@ -262,21 +235,30 @@ def test_estop_wins_over_teleop_and_the_whole_fleet_stops(make_server, clients):
     take_over(robot, alice)
 
     alice.estop("r1")
-    wait_until(lambda: robot.state.estop and robot.state.mode == pb.HOLD, what="e-stop on r1")
+    wait_until(lambda: robot.state.estop and robot.state.mode == pb.MODE_HOLD, what="e-stop on r1")
     alice.act("r1", [1.0, 1.0])
-    assert "e-stop" in alice.next_update(5, kind="error").error
+    assert "MODE_HOLD (stopped" in alice.next_update(5, kind="error").error.message
     time.sleep(0.1)
-    assert robot.state.action is None and other.state.mode == pb.AUTONOMOUS
+    assert robot.state.action is None and other.state.mode == pb.MODE_AUTONOMOUS
+    bob = clients(operator_client(server, "bob"))
+    bob.estop("r1", engage=False)  # only whoever engaged a robot's stop (or an admin) releases it
+    error = bob.next_update(5, kind="error").error
+    assert error.code == pb.ERROR_CODE_PERMISSION_DENIED and "only they or an admin" in error.message
+    assert robot.state.estop
     alice.estop("r1", engage=False)
-    wait_until(lambda: robot.state.mode == pb.TELEOP and not robot.state.estop, what="teleop again")
+    wait_until(lambda: robot.state.mode == pb.MODE_TELEOP and not robot.state.estop, what="teleop again")
 
-    bob = clients(operator_client(server, "bob"))  # any operator may stop the whole fleet
-    bob.estop("")
-    wait_until(lambda: robot.state.estop and other.state.estop and other.state.mode == pb.HOLD, what="fleet e-stop")
+    bob.estop("")  # any operator may stop the whole fleet
+    wait_until(lambda: robot.state.estop and other.state.estop and other.state.mode == pb.MODE_HOLD, what="fleet e-stop")
     alice.act("r1", [1.0, 1.0])
-    assert "e-stop" in alice.next_update(5, kind="error").error
-    bob.estop("", engage=False)
-    wait_until(lambda: other.state.mode == pb.AUTONOMOUS and robot.state.mode == pb.TELEOP, what="fleet release")
+    assert "MODE_HOLD (stopped" in alice.next_update(5, kind="error").error.message
+    bob.estop("", engage=False)  # ... but only an admin may release it
+    assert "needs an admin" in bob.next_update(5, kind="error").error.message
+    time.sleep(0.1)
+    assert other.state.estop
+    admin = clients(OperatorClient(server.address, "admin-token", "root", backoff=FAST))
+    admin.estop("", engage=False)
+    wait_until(lambda: other.state.mode == pb.MODE_AUTONOMOUS and robot.state.mode == pb.MODE_TELEOP, what="fleet release")
 
 
 def test_operator_disconnect_holds_the_robot_and_requeues_it(server, clients):
@@ -284,12 +266,12 @@ def test_operator_disconnect_holds_the_robot_and_requeues_it(server, clients):
     robot = clients(robot_client(server))
     take_over(robot, alice)
     alice.close()
-    wait_until(lambda: robot.state.mode == pb.HOLD and not robot.state.estop, what="HOLD")
+    wait_until(lambda: robot.state.mode == pb.MODE_HOLD and not robot.state.estop, what="HOLD")
     assert "alice disconnected" in robot.state.message
     bob = clients(operator_client(server, "bob"))
     assignment = bob.next_update(5, kind="assignment").assignment
-    assert (assignment.robot_id, assignment.reason) == ("r1", "uncertainty")
-    wait_until(lambda: robot.state.mode == pb.TELEOP and robot.state.operator_id == "bob", what="bob's teleop")
+    assert (assignment.robot_id, assignment.reason) == ("r1", pb.ASSIGNMENT_REASON_UNCERTAINTY)
+    wait_until(lambda: robot.state.mode == pb.MODE_TELEOP and robot.state.operator_id == "bob", what="bob's teleop")
 
 
 def test_robot_disconnect_mid_intervention_frees_the_operator(make_server, clients):
@@ -299,7 +281,7 @@ def test_robot_disconnect_mid_intervention_frees_the_operator(make_server, clien
     take_over(robot, alice)
     robot.close()
     released = alice.next_update(5, kind="released").released
-    assert (released.robot_id, released.reason) == ("r1", "robot_disconnected")
+    assert (released.robot_id, released.reason) == ("r1", pb.RELEASE_REASON_ROBOT_DISCONNECTED)
     assert alice.assigned == set()
     status = fleet_status(server.address, "admin-token")
     assert [(r.robot_id, r.connected, r.operator_id) for r in status.robots] == [("r1", False, "")]
@@ -313,13 +295,14 @@ def test_blocked_robot_holds_until_a_human_reset_of_t_R_steps(server, clients):
     robot = clients(robot_client(server))
     robot.start_episode(1)
     send(robot, 1, [0], constraint_violation=True)
-    wait_until(lambda: robot.state.mode == pb.HOLD, what="HOLD while blocked")
+    wait_until(lambda: robot.state.mode == pb.MODE_HOLD, what="HOLD while blocked")
     assignment = alice.next_update(5, kind="assignment").assignment
-    assert assignment.needs_reset and assignment.reset_steps == 2 and assignment.reason == "constraint_violation"
-    assert robot.state.mode == pb.HOLD  # the human is resetting it: it does not act
+    assert assignment.needs_reset and assignment.reset_steps == 2
+    assert assignment.reason == pb.ASSIGNMENT_REASON_CONSTRAINT_VIOLATION
+    assert robot.state.mode == pb.MODE_HOLD  # the human is resetting it: it does not act
     alice.reset("r1")  # already under way: nothing more happens until t_R is served
     released = alice.next_update(5, kind="released").released
-    assert (released.robot_id, released.reason) == ("r1", "reset_done")
+    assert (released.robot_id, released.reason) == ("r1", pb.RELEASE_REASON_RESET_DONE)
     wait_until(robot.take_reset, what="the reset order")
     assert not robot.take_reset()  # exactly one reset
     send(robot, 1, [1], constraint_violation=True)  # a stale step from before the reset: not blocked again
@@ -328,7 +311,7 @@ def test_blocked_robot_holds_until_a_human_reset_of_t_R_steps(server, clients):
     send(robot, 2, [0])
     assert robot.wait_acked()
     time.sleep(0.2)
-    assert robot.state.mode == pb.AUTONOMOUS
+    assert robot.state.mode == pb.MODE_AUTONOMOUS
 
 
 def test_robot_ids_outside_the_fleet_are_refused(make_server):
@@ -337,12 +320,16 @@ def test_robot_ids_outside_the_fleet_are_refused(make_server):
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "'intruder' is not in this fleet" in error.details()
 
 
-def test_a_reconnecting_robot_id_replaces_its_old_session(server, clients):
+def test_a_second_process_cannot_take_a_connected_robots_session(server, clients):
     first = clients(robot_client(server))
     wait_until(lambda: first.connected, what="first session")
-    clients(robot_client(server))
-    error = first.wait_stopped(5)
-    assert error is not None and error.code == grpc.StatusCode.ABORTED and "replaced" in error.details
+    impostor = clients(robot_client(server))  # the same id and token, another process (boot)
+    wait_until(lambda: any(e.code == grpc.StatusCode.ALREADY_EXISTS for e in impostor.recent_errors),
+               what="the refusal")
+    assert "connected from another process" in impostor.last_error.details and not impostor.connected
+    first.start_episode(1)
+    send(first, 1, range(3))
+    assert first.wait_acked() and first.error is None and first.connected
 
 
 # --------------------------------------------------------------------------------------- bad input
@@ -377,11 +364,11 @@ def test_malformed_messages_get_clear_statuses_while_another_robot_streams(serve
     streamer = threading.Thread(target=stream_good)
     streamer.start()
     try:
-        start = pb.RobotMessage(episode_start=pb.EpisodeStart(episode_id=1))
-        nan = step_message(1, action=(float("nan"), 0.0))
-        wide = step_message(1, observation={"state": np.zeros(4, np.float32), "rgb": obs(0)["rgb"]})
-        wrong_dtype = step_message(1, observation={"state": np.zeros(3, np.float64), "rgb": obs(0)["rgb"]})
-        big_frame = step_message(1, camera=pb.Image(encoding="jpeg", data=b"\0" * (2 * 1024 * 1024)))
+        start = pb.RobotMessage(episode_start=pb.EpisodeStart(episode_id=1, seq=1))
+        nan = step_message(2, action=(float("nan"), 0.0))
+        wide = step_message(2, observation={"state": np.zeros(4, np.float32), "rgb": obs(0)["rgb"]})
+        wrong_dtype = step_message(2, observation={"state": np.zeros(3, np.float64), "rgb": obs(0)["rgb"]})
+        big_frame = step_message(2, camera=pb.Image(encoding="jpeg", data=b"\0" * (2 * 1024 * 1024)))
         cases = [
             ([start], grpc.StatusCode.FAILED_PRECONDITION, "must be hello"),
             ([hello(), start, wide], grpc.StatusCode.INVALID_ARGUMENT, "observation 'state' has shape (4,)"),
@@ -390,7 +377,7 @@ def test_malformed_messages_get_clear_statuses_while_another_robot_streams(serve
             ([hello(), start, big_frame], grpc.StatusCode.RESOURCE_EXHAUSTED, "max_frame_bytes"),
             ([hello(), step_message(1)], grpc.StatusCode.FAILED_PRECONDITION, "no episode is open"),
             ([hello(action_dim=0)], grpc.StatusCode.INVALID_ARGUMENT, "action_dim"),
-            ([hello(robot_id="")], grpc.StatusCode.INVALID_ARGUMENT, "robot_id is empty"),
+            ([hello(robot_id="")], grpc.StatusCode.INVALID_ARGUMENT, "robot_id '' is not a valid id"),
             ([hello(), pb.RobotMessage()], grpc.StatusCode.INVALID_ARGUMENT, "empty RobotMessage"),
         ]
         for i, (messages, code, text) in enumerate(cases):
@@ -398,18 +385,18 @@ def test_malformed_messages_get_clear_statuses_while_another_robot_streams(serve
                 messages[0].hello.robot_id = f"bad{i}"  # a fresh robot each (an id's open episode outlives a session)
             _, error = raw_robot_session(server, messages)
             assert error is not None and error.code() == code and text in error.details(), (text, error)
-        # The store's schema is fixed: a robot whose steps would not fit is refused at hello.
-        odd = hello("odd")
-        odd.hello.observation_spec["state"].shape[:] = [5]
-        _, error = raw_robot_session(server, [odd])
-        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "would not fit" in error.details()
     finally:
         stop.set()
         streamer.join()
     assert good.wait_acked(timeout=10) and good.error is None and good.connected
     good.end_episode(1, success=True)
     store = committed(server, 1)
-    assert store.episode_meta(0).robot_id == "good" and store.num_steps == good.state.acked_seq
+    assert store.episode_meta(0).robot_id == "good" and store.num_steps == good.state.acked_seq - 2  # all but start and end
+    # The store's schema is fixed by what is committed: a robot whose steps would not fit is refused at hello.
+    odd = hello("odd")
+    odd.hello.observation_spec["state"].shape[:] = [5]
+    _, error = raw_robot_session(server, [odd])
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "would not fit" in error.details()
 
 
 def test_full_writer_queue_refuses_steps_and_loses_nothing(tmp_path, clients):
@@ -423,7 +410,7 @@ def test_full_writer_queue_refuses_steps_and_loses_nothing(tmp_path, clients):
                        what="the refusal")
             refusal = next(e for e in robot.recent_errors if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED)
             assert "writer queue is full" in refusal.details and "NOT logged" in refusal.details
-            assert robot.state.acked_seq == 3  # the three queued steps, nothing beyond
+            assert robot.state.acked_seq == 4  # the episode start and three queued steps, nothing beyond
         assert robot.wait_acked(timeout=10)  # it reconnected and resent the refused steps
         robot.end_episode(1, success=True)
         store = committed(server, 1)

@@ -222,7 +222,7 @@ class Fleet:
         if kind not in ("step", "episode_start", "episode_end"):
             raise FleetError(INVALID, "empty RobotMessage (none of hello, episode_start, step, episode_end, heartbeat)")
         body = getattr(message, kind)
-        received_at = time.monotonic()
+        received_at = time.monotonic() if kind == "step" else None  # the latency histogram is step -> ack
         try:
             if body.seq <= 0:
                 raise FleetError(INVALID, f"{kind}: seq must be positive, got {body.seq}")

@@ -17,8 +17,8 @@ import numpy as np
 from fleet import codec
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
-from fleet.server.streams import FleetError, serve_session
 from fleet.server.auth import clip
+from fleet.server.streams import FleetError, serve_session
 from fleet.store import FieldSpec, Schema, StepError, check_schema
 from fleet.store.episode_store import RESERVED_KEYS, SIGNAL_PREFIX
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import os
 import shutil
@@ -51,7 +52,7 @@ from fleet import codec, wire
 from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
-from fleet.server.registry import check_filename, check_version  # the registry's own file rules
+from fleet.registry_rules import check_filename, check_version  # the registry's own file rules
 
 log = logging.getLogger(__name__)
 
@@ -552,7 +553,6 @@ class CheckpointError(RuntimeError):
 
 def _file_chunks(path: Path, version: str, chunk_bytes: int) -> Iterator[pb.CheckpointChunk]:
     """One file's chunks; the last carries the file's SHA-256 (computed while reading)."""
-    import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -589,7 +589,6 @@ def publish_checkpoint(target: str, token: str, folder: str | os.PathLike, versi
 
 class _FetchedFile:
     def __init__(self, path: Path):
-        import hashlib
 
         self.name, self.file, self.digest, self.size = path.name, open(path, "wb"), hashlib.sha256(), 0
 

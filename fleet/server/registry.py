@@ -44,7 +44,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -56,16 +55,21 @@ import grpc
 
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
+from fleet.registry_rules import (  # noqa: F401 - re-exported: the registry's rules live beside the client SDK
+    ALLOWED_SUFFIXES,
+    LATEST_FILE,
+    RESERVED_VERSIONS,
+    SHA256_PATTERN,
+    RegistryError,
+    check_filename,
+    check_sha256,
+    check_version,
+)
 
 log = logging.getLogger(__name__)
 
-ALLOWED_SUFFIXES = (".json", ".yaml", ".yml", ".safetensors")
-LATEST_FILE = "LATEST"
 MANIFEST_FILE = ".manifest.json"
 MANIFEST_FORMAT = 1
-RESERVED_VERSIONS = frozenset({LATEST_FILE.casefold()})  # compared case-folded
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _INCOMING = ".incoming-"  # a publish in progress
 _LATEST_TEMP = f".{LATEST_FILE}."  # LATEST being replaced
 _MANIFEST_TEMP = f"{MANIFEST_FILE}."  # a manifest being written
@@ -73,51 +77,8 @@ _MOVED_LATEST = f".moved-{LATEST_FILE}-"  # a LATEST folder moved aside by a pub
 _READ_BYTES = 1024 * 1024
 
 
-class RegistryError(ValueError):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
 class _Damaged(Exception):
     """A registry entry that cannot be served (the message says why)."""
-
-
-def check_version(version: str) -> str:
-    if not _VERSION.fullmatch(version or ""):
-        raise RegistryError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"bad version {version!r}: use letters, digits and . _ + - (not starting with . or -)",
-        )
-    if version.casefold() in RESERVED_VERSIONS:
-        raise RegistryError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"version {version!r} is reserved (the registry's {LATEST_FILE} pointer): pick another name"
-            " (fetch with an empty version for the latest)",
-        )
-    return version
-
-
-def check_filename(name: str) -> str:
-    """A checkpoint file name: no directories, no traversal, an allowed suffix."""
-    if not name or name != os.path.basename(name) or "\\" in name or name.startswith(".") or "\0" in name:
-        raise RegistryError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"bad checkpoint file name {name!r}: plain names only, no folders or '..'",
-        )
-    if not name.endswith(ALLOWED_SUFFIXES):
-        raise RegistryError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"checkpoint file {name!r} is not allowed: only {', '.join(ALLOWED_SUFFIXES)} files",
-        )
-    return name
-
-
-def check_sha256(value: str, what: str) -> str:
-    """A SHA-256 in hex (either case); returns it lower-case."""
-    if not _SHA256.fullmatch(value.lower()):
-        raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: bad sha256 {value!r} (64 hex digits)")
-    return value.lower()
 
 
 @dataclass(frozen=True)
@@ -161,7 +122,7 @@ def parse_manifest(text: str) -> Manifest:
             raise ValueError(str(err)) from None
         size = entry.get("bytes") if isinstance(entry, dict) else None
         sha256 = entry.get("sha256") if isinstance(entry, dict) else None
-        if type(size) is not int or size < 0 or not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        if type(size) is not int or size < 0 or not isinstance(sha256, str) or not SHA256_PATTERN.fullmatch(sha256):
             raise ValueError(f"bad entry for {name!r}: {entry!r}")
         manifest[name] = FileEntry(size, sha256)
     return manifest

@@ -264,6 +264,18 @@ def test_beyond_loopback_the_server_needs_tls_and_real_tokens(tmp_path):
     assert make_config(tmp_path, metrics_host="0.0.0.0").exposure_problems()  # metrics have no auth
 
 
+def test_flotilla_serve_beyond_loopback_with_defaults_is_one_line_refusal(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "flotilla.cli", "serve", "host=0.0.0.0", "metrics_port=null",
+                             f"store={tmp_path / 'fleet.zarr'}", f"registry_dir={tmp_path / 'registry'}"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "refusing to listen beyond loopback" in result.stderr and "Traceback" not in result.stderr
+    assert "dev" in result.stderr and "TLS is off" in result.stderr
+
+
 def test_insecure_true_serves_beyond_loopback_with_a_warning(tmp_path, caplog):
     config = make_config(tmp_path, host="0.0.0.0", insecure=True)
     with caplog.at_level(logging.WARNING), ServerThread(config) as server:

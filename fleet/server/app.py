@@ -34,7 +34,7 @@ from fleet.server.operators import OperatorService
 from fleet.server.registry import PolicyRegistry, RegistryService
 from fleet.server.robots import RobotService
 from fleet.server.writer import EpisodeWriter
-from fleet.store import EpisodeStore
+from fleet.store import EpisodeStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class FleetServer:
             raise ValueError("serve: no tokens configured; every call would be refused")
         problems = config.exposure_problems()
         if problems and not config.insecure:
-            raise ValueError("serve: refusing to listen beyond loopback insecurely: " + "; ".join(problems)
+            raise ValueError("refusing to listen beyond loopback insecurely: " + "; ".join(problems)
                              + " (or set insecure=true on a closed network)")
         for problem in problems:
             log.warning("INSECURE (insecure=true): %s", problem)
@@ -239,4 +239,7 @@ def run(cfg) -> None:
 
         cfg = OmegaConf.to_container(cfg, resolve=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(ServerConfig.from_dict(cfg)))
+    try:
+        asyncio.run(serve(ServerConfig.from_dict(cfg)))
+    except (ValueError, StoreError, OSError) as err:  # a bad setting, store or address: one line, no traceback
+        raise SystemExit(f"flotilla serve: {err}") from None

@@ -10,6 +10,7 @@ import re
 import grpc
 
 ALLOWED_SUFFIXES = (".json", ".yaml", ".yml", ".safetensors")
+MAX_FILENAME_BYTES = 128  # well under every file system's limit (255), with room for temporary suffixes
 LATEST_FILE = "LATEST"
 RESERVED_VERSIONS = frozenset({LATEST_FILE.casefold()})  # compared case-folded
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -43,6 +44,11 @@ def check_filename(name: str) -> str:
         raise RegistryError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"bad checkpoint file name {name!r}: plain names only, no folders or '..'",
+        )
+    if len(name.encode()) > MAX_FILENAME_BYTES:
+        raise RegistryError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"checkpoint file name of {len(name.encode())} bytes is too long (at most {MAX_FILENAME_BYTES})",
         )
     if not name.endswith(ALLOWED_SUFFIXES):
         raise RegistryError(

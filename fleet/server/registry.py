@@ -614,6 +614,11 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
             if upload is not None:
                 await asyncio.to_thread(upload.discard)
             await context.abort(err.code, str(err))
+        except OSError as err:  # the registry's disk (full, read-only): the publisher is told, nothing is kept
+            if upload is not None:
+                await asyncio.to_thread(upload.discard)
+            log.error("publish failed: %s", err)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the registry cannot store the checkpoint: {err.strerror}")
         except BaseException:
             if upload is not None:
                 await asyncio.to_thread(upload.discard)

@@ -524,7 +524,11 @@ def run_kill9(
             server = start_server()
         drain_began = time.monotonic()
         for client in clients.values():
-            client.wait_committed(timeout=120)
+            if not client.wait_committed(timeout=120):
+                report.client_errors.append(
+                    f"{client.hello.robot_id}: committed_seq {client.state.committed_seq} < last seq "
+                    f"{client.last_seq} 120 s after the last restart"
+                )
         report.final_drain_s = time.monotonic() - drain_began
         log(f"final restart: every ended episode committed after {report.final_drain_s:.1f} s")
         for client in clients.values():
@@ -752,6 +756,8 @@ class FuzzReport:
     corpus_sessions: int = 0  # of which the deterministic dictionary pass (Fuzzer.corpus)
     messages: int = 0  # requests sent (stream messages and unary requests)
     statuses: collections.Counter = field(default_factory=collections.Counter)  # "method CODE" -> count
+    oversized_details: collections.Counter = field(default_factory=collections.Counter)  # method -> count
+    examples: dict[str, str] = field(default_factory=dict)  # "method CODE" -> the first details seen
     operator_errors: collections.Counter = field(default_factory=collections.Counter)  # in-session refusals
     strategies: collections.Counter = field(default_factory=collections.Counter)  # mutation -> count
     disallowed: list[str] = field(
@@ -779,7 +785,8 @@ class FuzzReport:
         codes = ", ".join(f"{code} {count}" for code, count in sorted(self.codes().items()))
         return (
             f"sessions {self.sessions}, messages {self.messages}, statuses: {codes}; disallowed "
-            f"{len(self.disallowed)}; status checks {self.status_checks} (failed {len(self.status_failures)}); "
+            f"{len(self.disallowed)}; status messages too big for the client {sum(self.oversized_details.values())}; "
+            f"status checks {self.status_checks} (failed {len(self.status_failures)}); "
             f"server warnings {self.warnings}, tracebacks {self.tracebacks}; good robot episodes "
             f"{self.good_episodes} ({'exact' if self.good_check.ok else 'NOT exact'}); {self.seconds:.1f} s"
         )
@@ -936,6 +943,11 @@ class Fuzzer:
         except grpc.RpcError as err:
             code, details = err.code(), err.details() or ""
         self.report.statuses[f"{method} {code.name}"] += 1
+        self.report.examples.setdefault(f"{method} {code.name}", _clip(details, 300))
+        if "metadata size exceeds" in details:
+            # The server's status message was too big for the client to take (it echoed a long input):
+            # the client got this transport error instead of the message naming the problem.
+            self.report.oversized_details[method] += 1
         if code not in ALLOWED_CODES:
             self.report.disallowed.append(f"{method} {code.name}: {details[:300]}")
         return responses

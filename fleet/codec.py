@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from fleet.proto import flotilla_pb2 as pb
+from fleet.wire import clip
 
 # Numeric kinds only: bool, signed/unsigned int, float. No objects, strings, void or complex.
 ALLOWED_KINDS = "biuf"
@@ -27,9 +28,9 @@ def parse_dtype(name: str) -> np.dtype:
     try:
         dtype = np.dtype(name)
     except TypeError:
-        raise ValueError(f"unknown dtype {name!r}") from None
+        raise ValueError(f"unknown dtype {clip(name)!r}") from None
     if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise ValueError(f"dtype {name!r} is not allowed: only bool, integer and float arrays travel as Tensors")
+        raise ValueError(f"dtype {clip(name)!r} is not allowed: only bool, integer and float arrays travel as Tensors")
     return dtype
 
 
@@ -75,7 +76,7 @@ def encode_image(image: np.ndarray, encoding: str = "jpeg", quality: int = 85) -
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
         raise ValueError(f"an image must be uint8 H x W or H x W x 3, got {image.dtype} {image.shape}")
     if encoding not in IMAGE_ENCODINGS:
-        raise ValueError(f"unknown image encoding {encoding!r}; use one of {sorted(IMAGE_ENCODINGS)}")
+        raise ValueError(f"unknown image encoding {clip(encoding)!r}; use one of {sorted(IMAGE_ENCODINGS)}")
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 and image.shape[2] == 3 else image
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if encoding == "jpeg" else []
     ok, buffer = cv2.imencode(IMAGE_ENCODINGS[encoding], bgr, params)
@@ -87,7 +88,7 @@ def encode_image(image: np.ndarray, encoding: str = "jpeg", quality: int = 85) -
 def decode_image(message: pb.Image, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """An Image back to uint8 RGB (H x W x 3) or gray (H x W)."""
     if message.encoding not in IMAGE_ENCODINGS:
-        raise ValueError(f"unknown image encoding {message.encoding!r}; expected one of {sorted(IMAGE_ENCODINGS)}")
+        raise ValueError(f"unknown image encoding {clip(message.encoding)!r}; expected one of {sorted(IMAGE_ENCODINGS)}")
     if message.width * message.height > max_pixels:
         raise ValueError(f"image of {message.width} x {message.height} is over the limit of {max_pixels} pixels")
     image = cv2.imdecode(np.frombuffer(message.data, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -9,6 +9,8 @@ import re
 
 import grpc
 
+from fleet.wire import clip
+
 ALLOWED_SUFFIXES = (".json", ".yaml", ".yml", ".safetensors")
 MAX_FILENAME_BYTES = 128  # well under every file system's limit (255), with room for temporary suffixes
 LATEST_FILE = "LATEST"
@@ -27,12 +29,12 @@ def check_version(version: str) -> str:
     if not _VERSION.fullmatch(version or ""):
         raise RegistryError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"bad version {version!r}: use letters, digits and . _ + - (not starting with . or -)",
+            f"bad version {clip(version)!r}: use letters, digits and . _ + - (not starting with . or -)",
         )
     if version.casefold() in RESERVED_VERSIONS:
         raise RegistryError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"version {version!r} is reserved (the registry's {LATEST_FILE} pointer): pick another name"
+            f"version {clip(version)!r} is reserved (the registry's {LATEST_FILE} pointer): pick another name"
             " (fetch with an empty version for the latest)",
         )
     return version
@@ -43,7 +45,7 @@ def check_filename(name: str) -> str:
     if not name or name != os.path.basename(name) or "\\" in name or name.startswith(".") or "\0" in name:
         raise RegistryError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"bad checkpoint file name {name!r}: plain names only, no folders or '..'",
+            f"bad checkpoint file name {clip(name)!r}: plain names only, no folders or '..'",
         )
     if len(name.encode()) > MAX_FILENAME_BYTES:
         raise RegistryError(
@@ -53,7 +55,7 @@ def check_filename(name: str) -> str:
     if not name.endswith(ALLOWED_SUFFIXES):
         raise RegistryError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"checkpoint file {name!r} is not allowed: only {', '.join(ALLOWED_SUFFIXES)} files",
+            f"checkpoint file {clip(name)!r} is not allowed: only {', '.join(ALLOWED_SUFFIXES)} files",
         )
     return name
 
@@ -61,5 +63,5 @@ def check_filename(name: str) -> str:
 def check_sha256(value: str, what: str) -> str:
     """A SHA-256 in hex (either case); returns it lower-case."""
     if not SHA256_PATTERN.fullmatch(value.lower()):
-        raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: bad sha256 {value!r} (64 hex digits)")
+        raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: bad sha256 {clip(value)!r} (64 hex digits)")
     return value.lower()

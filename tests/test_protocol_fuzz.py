@@ -29,6 +29,8 @@ def test_protocol_fuzz_gets_client_errors_and_leaves_the_good_robot_alone(tmp_pa
     assert report.sessions == SESSIONS + report.corpus_sessions and report.messages > SESSIONS
     # Only client-error statuses: INTERNAL or UNKNOWN would be a handler's bug, DEADLINE_EXCEEDED a hang.
     assert not report.disallowed, report.disallowed
+    # Errors never echo a client's 20 kB string whole (the client would get a metadata-size error instead).
+    assert not report.oversized_details, report.oversized_details
     assert report.codes()["INVALID_ARGUMENT"] > 0 and report.codes()["OK"] > 0
     # The server kept answering its admin, with a healthy writer.
     assert report.status_checks > 10 and not report.status_failures, report.status_failures

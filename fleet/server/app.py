@@ -150,6 +150,7 @@ class FleetServer:
         server, self._grpc = self._grpc, None
         self._tick.cancel()
         self.fleet.shutdown()
+        await self.fleet.estops_saved()
         await server.stop(self.config.shutdown_grace_s)
         await asyncio.to_thread(self.writer.close, WRITER_CLOSE_TIMEOUT_S)
         if self._http is not None:

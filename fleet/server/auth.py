@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fleet.server.streams import FleetError, RateLimitedLog, peer_of
+from fleet.wire import clip
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,6 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
 # Robot and operator ids: short, printable, safe in logs, metadata and file names.
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ID_RULE = "1-64 characters of letters, digits and . _ - (starting with a letter or digit)"
-
-
-def clip(text: str, limit: int = 48) -> str:
-    """A client-supplied string safe to echo in an error: never longer than `limit` characters."""
-    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 def check_id(value: str, what: str) -> str:

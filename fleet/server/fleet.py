@@ -53,7 +53,7 @@ import numpy as np
 from fleet import allocation, wire
 from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
-from fleet.server.auth import Identity, check_id, clip
+from fleet.server.auth import Identity, check_id
 from fleet.server.config import ServerConfig
 from fleet.server.metrics import Metrics
 from fleet.server.robots import RobotSpec, decode_vector, flatten_step, schema_difference, step_time
@@ -146,6 +146,8 @@ class Fleet:
         self._tasks: set[asyncio.Task] = set()
         self._estop_file = Path(config.estop_file or f"{config.store.rstrip('/')}.estop.json")
         self.fleet_estop, self._robot_estops = load_estops(self._estop_file)
+        self._estops_dirty = False
+        self._estop_saver: asyncio.Task | None = None
 
     def spawn(self, coro) -> asyncio.Task:
         """A background task the fleet keeps a reference to (the event loop holds tasks only weakly)."""
@@ -198,7 +200,7 @@ class Fleet:
         robot.task, robot.policy_version = hello.task, hello.policy_version
         robot.outbox, robot.disconnected_at, robot.alloc.connected = outbox, None, True
         robot.last_heard = time.monotonic()
-        log.info("robot %s connected (boot %s, resuming after seq %d)", robot_id, clip(hello.boot_id, 12), robot.last_seq)
+        log.info("robot %s connected (boot %s, resuming after seq %d)", robot_id, wire.clip(hello.boot_id, 12), robot.last_seq)
         self._push(robot, "hello")
         return robot
 
@@ -326,7 +328,7 @@ class Fleet:
             return INTERVENTION_LABEL
         self.metrics.inc("labels_corrected")
         LABEL_WARNINGS.warning((robot.robot_id,), "robot %s claimed an intervention by %r that the server did not "
-                               "assign; logged as a robot step", robot.robot_id, clip(operator))
+                               "assign; logged as a robot step", robot.robot_id, wire.clip(operator))
         return ROBOT_LABEL
 
     def episode_end(self, robot: Robot, end: pb.EpisodeEnd) -> None:
@@ -477,13 +479,13 @@ class Fleet:
             if kind == "action":
                 self.metrics.inc("teleop_actions_refused")
             outbox.send(pb.OperatorUpdate(error=pb.OperatorError(
-                code=wire.error_code_to_wire(err.code.name), message=err.message, robot_id=clip(body.robot_id, 64),
+                code=wire.error_code_to_wire(err.code.name), message=err.message, robot_id=wire.clip(body.robot_id, 64),
                 request=kind)))
 
     def _controlled_robot(self, operator: Operator, robot_id: str, kind: str) -> Robot:
         robot = self.robots.get(robot_id)
         if robot is None:
-            raise FleetError(grpc.StatusCode.NOT_FOUND, f"{kind}: unknown robot {clip(robot_id)!r}")
+            raise FleetError(grpc.StatusCode.NOT_FOUND, f"{kind}: unknown robot {wire.clip(robot_id)!r}")
         if robot.operator_id != operator.operator_id:
             holder = f"it is controlled by {robot.operator_id}" if robot.operator_id else "nobody controls it"
             raise FleetError(grpc.StatusCode.PERMISSION_DENIED,
@@ -507,18 +509,23 @@ class Fleet:
         by = operator.operator_id
         robot = self.robots.get(robot_id) if robot_id else None
         if robot_id and robot is None:
-            raise FleetError(grpc.StatusCode.NOT_FOUND, f"estop: unknown robot {clip(robot_id)!r}")
+            raise FleetError(grpc.StatusCode.NOT_FOUND, f"estop: unknown robot {wire.clip(robot_id)!r}")
         if robot is not None:
             if not engage and not operator.is_admin and robot.estop and by not in robot.estop_by:
                 raise FleetError(grpc.StatusCode.PERMISSION_DENIED,
                                  f"estop: robot {robot_id!r} was stopped by {sorted(robot.estop_by)}; only they or an "
                                  "admin may release it")
-            robot.estop_by = robot.estop_by | {by} if engage else set()
+            new_by = robot.estop_by | {by} if engage else set()
+            if new_by == robot.estop_by:
+                return  # nothing changes: no log line, no disk write (a flood of these costs nothing)
+            robot.estop_by = new_by
             targets = [robot]
         else:
             if not engage and not operator.is_admin and self.fleet_estop:
                 raise FleetError(grpc.StatusCode.PERMISSION_DENIED,
                                  "estop: releasing the fleet-wide stop needs an admin")
+            if engage == self.fleet_estop:
+                return
             self.fleet_estop = engage
             targets = list(self.robots.values())
         self._save_estops()
@@ -528,9 +535,27 @@ class Fleet:
             self._push(target, f"protective stop {what} by {by}" + ("" if robot_id else " (whole fleet)"))
 
     def _save_estops(self) -> None:
+        """Keep the latched stops on disk, off the event loop: one writer at a time, always the latest state
+        (a burst of changes costs one or two writes, not one each)."""
         self._robot_estops = {r.robot_id: set(r.estop_by) for r in self.robots.values() if r.estop} | {
             robot_id: by for robot_id, by in self._robot_estops.items() if robot_id not in self.robots}
-        save_estops(self._estop_file, self.fleet_estop, self._robot_estops)
+        self._estops_dirty = True
+        if self._estop_saver is None or self._estop_saver.done():
+            self._estop_saver = self.spawn(self._write_estops())
+
+    async def estops_saved(self) -> None:
+        """Wait until the latest protective-stop state is on disk (a graceful stop waits for it)."""
+        while self._estop_saver is not None and not self._estop_saver.done():
+            await self._estop_saver
+
+    async def _write_estops(self) -> None:
+        while self._estops_dirty:
+            self._estops_dirty = False
+            state = (self.fleet_estop, {k: set(v) for k, v in self._robot_estops.items()})
+            try:
+                await asyncio.to_thread(save_estops, self._estop_file, *state)
+            except OSError as err:  # still latched in memory; say loudly that a restart would forget it
+                log.error("could not save protective stops to %s: %s", self._estop_file, err)
 
     # -- allocation -------------------------------------------------------------------------------
 

@@ -17,14 +17,15 @@ import numpy as np
 from fleet import codec
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
-from fleet.server.auth import clip
 from fleet.server.streams import FleetError, serve_session
 from fleet.store import FieldSpec, Schema, StepError, check_schema
 from fleet.store.episode_store import RESERVED_KEYS, SIGNAL_PREFIX
+from fleet.wire import clip
 
 SIGNAL_NAMES = ("uncertainty", "risk", "density", "constraint_violation")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MAX_KEYS = 64  # observation keys per robot
+MAX_KEY_CHARS = 64  # the store's key rule (fleet.store.check_schema) allows no more
 MAX_VECTOR = 4096  # most numbers in an action or goal
 
 
@@ -47,6 +48,8 @@ class RobotSpec:
             raise FleetError(INVALID, f"hello: {len(hello.observation_spec)} observation keys, at most {MAX_KEYS}")
         observation = {}
         for key, spec in sorted(hello.observation_spec.items()):
+            if len(key) > MAX_KEY_CHARS:
+                raise FleetError(INVALID, f"hello: observation key {clip(key)!r} is longer than {MAX_KEY_CHARS} characters")
             if key in RESERVED_KEYS or key.startswith(SIGNAL_PREFIX):
                 raise FleetError(INVALID, f"hello: observation key {clip(key)!r} is reserved "
                                           f"({', '.join(RESERVED_KEYS)}, {SIGNAL_PREFIX}*)")
@@ -197,7 +200,7 @@ def _flatten_checked(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | 
     unexpected = sorted(set(step.observation) - set(spec.observation))
     if missing or unexpected:
         raise FleetError(INVALID, f"{where}: observation keys differ from the hello's observation_spec "
-                                  f"(missing {missing}, unexpected {unexpected})")
+                                  f"(missing {missing}, unexpected {[clip(key) for key in unexpected[:8]]})")
     flat: dict = {}
     for key, field_spec in spec.observation.items():
         tensor = step.observation[key]

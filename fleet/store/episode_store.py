@@ -49,6 +49,7 @@ value; the other checks apply. Not detectable at all: a shape of `meta/episode_e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -436,14 +437,8 @@ class EpisodeStore:
 
     def refresh(self) -> None:
         """Re-read the committed state from disk (readers call this to see new episodes), checking it."""
-        try:
+        with _damage_named(f"{self.path}: cannot read the episode store"):
             self._load()
-        except StoreError:
-            raise
-        except Exception as err:  # zarr and json raise many kinds on damaged files
-            raise StoreCorruptError(
-                f"{self.path}: cannot read the episode store ({type(err).__name__}: {err})"
-            ) from err
 
     def _load(self) -> None:
         if not (self.path / "zarr.json").is_file():
@@ -474,12 +469,14 @@ class EpisodeStore:
         for group in ("data", "meta"):
             if not isinstance(root.get(group), zarr.Group):
                 raise StoreCorruptError(f"{self.path}: the {group}/ group is missing")
-        data_keys = set(root["data"].array_keys())
+        data_keys = {entry.name for entry in (self.path / "data").iterdir() if entry.is_dir()}
         if schema is not None and data_keys != set(schema):
             raise StoreCorruptError(
                 f"{self.path}: data/ holds {sorted(data_keys)}, but the schema has {sorted(schema)}"
             )
         for name, layout in self._layouts().items():
+            with _damage_named(f"{self.path}: cannot read the episode store: {name}/zarr.json"):
+                self._array(name)
             problem = _layout_problem(self._array(name), layout, legacy_ok=attrs["format"] == 1)
             if problem:
                 raise StoreCorruptError(f"{self.path}: {name}/zarr.json is damaged: {problem}")
@@ -513,18 +510,19 @@ class EpisodeStore:
             if array.shape[0] > self._committed(name):
                 array.resize((self._committed(name), *array.shape[1:]))
         if self._schema is None:  # data arrays of an interrupted first commit
-            data = self._group["data"]
-            for key in list(data.array_keys()):
-                del data[key]
+            for entry in (self.path / "data").iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
         for leftover in self.path.rglob("*.partial"):  # temporary files of interrupted atomic writes
             leftover.unlink(missing_ok=True)
 
-    def _verify_tails(self) -> None:
-        """Read back the committed part of every array's last chunk: the chunk the next commit rewrites."""
+    def _verify_tails(self, rewritten_only: bool = False) -> None:
+        """Read back the committed part of every array's last chunk, or with `rewritten_only` of those the
+        next commit rewrites (the partly filled ones), so that damage there is never built upon."""
         reads = []
         for name in self._layouts():
             committed, chunk = self._committed(name), self._array(name).chunks[0]
-            if committed:
+            if committed and not (rewritten_only and committed % chunk == 0):
                 reads.append((name, (committed - 1) // chunk * chunk, committed))
         self._read_checked(reads)
 
@@ -602,7 +600,7 @@ class EpisodeStore:
                         f"episode of robot {episode.robot_id!r} does not fit the store's schema: "
                         f"{difference}; nothing was committed"
                     )
-            self._verify_tails()  # never rewrite a damaged last chunk into a valid-looking one
+            self._verify_tails(rewritten_only=True)  # never rewrite a damaged chunk into a valid one
             first_commit = self._schema is None
             if first_commit:
                 data = self._group["data"]
@@ -826,6 +824,18 @@ def _decoding_fields(metadata: Any) -> dict:
 @functools.lru_cache(maxsize=256)
 def _reference_metadata(layout: _Layout) -> Any:
     return layout.create(zarr.create_group(zarr.storage.MemoryStore(), zarr_format=3), "reference").metadata
+
+
+@contextlib.contextmanager
+def _damage_named(what: str):
+    """Raise any error but StoreError as StoreCorruptError(what): zarr and json raise many kinds on damaged
+    files."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as err:
+        raise StoreCorruptError(f"{what} ({type(err).__name__}: {err})") from err
 
 
 def _unit(name: str) -> str:

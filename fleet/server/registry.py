@@ -65,6 +65,7 @@ from fleet.registry_rules import (  # noqa: F401 - re-exported: the registry's r
     check_sha256,
     check_version,
 )
+from fleet.server.streams import FleetError, check_decoded
 
 log = logging.getLogger(__name__)
 
@@ -600,6 +601,7 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
         upload = None
         try:
             async for chunk in requests:
+                check_decoded(chunk, "Publish", context)
                 if upload is None:
                     if not chunk.version:
                         raise RegistryError(
@@ -610,7 +612,7 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
             if upload is None:
                 raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, "empty publish: no chunks were sent")
             await asyncio.to_thread(upload.finish)
-        except RegistryError as err:
+        except (RegistryError, FleetError) as err:
             if upload is not None:
                 await asyncio.to_thread(upload.discard)
             await context.abort(err.code, str(err))

@@ -26,6 +26,25 @@ class FleetError(Exception):
         self.message = message
 
 
+class Undecodable:
+    """What a request that is not a valid protobuf message arrives as (see fleet.server.auth): handlers of
+    streamed requests check for it with `check_decoded`, so garbage is INVALID_ARGUMENT, not INTERNAL."""
+
+    __slots__ = ("size", "error")
+
+    def __init__(self, size: int, error: str):
+        self.size, self.error = size, error
+
+
+def check_decoded(message, method: str, context) -> None:
+    """Raise INVALID_ARGUMENT for an Undecodable request (logged at most once per peer per interval)."""
+    if isinstance(message, Undecodable):
+        BAD_MESSAGES.warning((peer_of(context), method), "undecodable %s message from %s: %s", method,
+                             peer_of(context), message.error)
+        raise FleetError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{method}: the request is not a valid protobuf message ({message.size} bytes)")
+
+
 @dataclass(frozen=True)
 class _End:
     code: grpc.StatusCode | None = None  # None: finish the stream normally
@@ -96,6 +115,7 @@ async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerConte
             if first is None:
                 outbox.close()
                 return
+            check_decoded(first, "Session", context)
             if first.WhichOneof("kind") != "hello":
                 raise FleetError(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"the first message of {what} session must be hello, got {first.WhichOneof('kind')}")
@@ -104,6 +124,7 @@ async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerConte
                 if outbox.ended:
                     return
                 state.last_heard = time.monotonic()
+                check_decoded(message, "Session", context)
                 if message.WhichOneof("kind") == "hello":
                     raise FleetError(grpc.StatusCode.FAILED_PRECONDITION, "hello was already sent on this session")
                 handle(state, outbox, message)
@@ -160,3 +181,4 @@ class RateLimitedLog:
 
 
 SESSION_ERRORS = RateLimitedLog()
+BAD_MESSAGES = RateLimitedLog()

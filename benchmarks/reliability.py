@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine_line, print_table
-from fleet.clients import OperatorClient, RobotClient
+from fleet.client import OperatorClient, RobotClient
 from fleet.proto import flotilla_pb2 as pb
 from tests.fleet_harness import (
     ACTION_DIM,

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fleet.clients import RobotClient
+from fleet.client import RobotClient
 from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 

@@ -1,5 +1,5 @@
 """The policy registry's naming rules, shared by the server (fleet/server/registry.py) and the client
-SDK (fleet/clients.py), which imports nothing of the server: which version names and checkpoint file
+SDK (fleet/client/), which imports nothing of the server: which version names and checkpoint file
 names are allowed, and what a SHA-256 looks like."""
 
 from __future__ import annotations

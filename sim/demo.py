@@ -27,12 +27,13 @@ import numpy as np
 from omegaconf import OmegaConf
 
 import configs
-from fleet.clients import publish_checkpoint
+from fleet.client import publish_checkpoint
 from fleet.server import ServerConfig, ServerThread
 from fleet.store import EpisodeStore
+from policies.fleet_policies import RegistryPolicies
 from policies.threads import set_torch_threads
 from sim.collect import collect_demos
-from sim.fleet_sim import RegistryPolicies, SimFleet, lockstep_tick
+from sim.fleet_sim import SimFleet, lockstep_tick
 from sim.metrics import RoundMetrics, cumulative, table_header, table_row, totals_line
 
 log = logging.getLogger(__name__)

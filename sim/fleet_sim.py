@@ -19,7 +19,6 @@ every step of it), and the server's own timer is set to (practically) never fire
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,11 +28,12 @@ import numpy as np
 
 from fleet import codec
 from fleet.agent import HOLD_SERVER, HOLD_VIOLATION, AgentStep, RobotAgent, observation_spec
-from fleet.clients import OperatorClient, RobotClient, fetch_checkpoint
+from fleet.client import OperatorClient, RobotClient
 from fleet.proto import flotilla_pb2 as pb
+from policies.fleet_policies import RegistryPolicies
 from policies.threads import set_torch_threads
 from sim.experts import make_expert
-from sim.metrics import EpisodeRecord, RoundMetrics, summarize
+from sim.metrics import EpisodeTally, RoundMetrics, summarize
 from sim.tasks import make_env
 
 log = logging.getLogger(__name__)
@@ -42,36 +42,6 @@ GRIPPER_INDEX = 3  # sim/conventions.py: [dx, dy, dz, gripper]
 
 
 # ------------------------------------------------------------------------------------------ policies
-
-
-class RegistryPolicies:
-    """`load_policy(version)` for the agents: fetch a checkpoint from the registry once per version
-    (into `cache_dir`), load it once, and give every robot its own PolicyRunner over the shared weights.
-    Version "" means the registry's latest."""
-
-    def __init__(self, address: str, token: str, cache_dir: str | Path, num_samples: int = 1,
-                 root_certificates=None):
-        self.address, self.token, self.cache_dir = address, token, Path(cache_dir)
-        self.num_samples = num_samples
-        self.root_certificates = root_certificates
-        self._lock = threading.Lock()
-        self._checkpoints: dict[str, object] = {}
-
-    def __call__(self, version: str = ""):
-        from policies.checkpoint import load_checkpoint  # torch is imported only when a policy is needed
-        from policies.runner import PolicyRunner
-
-        with self._lock:  # one download and one load per version, however many robots ask at once
-            if version and version in self._checkpoints:
-                checkpoint = self._checkpoints[version]
-            else:
-                folder = self.cache_dir / version if version else None
-                if folder is None or not (folder / "config.json").exists():
-                    folder = fetch_checkpoint(self.address, self.token, self.cache_dir, version,
-                                              root_certificates=self.root_certificates)
-                version = folder.name
-                checkpoint = self._checkpoints[version] = load_checkpoint(folder)
-        return PolicyRunner(checkpoint.policy, version, self.num_samples, action_space=checkpoint.action_space)
 
 
 # ----------------------------------------------------------------------------------------- operators
@@ -188,7 +158,7 @@ class SimRobot:
     episodes_begun: int = 0
     obs: dict | None = None
     info: dict = field(default_factory=dict)
-    record: EpisodeRecord | None = None  # the open episode
+    record: EpisodeTally | None = None  # the open episode
     blocked_steps: int = 0
     waited_steps: int = 0  # fleet steps waited between episodes for a human to hand the robot back
 
@@ -235,7 +205,7 @@ class SimFleet:
         self.operators: list[SimOperator] = []
         self._goals: dict[str, np.ndarray] = {}
         self.queue: dict[str, str] = {}  # robot -> operator ("" while waiting), from the console's queue view
-        self.finished: list[EpisodeRecord] = []
+        self.finished: list[EpisodeTally] = []
         self.steps: list[StepRecord] | None = [] if record_steps else None
         self.overruns = 0  # control periods the loop could not keep
         self.ticks = 0  # fleet steps so far
@@ -369,7 +339,7 @@ class SimFleet:
         episode_id = robot.agent.begin_episode(robot.obs["goal"])
         robot.episodes_begun += 1
         robot.blocked_steps = 0
-        robot.record = EpisodeRecord(robot.robot_id, episode_id, robot.agent.version)
+        robot.record = EpisodeTally(robot.robot_id, episode_id, robot.agent.version)
 
     def _tick(self, robot: SimRobot) -> None:
         result: AgentStep = robot.agent.step(robot.obs, robot.info)

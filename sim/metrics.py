@@ -24,7 +24,7 @@ from fleet.labels import ControlLabel
 
 
 @dataclass
-class EpisodeRecord:
+class EpisodeTally:
     """One finished episode as the fleet harness saw it."""
 
     robot_id: str
@@ -82,7 +82,7 @@ class RoundMetrics:
         return dataclasses.asdict(self)
 
 
-def summarize(records: Sequence[EpisodeRecord], round_index: int, robots: int, operators: int,
+def summarize(records: Sequence[EpisodeTally], round_index: int, robots: int, operators: int,
               reset_steps: int, wall_s: float = 0.0) -> RoundMetrics:
     """The round's metrics from its finished episodes; `reset_steps` is t_R (human steps per hard reset)."""
     successes = sum(r.success for r in records)

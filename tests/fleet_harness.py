@@ -36,7 +36,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fleet.clients import RobotClient
+from fleet.client import RobotClient
 from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 
@@ -1433,7 +1433,7 @@ def run_fuzz(
                 fuzzer.close()
             server.stop()
     report = fuzzer.report
-    server_records = [r for r in fuzz_records if not r.name.startswith(("fleet.clients", "tests."))]
+    server_records = [r for r in fuzz_records if not r.name.startswith(("fleet.client", "tests."))]
     report.warnings = len(server_records)
     report.warning_kinds = collections.Counter(f"{r.name}: {_clip(str(r.msg), 80)}" for r in server_records)
     report.tracebacks = sum(1 for r in server_records if r.exc_info or "Traceback" in r.getMessage())

@@ -48,11 +48,11 @@ def test_every_step_sent_is_committed_and_timed(tmp_path):
 
 
 def test_fast_step_path_agrees_with_the_full_checks():
-    """flatten_step's fast path (fleet/server/robots.py, there for capacity) must accept, refuse and
+    """decode_step's fast path (fleet/server/robots.py, there for capacity) must accept, refuse and
     produce exactly what the full checks do."""
     from fleet import codec
     from fleet.proto import flotilla_pb2 as pb
-    from fleet.server.robots import RobotSpec, _flatten_checked, flatten_step, step_time
+    from fleet.server.robots import RobotSpec, _decode_checked, decode_step, step_time
     from fleet.server.streams import FleetError
 
     hello = pb.RobotHello(robot_id="r", action_dim=4, goal_dim=2)
@@ -78,7 +78,7 @@ def test_fast_step_path_agrees_with_the_full_checks():
     label = np.uint8(ControlLabel.ROBOT)  # the server's decision, passed in (fleet.server.fleet)
 
     def checked(message, spec, goal, max_frame_bytes, label):
-        return {**_flatten_checked(message, spec, goal, max_frame_bytes), "label": label,
+        return {**_decode_checked(message, spec, goal, max_frame_bytes), "label": label,
                 "timestamp": step_time(message.timestamp, f"step seq {message.seq}")}
 
     def outcome(flatten, message, goal):
@@ -103,4 +103,4 @@ def test_fast_step_path_agrees_with_the_full_checks():
     del missing.observation["q"]
     for message in [*cases, aliased, missing]:
         for goal in (None, np.array([3, 4], np.float32)):
-            assert outcome(flatten_step, message, goal) == outcome(checked, message, goal)
+            assert outcome(decode_step, message, goal) == outcome(checked, message, goal)

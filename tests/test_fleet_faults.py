@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fleet.clients import OperatorClient, RobotClient, fleet_status
+from fleet.client import OperatorClient, RobotClient, fleet_status
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from fleet.server import FleetServer, ServerConfig, ServerThread

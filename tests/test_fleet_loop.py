@@ -17,14 +17,15 @@ import pytest
 import torch
 
 from fleet.agent import HOLD_OFFLINE, HOLD_SERVER, OPERATOR, POLICY, RobotAgent, observation_spec
-from fleet.clients import OperatorClient, RobotClient, fleet_status, publish_checkpoint
+from fleet.client import OperatorClient, RobotClient, fleet_status, publish_checkpoint
 from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 from fleet.server import AllocationConfig, ServerConfig, ServerThread
 from fleet.store import EpisodeStore
 from policies.checkpoint import save_checkpoint
+from policies.fleet_policies import RegistryPolicies
 from policies.models.factory import ShapeMeta, build_policy
-from sim.fleet_sim import RegistryPolicies, SimFleet, lockstep_tick
+from sim.fleet_sim import SimFleet, lockstep_tick
 
 TOKENS = {"robot": "robot-token", "operator": "operator-token", "trainer": "trainer-token", "admin": "admin-token"}
 T_T, T_R, PRE = 6, 4, 3

@@ -1,5 +1,5 @@
 """The fleet server end to end: a real gRPC server on a 127.0.0.1 port, a real zarr store in tmp_path,
-real clients (the fleet.clients SDKs, and raw stubs for malformed input)."""
+real clients (the fleet.client SDKs, and raw stubs for malformed input)."""
 
 import os
 import shutil
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fleet import codec
-from fleet.clients import (
+from fleet.client import (
     OperatorClient,
     RobotClient,
     fetch_checkpoint,

@@ -1,4 +1,4 @@
-"""The policy registry (fleet/server/registry.py) and its client functions (fleet/clients.py): reserved
+"""The policy registry (fleet/server/registry.py) and its client functions (fleet/client/): reserved
 names, damaged entries skipped and reported at start, per-file SHA-256 on publish and fetch, manifests
 for versions published by older code, and Fetch's refusals.
 
@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fleet.clients import CheckpointError, fetch_checkpoint, list_policies, publish_checkpoint
+from fleet.client import CheckpointError, fetch_checkpoint, list_policies, publish_checkpoint
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from fleet.server import registry as registry_module

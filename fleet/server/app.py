@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # HTTP/2 pings find peers that vanished without closing (a cut cable, a frozen host); the fleet's own
 # silence timeouts (robot_silence_s, operator_silence_s) find frozen processes faster. Clients ping no
-# more often than the server permits (fleet/clients.py uses the same numbers).
+# more often than the server permits (fleet/client/_session.py uses the same numbers).
 KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                      ("grpc.keepalive_permit_without_calls", 1),
                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),

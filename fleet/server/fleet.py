@@ -56,7 +56,7 @@ from fleet.proto import flotilla_pb2 as pb
 from fleet.server.auth import Identity, check_id
 from fleet.server.config import ServerConfig
 from fleet.server.metrics import Metrics
-from fleet.server.robots import RobotSpec, decode_vector, flatten_step, schema_difference, step_time
+from fleet.server.robots import RobotSpec, decode_step, decode_vector, schema_difference, step_time
 from fleet.server.streams import FleetError, Outbox, RateLimitedLog
 from fleet.server.writer import EpisodeWriter
 
@@ -284,7 +284,7 @@ class Fleet:
                              f"the episode store cannot be written ({self.writer.error}); step seq {step.seq} "
                              "was NOT logged: keep it and resend later")
         label = self._decide_label(robot, step)
-        flat = flatten_step(step, robot.spec, robot.episode_goal, self.config.max_frame_bytes, label)
+        flat = decode_step(step, robot.spec, robot.episode_goal, self.config.max_frame_bytes, label)
         if not self.writer.step(robot.episode_key, flat):
             self.metrics.inc("steps_refused_queue_full")
             raise FleetError(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -69,7 +69,7 @@ class RobotSpec:
         return spec
 
     def store_schema(self) -> Schema:
-        """The episode store keys this robot's steps become (see flatten_step)."""
+        """The episode store keys this robot's steps become (see decode_step)."""
         schema = dict(self.observation)
         if self.goal_dim:
             schema["goal"] = FieldSpec((self.goal_dim,), np.dtype(np.float32))
@@ -124,7 +124,7 @@ def step_time(timestamp: float, what: str) -> np.float64:
     return np.float64(timestamp or time.time())
 
 
-def flatten_step(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int,
+def decode_step(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int,
                  label: np.uint8) -> dict:
     """A checked step as the flat key -> array mapping the episode store keeps; `label` (a store code)
     is the server's decision, not the robot's claim.
@@ -132,17 +132,17 @@ def flatten_step(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None
     Every step of a robot runs through here (10 Hz times the fleet), so a step that is plainly right
     takes a fast path; anything else goes through the full checks, which name the problem.
     """
-    flat = _flatten_plain(step, spec, episode_goal, max_frame_bytes)
+    flat = _decode_plain(step, spec, episode_goal, max_frame_bytes)
     if flat is None:
-        flat = _flatten_checked(step, spec, episode_goal, max_frame_bytes)
+        flat = _decode_checked(step, spec, episode_goal, max_frame_bytes)
     flat["label"] = label
     flat["timestamp"] = step_time(step.timestamp, f"step seq {step.seq}")
     return flat
 
 
-def _flatten_plain(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int) -> dict | None:
-    """flatten_step for a step whose tensors have exactly the declared dtypes, shapes and sizes (and float32
-    goal and action), all finite; None at the first thing that is not so (_flatten_checked then decides)."""
+def _decode_plain(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int) -> dict | None:
+    """decode_step for a step whose tensors have exactly the declared dtypes, shapes and sizes (and float32
+    goal and action), all finite; None at the first thing that is not so (_decode_checked then decides)."""
     observation = step.observation
     if len(observation) != len(spec.observation) or (step.HasField("camera")
                                                       and len(step.camera.data) > max_frame_bytes):
@@ -161,7 +161,7 @@ def _flatten_plain(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | No
             float32_bytes.append(data)
         elif dtype.kind == "f" and not np.isfinite(value).all():
             return None
-    vectors = []  # (key, tensor, size) in the order _flatten_checked adds them
+    vectors = []  # (key, tensor, size) in the order _decode_checked adds them
     if spec.goal_dim:
         if step.HasField("goal"):
             vectors.append(("goal", step.goal, spec.goal_dim))
@@ -189,8 +189,8 @@ def _flatten_plain(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | No
     return flat
 
 
-def _flatten_checked(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int) -> dict:
-    """flatten_step with every check in turn: the first problem found ends the stream with its status."""
+def _decode_checked(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int) -> dict:
+    """decode_step with every check in turn: the first problem found ends the stream with its status."""
     where = f"step seq {step.seq}"
     if step.HasField("camera") and len(step.camera.data) > max_frame_bytes:
         raise FleetError(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -1,0 +1,41 @@
+"""Policies for fleet robots from the fleet server's registry: `RegistryPolicies` is the robot agent's
+`load_policy(version)` (fleet/agent.py), used by the simulated fleet (sim/fleet_sim.py) and meant for
+the ROS 2 node as well. Checkpoints are fetched with the client SDK (sha256-verified) and loaded once
+per version; torch is imported only when a policy is first needed."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from fleet.client import fetch_checkpoint
+
+
+class RegistryPolicies:
+    """`load_policy(version)` for the agents: fetch a checkpoint from the registry once per version
+    (into `cache_dir`), load it once, and give every robot its own PolicyRunner over the shared weights.
+    Version "" means the registry's latest."""
+
+    def __init__(self, address: str, token: str, cache_dir: str | Path, num_samples: int = 1,
+                 root_certificates=None):
+        self.address, self.token, self.cache_dir = address, token, Path(cache_dir)
+        self.num_samples = num_samples
+        self.root_certificates = root_certificates
+        self._lock = threading.Lock()
+        self._checkpoints: dict[str, object] = {}
+
+    def __call__(self, version: str = ""):
+        from policies.checkpoint import load_checkpoint  # torch is imported only when a policy is needed
+        from policies.runner import PolicyRunner
+
+        with self._lock:  # one download and one load per version, however many robots ask at once
+            if version and version in self._checkpoints:
+                checkpoint = self._checkpoints[version]
+            else:
+                folder = self.cache_dir / version if version else None
+                if folder is None or not (folder / "config.json").exists():
+                    folder = fetch_checkpoint(self.address, self.token, self.cache_dir, version,
+                                              root_certificates=self.root_certificates)
+                version = folder.name
+                checkpoint = self._checkpoints[version] = load_checkpoint(folder)
+        return PolicyRunner(checkpoint.policy, version, self.num_samples, action_space=checkpoint.action_space)

@@ -19,9 +19,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # torch first and exactly pinned: a CPU wheel of 2.13.0 is on disk here, while a looser request
-# would pull gigabytes of CUDA packages.
+# would pull gigabytes of CUDA packages. The package itself asks for a range (the train extra).
 python -m pip install --quiet torch==2.13.0
-python -m pip install --quiet -e ".[test]"
+# Every part (extras in pyproject.toml: train, sim, robosuite, console, ros) and the test tools: what
+# `flotilla demo` and the test suite need. A fleet server machine needs only `pip install .`.
+python -m pip install --quiet -e ".[all,test]"
 # buf (pinned in package.json/package-lock.json) guards the protocol in tests/test_proto_v1.py.
 if [ ! -x node_modules/.bin/buf ]; then
   echo "setup: installing buf (npm ci)"

@@ -3,6 +3,10 @@ constraint violations, all on real pybullet physics."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,6 +16,7 @@ from sim.tasks import make_env
 TASKS = ("reach", "push", "pick_place")
 GOAL_DIMS = {"reach": 3, "push": 2, "pick_place": 3}
 DOWN = np.array([0.0, 0.0, -1.0, GRIPPER_OPEN])
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rollout(env, actions, seed):
@@ -220,3 +225,53 @@ def test_unknown_camera_is_rejected():
 def test_step_before_reset_raises():
     with pytest.raises(RuntimeError, match="reset"):
         make_env("reach").step(np.zeros(ACTION_DIM))
+
+
+QUIET_SCRIPT = """
+import os, sys, threading, time
+print("before", flush=True)
+done = threading.Event()
+
+
+def talk():  # another thread writing to fd 2 all along, also while pybullet's import holds fds 1 and 2
+    i = 0
+    while not done.is_set() or i < 10:
+        os.write(2, b"talker %d\\n" % i)
+        i, _ = i + 1, time.sleep(0.001)
+
+
+talker = threading.Thread(target=talk)
+talker.start()
+from sim.tasks import make_env
+
+for name in sys.argv[1:]:
+    env = make_env(name, seed=0)
+    env.reset(seed=0)
+    env.step(env.action_space.sample())
+    env.close()
+done.set()
+talker.join()
+os.write(1, b"c-level stdout\\n")
+print("done", flush=True)
+"""
+
+
+def test_pybullet_prints_nothing_when_envs_are_created():
+    """pybullet's `argv[0]=` (every connect) and `pybullet build time` (import) never reach the user;
+    everything else printed meanwhile, by this process or another thread, does, once."""
+    result = subprocess.run([sys.executable, "-c", QUIET_SCRIPT, *TASKS, *TASKS], cwd=REPO, capture_output=True,
+                            timeout=120, check=True)
+    assert result.stdout == b"before\nc-level stdout\ndone\n", result.stdout
+    lines = result.stderr.splitlines()
+    assert sorted(lines) == sorted(b"talker %d" % i for i in range(len(lines))), result.stderr[-2000:]
+
+
+def test_quiet_native_output_drops_only_the_noise():
+    script = (
+        "import os, sim.tasks.bullet as b\n"
+        "with b.quiet_native_output((b'noise',)):\n"
+        "    os.write(1, b'noise one\\nkept one\\n'); os.write(2, b'kept two\\nnoise two\\n')\n"
+        "print('after')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=60, check=True)
+    assert (result.stdout, result.stderr) == (b"kept one\nafter\n", b"kept two\n")

@@ -34,11 +34,8 @@ import tempfile
 from collections.abc import Sequence
 
 import numpy as np
-import pybullet
-import pybullet_data
 from gymnasium import spaces
 from gymnasium.utils import seeding
-from pybullet_utils.bullet_client import BulletClient
 
 from sim.conventions import (
     ACTION_DIM,
@@ -50,6 +47,7 @@ from sim.conventions import (
     validate_action,
 )
 from sim.task_env import TaskEnv
+from sim.tasks.bullet import PhysicsClient, pybullet, pybullet_data
 
 PHYSICS_HZ = 240
 SUBSTEPS = PHYSICS_HZ // CONTROL_HZ
@@ -192,7 +190,7 @@ class PandaEnv(TaskEnv):
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
 
-        self._p = BulletClient(connection_mode=pybullet.DIRECT)
+        self._p = PhysicsClient(pybullet.DIRECT)
         self._build_scene()
         # Settle with the motors holding home, so the snapshot includes the resting contacts:
         # restoring it then overwrites whatever contact cache the previous episode left behind.

@@ -10,8 +10,8 @@ centre within ``SUCCESS_RADIUS_M`` of the goal, released (no robot link touching
 from __future__ import annotations
 
 import numpy as np
-import pybullet
 
+from sim.tasks.bullet import pybullet
 from sim.tasks.panda_env import PandaEnv, sample_start_and_goal_xy
 
 CUBE_HALF_M = 0.02

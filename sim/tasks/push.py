@@ -10,8 +10,8 @@ block's centre within ``SUCCESS_RADIUS_M`` of the goal in the plane (its orienta
 from __future__ import annotations
 
 import numpy as np
-import pybullet
 
+from sim.tasks.bullet import pybullet
 from sim.tasks.panda_env import PandaEnv, sample_start_and_goal_xy
 
 BLOCK_HALF_M = 0.025

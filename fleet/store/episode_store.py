@@ -579,19 +579,6 @@ class EpisodeStore:
                 raise StoreError("cannot commit an empty episode (it has no steps); abort it instead")
         if not finished:
             return []
-        now = time.time()
-        stacked = [episode._stacked() for episode, _, _ in finished]
-        steps = {key: np.concatenate([s[key] for s in stacked]) for key in stacked[0]}
-        meta_columns = {
-            "robot_id": [e.robot_id for e, _, _ in finished],
-            "task": [e.task for e, _, _ in finished],
-            "policy_version": [e.policy_version for e, _, _ in finished],
-            "outcome": [outcome or ("success" if success else "failure") for _, success, outcome in finished],
-            "success": [bool(success) for _, success, _ in finished],
-            "start_time": [e.start_time for e, _, _ in finished],
-            "end_time": [now] * len(finished),
-            "extra": [json.dumps(e.extra) for e, _, _ in finished],
-        }
         with self._commit_lock:
             schema = self._schema or finished[0][0].schema
             for episode, _, _ in finished:
@@ -600,6 +587,21 @@ class EpisodeStore:
                         f"episode of robot {episode.robot_id!r} does not fit the store's schema: "
                         f"{difference}; nothing was committed"
                     )
+            now = time.time()
+            stacked = [episode._stacked() for episode, _, _ in finished]
+            steps = {key: np.concatenate([s[key] for s in stacked]) for key in stacked[0]}
+            meta_columns = {
+                "robot_id": [e.robot_id for e, _, _ in finished],
+                "task": [e.task for e, _, _ in finished],
+                "policy_version": [e.policy_version for e, _, _ in finished],
+                "outcome": [
+                    outcome or ("success" if success else "failure") for _, success, outcome in finished
+                ],
+                "success": [bool(success) for _, success, _ in finished],
+                "start_time": [e.start_time for e, _, _ in finished],
+                "end_time": [now] * len(finished),
+                "extra": [json.dumps(e.extra) for e, _, _ in finished],
+            }
             self._verify_tails(rewritten_only=True)  # never rewrite a damaged chunk into a valid one
             first_commit = self._schema is None
             if first_commit:

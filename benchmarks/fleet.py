@@ -8,10 +8,10 @@ benchmark on push).
 Each seed s (the demo's seed 1000 * s: its demos, fleet episodes and training seed share nothing with
 another's) collects scripted demos and trains the initial policy once (sim.demo.initial_policy); every
 allocation policy then starts from that same policy and runs `flotilla demo`'s loop (sim.demo.fleet_rounds:
-an embedded server, the sim fleet, retraining between rounds) with `server.allocation.policy` set to it.
+an embedded server, the sim fleet, retraining between rounds) with `server.allocation.rule` set to it.
 The human budget is the same for all: the same operators, robots, rounds and episodes per round (and the
 same t_T, t_R and request rate alpha); what differs is whom the humans go to. The random baseline is
-Fleet-DAgger's: humans go to random robots, whether they ask for help or not (random_scope=all).
+Fleet-DAgger's: humans go to random robots, whether they ask for help or not (random.scope=all).
 
 Reported per policy, mean +- std over seeds: ROHE over all rounds ((M / N) * autonomous successes /
 (1 + human action steps), sim/metrics.py), the last round's autonomous success rate, and human action
@@ -69,9 +69,9 @@ def demo_config(overrides: list[str]):
 
 
 def policy_overrides(policy: str, seed: int) -> list[str]:
-    extra = [f"server.allocation.policy={policy}", f"+server.allocation.options.seed={seed}"]
+    extra = [f"server.allocation.rule={policy}", f"server.allocation.seed={seed}"]
     if policy == "random":
-        extra.append("+server.allocation.options.random_scope=all")
+        extra.append("+server.allocation.random.scope=all")
     return extra
 
 

@@ -104,7 +104,7 @@ def server_config(folder: Path):
 
     # Defaults of configs/serve.yaml (flotilla allocation at 10 Hz, writer queue, batching), no metrics port.
     return ServerConfig(port=0, metrics_port=None, tokens={"robot": [TOKEN]}, store=str(folder / "fleet.zarr"),
-                        registry_dir=str(folder / "registry"), allocation={"options": {"alpha": 0.05}})
+                        registry_dir=str(folder / "registry"), allocation={"alpha": 0.05})
 
 
 def _serve(config, conn, profile: str | None = None) -> None:

@@ -55,7 +55,7 @@ from tests.fleet_harness import (
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOCATION = [
-    "allocation.policy=cur",
+    "allocation.rule=cur",
     "allocation.tick_hz=20",
     "allocation.t_T=3",
     "allocation.t_R=2",

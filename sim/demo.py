@@ -10,7 +10,7 @@
 4. print a table row per round, write metrics.json and PNG curves into `out`.
 
 benchmarks/fleet.py runs the same two functions, one initial policy per seed shared by every
-allocation policy it compares.
+allocation rule it compares.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def fleet_rounds(cfg, out: Path, demos: Path, initial: Path,
     timings: dict[str, list[float]] = {"retrain_s": []}
     with ServerThread(server_config(cfg, out, tokens)) as server:
         print(f"fleet server on {server.address} (store {out / 'fleet.zarr'}, "
-              f"allocation {cfg.server.allocation.policy})", flush=True)
+              f"allocation {cfg.server.allocation.rule})", flush=True)
         version = f"{task}-r0"
         publish_checkpoint(server.address, tokens["trainer"], initial, version)
         checkpoint = initial  # the deployed policy; with warm_start each retraining fine-tunes it

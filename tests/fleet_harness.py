@@ -1389,7 +1389,7 @@ def run_fuzz(
         registry_dir=str(workdir / "registry"),
         shutdown_grace_s=0.5,
         allocation=AllocationConfig(
-            policy="cur", tick_hz=20, t_T=3, t_R=2, uncertainty_threshold=0.5, risk_threshold=0.5
+            rule="cur", tick_hz=20, t_T=3, t_R=2, uncertainty_threshold=0.5, risk_threshold=0.5
         ),
     )
     capture = LogCapture()

@@ -1,4 +1,4 @@
-"""Behaviour of the fleet server's human allocation (fleet/allocation.py)."""
+"""Behaviour of the fleet server's human allocation (fleet/allocation/)."""
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ from fleet.allocation import (
     Allocator,
     AllocatorConfig,
     QuantileThreshold,
-    RobotState,
+    RobotSlot,
     Signals,
     make_allocator,
 )
@@ -24,8 +24,8 @@ from fleet.allocation import (
 FIXED = dict(uncertainty_threshold=0.5, risk_threshold=0.5)
 
 
-def fleet(n: int) -> dict[str, RobotState]:
-    return {f"r{i}": RobotState(f"r{i}") for i in range(n)}
+def fleet(n: int) -> dict[str, RobotSlot]:
+    return {f"r{i}": RobotSlot(f"r{i}") for i in range(n)}
 
 
 def signal(robots, robot_id, uncertainty=0.0, risk=0.0, violation=False):
@@ -40,13 +40,13 @@ def released(decisions) -> dict[str, str]:
     return {r.robot_id: r.reason for r in decisions.releases}
 
 
-@pytest.mark.parametrize("policy", ["flotilla", "cur"])
-def test_highest_priority_gets_the_free_operator(policy):
+@pytest.mark.parametrize("rule", ["flotilla", "cur"])
+def test_highest_priority_gets_the_free_operator(rule):
     robots = fleet(4)
     signal(robots, "r1", uncertainty=0.6)
     signal(robots, "r2", uncertainty=0.9)
     signal(robots, "r3", uncertainty=0.2)  # below threshold: never served
-    allocator = make_allocator(policy, t_T=5, **FIXED)
+    allocator = make_allocator(rule, t_T=5, **FIXED)
 
     decisions = allocator.tick(robots.values(), ["op"])
     assert assigned(decisions) == {"op": "r2"}
@@ -128,7 +128,7 @@ def serve_order(order: str) -> list[str]:
     signal(robots, "r1", risk=0.95)
     signal(robots, "r2", violation=True)
     signal(robots, "r3", uncertainty=0.8)
-    allocator = make_allocator("cur", order=order, t_T=100, **FIXED)
+    allocator = make_allocator("cur", cur={"order": order}, t_T=100, **FIXED)
     served = []
     for k in range(4):  # one more operator each tick: each takes the best robot left
         served += assigned(allocator.tick(robots.values(), [f"op{i}" for i in range(k + 1)])).values()
@@ -188,7 +188,7 @@ def run_random(seed: int) -> list[str]:
     return served
 
 
-def test_random_policy_is_deterministic_for_a_seed():
+def test_random_rule_is_deterministic_for_a_seed():
     assert run_random(3) == run_random(3)
     assert run_random(3) != run_random(4)
     assert set(run_random(3)) == {f"r{i}" for i in range(8)}  # all needy robots, never a quiet one
@@ -196,7 +196,7 @@ def test_random_policy_is_deterministic_for_a_seed():
 
 def test_random_all_scope_serves_robots_without_need():
     robots = fleet(3)  # all quiet
-    allocator = make_allocator("random", random_scope="all", seed=0, t_T=2, **FIXED)
+    allocator = make_allocator("random", random={"scope": "all"}, seed=0, t_T=2, **FIXED)
     first = assigned(allocator.tick(robots.values(), ["op"]))["op"]
     allocator.tick(robots.values(), ["op"])
     # Its turn ends after t_T and the human moves on to another, freshly drawn robot.
@@ -247,7 +247,7 @@ def flaps(hysteresis: float) -> int:
     """Times a robot whose uncertainty hovers around the threshold enters the queue."""
     robots = fleet(1)
     # Too few samples for a typical value, so it is 0: one unit of exceedance is the threshold, 0.5.
-    allocator = make_allocator("flotilla", hysteresis=hysteresis, min_samples=1000, **FIXED)
+    allocator = make_allocator("flotilla", flotilla={"hysteresis": hysteresis}, min_samples=1000, **FIXED)
     entries, queued = 0, False
     for t in range(40):
         signal(robots, "r0", uncertainty=0.5 + (0.03 if t % 2 == 0 else -0.03))
@@ -265,7 +265,7 @@ def test_flotilla_hysteresis_prevents_flapping():
 
 def test_flotilla_hysteresis_keeps_the_human_until_clearly_below():
     robots = fleet(1)
-    allocator = make_allocator("flotilla", t_T=1, hysteresis=0.5, **FIXED)  # leave below 0.25
+    allocator = make_allocator("flotilla", t_T=1, flotilla={"hysteresis": 0.5}, **FIXED)  # leave below 0.25
     signal(robots, "r0", risk=0.6)
     allocator.tick(robots.values(), ["op"])
     signal(robots, "r0", risk=0.4)  # under the threshold, inside the band
@@ -279,10 +279,10 @@ def test_flotilla_combines_signals_where_cur_is_lexicographic():
     robots = fleet(2)
     signal(robots, "r0", uncertainty=0.55)  # barely past the uncertainty threshold
     signal(robots, "r1", risk=0.95)  # far past the risk threshold
-    for policy, first in (("cur", "r0"), ("flotilla", "r1")):
+    for rule, first in (("cur", "r0"), ("flotilla", "r1")):
         for robot in robots.values():
             robot.controller = None
-        decisions = make_allocator(policy, **FIXED).tick(robots.values(), ["op"])
+        decisions = make_allocator(rule, **FIXED).tick(robots.values(), ["op"])
         assert assigned(decisions) == {"op": first}
     assert decisions.assignments[0].reason == RISK
 
@@ -333,22 +333,22 @@ def test_operator_release_of_a_robot_it_does_not_control_is_refused():
         (dict(alpha=1.0), "alpha must be in \\(0, 1\\)"),
         (dict(window=0), "window must be an integer >= 1"),
         (dict(window=10, min_samples=20), "min_samples \\(20\\) must not exceed window \\(10\\)"),
-        (dict(policy="fifo"), "unknown allocation policy 'fifo'"),
-        (dict(order="cux"), "order must be a permutation of 'cur'"),
-        (dict(order="cu"), "order must be a permutation of 'cur'"),
-        (dict(hysteresis=-0.1), "hysteresis must be >= 0"),
-        (dict(risk_weight=2.0), "risk_weight must be in \\[0, 1\\]"),
+        (dict(rule="fifo"), "allocation.rule: unknown rule 'fifo'; rules: cur, flotilla, random"),
+        (dict(cur={"order": "cux"}), "allocation.cur.order must be a permutation of 'cur'"),
+        (dict(cur={"order": "cu"}), "allocation.cur.order must be a permutation of 'cur'"),
+        (dict(flotilla={"hysteresis": -0.1}), "allocation.flotilla.hysteresis must be >= 0"),
+        (dict(flotilla={"risk_weight": 2.0}), "allocation.flotilla.risk_weight must be in \\[0, 1\\]"),
         (dict(uncertainty_threshold=float("nan")), "uncertainty_threshold must be a finite number"),
-        (dict(random_scope="some"), "random_scope must be one of"),
+        (dict(random={"scope": "some"}), "allocation.random.scope must be one of"),
     ],
 )
 def test_bad_config_values_are_rejected(settings, message):
     with pytest.raises(ValueError, match=message):
-        AllocatorConfig(**settings)
+        AllocatorConfig.from_dict(settings)
 
 
 def test_unknown_setting_is_rejected():
-    with pytest.raises(ValueError, match="unknown allocation setting\\(s\\) \\['tT'\\]"):
+    with pytest.raises(ValueError, match="allocation: unknown setting\\(s\\) \\['tT'\\]"):
         make_allocator("cur", tT=3)
 
 

@@ -47,7 +47,7 @@ def server_config(tmp_path, port: int = 0) -> ServerConfig:
     return ServerConfig(port=port, metrics_port=None, tokens={role: [token] for role, token in TOKENS.items()},
                           store=str(tmp_path / "fleet.zarr"), registry_dir=str(tmp_path / "registry"),
                           pre_intervention_steps=PRE, frame_hz=1000, shutdown_grace_s=0.5,
-                          allocation=AllocationConfig(policy="cur", tick_hz=1e-6, t_T=T_T, t_R=T_R,
+                          allocation=AllocationConfig(rule="cur", tick_hz=1e-6, t_T=T_T, t_R=T_R,
                                                       uncertainty_threshold=0.35, risk_threshold=1.0))
 
 

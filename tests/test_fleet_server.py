@@ -43,7 +43,7 @@ def make_config(tmp_path, t_T=3, **overrides) -> ServerConfig:
     """C.U.R. allocation with fixed thresholds (0.5), so a step's signals decide at the next tick."""
     values = dict(port=0, metrics_port=0, tokens=TOKENS, store=str(tmp_path / "fleet.zarr"),
                   registry_dir=str(tmp_path / "registry"), pre_intervention_steps=3, shutdown_grace_s=0.5,
-                  allocation=AllocationConfig(policy="cur", tick_hz=20, t_T=t_T, t_R=2, uncertainty_threshold=0.5,
+                  allocation=AllocationConfig(rule="cur", tick_hz=20, t_T=t_T, t_R=2, uncertainty_threshold=0.5,
                                               risk_threshold=0.5))
     values.update(overrides)
     return ServerConfig(**values)

@@ -1,6 +1,6 @@
-"""Who gets a human: the fleet server's allocation of teleoperators to robots.
+"""Who gets a human: the allocator and what every allocation rule shares.
 
-The rules follow the Fleet-DAgger family (Hoque et al., 2022):
+The allocator follows the Fleet-DAgger family (Hoque et al., 2022):
 
 - every robot gets a priority from its signals (uncertainty, risk, constraint violation);
 - free operators go to the highest-priority robots that need help;
@@ -11,11 +11,13 @@ The rules follow the Fleet-DAgger family (Hoque et al., 2022):
 - thresholds on uncertainty and risk can be calibrated to a target request rate ``alpha`` the way
   ThriftyDAgger does (Hoque et al., 2021): the threshold is the (1 - alpha) quantile of recent values.
 
-The policies differ only in their priority function: ``"random"`` and ``"cur"`` (C.U.R.) are the
-Fleet-DAgger baselines, ``"flotilla"`` is Flotilla's default (see :class:`FlotillaPriority`).
+What differs between allocation *rules* is only the priority: a rule maps a robot and the current
+thresholds to a :class:`Priority`. Each rule is a module of this package with its own settings dataclass,
+registered by name with :func:`register_rule` (``random``, ``cur``, ``flotilla``); :class:`AllocatorConfig`
+picks one (``rule``) and holds every rule's settings under the rule's name.
 
 Everything here is synchronous and free of I/O: the server calls :meth:`Allocator.tick` once per
-allocation tick with the robots' states and the operators on duty, applies the returned decisions (sends
+allocation tick with the robots' slots and the operators on duty, applies the returned decisions (sends
 assignments, teleop/hold/reset commands) and tells the allocator about disconnects and explicit releases.
 Time is counted in ticks; the server ticks at the fleet's control rate, so one tick is one robot step.
 """
@@ -24,9 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from types import MappingProxyType
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,7 +38,7 @@ CONSTRAINT = "constraint_violation"
 UNCERTAINTY = "uncertainty"
 RISK = "risk"
 RANDOM = "random"
-_CATEGORY_REASON = {"c": CONSTRAINT, "u": UNCERTAINTY, "r": RISK}
+CATEGORY_REASON = {"c": CONSTRAINT, "u": UNCERTAINTY, "r": RISK}
 
 # Why a robot leaves its human (Release.reason).
 NO_LONGER_NEEDED = "no_longer_needed"
@@ -44,7 +47,6 @@ OPERATOR_RELEASE = "operator_release"
 OPERATOR_DISCONNECTED = "operator_disconnected"
 ROBOT_DISCONNECTED = "robot_disconnected"
 
-RANDOM_SCOPES = ("need", "all")
 _MIN_SPREAD = 1e-9  # keeps exceedances finite when a signal's window is constant
 
 
@@ -62,8 +64,10 @@ class Signals:
 
 
 @dataclass
-class RobotState:
-    """One robot as the allocator sees it; the server keeps one per robot and passes them to every tick.
+class RobotSlot:
+    """A robot's slot in the allocator: what it knows of the robot and what it decided about it.
+
+    The server keeps one per robot (``Robot.alloc``) and passes them all to every tick.
 
     The server writes ``signals``, ``connected`` and ``idle``; the allocator writes everything below them
     (the server reads ``controller`` to route teleop actions and ``blocked`` to hold the robot).
@@ -212,7 +216,7 @@ class QuantileThreshold:
         return Threshold(value, float(median))
 
 
-# -------------------------------------------------------------------------------------- priorities
+# ------------------------------------------------------------------------------------------- rules
 
 
 @dataclass(frozen=True)
@@ -231,17 +235,56 @@ class Priority:
 NO_NEED = Priority()
 
 
-class PriorityFunction(Protocol):
-    """Maps a robot (connected, not idle) and the current thresholds to its priority.
+class Rule(Protocol):
+    """An allocation rule: maps a robot (connected, not idle) and the current thresholds to its priority.
 
     Called once per robot per tick, also for robots under a human (their need decides their release).
     """
 
-    def __call__(self, robot: RobotState, thresholds: Thresholds) -> Priority: ...
+    def __call__(self, robot: RobotSlot, thresholds: Thresholds) -> Priority: ...
 
 
-def _first_category(order: str, robot: RobotState, thresholds: Thresholds) -> int | None:
-    """Index in ``order`` ('c', 'u', 'r' letters) of the first category the robot falls in, or None."""
+@dataclass(frozen=True)
+class RuleSpec:
+    """A registered rule: its settings dataclass (whose defaults are the rule's defaults and whose
+    ``__post_init__`` checks them) and the rule class, built as ``rule(config, rng)``."""
+
+    name: str
+    config: type
+    rule: Callable[[Any, np.random.Generator], Rule]
+
+
+# The rules by name; the package registers every module in fleet/allocation/ on import.
+RULES: dict[str, RuleSpec] = {}
+
+
+def register_rule(name: str, config: type) -> Callable[[type], type]:
+    """Class decorator registering an allocation rule under ``name`` with its settings dataclass::
+
+        @register_rule("fifo", FifoConfig)
+        class FifoRule:
+            def __init__(self, config: FifoConfig, rng: np.random.Generator): ...
+            def __call__(self, robot: RobotSlot, thresholds: Thresholds) -> Priority: ...
+
+    The settings are the YAML block ``allocation.<name>``; ``rng`` is the allocator's seeded Generator.
+    """
+    common = {f.name for f in dataclasses.fields(AllocatorConfig)}
+    if not name.isidentifier() or name in common:
+        raise ValueError(f"allocation rule name {name!r} must be an identifier and not one of {sorted(common)}")
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"allocation rule {name!r}: its config {config!r} must be a dataclass")
+
+    def register(rule: type) -> type:
+        if name in RULES and RULES[name].rule is not rule:
+            raise ValueError(f"allocation rule {name!r} is registered twice ({RULES[name].rule} and {rule})")
+        RULES[name] = RuleSpec(name, config, rule)
+        return rule
+
+    return register
+
+
+def first_category(order: str, robot: RobotSlot, thresholds: Thresholds) -> int | None:
+    """Index in ``order`` ('c', 'u', 'r' letters) of the first C.U.R. category the robot falls in, or None."""
     signals = robot.signals
     applies = {
         "c": signals.constraint_violation,
@@ -251,102 +294,20 @@ def _first_category(order: str, robot: RobotState, thresholds: Thresholds) -> in
     return next((index for index, letter in enumerate(order) if applies[letter]), None)
 
 
-class CURPriority:
-    """C.U.R. (Fleet-DAgger): constraint violations, then uncertainty above threshold, then risk above.
-
-    ``order`` permutes the categories ("cru": risk before uncertainty). Within uncertainty or risk the
-    larger value goes first; within constraint violations the longest wait (the allocator's tie-break).
-    """
-
-    def __init__(self, order: str = "cur"):
-        self.order = _check_order(order)
-
-    def __call__(self, robot: RobotState, thresholds: Thresholds) -> Priority:
-        index = _first_category(self.order, robot, thresholds)
-        if index is None:
-            return NO_NEED
-        letter = self.order[index]
-        value = {"c": 0.0, "u": robot.signals.uncertainty, "r": robot.signals.risk}[letter]
-        return Priority(_CATEGORY_REASON[letter], level=len(self.order) - index, score=value)
-
-
-class RandomPriority:
-    """The random baseline: humans go to robots in uniformly random order.
-
-    scope "need": among robots that need help by the C.U.R. criteria (any category, order ignored).
-    scope "all": among all robots, as Fleet-DAgger's random baseline; a robot's turn ends once t_T is
-    served (it then stops needing help), so humans move on to a freshly drawn robot.
-    """
-
-    def __init__(self, rng: np.random.Generator, scope: str = "need"):
-        self.rng = rng
-        self.scope = _check_scope(scope)
-
-    def __call__(self, robot: RobotState, thresholds: Thresholds) -> Priority:
-        index = _first_category("cur", robot, thresholds)
-        if self.scope == "all":
-            if robot.controller is not None:
-                return NO_NEED
-            reason = RANDOM if index is None else _CATEGORY_REASON["cur"[index]]
-        elif index is None:
-            return NO_NEED
-        else:
-            reason = _CATEGORY_REASON["cur"[index]]
-        return Priority(reason, level=0, score=float(self.rng.random()))
-
-
-class FlotillaPriority:
-    """Flotilla's default rule.
-
-    1. Constraint violations first (level 2). A blocked robot makes no progress and yields no data until
-       it is reset, and every tick it waits is wasted fleet time; among them the longest wait goes first.
-    2. Then one combined score (level 1) of uncertainty and risk, each measured as its exceedance over
-       its threshold in units of the threshold's distance from the typical value, so the two signals are
-       comparable whatever their ranges: score = (1 - risk_weight) * max(z_u, 0) + risk_weight * max(z_r, 0).
-       Unlike C.U.R.'s strict order, a robot about to fail (far past the risk threshold) is not starved by
-       robots barely past the uncertainty threshold, and a robot past both outranks one past either.
-    3. Hysteresis: a robot enters the queue when a signal reaches its threshold (max z >= 0, the
-       calibrated request rate), but leaves it, and its human, only once every signal has fallen
-       ``hysteresis`` units below (max z < -hysteresis). Signals hovering at the threshold therefore do not
-       make the robot flap in and out of the queue or bounce between a human and its policy.
-    4. Ties (equal scores, e.g. among constraint violations) go to the robot that has waited longest.
-    """
-
-    def __init__(self, hysteresis: float = 0.25, risk_weight: float = 0.5):
-        self.hysteresis = hysteresis
-        self.risk_weight = risk_weight
-
-    def __call__(self, robot: RobotState, thresholds: Thresholds) -> Priority:
-        signals = robot.signals
-        if signals.constraint_violation:
-            return Priority(CONSTRAINT, level=2, score=0.0)
-        z_u = thresholds.uncertainty.exceedance(signals.uncertainty)
-        z_r = thresholds.risk.exceedance(signals.risk)
-        bar = -self.hysteresis if robot.flagged else 0.0
-        if max(z_u, z_r) < bar:
-            return NO_NEED
-        part_u = (1.0 - self.risk_weight) * max(z_u, 0.0)
-        part_r = self.risk_weight * max(z_r, 0.0)
-        reason = RISK if (part_r, z_r) > (part_u, z_u) else UNCERTAINTY
-        return Priority(reason, level=1, score=part_u + part_r)
-
-
-# The policies by name: each builds its priority function from the config and the allocator's Generator.
-POLICIES: dict[str, Callable[[AllocatorConfig, np.random.Generator], PriorityFunction]] = {
-    "flotilla": lambda config, rng: FlotillaPriority(config.hysteresis, config.risk_weight),
-    "cur": lambda config, rng: CURPriority(config.order),
-    "random": lambda config, rng: RandomPriority(rng, config.random_scope),
-}
-
-
 # ------------------------------------------------------------------------------------------ config
 
 
 @dataclass(frozen=True)
 class AllocatorConfig:
-    """Allocation settings; every value is checked here, and a bad one raises ValueError naming it."""
+    """The allocator's settings: the rule, the times, the thresholds, and each rule's own settings.
 
-    policy: str = "flotilla"  # "flotilla", "cur" or "random"
+    Every value is checked here; a bad one raises ValueError naming its key (``allocation.t_T``,
+    ``allocation.flotilla.hysteresis``). The mapping form (:meth:`from_dict`, configs/serve.yaml's
+    ``allocation`` block) puts each rule's settings beside these under the rule's name:
+    ``{rule: cur, t_T: 5, cur: {order: cru}}``.
+    """
+
+    rule: str = "flotilla"  # the registered rule that ranks the robots (RULES: cur, flotilla, random)
     t_T: int = 20  # minimum ticks an operator keeps a robot it took over (minimum intervention time)
     t_R: int = 10  # ticks a human reset of a blocked robot takes (at least one tick even when 0)
     # Fixed thresholds; None calibrates the threshold to the target request rate alpha instead.
@@ -355,74 +316,100 @@ class AllocatorConfig:
     alpha: float = 0.05  # target fraction of autonomous robot-steps whose signal requests help
     window: int = 5000  # recent robot-steps the quantile is taken over
     min_samples: int = 100  # values needed before a calibrated threshold (or the typical value) is used
-    order: str = "cur"  # category order of the "cur" policy
-    hysteresis: float = 0.25  # "flotilla": how far below the threshold a robot must fall to leave
-    risk_weight: float = 0.5  # "flotilla": weight of risk against uncertainty in the combined score
-    random_scope: str = "need"  # "random": among robots needing help ("need") or all robots ("all")
-    seed: int | None = 0  # seeds the random policy's numpy Generator
+    seed: int | None = 0  # seeds the allocator's numpy Generator (the rules draw from it, e.g. random)
+    # Rule name -> its settings (its config dataclass, or a mapping of its fields); a rule left out gets
+    # its defaults. Once built this holds every registered rule's config, read-only.
+    rule_configs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown allocation policy {self.policy!r}; known: {sorted(POLICIES)}")
-        _check_int("t_T", self.t_T, minimum=0)
-        _check_int("t_R", self.t_R, minimum=0)
-        _check_int("window", self.window, minimum=1)
-        _check_int("min_samples", self.min_samples, minimum=1)
+        if self.rule not in RULES:
+            raise ValueError(f"allocation.rule: unknown rule {self.rule!r}; rules: {', '.join(sorted(RULES))}")
+        check_int("allocation.t_T", self.t_T, minimum=0)
+        check_int("allocation.t_R", self.t_R, minimum=0)
+        check_int("allocation.window", self.window, minimum=1)
+        check_int("allocation.min_samples", self.min_samples, minimum=1)
         if self.min_samples > self.window:
-            raise ValueError(f"min_samples ({self.min_samples}) must not exceed window ({self.window})")
-        _check_number("alpha", self.alpha)
+            raise ValueError(f"allocation.min_samples ({self.min_samples}) must not exceed window ({self.window})")
+        check_number("allocation.alpha", self.alpha)
         if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1) (target request rate), got {self.alpha!r}")
+            raise ValueError(f"allocation.alpha must be in (0, 1) (target request rate), got {self.alpha!r}")
         for name in ("uncertainty_threshold", "risk_threshold"):
             if getattr(self, name) is not None:
-                _check_number(name, getattr(self, name))
-        _check_number("hysteresis", self.hysteresis)
-        if self.hysteresis < 0:
-            raise ValueError(f"hysteresis must be >= 0, got {self.hysteresis!r}")
-        _check_number("risk_weight", self.risk_weight)
-        if not 0.0 <= self.risk_weight <= 1.0:
-            raise ValueError(f"risk_weight must be in [0, 1], got {self.risk_weight!r}")
-        _check_order(self.order)
-        _check_scope(self.random_scope)
+                check_number(f"allocation.{name}", getattr(self, name))
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            check_int("allocation.seed", self.seed, minimum=0)
+        if not isinstance(self.rule_configs, Mapping):
+            raise ValueError(f"allocation.rule_configs must map rule names to settings, got {self.rule_configs!r}")
+        unknown = sorted(set(self.rule_configs) - set(RULES))
+        if unknown:
+            raise ValueError(f"allocation: unknown rule(s) {unknown}; rules: {', '.join(sorted(RULES))}")
+        configs = {name: _rule_config(spec, self.rule_configs.get(name)) for name, spec in sorted(RULES.items())}
+        object.__setattr__(self, "rule_configs", MappingProxyType(configs))
+
+    @property
+    def rule_config(self) -> Any:
+        """The chosen rule's settings (an instance of its config dataclass)."""
+        return self.rule_configs[self.rule]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """From the mapping form: the settings above plus one block per rule under its name (a block left
+        out, or empty, means that rule's defaults); unknown keys are errors."""
+        settings = {f.name for f in dataclasses.fields(cls)} - {"rule_configs"}
+        unknown = sorted(set(values) - settings - set(RULES))
+        if unknown:
+            raise ValueError(f"allocation: unknown setting(s) {unknown}; settings: {sorted(settings)}; "
+                             f"rules: {sorted(RULES)}")
+        return cls(**{key: value for key, value in values.items() if key in settings},
+                   rule_configs={key: value for key, value in values.items() if key in RULES})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The mapping form, every rule's block included (``from_dict(to_dict())`` is equal)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rule_configs"}
+        values.update({name: dataclasses.asdict(config) for name, config in self.rule_configs.items()})
+        return values
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def _rule_config(spec: RuleSpec, value: Any) -> Any:
+    if value is None:
+        return spec.config()
+    if isinstance(value, spec.config):
+        return value
+    if isinstance(value, Mapping):
+        known = {f.name for f in dataclasses.fields(spec.config)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"allocation.{spec.name}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return spec.config(**value)
+    raise ValueError(f"allocation.{spec.name} must be a mapping of the {spec.name} rule's settings, got {value!r}")
+
+
+def check_int(key: str, value: object, minimum: int) -> None:
+    """For settings checks: ValueError naming ``key`` unless ``value`` is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_number(name: str, value: object) -> None:
+def check_number(key: str, value: object) -> None:
+    """For settings checks: ValueError naming ``key`` unless ``value`` is a finite number."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
-def _check_order(order: object) -> str:
-    if not isinstance(order, str) or sorted(order.lower()) != sorted("cur"):
-        raise ValueError(f"order must be a permutation of 'cur' (e.g. 'cur', 'cru', 'ucr'), got {order!r}")
-    return order.lower()
-
-
-def _check_scope(scope: object) -> str:
-    if scope not in RANDOM_SCOPES:
-        raise ValueError(f"random_scope must be one of {list(RANDOM_SCOPES)}, got {scope!r}")
-    return scope
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------- allocator
 
 
 class Allocator:
-    """Assigns operators to robots once per tick; see the module docstring for the rules.
+    """Assigns operators to robots once per tick; see the module docstring for what every rule shares.
 
-    ``priority`` replaces the config's policy with any :class:`PriorityFunction`.
+    ``config.rule`` names the rule that ranks the robots; ``rule`` replaces it with any :class:`Rule`.
+    The server reads t_T and t_R from ``config``.
     """
 
-    def __init__(self, config: AllocatorConfig | None = None, priority: PriorityFunction | None = None):
+    def __init__(self, config: AllocatorConfig | None = None, rule: Rule | None = None):
         self.config = config or AllocatorConfig()
         self.rng = np.random.default_rng(self.config.seed)
-        self.priority = priority or POLICIES[self.config.policy](self.config, self.rng)
+        self.rule = rule or RULES[self.config.rule].rule(self.config.rule_config, self.rng)
         calibration = (self.config.alpha, self.config.window, self.config.min_samples)
         self.uncertainty = QuantileThreshold(*calibration, fixed=self.config.uncertainty_threshold)
         self.risk = QuantileThreshold(*calibration, fixed=self.config.risk_threshold)
@@ -433,7 +420,7 @@ class Allocator:
     def thresholds(self) -> Thresholds:
         return Thresholds(self.uncertainty.current(), self.risk.current())
 
-    def tick(self, robots: Iterable[RobotState], operators: Iterable[str]) -> Decisions:
+    def tick(self, robots: Iterable[RobotSlot], operators: Iterable[str]) -> Decisions:
         """Advance one tick: count time, release robots that are done, give free operators robots.
 
         ``robots``: every robot the server knows (disconnected ones are ignored); their allocator fields
@@ -465,19 +452,19 @@ class Allocator:
         robots under a human (``assigned_to`` set)."""
         return list(self._queue)
 
-    def operator_disconnected(self, operator_id: str, robots: Iterable[RobotState]) -> list[Release]:
+    def operator_disconnected(self, operator_id: str, robots: Iterable[RobotSlot]) -> list[Release]:
         """Free the robots of an operator who left; they go back to the queue ahead of everyone."""
         return [self._unpair(robot, OPERATOR_DISCONNECTED) for robot in robots
                 if robot.controller == operator_id]
 
-    def robot_disconnected(self, robot: RobotState) -> Release | None:
+    def robot_disconnected(self, robot: RobotSlot) -> Release | None:
         """Mark the robot disconnected and free its operator (the returned Release says whom to tell)."""
         release = self._unpair(robot, ROBOT_DISCONNECTED) if robot.controller is not None else None
         robot.connected = False
         _leave_queue(robot)
         return release
 
-    def operator_release(self, robot: RobotState, operator_id: str) -> None:
+    def operator_release(self, robot: RobotSlot, operator_id: str) -> None:
         """The operator asks to hand the robot back to its policy.
 
         The release happens at the next tick at which the operator has served t_T and any reset is done;
@@ -490,7 +477,7 @@ class Allocator:
 
     # ------------------------------------------------------------------------------------ internals
 
-    def _advance_time(self, robots: list[RobotState], on_duty: set[str], decisions: Decisions) -> None:
+    def _advance_time(self, robots: list[RobotSlot], on_duty: set[str], decisions: Decisions) -> None:
         """One tick passes for every human-robot pair; pairs whose robot or operator is gone break up."""
         for robot in robots:
             if not robot.connected:
@@ -504,18 +491,18 @@ class Allocator:
                 if robot.resetting:
                     robot.reset_steps_left = max(robot.reset_steps_left - 1, 0)
 
-    def _prioritize(self, active: list[RobotState]) -> dict[str, Priority]:
+    def _prioritize(self, active: list[RobotSlot]) -> dict[str, Priority]:
         thresholds = self.thresholds
         priorities = {}
         for robot in active:
-            priority = NO_NEED if robot.idle else self.priority(robot, thresholds)
+            priority = NO_NEED if robot.idle else self.rule(robot, thresholds)
             priorities[robot.robot_id] = priority
             robot.flagged = priority.needs_help
             if robot.controller is None and not robot.flagged:
                 _leave_queue(robot)
         return priorities
 
-    def _assign(self, candidates: list[RobotState], priorities: dict[str, Priority], free: set[str],
+    def _assign(self, candidates: list[RobotSlot], priorities: dict[str, Priority], free: set[str],
                 decisions: Decisions) -> None:
         """Free operators (in id order, for determinism) take the best-ranked robots needing help."""
         waiting = sorted(
@@ -528,14 +515,14 @@ class Allocator:
         for robot in waiting[len(free):]:
             robot.waited_ticks += 1
 
-    def _calibrate(self, active: list[RobotState]) -> None:
+    def _calibrate(self, active: list[RobotSlot]) -> None:
         # Only autonomous, acting robots: their steps are the ones that would request help.
         acting = [robot.signals for robot in active
                   if robot.controller is None and not robot.idle and not robot.blocked]
         self.uncertainty.observe(signals.uncertainty for signals in acting)
         self.risk.observe(signals.risk for signals in acting)
 
-    def _review(self, robot: RobotState, priority: Priority, decisions: Decisions) -> None:
+    def _review(self, robot: RobotSlot, priority: Priority, decisions: Decisions) -> None:
         """Decide about a robot under a human: start a reset, keep it, or release it."""
         if robot.blocked and not robot.resetting:
             # It hit a constraint under the human's control: the same operator resets it.
@@ -553,14 +540,14 @@ class Allocator:
             elif not priority.needs_help:
                 decisions.releases.append(self._unpair(robot, NO_LONGER_NEEDED))
 
-    def _pair(self, robot: RobotState, operator_id: str, priority: Priority) -> Assignment:
+    def _pair(self, robot: RobotSlot, operator_id: str, priority: Priority) -> Assignment:
         robot.controller, robot.reason, robot.human_steps = operator_id, priority.reason, 0
         robot.resetting = robot.blocked
         robot.reset_steps_left = self.config.t_R if robot.blocked else 0
         robot.release_requested, robot.waited_ticks, robot.displaced = False, 0, False
         return self._assignment(robot)
 
-    def _assignment(self, robot: RobotState) -> Assignment:
+    def _assignment(self, robot: RobotSlot) -> Assignment:
         assert robot.controller is not None and robot.reason is not None
         return Assignment(
             operator_id=robot.controller, robot_id=robot.robot_id, reason=robot.reason,
@@ -569,7 +556,7 @@ class Allocator:
             reset_steps=self.config.t_R if robot.resetting else 0,
         )
 
-    def _unpair(self, robot: RobotState, reason: str) -> Release:
+    def _unpair(self, robot: RobotSlot, reason: str) -> Release:
         assert robot.controller is not None
         release = Release(robot.robot_id, robot.controller, reason)
         robot.controller, robot.reason, robot.human_steps = None, None, 0
@@ -582,14 +569,14 @@ class Allocator:
         robot.flagged = robot.flagged and robot.displaced
         return release
 
-    def _snapshot(self, active: list[RobotState], priorities: dict[str, Priority]) -> list[QueueEntry]:
-        def entry(robot: RobotState) -> QueueEntry:
+    def _snapshot(self, active: list[RobotSlot], priorities: dict[str, Priority]) -> list[QueueEntry]:
+        def entry(robot: RobotSlot) -> QueueEntry:
             priority = priorities[robot.robot_id]
             reason = robot.reason if robot.controller is not None else priority.reason
             return QueueEntry(robot.robot_id, reason, priority.level, priority.score, robot.waited_ticks,
                               robot.controller)
 
-        def rank(robot: RobotState) -> tuple:
+        def rank(robot: RobotSlot) -> tuple:
             return _rank(robot, priorities[robot.robot_id])
 
         waiting = [robot for robot in active if robot.controller is None and priorities[robot.robot_id].needs_help]
@@ -597,16 +584,16 @@ class Allocator:
         return [entry(robot) for group in (waiting, assigned) for robot in sorted(group, key=rank)]
 
 
-def _leave_queue(robot: RobotState) -> None:
+def _leave_queue(robot: RobotSlot) -> None:
     robot.flagged, robot.waited_ticks, robot.displaced = False, 0, False
 
 
-def _rank(robot: RobotState, priority: Priority) -> tuple:
+def _rank(robot: RobotSlot, priority: Priority) -> tuple:
     """Sort key, first served first: displaced robots, then level, score, time waited, and id for ties."""
     return (not robot.displaced, -priority.level, -priority.score, -robot.waited_ticks, robot.robot_id)
 
 
-def _check_pairings(robots: list[RobotState]) -> None:
+def _check_pairings(robots: list[RobotSlot]) -> None:
     seen: set[str] = set()
     controllers: dict[str, str] = {}
     for robot in robots:
@@ -619,11 +606,7 @@ def _check_pairings(robots: list[RobotState]) -> None:
                 raise ValueError(f"operator {robot.controller!r} controls both {other!r} and {robot.robot_id!r}")
 
 
-def make_allocator(policy: str = "flotilla", **settings) -> Allocator:
-    """An allocator from plain settings (the server's ``allocation`` config: policy, t_T, t_R, thresholds
-    and the policy's options); unknown settings are refused with the list of known ones."""
-    known = {f.name for f in dataclasses.fields(AllocatorConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown allocation setting(s) {unknown}; known: {sorted(known)}")
-    return Allocator(AllocatorConfig(policy=policy, **settings))
+def make_allocator(rule: str = "flotilla", **settings: Any) -> Allocator:
+    """An allocator from settings in the mapping form (:meth:`AllocatorConfig.from_dict`), e.g.
+    ``make_allocator("cur", t_T=5, cur={"order": "cru"})``; unknown settings are refused."""
+    return Allocator(AllocatorConfig.from_dict({"rule": rule, **settings}))

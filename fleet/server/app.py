@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from fleet.allocation import Allocator, make_allocator
+from fleet.allocation import Allocator
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from fleet.server.auth import AuthInterceptor, TokenAuth
 from fleet.server.config import ServerConfig
@@ -59,8 +59,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
 class FleetServer:
     def __init__(self, config: ServerConfig, allocator: Allocator | None = None):
         self.config = config
-        # The one place the allocation policy plugs in (fleet/allocation.py); Fleet.tick calls it.
-        self.allocator = allocator or make_allocator(config.allocation.policy, **config.allocation.allocator_settings())
+        # The one place the allocation rule plugs in (fleet/allocation/); Fleet.tick calls it, and t_T and
+        # t_R are read from allocator.config (a given allocator's own, not config.allocation's).
+        self.allocator = allocator or Allocator(config.allocation)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.fleet: Fleet | None = None

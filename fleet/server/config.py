@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
+from fleet.allocation.core import AllocatorConfig, check_number
 from fleet.server.auth import token_entries
 
 # The tokens configs/serve.yaml falls back to when no FLOTILLA_*_TOKEN variable is set: fine on
@@ -15,21 +16,18 @@ DEV_TOKENS = frozenset({"dev-robot-token", "dev-operator-token", "dev-trainer-to
 MIN_TOKEN_CHARS = 16
 
 
-@dataclasses.dataclass
-class AllocationConfig:
-    """The allocation tick; every setting but tick_hz goes to fleet.allocation.make_allocator."""
+@dataclasses.dataclass(frozen=True)
+class AllocationConfig(AllocatorConfig):
+    """configs/serve.yaml's ``allocation`` block: the allocator's settings (fleet.allocation.AllocatorConfig:
+    rule, t_T, t_R, thresholds, one block per rule) plus how often the server ticks it."""
 
-    policy: str = "flotilla"  # "flotilla", "cur" or "random" (fleet/allocation.py)
     tick_hz: float = 10.0  # the allocator counts time in ticks: set it to the robots' control rate
-    t_T: int = 20  # minimum ticks an operator keeps a robot it took over
-    t_R: int = 10  # ticks a human reset of a blocked robot takes
-    uncertainty_threshold: float | None = None  # None: calibrated to the request rate options.alpha
-    risk_threshold: float | None = None
-    options: dict = dataclasses.field(default_factory=dict)  # other AllocatorConfig settings (alpha, window, ...)
 
-    def allocator_settings(self) -> dict:
-        return dict(t_T=self.t_T, t_R=self.t_R, uncertainty_threshold=self.uncertainty_threshold,
-                    risk_threshold=self.risk_threshold, **self.options)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("allocation.tick_hz", self.tick_hz)
+        if not self.tick_hz > 0:
+            raise ValueError(f"allocation.tick_hz must be positive, got {self.tick_hz!r}")
 
 
 @dataclasses.dataclass
@@ -76,7 +74,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.allocation, Mapping):
-            self.allocation = _build(AllocationConfig, self.allocation, "allocation")
+            self.allocation = AllocationConfig.from_dict(self.allocation)
+        elif not isinstance(self.allocation, AllocationConfig):
+            raise ValueError(f"allocation must be a mapping or an AllocationConfig, got {self.allocation!r}")
         self.tokens = {role: [tokens] if isinstance(tokens, str | Mapping) else list(tokens or [])
                        for role, tokens in dict(self.tokens).items()}
         token_entries(self.tokens)  # checks roles, duplicates and entry shapes
@@ -88,8 +88,6 @@ class ServerConfig:
         for name in ("robot_silence_s", "operator_silence_s", "forget_robot_after_s", "label_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if not self.allocation.tick_hz > 0:
-            raise ValueError(f"allocation.tick_hz must be positive, got {self.allocation.tick_hz!r}")
 
     def exposure_problems(self) -> list[str]:
         """Why serving this config beyond loopback would be unsafe ([] when it is fine or loopback-only)."""

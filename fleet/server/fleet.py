@@ -4,8 +4,8 @@ All of it runs on the server's event loop (no locks): robot and operator session
 they received, the allocation tick calls `tick`, and every change of a robot's situation is pushed to
 it at once as a Command (`_push`), so a robot's control loop never polls or waits.
 
-Who controls a robot is decided by the allocator (fleet/allocation.py): each robot has an
-`allocation.RobotState` (`Robot.alloc`) that the allocator updates in place; the server writes its
+Who controls a robot is decided by the allocator (fleet/allocation/): each robot has an
+`allocation.RobotSlot` (`Robot.alloc`) that the allocator updates in place; the server writes its
 signals, `connected` and `idle`, and applies the releases and assignments each tick returns.
 
 A robot's mode follows from that state in one place, `mode_of`:
@@ -78,7 +78,7 @@ class Robot:
     spec: RobotSpec
     task: str
     policy_version: str
-    alloc: allocation.RobotState  # signals and who controls it, shared with the allocator
+    alloc: allocation.RobotSlot  # signals and who controls it, shared with the allocator
     outbox: Outbox | None = None  # the connected session; None while disconnected
     last_seq: int = 0  # highest message seq of this boot taken (acks, and dedup of resent messages)
     # The robot's open episode (robot-local id). episode_key is its writer key, None while the rest of the
@@ -191,7 +191,7 @@ class Fleet:
                 raise FleetError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"the fleet has {len(self.robots)} robots (max_robots); try again later")
             robot = Robot(robot_id, hello.boot_id, spec, hello.task, hello.policy_version,
-                          allocation.RobotState(robot_id))
+                          allocation.RobotSlot(robot_id))
             if old is not None:  # a restarted process (or new sensors): a fresh record; a stop stays
                 self._close_episode(old, DISCONNECTED_OUTCOME)
                 robot.estop_by = old.estop_by
@@ -559,7 +559,7 @@ class Fleet:
 
     # -- allocation -------------------------------------------------------------------------------
 
-    def _allocs(self) -> list[allocation.RobotState]:
+    def _allocs(self) -> list[allocation.RobotSlot]:
         return [robot.alloc for robot in self.robots.values()]
 
     def tick(self) -> None:
@@ -634,8 +634,8 @@ class Fleet:
         alloc = robot.alloc
         operator.outbox.send(pb.OperatorUpdate(assignment=pb.Assignment(
             robot_id=robot.robot_id, reason=wire.assignment_reason_to_wire(assignment.reason if assignment else alloc.reason),
-            min_steps=assignment.min_steps if assignment else self.config.allocation.t_T,
-            needs_reset=alloc.resetting, reset_steps=self.config.allocation.t_R if alloc.resetting else 0)))
+            min_steps=assignment.min_steps if assignment else self.allocator.config.t_T,
+            needs_reset=alloc.resetting, reset_steps=self.allocator.config.t_R if alloc.resetting else 0)))
 
     def _apply_release(self, release: allocation.Release, message: str = "") -> None:
         """Tell the operator (if still here) and the robot; a finished human reset also orders the reset."""

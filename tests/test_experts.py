@@ -3,8 +3,11 @@ and taking over from arbitrary states (random actions, closed gripper, nudged or
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from sim.collect import run_until_done
 from sim.conventions import ACTION_DIM, GRIPPER_CLOSED, GRIPPER_OPEN
@@ -176,3 +179,27 @@ def test_out_of_range_knobs_are_rejected(task, knobs):
 def test_unknown_expert_is_rejected():
     with pytest.raises(ValueError, match="no scripted expert"):
         make_expert("juggle")
+
+
+def test_every_task_follows_one_pattern():
+    """A task is an env in sim.tasks.TASKS, a scripted operator in sim/experts/ (sim.experts.EXPERTS) and
+    configs/task/<name>.yaml with its name, max_steps, env kwargs and the obs_keys a policy trains on."""
+    from sim.experts import EXPERTS
+    from sim.tasks import TASKS as REGISTERED
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "task"
+    assert set(REGISTERED) == set(EXPERTS) == {path.stem for path in configs.glob("*.yaml")}
+    for name in REGISTERED:
+        module, _, cls = EXPERTS[name].partition(":")
+        assert module == f"sim.experts.{name}" and cls, EXPERTS[name]
+        cfg = OmegaConf.load(configs / f"{name}.yaml")
+        assert cfg.name == name and cfg.max_steps > 0 and "env" in cfg, name
+        assert len(cfg.obs_keys) > 0 and all(isinstance(key, str) for key in cfg.obs_keys), name
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_obs_keys_are_observations(task):
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "task" / f"{task}.yaml")
+    env = make_env(task)
+    assert set(cfg.obs_keys) <= set(env.observation_space.spaces), task
+    env.close()

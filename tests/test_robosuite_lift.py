@@ -59,10 +59,15 @@ def per_step_motion(env, direction, scale=1.0, steps=6):
 def test_registries_do_not_import_robosuite():
     code = (
         "import sys, sim.tasks, sim.experts, sim.robosuite.lift; "
-        "sim.tasks.task_class('lift'); "
+        "sim.tasks.task_class('lift'); sim.experts.make_expert('lift'); "
         "assert 'robosuite' not in sys.modules and 'mujoco' not in sys.modules, 'imported too early'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_task_config_obs_keys_are_observations(env):
+    cfg = OmegaConf.load(REPO / "configs" / "task" / "lift.yaml")
+    assert len(cfg.obs_keys) > 0 and set(cfg.obs_keys) <= set(env.observation_space.spaces)
 
 
 def test_observations_follow_the_conventions(env):

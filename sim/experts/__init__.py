@@ -12,7 +12,7 @@ EXPERTS: dict[str, str] = {
     "reach": "sim.experts.reach:ReachExpert",
     "push": "sim.experts.push:PushExpert",
     "pick_place": "sim.experts.pick_place:PickPlaceExpert",
-    "lift": "sim.robosuite.lift:LiftExpert",
+    "lift": "sim.experts.lift:LiftExpert",
 }
 
 

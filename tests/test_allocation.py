@@ -6,6 +6,7 @@ import pytest
 from fleet.allocation import (
     CONSTRAINT,
     NO_LONGER_NEEDED,
+    NO_NEED,
     OPERATOR_DISCONNECTED,
     OPERATOR_RELEASE,
     RESET_DONE,
@@ -14,10 +15,16 @@ from fleet.allocation import (
     UNCERTAINTY,
     Allocator,
     AllocatorConfig,
+    CURConfig,
+    FlotillaConfig,
+    Priority,
     QuantileThreshold,
+    RandomConfig,
+    RandomRule,
     RobotSlot,
     Signals,
     make_allocator,
+    register_rule,
 )
 
 # Fixed thresholds of 0.5 on both signals unless a test says otherwise.
@@ -373,3 +380,85 @@ def test_a_mostly_constant_signal_flags_only_what_stands_out():
     threshold = QuantileThreshold(alpha=0.05, window=100, min_samples=10)
     threshold.observe([0.0] * 98 + [0.7, 0.9])
     assert threshold.current().value == 0.7
+
+
+# ------------------------------------------------------------------------------------ rules and config
+
+
+def test_the_config_holds_every_rules_settings_and_round_trips():
+    config = AllocatorConfig.from_dict({"rule": "cur", "t_T": 4, "cur": {"order": "cru"}, "random": None})
+    assert config.rule_config == CURConfig(order="cru")
+    assert config.rule_configs["flotilla"] == FlotillaConfig() and config.rule_configs["random"] == RandomConfig()
+    assert AllocatorConfig.from_dict(config.to_dict()) == config
+    assert AllocatorConfig(rule="cur", rule_configs={"cur": CURConfig(order="cru")}, t_T=4) == config
+
+
+@pytest.mark.parametrize(
+    ("allocation", "message"),
+    [
+        ({"rule": "fifo"}, "allocation.rule: unknown rule 'fifo'; rules: cur, flotilla, random"),
+        ({"flotila": {}}, "allocation: unknown setting\\(s\\) \\['flotila'\\]"),
+        ({"flotilla": {"hysterisis": 0.1}}, "allocation.flotilla: unknown setting\\(s\\) \\['hysterisis'\\]"),
+        ({"cur": "cru"}, "allocation.cur must be a mapping"),
+        ({"tick_hz": 0}, "allocation.tick_hz must be positive"),
+        ({"options": {"alpha": 0.1}}, "allocation: unknown setting\\(s\\) \\['options'\\]"),  # the old shape
+    ],
+)
+def test_server_allocation_errors_name_the_key(allocation, message):
+    from fleet.server import ServerConfig
+
+    with pytest.raises(ValueError, match=message):
+        ServerConfig.from_dict({"allocation": allocation})
+
+
+def test_serve_yaml_lists_every_allocation_setting_at_its_default():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from fleet.server import AllocationConfig
+
+    serve = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "serve.yaml")
+    assert OmegaConf.to_container(serve.allocation) == AllocationConfig().to_dict()
+
+
+def test_the_server_allocates_with_its_config_itself():
+    from fleet.server import FleetServer, ServerConfig
+
+    config = ServerConfig.from_dict({"allocation": {"rule": "random", "t_T": 7, "random": {"scope": "all"}}})
+    allocator = FleetServer(config).allocator
+    assert allocator.config is config.allocation and isinstance(allocator.rule, RandomRule)
+    assert allocator.rule.scope == "all"
+
+
+def test_a_new_rule_is_a_config_and_a_registered_class(monkeypatch):
+    from dataclasses import dataclass
+
+    from fleet.allocation import core
+
+    monkeypatch.setattr(core, "RULES", dict(core.RULES))  # registered for this test only
+
+    @dataclass(frozen=True)
+    class LongestWaitConfig:
+        min_uncertainty: float = 0.0
+
+    @register_rule("longest_wait", LongestWaitConfig)
+    class LongestWaitRule:
+        """Every robot above min_uncertainty, longest waiting first."""
+
+        def __init__(self, config: LongestWaitConfig, rng):
+            self.min_uncertainty = config.min_uncertainty
+
+        def __call__(self, robot: RobotSlot, thresholds) -> Priority:
+            if robot.signals.uncertainty <= self.min_uncertainty:
+                return NO_NEED
+            return Priority(UNCERTAINTY, level=0, score=robot.waited_ticks)
+
+    robots = fleet(3)
+    signal(robots, "r0", uncertainty=0.2)
+    signal(robots, "r2", uncertainty=0.05)
+    allocator = make_allocator("longest_wait", longest_wait={"min_uncertainty": 0.1})
+    assert isinstance(allocator.rule, LongestWaitRule)
+    assert assigned(allocator.tick(robots.values(), ["op"])) == {"op": "r0"}
+    with pytest.raises(ValueError, match="registered twice"):
+        register_rule("longest_wait", LongestWaitConfig)(type("Other", (), {}))

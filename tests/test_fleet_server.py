@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from fleet import codec
+from fleet.allocation import make_allocator
 from fleet.client import (
     OperatorClient,
     RobotClient,
@@ -202,6 +203,26 @@ def test_takeover_relabels_pre_intervention_and_teleop_reaches_the_robot(server,
     labels = committed(server, 1).episode(0)["label"].tolist()
     # 6 robot steps before the takeover; the last 3 (pre_intervention_steps) became pre_intervention.
     assert labels == [ROBOT] * 3 + [PRE] * 3 + [INTERVENTION] * 3 + [ROBOT]
+
+
+def test_operators_are_told_the_allocators_t_T_not_a_copy_of_it(tmp_path, clients):
+    # The allocator passed in has its own t_T (5); config.allocation's (3) must not leak into assignments,
+    # including the one re-sent to an operator client that reconnects.
+    allocator = make_allocator("cur", t_T=5, t_R=2, uncertainty_threshold=0.5, risk_threshold=0.5)
+    server = ServerThread(make_config(tmp_path), allocator).start()
+    try:
+        operator = clients(operator_client(server, "alice"))
+        robot = clients(robot_client(server))
+        assert take_over(robot, operator).min_steps == 5
+        again = operator_client(server, "alice")
+        again.boot_id = operator.boot_id  # the same client process, reconnected: it keeps its robot
+        clients(again)
+        update = again.next_update(5, kind="assignment")
+        assert update is not None and (update.assignment.robot_id, update.assignment.min_steps) == ("r1", 5)
+        for client in (again, robot, operator):
+            client.close(timeout=2)
+    finally:
+        server.stop()
 
 
 def test_only_the_assigned_operator_moves_a_robot(server, clients):

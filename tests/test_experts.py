@@ -183,7 +183,7 @@ def test_unknown_expert_is_rejected():
 
 def test_every_task_follows_one_pattern():
     """A task is an env in sim.tasks.TASKS, a scripted operator in sim/experts/ (sim.experts.EXPERTS) and
-    configs/task/<name>.yaml with its name, max_steps, env kwargs and the obs_keys a policy trains on."""
+    configs/task/<name>.yaml with its name, max_steps and the obs_keys a policy trains on."""
     from sim.experts import EXPERTS
     from sim.tasks import TASKS as REGISTERED
 
@@ -193,7 +193,7 @@ def test_every_task_follows_one_pattern():
         module, _, cls = EXPERTS[name].partition(":")
         assert module == f"sim.experts.{name}" and cls, EXPERTS[name]
         cfg = OmegaConf.load(configs / f"{name}.yaml")
-        assert cfg.name == name and cfg.max_steps > 0 and "env" in cfg, name
+        assert cfg.name == name and cfg.max_steps > 0, name
         assert len(cfg.obs_keys) > 0 and all(isinstance(key, str) for key in cfg.obs_keys), name
 
 

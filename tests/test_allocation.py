@@ -1,5 +1,7 @@
 """Behaviour of the fleet server's human allocation (fleet/allocation/)."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -390,6 +392,7 @@ def test_the_config_holds_every_rules_settings_and_round_trips():
     assert config.rule_config == CURConfig(order="cru")
     assert config.rule_configs["flotilla"] == FlotillaConfig() and config.rule_configs["random"] == RandomConfig()
     assert AllocatorConfig.from_dict(config.to_dict()) == config
+    assert pickle.loads(pickle.dumps(config)) == config  # the server's config goes to worker processes
     assert AllocatorConfig(rule="cur", rule_configs={"cur": CURConfig(order="cru")}, t_T=4) == config
 
 

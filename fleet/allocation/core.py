@@ -28,7 +28,6 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -318,7 +317,7 @@ class AllocatorConfig:
     min_samples: int = 100  # values needed before a calibrated threshold (or the typical value) is used
     seed: int | None = 0  # seeds the allocator's numpy Generator (the rules draw from it, e.g. random)
     # Rule name -> its settings (its config dataclass, or a mapping of its fields); a rule left out gets
-    # its defaults. Once built this holds every registered rule's config, read-only.
+    # its defaults. Once built this holds every registered rule's config.
     rule_configs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -344,7 +343,7 @@ class AllocatorConfig:
         if unknown:
             raise ValueError(f"allocation: unknown rule(s) {unknown}; rules: {', '.join(sorted(RULES))}")
         configs = {name: _rule_config(spec, self.rule_configs.get(name)) for name, spec in sorted(RULES.items())}
-        object.__setattr__(self, "rule_configs", MappingProxyType(configs))
+        object.__setattr__(self, "rule_configs", configs)  # a dict, not a mappingproxy: configs are pickled
 
     @property
     def rule_config(self) -> Any:

@@ -1,19 +1,19 @@
-"""Allocation policies compared in the fleet learning loop: random, C.U.R. and Flotilla (Fleet-DAgger's IFL
+"""Allocation rules compared in the fleet learning loop: random, C.U.R. and Flotilla (Fleet-DAgger's IFL
 benchmark on push).
 
-    python -m benchmarks.fleet [--policies random cur flotilla] [--seeds 0 1 2] [--override key=value ...]
+    python -m benchmarks.fleet [--rules random cur flotilla] [--seeds 0 1 2] [--override key=value ...]
     python -m benchmarks.fleet --report runs/bench_fleet/results.json     # table and plot again, no runs
     python -m benchmarks.fleet --report runs/bench_fleet/results.json --evaluate 100   # + held-out evals
 
 Each seed s (the demo's seed 1000 * s: its demos, fleet episodes and training seed share nothing with
 another's) collects scripted demos and trains the initial policy once (sim.demo.initial_policy); every
-allocation policy then starts from that same policy and runs `flotilla demo`'s loop (sim.demo.fleet_rounds:
+allocation rule then starts from that same policy and runs `flotilla demo`'s loop (sim.demo.fleet_rounds:
 an embedded server, the sim fleet, retraining between rounds) with `server.allocation.rule` set to it.
 The human budget is the same for all: the same operators, robots, rounds and episodes per round (and the
 same t_T, t_R and request rate alpha); what differs is whom the humans go to. The random baseline is
 Fleet-DAgger's: humans go to random robots, whether they ask for help or not (random.scope=all).
 
-Reported per policy, mean +- std over seeds: ROHE over all rounds ((M / N) * autonomous successes /
+Reported per rule, mean +- std over seeds: ROHE over all rounds ((M / N) * autonomous successes /
 (1 + human action steps), sim/metrics.py), the last round's autonomous success rate, and human action
 steps over all rounds. Writes results.json into --out, benchmarks/figures/fleet_allocation.png, and
 prints the markdown table.
@@ -43,13 +43,13 @@ from policies.train import final_checkpoint
 from sim.demo import fleet_rounds, fresh_folder, initial_policy, version_dir
 from sim.metrics import cumulative, table_header, table_row
 
-POLICIES = ("random", "cur", "flotilla")
+RULES = ("random", "cur", "flotilla")
 # The demo seeds its demos, fleet episodes and training from `seed` on: seeds this far apart share none.
 SEED_STRIDE = 1000
 LABELS = {"random": "random", "cur": "C.U.R.", "flotilla": "Flotilla"}
 FIGURE = Path(__file__).resolve().parent / "figures" / "fleet_allocation.png"
 # Overrides of configs/demo.yaml (the rest, e.g. hg_dagger weighting and the allocation settings, as the
-# demo has them): push with a small diffusion model, sized so that 3 seeds x 3 policies finish within an
+# demo has them): push with a small diffusion model, sized so that 3 seeds x 3 rules finish within an
 # hour on the project's 2-core machine (threads=1 everywhere). Push predicts target positions (with steps,
 # z errors add up over a chunk into the table: benchmarks/README.md, policy_results). Training steps
 # matter most (seed 0, 30 episodes each): 1500 steps gave 7% success on the demos alone and 0% with two
@@ -68,30 +68,35 @@ def demo_config(overrides: list[str]):
         return compose(config_name="demo", overrides=overrides)
 
 
-def policy_overrides(policy: str, seed: int) -> list[str]:
-    extra = [f"server.allocation.rule={policy}", f"server.allocation.seed={seed}"]
-    if policy == "random":
+def rule_overrides(rule: str, seed: int) -> list[str]:
+    extra = [f"server.allocation.rule={rule}", f"server.allocation.seed={seed}"]
+    if rule == "random":
         extra.append("+server.allocation.random.scope=all")
     return extra
+
+
+def rule_of(record: dict) -> str:
+    """The allocation rule of a run (results written before rules were named so call it "policy")."""
+    return record.get("rule", record.get("policy", ""))
 
 
 def show_round(tag: str, metrics) -> None:
     print(f"{tag}:", table_header(), table_row(metrics), sep="\n", flush=True)
 
 
-def run_benchmark(overrides: list[str], seeds: list[int], policies: list[str], out: Path) -> list[dict]:
-    """Every (seed, policy) run's rounds, written to out/results.json as each run ends."""
+def run_benchmark(overrides: list[str], seeds: list[int], rules: list[str], out: Path) -> list[dict]:
+    """Every (seed, rule) run's rounds, written to out/results.json as each run ends."""
     records: list[dict] = []
     for seed in seeds:
         base = [*overrides, f"seed={SEED_STRIDE * seed}"]
         seed_dir = fresh_folder(out / f"seed{seed}", overwrite=True)
         demos, initial, timings = initial_policy(demo_config(base), seed_dir)
-        for policy in policies:
-            cfg = demo_config([*base, *policy_overrides(policy, seed)])
+        for rule in rules:
+            cfg = demo_config([*base, *rule_overrides(rule, seed)])
             started = time.monotonic()
-            rounds, more = fleet_rounds(cfg, fresh_folder(seed_dir / policy, overwrite=True), demos, initial,
-                                        on_round=functools.partial(show_round, f"seed {seed} {policy}"))
-            records.append({"seed": seed, "policy": policy, "rounds": [m.to_dict() for m in rounds],
+            rounds, more = fleet_rounds(cfg, fresh_folder(seed_dir / rule, overwrite=True), demos, initial,
+                                        on_round=functools.partial(show_round, f"seed {seed} {rule}"))
+            records.append({"seed": seed, "rule": rule, "rounds": [m.to_dict() for m in rounds],
                             "timings": {**timings, **more, "wall_s": time.monotonic() - started}})
             (out / "results.json").write_text(json.dumps({"overrides": overrides, "runs": records}, indent=2))
     return records
@@ -99,10 +104,10 @@ def run_benchmark(overrides: list[str], seeds: list[int], policies: list[str], o
 
 def deployed_checkpoint(out: Path, record: dict, round_index: int) -> Path:
     """The checkpoint the fleet ran in a round: <task>-r0 is the seed's initial policy (shared by all
-    allocation policies); later versions were trained in the run's own folder (sim.demo.fleet_rounds)."""
+    allocation rules); later versions were trained in the run's own folder (sim.demo.fleet_rounds)."""
     version = record["rounds"][round_index]["policy_version"]
     seed_dir = out / f"seed{record['seed']}"
-    demo_dir = seed_dir if version.endswith("-r0") else seed_dir / record["policy"]
+    demo_dir = seed_dir if version.endswith("-r0") else seed_dir / rule_of(record)
     return final_checkpoint(version_dir(demo_dir, version))
 
 
@@ -122,7 +127,7 @@ def evaluate_runs(records: list[dict], out: Path, episodes: int, task: str, max_
                                              progress=False)["success_rate"]
             results[name] = cache[checkpoint]
         record["eval"] = {"episodes": episodes, **results}
-        print(f"seed {record['seed']} {record['policy']}: held-out success {results['initial']:.0%} initial -> "
+        print(f"seed {record['seed']} {rule_of(record)}: held-out success {results['initial']:.0%} initial -> "
               f"{results['final']:.0%} final ({episodes} episodes)", flush=True)
 
 
@@ -144,15 +149,15 @@ def summary_table(records: list[dict]) -> str:
                     (f"held-out success, final ({episodes} eps)", "eval_final", "{:.0%}")]
     lines = ["| allocation | " + " | ".join(title for title, _, _ in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
-    for policy in dict.fromkeys(record["policy"] for record in records):
+    for rule in dict.fromkeys(rule_of(record) for record in records):
         totals = [{**run_totals(record["rounds"]),
                    **{f"eval_{name}": value for name, value in record.get("eval", {}).items()}}
-                  for record in records if record["policy"] == policy]
+                  for record in records if rule_of(record) == rule]
         cells = []
         for _, key, spec in columns:
             values = np.array([t[key] for t in totals], float)
             cells.append(f"{spec.format(values.mean())} +- {spec.format(values.std())}")
-        lines.append(f"| {LABELS.get(policy, policy)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS.get(rule, rule)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -165,14 +170,14 @@ def plot(records: list[dict], path: Path) -> None:
     panels = [("autonomous success rate", "autonomous_success_rate"), ("human action steps", "human_action_steps"),
               ("ROHE", "rohe")]
     figure, axes = plt.subplots(1, len(panels), figsize=(12, 3.6), constrained_layout=True)
-    for policy in dict.fromkeys(record["policy"] for record in records):
-        runs = [record["rounds"] for record in records if record["policy"] == policy]
+    for rule in dict.fromkeys(rule_of(record) for record in records):
+        runs = [record["rounds"] for record in records if rule_of(record) == rule]
         rounds = min(len(run) for run in runs)
         x = np.arange(1, rounds + 1)
         for axis, (title, key) in zip(axes, panels, strict=True):
             values = np.array([[r[key] for r in run[:rounds]] for run in runs], float)
             mean, std = values.mean(axis=0), values.std(axis=0)
-            axis.plot(x, mean, marker="o", label=LABELS.get(policy, policy))
+            axis.plot(x, mean, marker="o", label=LABELS.get(rule, rule))
             axis.fill_between(x, mean - std, mean + std, alpha=0.2)
             axis.set_title(title)
             axis.set_xlabel("round")
@@ -180,7 +185,7 @@ def plot(records: list[dict], path: Path) -> None:
             axis.grid(alpha=0.3)
     axes[0].legend()
     seeds = len({record["seed"] for record in records})
-    figure.suptitle(f"allocation policies in the fleet loop (mean +- std over {seeds} seeds)")
+    figure.suptitle(f"allocation rules in the fleet loop (mean +- std over {seeds} seeds)")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -188,7 +193,7 @@ def plot(records: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_fleet"))
     parser.add_argument("--figure", type=Path, default=FIGURE)
@@ -204,7 +209,7 @@ def main() -> None:
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        records = run_benchmark([*DEFAULTS, *args.override], args.seeds, args.policies, args.out)
+        records = run_benchmark([*DEFAULTS, *args.override], args.seeds, args.rules, args.out)
         print(f"benchmark done in {time.monotonic() - started:.0f} s; runs in {args.out}")
         results_path = args.out / "results.json"
         results = {"overrides": [*DEFAULTS, *args.override], "runs": records}

@@ -2,7 +2,7 @@
 
 The episode store keeps its own label codes (fleet.labels.ControlLabel: demo 0 ... intervention 3, never
 renumbered); on the wire v1 reserves 0 for UNSPECIFIED, so a step without a label is refused rather
-than logged as a demonstration. Allocation reasons are strings inside the server (fleet/allocation.py)
+than logged as a demonstration. Allocation reasons are strings inside the server (fleet/allocation/)
 and enums on the wire.
 """
 

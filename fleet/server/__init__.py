@@ -4,7 +4,7 @@ policy registry, admin status and Prometheus metrics. `flotilla serve` runs `fle
     fleet/server/app.py        FleetServer (start/stop), ServerThread, run(cfg)
     fleet/server/config.py     ServerConfig, AllocationConfig (configs/serve.yaml)
     fleet/server/fleet.py      the fleet's state and control rules (modes, takeover, release, e-stop),
-                               and the allocation tick that drives fleet/allocation.py
+                               and the allocation tick that drives fleet/allocation/ (the rules)
     fleet/server/robots.py     robot sessions: hello spec, step checks
     fleet/server/operators.py  operator sessions
     fleet/server/writer.py     the episode writer and committer threads (own the EpisodeStore)

@@ -2,7 +2,7 @@
 
 Written once for every robot: the simulated fleet (sim/fleet_sim.py) and the ROS 2 node both drive it.
 It imports no torch, no policies/ and no sim/: the policy is any object with `reset()`,
-`act(obs, goal) -> action`, `version` and (optionally) `uncertainty`, and a new version is built by the
+`act(obs, goal) -> action`, `version` and `uncertainty` (the `Policy` protocol), and a new version is built by the
 caller's `load_policy(version) -> policy` (which may fetch it from the registry and load torch weights).
 
     agent = RobotAgent(client, policy, load_policy=loader, gripper_index=3).start()
@@ -46,6 +46,9 @@ RESET_OUTCOME = "reset"
 
 class Policy(Protocol):
     version: str
+    # The signal the fleet allocates humans on, for the latest act() (0.0 when the policy cannot tell);
+    # policies.runner.PolicyRunner reports its samples' spread.
+    uncertainty: float
 
     def reset(self) -> None: ...
 
@@ -203,7 +206,7 @@ class RobotAgent:
             action, control = self._hold(), HOLD_SERVER
         self._was_autonomous = autonomous
 
-        signals = {"uncertainty": float(getattr(self.policy, "uncertainty", 0.0) or 0.0), "risk": 0.0,
+        signals = {"uncertainty": float(self.policy.uncertainty), "risk": 0.0,
                    "density": 0.0, "constraint_violation": violation}
         if self._signals_fn is not None:
             signals.update(self._signals_fn(obs, info))

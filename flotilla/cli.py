@@ -3,11 +3,19 @@
 Every job is a hydra app whose config is ``configs/<job>.yaml``; the job's code lives in the part
 of the project that owns it (``sim/`` collects, ``fleet/`` inspects stores, ...). This module only
 knows the table of jobs, so ``flotilla --help`` works without importing torch or pybullet.
+
+A job's settings are a typed dataclass (the table's ``config``, registered with hydra's ConfigStore as
+``base_<job>`` and listed first in the YAML's defaults): the composed config is turned into it
+(``configs.schema.typed``: every ``__post_init__`` check runs) before the job's code is even imported,
+and the job gets the dataclass. A bad setting, on the command line or found by the job (a path that is
+not an episode store), is one line on stderr, ``flotilla <job>: <key>: <problem>``, and exit code 2;
+``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,20 +25,32 @@ import configs
 
 @dataclass(frozen=True)
 class Job:
-    target: str  # "module:function", the function takes the composed DictConfig
+    target: str  # "module:function"; it takes the typed config (or, with `typed` False, the DictConfig)
     summary: str
+    # The job's config dataclass, "module:Class" (a light module: no torch), registered as base_<job>.
+    config: str | None = None
     # A bare (non key=value) argument is taken as this config key, e.g. `flotilla info PATH`.
     positional: str | None = None
+    typed: bool = True  # whether `target` takes the dataclass (False: checked, then given the DictConfig)
+    structured: bool = True  # `config` is registered as base_<job>; False: checked with config.from_dict
 
 
 JOBS: dict[str, Job] = {
-    "collect": Job("sim.collect:run", "collect scripted-operator demonstrations into an episode store"),
-    "info": Job("fleet.store.inspect:run", "summarize an episode store: episodes, steps, labels, keys, size", "path"),
-    "train": Job("policies.train:run", "train a policy (diffusion, gc_diffusion, mlp) by weighted BC on episode stores"),
-    "eval": Job("policies.evaluate:run", "evaluate a checkpoint in simulation: success rate, length, violations"),
+    "collect": Job("sim.collect:run", "collect scripted-operator demonstrations into an episode store",
+                   "sim.collect:CollectConfig"),
+    "info": Job("fleet.store.inspect:run", "summarize an episode store: episodes, steps, labels, keys, size",
+                "fleet.store.inspect:InfoConfig", positional="path"),
+    "train": Job("policies.train:run", "train a policy (diffusion, gc_diffusion, mlp) by weighted BC on episode stores",
+                 "policies.config:TrainConfig"),
+    "eval": Job("policies.evaluate:run", "evaluate a checkpoint in simulation: success rate, length, violations",
+                "policies.config:EvalConfig"),
     "fleet": Job("sim.fleet_sim:run", "run simulated robots and scripted operators against a fleet server"),
-    "demo": Job("sim.demo:run", "the whole fleet learning loop in one process: train, deploy, intervene, retrain"),
-    "serve": Job("fleet.server.app:run", "run the fleet server (gRPC robots/operators/registry, metrics) until Ctrl-C"),
+    "demo": Job("sim.demo:run", "the whole fleet learning loop in one process: train, deploy, intervene, retrain",
+                "sim.demo:DemoConfig"),
+    # ServerConfig (its allocation block per rule) is not an omegaconf schema: it is built from the composed
+    # config to check it (ServerConfig.from_dict), and serve gets the DictConfig.
+    "serve": Job("fleet.server.app:run", "run the fleet server (gRPC robots/operators/registry, metrics) until Ctrl-C",
+                 "fleet.server.config:ServerConfig", typed=False, structured=False),
 }
 
 CONFIG_DIR = Path(configs.__file__).resolve().parent
@@ -58,21 +78,79 @@ def _to_overrides(job: Job, args: list[str]) -> list[str]:
     return out
 
 
+def _load(target: str):
+    module_name, name = target.split(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
 def run_job(name: str, args: list[str]) -> None:
-    """Run job `name` as a hydra app with command-line style `args`."""
+    """Run job `name` as a hydra app with command-line style `args`; a config error exits with code 2
+    after one line on stderr (see the module docstring)."""
     import hydra
 
-    job = JOBS[name]
-    module_name, func_name = job.target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
+    from configs.schema import config_errors, error_line
 
-    app = hydra.main(config_path=str(CONFIG_DIR), config_name=name, version_base="1.3")(func)
-    saved_argv = sys.argv
+    job = JOBS[name]
+    schema = _schema(job, name)
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+    def refuse(err: BaseException):
+        if full_error:
+            raise err
+        print(f"flotilla {name}: {error_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    def task(cfg) -> None:
+        try:
+            config = _checked(job, schema, cfg)
+            _load(job.target)(config if job.typed else cfg)
+        except config_errors() as err:  # caught here, before hydra reports a failed job on its own
+            refuse(err)
+
+    app = hydra.main(config_path=str(CONFIG_DIR), config_name=name, version_base="1.3")(task)
+    saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [f"flotilla {name}", *_to_overrides(job, args)]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # hydra raises composition errors instead of printing them
     try:
         app()
+    except config_errors() as err:  # the config could not be composed (an unknown key, a bad type or group)
+        refuse(err)
     finally:
         sys.argv = saved_argv
+        if saved_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full_error
+
+
+def _schema(job: Job, name: str):
+    """The job's config class (imported before hydra composes, so its ConfigStore node exists)."""
+    if not job.config:
+        return None
+    from configs.schema import register_job
+
+    schema = _load(job.config)
+    if job.structured:
+        register_job(name, schema)
+    return schema
+
+
+def _checked(job: Job, schema, cfg):
+    """The typed config for a composed one (its checks run); the DictConfig itself for an untyped job."""
+    from configs.schema import ConfigError, named_error, typed
+
+    if schema is None:
+        return cfg
+    if job.structured:
+        return typed(cfg)
+    from omegaconf import OmegaConf
+
+    try:
+        return schema.from_dict(OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise named_error(str(err), schema) from None
 
 
 def main(argv: list[str] | None = None) -> int:

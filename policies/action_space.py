@@ -15,20 +15,24 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from configs.schema import ConfigError
+
 KINDS = ("delta", "target")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ActionSpace:
-    kind: str = "delta"
+    """Also the trainer's ``action_space`` setting (policies/config.py); a checkpoint stores it."""
+
+    kind: str = "delta"  # delta | target
     position_key: str = "ee_pos"
     step_m: float = 0.03  # metres per unit of normalized action: sim/conventions.py MAX_EE_STEP_M
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"unknown action space {self.kind!r}; choose one of {', '.join(KINDS)}")
+            raise ConfigError("kind", f"unknown action space {self.kind!r}; choose one of {', '.join(KINDS)}")
         if not self.step_m > 0:
-            raise ValueError(f"action_space.step_m must be positive, got {self.step_m}")
+            raise ConfigError("step_m", f"must be positive, got {self.step_m}")
 
     def to_policy(self, actions: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Robot actions (T, A) at measured positions (T, P) -> what the policy learns to predict."""

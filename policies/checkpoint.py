@@ -1,8 +1,9 @@
 """Checkpoints: safetensors weights plus a JSON config; loading never executes code from the files.
 
 A checkpoint is a folder:
-    config.json           format, policy kind and constructor config, ensemble size, shape meta,
-                          horizons, normalizer statistics, policy version, training-data summary, step
+    config.json           format (2), the typed policy config (``PolicyConfig.to_dict()``: kind, horizons,
+                          architecture, encoder, inference settings), ensemble size, shape meta,
+                          normalizer statistics, action space, policy version, training-data summary, step
     model.safetensors     the weights to deploy (the EMA weights when training keeps them)
     trainer.safetensors   (optional) what resuming needs: raw weights, EMA weights, optimizer tensors
     trainer.json          (optional) optimizer hyper-parameters, step, epoch
@@ -12,9 +13,13 @@ numbers: a missing file, a damaged file, a different architecture or a shape mis
 CheckpointError naming what is wrong.
 
 An ensemble (policies/models/ensemble.py) is one checkpoint like any policy: config.json's `ensemble`
-is its size E (1, or the key absent in older checkpoints: a single policy), `kind` and
-`policy_config` are its members', the shared normalizer statistics are in config.json as usual, and
+is its size E (1, or the key absent in older checkpoints: a single policy), `policy` is its
+members' config, the shared normalizer statistics are in config.json as usual, and
 model.safetensors holds `members.<i>.*` for i < E.
+
+Older formats keep loading: format 1 (written before the typed configs) kept the policy's constructor
+arguments flat in `policy_config` beside `kind`, the encoder's as `image_*`; ``read_config`` returns
+every format in format 2's shape (with `format` as written). tests/fixtures/checkpoints_v1 holds some.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from policies.action_space import DELTA, ActionSpace
+from policies.models.configs import PolicyConfig, policy_config_from_dict
 from policies.models.factory import ShapeMeta, build_policy, ensemble_size
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.safetensors"
@@ -52,6 +59,10 @@ class Checkpoint:
     policy: nn.Module
     version: str
     config: dict
+
+    @property
+    def policy_config(self) -> PolicyConfig:
+        return self.policy.config
 
     @property
     def shape_meta(self) -> ShapeMeta:
@@ -74,13 +85,9 @@ def save_checkpoint(directory: str | os.PathLike, policy: nn.Module, shape_meta:
     weights = {name: tensor for name, tensor in state.items() if not name.startswith(_NORMALIZER_PREFIX)}
     config = {
         "format": FORMAT_VERSION,
-        "kind": policy.kind,
-        "policy_config": policy.config(),
-        "ensemble": getattr(policy, "ensemble_size", 1),
+        "policy": policy.config.to_dict(),
+        "ensemble": policy.ensemble_size,
         "shape_meta": shape_meta.to_dict(),
-        "n_obs_steps": policy.n_obs_steps,
-        "horizon": policy.horizon,
-        "n_action_steps": policy.n_action_steps,
         "normalizer": normalizer,
         "action_space": action_space.to_dict(),
         "version": version,
@@ -104,6 +111,7 @@ def save_checkpoint(directory: str | os.PathLike, policy: nn.Module, shape_meta:
 
 
 def read_config(directory: str | os.PathLike) -> dict:
+    """config.json of a checkpoint, in format 2's shape whatever format it was written in."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a checkpoint ({CONFIG_FILE} is missing)")
@@ -111,13 +119,36 @@ def read_config(directory: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: damaged JSON ({err})") from None
-    required = ("format", "kind", "policy_config", "shape_meta", "normalizer", "version")
-    missing = [key for key in required if key not in config] if isinstance(config, dict) else list(required)
+    if not isinstance(config, dict) or "format" not in config:
+        raise CheckpointError(f"{path}: missing field(s) ['format']")
+    if config["format"] not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: checkpoint format {config['format']}, this code reads {list(READABLE_FORMATS)}")
+    if config["format"] == 1:
+        config = _upgrade_format1(config, path)
+    missing = [key for key in ("policy", "shape_meta", "normalizer", "version") if key not in config]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {missing}")
-    if config["format"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {config['format']}, this code reads {FORMAT_VERSION}")
+    if not isinstance(config["policy"], dict) or "kind" not in config["policy"]:
+        raise CheckpointError(f"{path}: the policy config names no kind")
     return config
+
+
+# Format 1 kept the image encoder's constructor arguments among the policy's, under these names.
+_FORMAT1_ENCODER = {"image_feature_dim": "feature_dim", "image_channels": "channels",
+                    "image_blocks_per_stage": "blocks_per_stage", "num_keypoints": "num_keypoints",
+                    "crop_ratio": "crop_ratio"}
+
+
+def _upgrade_format1(config: dict, path: Path) -> dict:
+    """A format-1 config.json in format 2's shape: `kind` + flat `policy_config` -> the typed `policy`."""
+    missing = [key for key in ("kind", "policy_config") if key not in config]
+    if missing or not isinstance(config.get("policy_config"), dict):
+        raise CheckpointError(f"{path}: missing field(s) {missing or ['policy_config']}")
+    flat = dict(config["policy_config"])
+    encoder = {new: flat.pop(old) for old, new in _FORMAT1_ENCODER.items() if old in flat}
+    rest = {key: value for key, value in config.items()
+            if key not in ("kind", "policy_config", "n_obs_steps", "horizon", "n_action_steps")}
+    return {**rest, "policy": {"kind": config["kind"], **flat, "encoder": encoder}}
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -134,11 +165,12 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str = "cpu") -> 
     directory = Path(directory)
     config = read_config(directory)
     size = config_ensemble_size(config, directory / CONFIG_FILE)
+    kind = config["policy"]["kind"]
     try:
-        policy = build_policy(config["kind"], ShapeMeta.from_dict(config["shape_meta"]), ensemble=size,
-                              **config["policy_config"])
+        policy = build_policy(policy_config_from_dict(config["policy"]), ShapeMeta.from_dict(config["shape_meta"]),
+                              ensemble=size)
     except (TypeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{directory}: cannot rebuild policy {config['kind']!r} ({err})") from None
+        raise CheckpointError(f"{directory}: cannot rebuild policy {kind!r} ({err})") from None
     state = load_tensors(directory / MODEL_FILE)
     held = len({name.split(".")[1] for name in state if name.startswith("members.")})
     if held != (size if size > 1 else 0):

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from configs.schema import ConfigError
 from policies.checkpoint import CheckpointError
+from policies.config import EvalConfig
 from policies.runner import PolicyRunner
 from policies.threads import set_torch_threads
 from sim.tasks import make_env
@@ -76,15 +78,14 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, scale: int 
     writer.release()
 
 
-def run(cfg) -> None:
-    if not cfg.checkpoint:
-        raise SystemExit("flotilla eval: give checkpoint=PATH (a folder written by `flotilla train`)")
+def run(cfg: EvalConfig) -> None:
+    """`flotilla eval` (settings: policies/config.py:EvalConfig)."""
     set_torch_threads(cfg.threads)
     try:
         result = evaluate(cfg.checkpoint, cfg.task.name, cfg.episodes, seed=cfg.seed, max_steps=cfg.task.max_steps,
-                          env_kwargs=dict(cfg.task.env), num_samples=cfg.num_samples,
+                          env_kwargs=cfg.task.env, num_samples=cfg.num_samples,
                           video_path=Path(cfg.video_path) if cfg.video else None, progress=cfg.progress,
                           noise_seed=cfg.noise_seed)
     except CheckpointError as err:
-        raise SystemExit(f"flotilla eval: {err}") from None
+        raise ConfigError("checkpoint", str(err)) from None
     print(json.dumps(result, indent=2))

@@ -9,14 +9,17 @@ validation loss; an EMA copy of the weights is what gets deployed. Checkpoints (
 land in `out/checkpoints/latest` every `checkpoint_every` steps and at the end, with everything
 resuming needs (`resume=out/checkpoints/latest`). Scalars go to tensorboard under `out/tb`.
 
-`ensemble=E` (E >= 2) trains E members of the policy in one run and one checkpoint
-(policies/models/ensemble.py): each member on its own bootstrap of the training windows (the batches
-carry each window's index for that), so their disagreement can serve as the uncertainty signal.
+Settings: ``TrainConfig`` (policies/config.py; configs/train.yaml holds what differs). `ensemble=E`
+(E >= 2) trains E members of the policy in one run and one checkpoint (policies/models/ensemble.py):
+each member on its own bootstrap of the training windows (every batch carries each window's index),
+so their disagreement can serve as the uncertainty signal. The trainer drives any ``Policy``
+(policies/models/base.py) alike: its forward is its per-sample loss, ensemble or not.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -26,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from policies.action_space import ActionSpace
+from configs.schema import ConfigError, typed
+from fleet.store import StoreError
 from policies.checkpoint import (
     TRAINER_FILE,
     TRAINER_JSON,
@@ -42,8 +45,10 @@ from policies.checkpoint import (
     read_config,
     save_checkpoint,
 )
+from policies.config import TrainConfig
 from policies.data.windows import EpisodeData, WindowDataset, load_episodes, split_episodes
-from policies.models.factory import ShapeMeta, build_policy, ensemble_size
+from policies.models.base import Policy
+from policies.models.factory import ShapeMeta, build_policy
 from policies.threads import set_torch_threads
 
 
@@ -86,7 +91,7 @@ def normalizer_data(data: EpisodeData, episodes: np.ndarray, shape_meta: ShapeMe
 
 class IndexedDataset(torch.utils.data.Dataset):
     """A dataset whose samples also carry their index ("index"), so an ensemble can give every member a
-    fixed bootstrap of the samples."""
+    fixed bootstrap of the samples (other policies ignore it)."""
 
     def __init__(self, dataset: torch.utils.data.Dataset):
         self.dataset = dataset
@@ -96,17 +101,6 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {**self.dataset[i], "index": i}
-
-
-class LossForward(nn.Module):
-    """Makes the per-sample loss the module's forward, so DDP's gradient hooks see it."""
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.policy.compute_loss(batch)
 
 
 def weighted_loss(loss_fn, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,36 +136,33 @@ def _distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank() if world > 1 else 0), world
 
 
-def train(cfg) -> Path:
-    """Train per `cfg` (configs/train.yaml); returns the final checkpoint folder."""
-    ensemble = ensemble_size(cfg.get("ensemble", 1))
+def train(cfg: TrainConfig) -> Path:
+    """Train per `cfg` (a TrainConfig, or the composed configs/train.yaml); returns the final checkpoint folder."""
+    if not isinstance(cfg, TrainConfig):
+        cfg = typed(cfg)
     rank, world = _distributed()
     torch.manual_seed(cfg.seed + rank)
     set_torch_threads(cfg.threads)
     out = Path(cfg.out)
     obs_keys = list(cfg.task.obs_keys) + [f"{name}_rgb" for name in (cfg.camera_names if cfg.cameras else [])]
-    paths = [str(p) for p in (cfg.data if not isinstance(cfg.data, str) else [cfg.data])]
 
-    action_space = ActionSpace(**OmegaConf.to_container(cfg.action_space, resolve=True))
-    data = load_episodes(paths, obs_keys, cfg.memory.strategy, cfg.memory.budget_steps, cfg.memory.keep_demos,
-                         extra_keys=[action_space.position_key] if action_space.kind == "target" else [])
+    action_space = cfg.action_space
+    try:
+        data = load_episodes(cfg.data, obs_keys, cfg.memory.strategy, cfg.memory.budget_steps, cfg.memory.keep_demos,
+                             extra_keys=[action_space.position_key] if action_space.kind == "target" else [])
+    except (StoreError, ValueError) as err:  # not a store, or not one this config can train on
+        raise ConfigError("data", str(err)) from None
     if action_space.kind == "target":
         data.steps["action"] = action_space.to_policy(data.steps["action"], data.steps[action_space.position_key])
     train_eps, val_eps = split_episodes(data.num_episodes, cfg.val_ratio, cfg.seed)
     horizons = dict(n_obs_steps=cfg.policy.n_obs_steps, horizon=cfg.policy.horizon)
-    train_set = WindowDataset(data, train_eps, obs_keys, weighting=cfg.weighting, **horizons)
+    # Every sample carries its index: an ensemble draws its members' bootstraps from it.
+    train_set = IndexedDataset(WindowDataset(data, train_eps, obs_keys, weighting=cfg.weighting, **horizons))
     val_set = WindowDataset(data, val_eps, obs_keys, weighting=cfg.weighting, **horizons) if len(val_eps) else None
     shape_meta = shape_meta_for(data, obs_keys)
 
-    model_kwargs = OmegaConf.to_container(cfg.policy.model, resolve=True)
-    policy = build_policy(cfg.policy.kind, shape_meta, ensemble=ensemble, n_action_steps=cfg.policy.n_action_steps,
-                          **horizons, **model_kwargs)
-    if ensemble > 1:
-        policy.bootstrap_seed = int(cfg.seed)
-        train_set = IndexedDataset(train_set)
-    if cfg.get("init_from"):
-        if cfg.resume:
-            raise ValueError("set resume (continue a run) or init_from (fine-tune a trained policy), not both")
+    policy: Policy = build_policy(cfg.policy, shape_meta, ensemble=cfg.ensemble, bootstrap_seed=cfg.seed)
+    if cfg.init_from:
         _init_from(Path(cfg.init_from), policy)
     else:
         policy.normalizer.fit(normalizer_data(data, train_eps, shape_meta))
@@ -181,7 +172,7 @@ def train(cfg) -> Path:
     if cfg.resume:
         step = _resume(Path(cfg.resume), policy, ema, optimizer)
 
-    model = nn.parallel.DistributedDataParallel(LossForward(policy)) if world > 1 else LossForward(policy)
+    model = nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=cfg.seed) if world > 1 else None
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
                                          sampler=sampler, drop_last=len(train_set) >= cfg.batch_size * world,
@@ -191,8 +182,8 @@ def train(cfg) -> Path:
         schedule.step()
 
     writer = _tensorboard(out / "tb") if rank == 0 and cfg.tensorboard else None
-    training_summary = {**data.summary(), "weighting": cfg.weighting, "init_from": cfg.get("init_from"),
-                        "memory": OmegaConf.to_container(cfg.memory),
+    training_summary = {**data.summary(), "weighting": cfg.weighting, "init_from": cfg.init_from,
+                        "memory": dataclasses.asdict(cfg.memory),
                         "train_episodes": len(train_eps), "val_episodes": len(val_eps)}
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.policy.kind}", unit="step",
                disable=rank != 0 or not cfg.progress, file=sys.stdout)
@@ -290,9 +281,10 @@ def _init_from(directory: Path, policy) -> None:
 
 def _resume(directory: Path, policy, ema, optimizer) -> int:
     config = read_config(directory)
-    if config["kind"] != policy.kind:
-        raise CheckpointError(f"{directory}: a {config['kind']} checkpoint cannot resume a {policy.kind} run")
-    size, wanted = config_ensemble_size(config, directory), getattr(policy, "ensemble_size", 1)
+    kind = config["policy"]["kind"]
+    if kind != policy.kind:
+        raise CheckpointError(f"{directory}: a {kind} checkpoint cannot resume a {policy.kind} run")
+    size, wanted = config_ensemble_size(config, directory), policy.ensemble_size
     if size != wanted:
         raise CheckpointError(f"{directory}: a checkpoint of ensemble {size} cannot resume a run with "
                               f"ensemble={wanted}")
@@ -317,8 +309,12 @@ def _tensorboard(directory: Path):
     return SummaryWriter(str(directory))
 
 
-def run(cfg) -> None:
-    train(cfg)
+def run(cfg: TrainConfig) -> None:
+    """`flotilla train`: a checkpoint that cannot resume or start this run is a bad `resume` / `init_from`."""
+    try:
+        train(cfg)
+    except CheckpointError as err:
+        raise ConfigError("resume" if cfg.resume else "init_from", str(err)) from None
 
 
 if __name__ == "__main__":  # torchrun -m policies.train key=value ...

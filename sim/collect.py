@@ -3,16 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from configs.schema import MISSING, ConfigError, TaskConfig, check, check_int, register_job
 from fleet.labels import ControlLabel
 from fleet.store import EpisodeStore, StepError, StoreError
 from sim.experts import make_expert
 from sim.tasks import make_env
+
+
+@dataclass
+class CollectConfig:
+    """`flotilla collect` (configs/collect.yaml holds what differs from these defaults)."""
+
+    task: TaskConfig = MISSING  # the group: task=reach|push|pick_place|lift
+    # How many demonstrations to commit (failed attempts are retried unless keep_failures).
+    episodes: int = 100
+    # Episode store to write; an existing store is appended to (its schema must match) unless overwrite.
+    out: str = "data/${task.name}_demos.zarr"
+    overwrite: bool = False
+    keep_failures: bool = False
+    # Episode i is collected from seed + i.
+    seed: int = 0
+    # Record camera images (uint8, image_size x image_size) from these cameras.
+    cameras: bool = False
+    camera_names: list[str] = field(default_factory=lambda: ["front"])
+    image_size: int = 96
+    robot_id: str = "sim-0"
+    progress: bool = True
+    # The scripted operator's knobs (sim/experts/base.py: human-like imperfection; zero is a perfect
+    # operator); +operator.approach=around goes round the block (push).
+    operator: dict[str, Any] = field(
+        default_factory=lambda: {"reaction_delay": 0, "action_noise": 0.0, "detour_prob": 0.0})
+
+    def __post_init__(self):
+        check_int(self.episodes, "episodes", 1)
+        check(isinstance(self.image_size, int) and 16 <= self.image_size <= 512, "image_size",
+              f"must be an integer in [16, 512], got {self.image_size!r}")
+
+
+register_job("collect", CollectConfig)
 
 
 @dataclass
@@ -86,26 +121,26 @@ def collect_demos(
     return result
 
 
-def run(cfg) -> None:
-    if not isinstance(cfg.episodes, int) or cfg.episodes < 1:
-        raise SystemExit(f"flotilla collect: episodes must be a positive integer, got {cfg.episodes!r}")
-    if not isinstance(cfg.image_size, int) or not 16 <= cfg.image_size <= 512:
-        raise SystemExit(f"flotilla collect: image_size must be an integer in [16, 512], got {cfg.image_size!r}")
+def run(cfg: CollectConfig) -> None:
+    try:  # the operator's knobs, checked before any episode runs
+        make_expert(cfg.task.name, seed=cfg.seed, **cfg.operator)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("operator", str(err)) from None
     out = Path(cfg.out)
     try:
         _collect_into(out, cfg)
     except (StoreError, StepError) as err:
-        raise SystemExit(f"flotilla collect: {out}: {err}") from None
+        raise ConfigError("out", f"{out}: {err}") from None
 
 
-def _collect_into(out: Path, cfg) -> None:
+def _collect_into(out: Path, cfg: CollectConfig) -> None:
     store = EpisodeStore.create(out, overwrite=True) if cfg.overwrite else EpisodeStore.open(out, mode="a")
     cameras = list(cfg.camera_names) if cfg.cameras else []
     with store:
         result = collect_demos(
             store, cfg.task.name, cfg.episodes, seed=cfg.seed,
             env_kwargs={"max_steps": cfg.task.max_steps, "image_size": cfg.image_size, **cfg.task.env},
-            cameras=cameras, operator_kwargs=dict(cfg.operator), keep_failures=cfg.keep_failures,
+            cameras=cameras, operator_kwargs=cfg.operator, keep_failures=cfg.keep_failures,
             robot_id=cfg.robot_id, progress=cfg.progress,
         )
         print(

@@ -59,7 +59,7 @@ def test_bad_config_values_get_clear_errors(tmp_path):
     result = flotilla("collect", "task=fly", f"out={tmp_path / 'x'}", check=False)
     assert result.returncode != 0 and "task/fly" in result.stderr
     result = flotilla("collect", "episodes=-3", f"out={tmp_path / 'x'}", check=False)
-    assert result.returncode != 0 and "episodes must be a positive integer" in result.stderr
+    assert result.returncode == 2 and result.stderr.strip() == "flotilla collect: episodes: must be an integer >= 1, got -3"
     result = flotilla("collect", "task=reach", "episodes=1", "cameras=true", f"out={tmp_path / 'y'}",
                       "progress=false", check=True)
     # Appending low-dim-only episodes to a store recorded with cameras names the missing key.

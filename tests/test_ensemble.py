@@ -23,7 +23,7 @@ from policies.train import train
 from tests import test_policy_models, test_trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-TINY_MLP = ["task=push", "policy=mlp", "policy.model.hidden_dims=[32,32]", "policy.horizon=8",
+TINY_MLP = ["task=push", "policy=mlp", "policy.hidden_dims=[32,32]", "policy.horizon=8",
             "policy.n_action_steps=4", "steps=60", "batch_size=8", "val_every=30", "checkpoint_every=60",
             "progress=false", "tensorboard=false", "threads=1"]
 META = ShapeMeta(obs={"ee_pos": (3,)}, action_dim=4, goal_dim=3)
@@ -69,7 +69,7 @@ def batch_of(size: int, horizon: int = 8) -> dict:
 
 def test_ensemble_trains_into_one_checkpoint_and_members_differ(ensemble_checkpoint, demos):
     config = read_config(ensemble_checkpoint)
-    assert config["ensemble"] == 3 and config["kind"] == "mlp" and config["step"] == 60
+    assert config["ensemble"] == 3 and config["policy"]["kind"] == "mlp" and config["step"] == 60
     assert set(config["normalizer"]) >= {"stats.action.scale", "stats.ee_pos.offset"}  # stored once, as usual
     checkpoint = load_checkpoint(ensemble_checkpoint)
     policy = checkpoint.policy
@@ -123,7 +123,7 @@ def test_bad_ensemble_sizes_are_rejected_naming_the_key(demos, tmp_path):
     for bad in (0, -2, 2.5, "3", True):
         with pytest.raises(ValueError, match=r"ensemble must be an integer >= 1"):
             build_policy("mlp", META, ensemble=bad)
-    with pytest.raises(ValueError, match=r"ensemble must be an integer >= 1 .*got 0"):
+    with pytest.raises(ValueError, match=r"ensemble: must be an integer >= 1, got 0"):
         train(train_config(f"data={demos}", f"out={tmp_path / 'zero'}", "ensemble=0"))
     assert not (tmp_path / "zero").exists()
 

@@ -17,13 +17,14 @@ from policies.models import (
     ShapeMeta,
     build_policy,
 )
+from policies.models.configs import EncoderConfig, policy_config_from_dict
 from policies.models.encoders import ImageEncoder
 from policies.models.gc_diffusion import karras_sigmas
 from policies.models.unet1d import ConditionalUnet1D, Conv1d
 
 LOWDIM = {"ee_pos": (3,), "object_pos": (3,), "gripper": (1,)}
 TINY_UNET = {"down_dims": (32, 64), "step_embed_dim": 32}
-TINY_IMAGE = {"image_channels": (8, 16), "image_feature_dim": 16, "num_keypoints": 8}
+TINY_IMAGE = {"encoder": {"channels": [8, 16], "feature_dim": 16, "num_keypoints": 8}}
 KINDS = ("diffusion", "gc_diffusion", "mlp")
 
 
@@ -321,7 +322,7 @@ def test_karras_sigmas():
 
 # ============================================================================================ encoders
 def test_random_crop_only_in_training():
-    encoder = ImageEncoder((32, 32, 3), feature_dim=8, channels=(8,), num_keypoints=4, crop_ratio=0.75)
+    encoder = ImageEncoder((32, 32, 3), EncoderConfig(feature_dim=8, channels=[8], num_keypoints=4, crop_ratio=0.75))
     assert encoder.crop == (24, 24)
     images = torch.arange(8 * 32 * 32 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(8, 32, 32, 3)
     images = images.clone()
@@ -387,11 +388,12 @@ def test_factory_round_trip(kind, image):
     meta = shape_meta(image=image)
     batch = make_batch(meta, batch=2)
     policy = build_fitted(kind, meta, batch, **tiny_kwargs(kind, image)).eval()
-    config = json.loads(json.dumps(policy.config()))
+    config = policy_config_from_dict(json.loads(json.dumps(policy.config.to_dict())))
+    assert config == policy.config and type(config) is type(policy.config)
     meta_again = ShapeMeta.from_dict(json.loads(json.dumps(meta.to_dict())))
     assert meta_again == meta
-    rebuilt = build_policy(kind, meta_again, **config).eval()
-    assert rebuilt.config() == config
+    rebuilt = build_policy(config, meta_again).eval()
+    assert rebuilt.config == config
     state, state_again = policy.state_dict(), rebuilt.state_dict()
     assert list(state) == list(state_again)
     assert all(state[k].shape == state_again[k].shape for k in state)

@@ -18,7 +18,7 @@ from policies.runner import PolicyRunner
 from sim.collect import collect_demos
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["policy.model.down_dims=[16,32,64]", "steps=30", "batch_size=16", "val_every=15", "checkpoint_every=15",
+TINY = ["policy.down_dims=[16,32,64]", "steps=30", "batch_size=16", "val_every=15", "checkpoint_every=15",
         "progress=false", "tensorboard=false", "threads=1"]
 
 
@@ -44,7 +44,7 @@ def trained(push_demos, tmp_path_factory):
 
 def test_checkpoint_holds_config_normalizer_and_training_summary(trained, push_demos):
     config = read_config(trained)
-    assert config["kind"] == "diffusion" and config["step"] == 30
+    assert config["format"] == 2 and config["policy"]["kind"] == "diffusion" and config["step"] == 30
     assert config["training"]["episodes"] == 6 and config["training"]["weighting"] == "sirius"
     assert set(config["normalizer"]) >= {"stats.action.scale", "stats.goal.offset"}
     assert sorted(os.listdir(trained)) == ["config.json", "model.safetensors", "trainer.json", "trainer.safetensors"]
@@ -101,7 +101,7 @@ def test_corrupt_or_mismatched_checkpoints_get_clear_errors(trained, tmp_path):
     shutil.rmtree(broken)
     shutil.copytree(trained, broken)
     config = json.loads((broken / "config.json").read_text())
-    config["policy_config"]["down_dims"] = [32, 64, 128]
+    config["policy"]["down_dims"] = [32, 64, 128]
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_checkpoint(broken)

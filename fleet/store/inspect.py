@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from configs.schema import ConfigError, check, register_job
 from fleet.labels import ControlLabel
 from fleet.store.episode_store import EpisodeStore, StoreError
+
+
+@dataclass
+class InfoConfig:
+    """`flotilla info PATH` (configs/info.yaml)."""
+
+    path: str | None = None  # the episode store to summarize (`flotilla info PATH` sets it)
+    json: bool = False  # print machine-readable JSON instead of the table
+
+    def __post_init__(self):
+        check(bool(self.path), "path", "missing: give the store's path, e.g. `flotilla info data/push_demos.zarr`")
+
+
+register_job("info", InfoConfig)
 
 
 def summarize(store: EpisodeStore) -> dict:
@@ -69,14 +85,12 @@ def _human_bytes(size: float) -> str:
     raise AssertionError("unreachable")
 
 
-def run(cfg) -> None:
-    if not cfg.path:
-        raise SystemExit("flotilla info: give the store's path, e.g. `flotilla info data/push_demos.zarr`")
+def run(cfg: InfoConfig) -> None:
     if not Path(cfg.path).exists():
-        raise SystemExit(f"flotilla info: {cfg.path} does not exist")
+        raise ConfigError("path", f"{cfg.path} does not exist")
     try:
         with EpisodeStore.open(cfg.path) as store:
             summary = summarize(store)
     except StoreError as err:
-        raise SystemExit(f"flotilla info: {err}") from None
+        raise ConfigError("path", str(err)) from None
     print(json.dumps(summary, indent=2) if cfg.json else format_summary(summary))

@@ -3,10 +3,9 @@
 The denoiser sees the noisy normalized action chunk (B, Tp, A), the diffusion step, and a global
 condition = concat(observation features of the To steps, normalized goal if goal_dim > 0).
 Schedulers are diffusers' DDPMScheduler (training noise) and DDIMScheduler (sampling), built once
-with the same betas (cosine "squaredcos_cap_v2" over 100 steps by default) and clip_sample=True
-(predicted clean actions are clipped to [-1, 1], the range the "limits" normalizer maps actions to).
-DDIM timesteps use "trailing" spacing so the first sampling step starts at the noisiest training
-timestep (with 10 of 100 steps: 99, 89, ..., 9).
+with the same betas; with clip_sample, predicted clean actions are clipped to [-1, 1], the range the
+"limits" normalizer maps actions to. "trailing" DDIM spacing starts sampling at the noisiest training
+timestep. Settings and their defaults: ``DiffusionConfig`` (policies/models/configs.py).
 """
 
 from __future__ import annotations
@@ -15,45 +14,31 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from policies.models.configs import DiffusionConfig
 from policies.models.encoders import PolicyBase, ShapeMeta, chunk_loss
 from policies.models.unet1d import ConditionalUnet1D
-
-_PREDICTION_TYPES = ("epsilon", "sample")
 
 
 class DiffusionPolicy(PolicyBase):
     kind = "diffusion"
+    config_class = DiffusionConfig
+    config: DiffusionConfig
 
-    def __init__(self, shape_meta: ShapeMeta, n_obs_steps: int = 2, horizon: int = 16, n_action_steps: int = 8,
-                 down_dims: tuple[int, ...] = (64, 128, 256), kernel_size: int = 3, n_groups: int = 8,
-                 step_embed_dim: int = 64, num_train_timesteps: int = 100, num_inference_steps: int = 10,
-                 prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
-                 clip_sample: bool = True, timestep_spacing: str = "trailing", **encoder_kwargs):
-        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, **encoder_kwargs)
-        if prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
-        if int(num_train_timesteps) < 2:
-            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
-        self.model = ConditionalUnet1D(self.action_dim, self.obs_feature_dim + self.goal_dim, tuple(down_dims),
-                                       int(kernel_size), int(n_groups), int(step_embed_dim))
-        if self.horizon % self.model.length_multiple:
-            raise ValueError(f"horizon {self.horizon} must be divisible by {self.model.length_multiple} "
-                             f"(2 ** (len(down_dims) - 1)) for down_dims {tuple(down_dims)}")
-        self.prediction_type = prediction_type
-        scheduler_args = dict(num_train_timesteps=int(num_train_timesteps), beta_schedule=beta_schedule,
-                              clip_sample=bool(clip_sample), prediction_type=prediction_type)
+    def __init__(self, shape_meta: ShapeMeta, config: DiffusionConfig | None = None):
+        super().__init__(shape_meta, config)
+        config = self.config
+        self.model = ConditionalUnet1D(self.action_dim, self.obs_feature_dim + self.goal_dim, tuple(config.down_dims),
+                                       config.kernel_size, config.n_groups, config.step_embed_dim)
+        self.prediction_type = config.prediction_type
+        scheduler_args = dict(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                              clip_sample=config.clip_sample, prediction_type=config.prediction_type)
         try:
             self.noise_scheduler = DDPMScheduler(**scheduler_args)
             self.sampler = DDIMScheduler(**scheduler_args, set_alpha_to_one=True,
-                                         timestep_spacing=timestep_spacing)
+                                         timestep_spacing=config.timestep_spacing)
         except (NotImplementedError, ValueError) as err:
-            raise ValueError(f"bad scheduler settings {scheduler_args}, spacing {timestep_spacing!r}: {err}") from None
-        self.num_inference_steps = int(num_inference_steps)
-        self._extra_config = {
-            "down_dims": [int(d) for d in down_dims], "kernel_size": int(kernel_size), "n_groups": int(n_groups),
-            "step_embed_dim": int(step_embed_dim), "num_train_timesteps": int(num_train_timesteps),
-            "prediction_type": prediction_type, "beta_schedule": beta_schedule,
-            "clip_sample": bool(clip_sample), "timestep_spacing": timestep_spacing}
+            raise ValueError(f"beta_schedule: {config.beta_schedule!r} is not one diffusers knows ({err})") from None
+        self.num_inference_steps = config.num_inference_steps
 
     # ------------------------------------------------------------------------------ settings
     @property
@@ -68,10 +53,7 @@ class DiffusionPolicy(PolicyBase):
                              f" got {steps}")
         self.sampler.set_timesteps(steps)
         self._timesteps = [int(t) for t in self.sampler.timesteps]
-        self._num_inference_steps = steps
-
-    def config(self) -> dict:
-        return {**super().config(), "num_inference_steps": self.num_inference_steps}
+        self._num_inference_steps = self.config.num_inference_steps = steps
 
     # ------------------------------------------------------------------------------ training
     def _condition(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None) -> torch.Tensor:

@@ -4,21 +4,22 @@ Observation encoding (per time step):
     low-dim keys   normalized by the policy's LinearNormalizer and concatenated (sorted key order);
     image keys     uint8 (H, W, C) -> float [0, 1], channels first -> crop (random in train mode, centre
                    in eval mode) -> a small residual CNN with GroupNorm -> spatial softmax keypoints
-                   (expected x, y per keypoint channel) -> linear -> ``image_feature_dim`` features.
-                   One CNN per camera key.
+                   (expected x, y per keypoint channel) -> linear -> ``feature_dim`` features
+                   (``EncoderConfig``, policies/models/configs.py). One CNN per camera key.
 The per-step feature is concat(low-dim, image features...) of size ``ObsEncoder.feature_dim``.
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from policies.models.base import Policy
+from policies.models.configs import EncoderConfig, PolicyConfig
 from policies.models.normalizer import LinearNormalizer
 
 
@@ -122,16 +123,14 @@ class SpatialSoftmax(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """uint8 (N, H, W, C) -> (N, feature_dim). Random crop in train mode, centre crop in eval mode."""
+    """uint8 (N, H, W, C) -> (N, config.feature_dim). Random crop in train mode, centre crop in eval mode."""
 
-    def __init__(self, shape: tuple[int, int, int], feature_dim: int = 64,
-                 channels: tuple[int, ...] = (32, 64, 128, 256), blocks_per_stage: int = 1,
-                 num_keypoints: int = 32, crop_ratio: float = 0.875):
+    def __init__(self, shape: tuple[int, int, int], config: EncoderConfig | None = None):
         super().__init__()
+        config = config or EncoderConfig()
         height, width, in_ch = shape
-        if not 0.0 < crop_ratio <= 1.0:
-            raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
-        self.crop = (max(8, round(height * crop_ratio)), max(8, round(width * crop_ratio)))
+        channels, blocks_per_stage = tuple(config.channels), config.blocks_per_stage
+        self.crop = (max(8, round(height * config.crop_ratio)), max(8, round(width * config.crop_ratio)))
         self.crop = (min(self.crop[0], height), min(self.crop[1], width))
         self.in_shape = (height, width, in_ch)
         layers: list[nn.Module] = [nn.Conv2d(in_ch, channels[0], 3, stride=2, padding=1, bias=False),
@@ -145,9 +144,9 @@ class ImageEncoder(nn.Module):
         self.backbone = nn.Sequential(*layers)
         with torch.no_grad():
             out = self.backbone(torch.zeros(1, in_ch, *self.crop))
-        self.pool = SpatialSoftmax(c_prev, out.shape[2], out.shape[3], num_keypoints)
-        self.head = nn.Linear(2 * num_keypoints, feature_dim)
-        self.feature_dim = feature_dim
+        self.pool = SpatialSoftmax(c_prev, out.shape[2], out.shape[3], config.num_keypoints)
+        self.head = nn.Linear(2 * config.num_keypoints, config.feature_dim)
+        self.feature_dim = config.feature_dim
 
     def crop_images(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) -> (N, ch, cw, C): independent random crops in train mode, centre crop otherwise."""
@@ -178,17 +177,13 @@ class ImageEncoder(nn.Module):
 class ObsEncoder(nn.Module):
     """Normalized obs dict {key: (B, T, ...)} -> per-step features (B, T, feature_dim)."""
 
-    def __init__(self, shape_meta: ShapeMeta, image_feature_dim: int = 64,
-                 image_channels: tuple[int, ...] = (32, 64, 128, 256), image_blocks_per_stage: int = 1,
-                 num_keypoints: int = 32, crop_ratio: float = 0.875):
+    def __init__(self, shape_meta: ShapeMeta, config: EncoderConfig | None = None):
         super().__init__()
+        config = config or EncoderConfig()
         self.lowdim_keys = shape_meta.lowdim_keys
         self.image_keys = shape_meta.image_keys
-        self.images = nn.ModuleDict({
-            key: ImageEncoder(shape_meta.obs[key], image_feature_dim, tuple(image_channels),
-                              image_blocks_per_stage, num_keypoints, crop_ratio)
-            for key in self.image_keys})
-        self.feature_dim = shape_meta.lowdim_dim + image_feature_dim * len(self.image_keys)
+        self.images = nn.ModuleDict({key: ImageEncoder(shape_meta.obs[key], config) for key in self.image_keys})
+        self.feature_dim = shape_meta.lowdim_dim + config.feature_dim * len(self.image_keys)
 
     def forward(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = [nobs[key] for key in self.lowdim_keys]
@@ -200,63 +195,31 @@ class ObsEncoder(nn.Module):
 
 
 # =========================================================================================== policy base
-class PolicyBase(nn.Module):
-    """Shared by all policies: horizons, the normalizer, observation checks and encoding, config()."""
+class PolicyBase(Policy):
+    """What the single-model policies share: config, horizons, the normalizer, observation checks and encoding."""
 
     kind = "base"
+    config_class: type[PolicyConfig] = PolicyConfig
 
-    def __init__(self, shape_meta: ShapeMeta, n_obs_steps: int = 2, horizon: int = 16, n_action_steps: int = 8,
-                 image_feature_dim: int = 64, image_channels: tuple[int, ...] = (32, 64, 128, 256),
-                 image_blocks_per_stage: int = 1, num_keypoints: int = 32, crop_ratio: float = 0.875):
+    def __init__(self, shape_meta: ShapeMeta, config: PolicyConfig | None = None):
         super().__init__()
+        config = self.config_class() if config is None else config
+        if type(config) is not self.config_class:
+            raise ValueError(f"{type(self).__name__} is built from a {self.config_class.__name__}, "
+                             f"got {type(config).__name__}")
+        self.config = copy.deepcopy(config)  # the policy's own: inference settings changed later update it
         self.shape_meta = ShapeMeta.from_dict(shape_meta) if isinstance(shape_meta, dict) else shape_meta
         if not isinstance(self.shape_meta, ShapeMeta):
             raise ValueError(f"shape_meta must be a ShapeMeta or its dict, got {type(shape_meta).__name__}")
-        n_obs_steps, horizon, n_action_steps = int(n_obs_steps), int(horizon), int(n_action_steps)
-        if n_obs_steps < 1 or horizon < 1 or not 1 <= n_action_steps <= horizon:
-            raise ValueError(f"bad horizons: n_obs_steps={n_obs_steps}, horizon={horizon}, "
-                             f"n_action_steps={n_action_steps} (need To >= 1, 1 <= Ta <= Tp)")
-        self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
+        self.n_obs_steps, self.horizon, self.n_action_steps = config.n_obs_steps, config.horizon, config.n_action_steps
         self.action_dim, self.goal_dim = self.shape_meta.action_dim, self.shape_meta.goal_dim
         dims = {key: self.shape_meta.obs[key][0] for key in self.shape_meta.lowdim_keys}
         dims["action"] = self.action_dim
         if self.goal_dim:
             dims["goal"] = self.goal_dim
         self.normalizer = LinearNormalizer(dims)
-        self.obs_encoder = ObsEncoder(self.shape_meta, image_feature_dim, tuple(image_channels),
-                                      image_blocks_per_stage, num_keypoints, crop_ratio)
-        self.obs_feature_dim = self.obs_encoder.feature_dim * n_obs_steps
-        self._base_config = {"n_obs_steps": n_obs_steps, "horizon": horizon, "n_action_steps": n_action_steps}
-        if self.shape_meta.image_keys:
-            self._base_config.update(image_feature_dim=int(image_feature_dim),
-                                     image_channels=[int(c) for c in image_channels],
-                                     image_blocks_per_stage=int(image_blocks_per_stage),
-                                     num_keypoints=int(num_keypoints), crop_ratio=float(crop_ratio))
-        self._extra_config: dict[str, Any] = {}
-
-    # ------------------------------------------------------------------------------ normalizer
-    def normalizer_keys(self) -> list[str]:
-        """Keys the normalizer must hold: low-dim obs keys, "action" and "goal" (if goal_dim > 0)."""
-        return self.normalizer.keys()
-
-    def set_normalizer(self, normalizer: LinearNormalizer) -> None:
-        """Copy the statistics this policy needs from a fitted normalizer (KeyError if one is missing)."""
-        missing = [key for key in self.normalizer_keys() if not normalizer.is_fitted(key)]
-        if missing:
-            raise KeyError(f"normalizer lacks fitted statistics for {missing}; it has {normalizer.fitted_keys()}")
-        self.normalizer.load_from(normalizer, self.normalizer_keys())
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Same as ``compute_loss(batch)``, so a DistributedDataParallel wrapper can be called directly."""
-        return self.compute_loss(batch)
-
-    def compute_loss(self, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------------------ config
-    def config(self) -> dict:
-        """JSON-serializable constructor kwargs: ``build_policy(kind, shape_meta, **config())``."""
-        return {**self._base_config, **self._extra_config}
+        self.obs_encoder = ObsEncoder(self.shape_meta, config.encoder)
+        self.obs_feature_dim = self.obs_encoder.feature_dim * self.n_obs_steps
 
     # ------------------------------------------------------------------------------ inputs
     def _check_obs(self, obs: dict[str, torch.Tensor]) -> int:
@@ -308,15 +271,3 @@ def chunk_loss(squared_error: torch.Tensor, batch: dict) -> torch.Tensor:
         return squared_error.mean(dim=(1, 2))
     mask = mask.to(squared_error.dtype)
     return (squared_error * mask[..., None]).sum(dim=(1, 2)) / (mask.sum(dim=1) * squared_error.shape[-1]).clamp_min(1)
-
-
-def accepted_kwargs(cls: type) -> list[str]:
-    """Constructor keyword names of a policy class (for error messages and validation)."""
-    names = []
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            break
-        for name, param in inspect.signature(klass.__init__).parameters.items():
-            if name not in ("self", "shape_meta") and param.kind == param.POSITIONAL_OR_KEYWORD and name not in names:
-                names.append(name)
-    return names

@@ -1,14 +1,14 @@
 """An ensemble of E policies of one kind: its members' disagreement is the uncertainty signal.
 
 ThriftyDAgger and Fleet-DAgger allocate humans on the variance of an ensemble's actions. A
-``PolicyEnsemble`` holds E members built from the same kind and config (``build_policy(kind, meta,
-ensemble=E, **config)``) and keeps every policy's contract, so the trainer, checkpoints and the
+``PolicyEnsemble`` holds E members built from one config (``build_policy(config, meta, ensemble=E)``)
+and keeps every policy's contract (``Policy``, policies/models/base.py), so the trainer, checkpoints and the
 runner treat it like one policy:
 
 Members and weights
     ``members`` (an ``nn.ModuleList``) start from different seeds. They share one ``normalizer`` (the
     ensemble's), so the state dict is ``normalizer.*`` (the statistics a checkpoint keeps in
-    config.json, as for a single policy) plus ``members.<i>.*``. ``kind``, ``config()``, ``shape_meta``
+    config.json, as for a single policy) plus ``members.<i>.*``. ``kind``, ``config``, ``shape_meta``
     and the horizons are the members'; ``ensemble_size`` is E.
 
 Training (bagging)
@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from policies.models.base import Policy
+from policies.models.configs import PolicyConfig
 from policies.models.normalizer import LinearNormalizer
 
 __all__ = ["PolicyEnsemble", "ensemble_size"]
@@ -75,16 +77,16 @@ def bootstrap_counts(seed: int, member: int, index: np.ndarray) -> np.ndarray:
     return np.searchsorted(_POISSON1_CDF, uniform, side="right").astype(np.float32)
 
 
-class PolicyEnsemble(nn.Module):
+class PolicyEnsemble(Policy):
     """E policies of one kind and config sharing one normalizer; see the module docstring."""
 
-    def __init__(self, members: list[nn.Module], bootstrap_seed: int = 0):
+    def __init__(self, members: list[Policy], bootstrap_seed: int = 0):
         super().__init__()
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         first = members[0]
         for i, member in enumerate(members[1:], 1):
-            if member.kind != first.kind or member.config() != first.config() or member.shape_meta != first.shape_meta:
+            if member.kind != first.kind or member.config != first.config or member.shape_meta != first.shape_meta:
                 raise ValueError(f"ensemble member {i} differs from member 0 (kind, config or shape meta)")
         self.kind = first.kind
         self.shape_meta = first.shape_meta
@@ -104,17 +106,9 @@ class PolicyEnsemble(nn.Module):
         return len(self.members)
 
     # ------------------------------------------------------------------------------ policy contract
-    def config(self) -> dict:
-        return self.members[0].config()
-
-    def normalizer_keys(self) -> list[str]:
-        return self.normalizer.keys()
-
-    def set_normalizer(self, normalizer: LinearNormalizer) -> None:
-        self.members[0].set_normalizer(normalizer)  # the shared normalizer: every member sees it
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.compute_loss(batch)
+    @property
+    def config(self) -> PolicyConfig:
+        return self.members[0].config
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         """Per-sample loss (B,): the members' mean, each member's loss weighted by its bootstrap counts."""

@@ -37,11 +37,10 @@ import math
 import torch
 from torch import nn
 
+from policies.models.configs import SAMPLERS, GCDiffusionConfig
 from policies.models.encoders import PolicyBase, ShapeMeta, chunk_loss
 from policies.models.unet1d import ConditionalUnet1D
 
-_SAMPLERS = ("ddim", "dpmpp_2m")
-_NOISE_DISTRIBUTIONS = ("loguniform", "lognormal")
 _TIME_SCALE = 100.0
 _LOGNORMAL_MEAN, _LOGNORMAL_STD = -1.2, 1.2
 
@@ -56,44 +55,27 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 
 class GCDiffusionPolicy(PolicyBase):
     kind = "gc_diffusion"
+    config_class = GCDiffusionConfig
+    config: GCDiffusionConfig
 
-    def __init__(self, shape_meta: ShapeMeta, n_obs_steps: int = 2, horizon: int = 16, n_action_steps: int = 8,
-                 down_dims: tuple[int, ...] = (64, 128, 256), kernel_size: int = 3, n_groups: int = 8,
-                 step_embed_dim: int = 64, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 sigma_max: float = 10.0, rho: float = 7.0, noise_distribution: str = "lognormal",
-                 num_inference_steps: int = 3, sampler: str = "ddim", goal_dropout: float = 0.1,
-                 cfg_weight: float = 0.0, **encoder_kwargs):
+    def __init__(self, shape_meta: ShapeMeta, config: GCDiffusionConfig | None = None):
         meta = ShapeMeta.from_dict(shape_meta) if isinstance(shape_meta, dict) else shape_meta
         if getattr(meta, "goal_dim", 0) <= 0:
             raise ValueError("gc_diffusion needs a goal: build it with shape_meta.goal_dim > 0 "
                              "(use kind 'diffusion' for a policy without a goal)")
-        super().__init__(meta, n_obs_steps, horizon, n_action_steps, **encoder_kwargs)
-        if not 0 < sigma_min < sigma_max or sigma_data <= 0 or rho <= 0:
-            raise ValueError(f"need 0 < sigma_min < sigma_max and sigma_data, rho > 0; got sigma_min={sigma_min}, "
-                             f"sigma_max={sigma_max}, sigma_data={sigma_data}, rho={rho}")
-        if noise_distribution not in _NOISE_DISTRIBUTIONS:
-            raise ValueError(f"noise_distribution must be one of {_NOISE_DISTRIBUTIONS}, got {noise_distribution!r}")
-        if not 0.0 <= goal_dropout < 1.0:
-            raise ValueError(f"goal_dropout must be in [0, 1), got {goal_dropout}")
-        self.model = ConditionalUnet1D(self.action_dim, self.obs_feature_dim + self.goal_dim, tuple(down_dims),
-                                       int(kernel_size), int(n_groups), int(step_embed_dim))
-        if self.horizon % self.model.length_multiple:
-            raise ValueError(f"horizon {self.horizon} must be divisible by {self.model.length_multiple} "
-                             f"(2 ** (len(down_dims) - 1)) for down_dims {tuple(down_dims)}")
+        super().__init__(meta, config)
+        config = self.config
+        self.model = ConditionalUnet1D(self.action_dim, self.obs_feature_dim + self.goal_dim, tuple(config.down_dims),
+                                       config.kernel_size, config.n_groups, config.step_embed_dim)
         self.null_goal = nn.Parameter(torch.zeros(self.goal_dim))
-        self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
-        self.rho, self.noise_distribution = float(rho), noise_distribution
-        self.goal_dropout = float(goal_dropout)
-        self.cfg_weight = float(cfg_weight)
-        self.sampler = sampler
-        self.num_inference_steps = int(num_inference_steps)
-        self._extra_config = {
-            "down_dims": [int(d) for d in down_dims], "kernel_size": int(kernel_size), "n_groups": int(n_groups),
-            "step_embed_dim": int(step_embed_dim), "sigma_data": self.sigma_data, "sigma_min": self.sigma_min,
-            "sigma_max": self.sigma_max, "rho": self.rho, "noise_distribution": noise_distribution,
-            "goal_dropout": self.goal_dropout}
+        self.sigma_data, self.sigma_min, self.sigma_max = config.sigma_data, config.sigma_min, config.sigma_max
+        self.rho, self.noise_distribution = config.rho, config.noise_distribution
+        self.goal_dropout = config.goal_dropout
+        self.cfg_weight = config.cfg_weight
+        self.sampler = config.sampler
+        self.num_inference_steps = config.num_inference_steps
 
-    # ------------------------------------------------------------------------------ settings
+    # ------------------------------------------------------------------------------ settings (changeable after loading)
     @property
     def num_inference_steps(self) -> int:
         return self._num_inference_steps
@@ -106,7 +88,7 @@ class GCDiffusionPolicy(PolicyBase):
         self._sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
         # per-step scalars (c_skip, c_out, c_in, time input), computed once
         self._coeffs = [self._preconditioning(s) for s in self._sigmas[:-1]]
-        self._num_inference_steps = steps
+        self._num_inference_steps = self.config.num_inference_steps = steps
 
     @property
     def sampler(self) -> str:
@@ -114,18 +96,22 @@ class GCDiffusionPolicy(PolicyBase):
 
     @sampler.setter
     def sampler(self, name: str) -> None:
-        if name not in _SAMPLERS:
-            raise ValueError(f"sampler must be one of {_SAMPLERS}, got {name!r}")
-        self._sampler = name
+        if name not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+        self._sampler = self.config.sampler = name
+
+    @property
+    def cfg_weight(self) -> float:
+        return self._cfg_weight
+
+    @cfg_weight.setter
+    def cfg_weight(self, weight: float) -> None:
+        self._cfg_weight = self.config.cfg_weight = float(weight)
 
     @property
     def sigmas(self) -> list[float]:
         """The sampling noise levels, ending with 0."""
         return list(self._sigmas)
-
-    def config(self) -> dict:
-        return {**super().config(), "num_inference_steps": self.num_inference_steps, "sampler": self.sampler,
-                "cfg_weight": self.cfg_weight}
 
     # ------------------------------------------------------------------------------ denoiser
     def _preconditioning(self, sigma):
@@ -177,7 +163,7 @@ class GCDiffusionPolicy(PolicyBase):
             return c_skip * x + c_out * self.model(x * c_in, t_in, cond)
         pair = x.repeat(2, 1, 1)  # [conditional half; unconditional half], matching cond's layout
         d_cond, d_uncond = (c_skip * pair + c_out * self.model(pair * c_in, t_in, cond)).chunk(2, dim=0)
-        return d_uncond + (1.0 + self.cfg_weight) * (d_cond - d_uncond)
+        return d_uncond + (1.0 + self._cfg_weight) * (d_cond - d_uncond)
 
     def predict_action(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None = None, num_samples: int = 1,
                        generator: torch.Generator | None = None) -> torch.Tensor:
@@ -187,7 +173,7 @@ class GCDiffusionPolicy(PolicyBase):
         features, ngoal = self._features(obs, goal)
         batch = features.shape[0]
         cond = torch.cat([features, ngoal], dim=-1)
-        guided = self.cfg_weight != 0.0
+        guided = self._cfg_weight != 0.0
         if guided:
             uncond = torch.cat([features, self.null_goal.to(ngoal.dtype).expand_as(ngoal)], dim=-1)
             cond = torch.cat([cond, uncond], dim=0)

@@ -6,27 +6,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from policies.models.configs import MLPConfig
 from policies.models.encoders import PolicyBase, ShapeMeta, chunk_loss
 
 
 class MLPPolicy(PolicyBase):
     kind = "mlp"
+    config_class = MLPConfig
+    config: MLPConfig
 
-    def __init__(self, shape_meta: ShapeMeta, n_obs_steps: int = 2, horizon: int = 16, n_action_steps: int = 8,
-                 hidden_dims: tuple[int, ...] = (256, 256, 256), dropout: float = 0.0, **encoder_kwargs):
-        super().__init__(shape_meta, n_obs_steps, horizon, n_action_steps, **encoder_kwargs)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    def __init__(self, shape_meta: ShapeMeta, config: MLPConfig | None = None):
+        super().__init__(shape_meta, config)
         layers: list[nn.Module] = []
         width = self.obs_feature_dim + self.goal_dim
-        for hidden in hidden_dims:
-            layers += [nn.Linear(width, int(hidden)), nn.Mish()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = int(hidden)
+        for hidden in self.config.hidden_dims:
+            layers += [nn.Linear(width, hidden), nn.Mish()]
+            if self.config.dropout > 0:
+                layers.append(nn.Dropout(self.config.dropout))
+            width = hidden
         layers.append(nn.Linear(width, self.horizon * self.action_dim))
         self.model = nn.Sequential(*layers)
-        self._extra_config = {"hidden_dims": [int(h) for h in hidden_dims], "dropout": float(dropout)}
 
     def _forward(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None) -> torch.Tensor:
         features = self.encode_obs(obs)

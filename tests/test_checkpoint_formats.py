@@ -1,4 +1,5 @@
-"""Checkpoints written by older code keep loading and acting the same (tests/fixtures/checkpoints_v1)."""
+"""Checkpoints written by older code keep loading and acting the same (tests/fixtures/checkpoints_v1), and
+today's format (2) stores the typed policy config."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from policies.checkpoint import load_checkpoint
+from policies.checkpoint import FORMAT_VERSION, load_checkpoint, read_config, save_checkpoint
+from policies.models.configs import EncoderConfig, GCDiffusionConfig, MLPConfig
 from policies.runner import PolicyRunner
 
 V1 = Path(__file__).resolve().parent / "fixtures" / "checkpoints_v1"
@@ -61,3 +63,58 @@ def test_format1_checkpoints_keep_their_version_and_settings():
     assert checkpoint.policy.cfg_weight == 0.5 and checkpoint.policy.horizon == 8
     assert load_checkpoint(V1 / "mlp_ensemble").policy.ensemble_size == 2
     assert load_checkpoint(V1 / "diffusion").policy.num_inference_steps == 4
+
+
+def test_format1_configs_read_as_the_typed_policy_config():
+    config = read_config(V1 / "mlp_images")
+    assert config["format"] == 1 and "policy_config" not in config
+    assert config["policy"]["encoder"] == {
+        "feature_dim": 8,
+        "channels": [4, 8],
+        "blocks_per_stage": 1,
+        "num_keypoints": 4,
+        "crop_ratio": 0.75,
+    }
+    policy = load_checkpoint(V1 / "mlp_images").policy
+    assert policy.config == MLPConfig(
+        horizon=8,
+        n_action_steps=4,
+        hidden_dims=[16, 16],
+        encoder=EncoderConfig(feature_dim=8, channels=[4, 8], num_keypoints=4, crop_ratio=0.75),
+    )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_resaved_in_format2_they_hold_the_typed_config_and_act_the_same(name, tmp_path):
+    old = load_checkpoint(V1 / name)
+    folder = save_checkpoint(
+        tmp_path / name,
+        old.policy,
+        old.shape_meta,
+        old.version,
+        old.action_space,
+        training=old.config.get("training"),
+        step=old.config.get("step", 0),
+    )
+    written = json.loads((folder / "config.json").read_text())
+    assert written["format"] == FORMAT_VERSION == 2
+    assert written["policy"] == old.policy.config.to_dict() and written["policy"]["kind"] == old.policy.kind
+    assert "policy_config" not in written and "kind" not in written
+    actions, uncertainty = act_through(folder, 4)
+    expected = RECORD["expected"][name]["num_samples_4"]
+    np.testing.assert_allclose(np.stack(actions), np.asarray(expected["actions"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(uncertainty, expected["uncertainty"], rtol=1e-4, atol=1e-6)
+
+
+def test_inference_settings_changed_after_loading_are_what_a_checkpoint_keeps(tmp_path):
+    checkpoint = load_checkpoint(V1 / "gc_diffusion")
+    policy = checkpoint.policy
+    policy.num_inference_steps, policy.sampler, policy.cfg_weight = 5, "dpmpp_2m", 0.0
+    assert isinstance(policy.config, GCDiffusionConfig)
+    assert (policy.config.num_inference_steps, policy.config.sampler, policy.config.cfg_weight) == (
+        5,
+        "dpmpp_2m",
+        0.0,
+    )
+    folder = save_checkpoint(tmp_path / "gc", policy, checkpoint.shape_meta, "gc-v2", checkpoint.action_space)
+    assert load_checkpoint(folder).policy.config == policy.config

@@ -426,3 +426,25 @@ def test_factory_errors():
     assert isinstance(build_policy("diffusion", meta.to_dict(), **TINY_UNET), DiffusionPolicy)
     assert isinstance(build_policy("gc_diffusion", meta, **TINY_UNET), GCDiffusionPolicy)
     assert isinstance(build_policy("mlp", meta), MLPPolicy)
+
+
+def test_every_model_and_the_ensemble_implement_the_policy_contract():
+    from policies.models import Policy, PolicyEnsemble
+
+    meta = shape_meta()
+    for kind in KINDS:
+        policy = build_policy(kind, meta, **tiny_kwargs(kind, False))
+        assert isinstance(policy, Policy) and policy.ensemble_size == 1 and policy.config.kind == kind
+    ensemble = build_policy("mlp", meta, ensemble=2, hidden_dims=(8,))
+    assert isinstance(ensemble, PolicyEnsemble) and isinstance(ensemble, Policy) and ensemble.ensemble_size == 2
+    assert ensemble.config is ensemble.members[0].config
+    batch = make_batch(meta, batch=3)
+    ensemble.set_normalizer(fitted_normalizer(batch))
+    assert ensemble(batch).shape == (3,)  # forward is the per-sample loss, as for every policy
+
+    class NoLoss(Policy):
+        def predict_action(self, obs, goal=None, num_samples=1, generator=None):
+            raise NotImplementedError
+
+    with pytest.raises(TypeError, match="compute_loss"):
+        NoLoss()

@@ -67,10 +67,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# Hydra's flags that take a value (`--cfg job`): their value is not a positional argument.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--experimental-rerun", "--info", "-i", "--shell-completion", "-sc"}
+
+
 def _to_overrides(job: Job, args: list[str]) -> list[str]:
     out = []
-    for arg in args:
-        if job.positional and "=" not in arg and not arg.startswith("-"):
+    for i, arg in enumerate(args):
+        flag_value = i > 0 and args[i - 1] in _VALUE_FLAGS
+        if job.positional and "=" not in arg and not arg.startswith("-") and not flag_value:
             # Quote so hydra keeps paths with odd characters as one string.
             out.append(f"{job.positional}='{arg}'")
         else:
@@ -109,7 +115,7 @@ def run_job(name: str, args: list[str]) -> None:
 
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=name, version_base="1.3")(task)
     saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = [f"flotilla {name}", *_to_overrides(job, args)]
+    sys.argv = [f"flotilla {name}", f"hydra.job.name={name}", *_to_overrides(job, args)]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # hydra raises composition errors instead of printing them
     try:
         app()

@@ -9,17 +9,19 @@ F is the FiLM U-Net of unet1d.py; cond = concat(observation features of the To s
 Training loss (per sample) is EDM's weighted denoising loss written on F's output:
     || F(...) - (a - c_skip * x) / c_out ||^2,  a the clean normalized actions, x = a + sigma * n.
 
-Noise levels (actions normalized to [-1, 1], so the data std is about 0.5):
-    sigma_data = 0.5, sigma_min = 0.002, sigma_max = 10 (BESO/EDM use 80 for images; at 10 the signal
-    to noise ratio is already 0.05, and a smaller sigma_max leaves the 3-step schedule's middle level
-    lower). Training sigmas: "lognormal" (default; ln sigma ~ N(-1.2, 1.2^2), EDM's choice, clipped to
-    [sigma_min, sigma_max]) or "loguniform" on [sigma_min, sigma_max]. On a small overfitting check
+Settings and their defaults: ``GCDiffusionConfig`` (policies/models/configs.py). Why these defaults:
+
+Noise levels (actions normalized to [-1, 1], so the data std is about 0.5, hence sigma_data 0.5):
+    sigma_max 10, not the 80 BESO/EDM use for images: at 10 the signal to noise ratio is already 0.05,
+    and a smaller sigma_max leaves the 3-step schedule's middle level lower. Training sigmas:
+    "lognormal" (ln sigma ~ N(-1.2, 1.2^2), EDM's choice, clipped to [sigma_min, sigma_max]) or
+    "loguniform" on [sigma_min, sigma_max]. On a small overfitting check
     (tests/test_policy_models.py) lognormal reached a lower 3-step sampling error for the same
     training steps than loguniform, which spends a third of its samples on sigma < 0.05.
 
 Sampling: Karras schedule sigma_i = (smax^(1/rho) + i/(n-1) * (smin^(1/rho) - smax^(1/rho)))^rho,
-i = 0..n-1, rho = 7, followed by 0, so n steps = n denoiser calls (default 3: 10, 0.48, 0.002, 0).
-Samplers: "ddim" (default: the deterministic first-order step x' = D + (sigma'/sigma) (x - D), i.e. DDIM
+i = 0..n-1, followed by 0, so n steps = n denoiser calls (3 steps: 10, 0.48, 0.002, 0).
+Samplers: "ddim" (the deterministic first-order step x' = D + (sigma'/sigma) (x - D), i.e. DDIM
 / Euler on the probability-flow ODE) or "dpmpp_2m" (DPM-Solver++(2M), second-order multistep in
 log-sigma, first-order on the first and last step).
 

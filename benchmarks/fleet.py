@@ -58,7 +58,7 @@ FIGURE = Path(__file__).resolve().parent / "figures" / "fleet_allocation.png"
 # 3000 steps a round took held-out success from 33% to 70% (C.U.R., Flotilla; benchmarks/README.md).
 DEFAULTS = [
     "task=push", "rounds=3", "demos.episodes=30", "demos.train_steps=3000", "train.steps=3000",
-    "train.action_space.kind=target", "policy.model.down_dims=[16,32,64]", "fleet.episodes_per_robot=4",
+    "train.action_space.kind=target", "policy.down_dims=[16,32,64]", "fleet.episodes_per_robot=4",
     "fleet.control_hz=40", "threads=1", "train.threads=1", "progress=false", "train.progress=false",
 ]
 

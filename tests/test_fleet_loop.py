@@ -318,7 +318,7 @@ def test_flotilla_demo_runs_two_tiny_rounds(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "flotilla.cli", "demo", f"out={out}", "rounds=2", "demos.episodes=3",
          "demos.train_steps=4", "train.steps=4", "train.batch_size=8", "fleet.robots=2", "fleet.operators=1",
-         "fleet.episodes_per_robot=1", "fleet.control_hz=40", "policy.model.down_dims=[8,16]", "progress=false",
+         "fleet.episodes_per_robot=1", "fleet.control_hz=40", "policy.down_dims=[8,16]", "progress=false",
          "train.progress=false"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # hydra's demo.log lands in tmp_path
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -80,6 +80,11 @@ class ServerConfig:
         self.tokens = {role: [tokens] if isinstance(tokens, str | Mapping) else list(tokens or [])
                        for role, tokens in dict(self.tokens).items()}
         token_entries(self.tokens)  # checks roles, duplicates and entry shapes
+        check_scalar_types(self)
+        for name in ("port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be 0-65535, got {port!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together (or both left empty for insecure)")
         for name in ("writer_queue_size", "registry_chunk_bytes", "max_episode_steps", "max_step_bytes", "max_robots"):
@@ -110,6 +115,24 @@ class ServerConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> ServerConfig:
         """From a plain mapping (e.g. OmegaConf.to_container of the hydra config); unknown keys are errors."""
         return _build(cls, values, "serve")
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_scalar_types(config) -> None:
+    """Every scalar field (int, float, str, bool, optionally None) holds its type: a value from the command
+    line like port=abc is refused here, naming the key, rather than deep inside gRPC."""
+    for field in dataclasses.fields(config):
+        kinds = [kind.strip() for kind in str(field.type).split("|")]
+        if not all(kind in _SCALARS or kind == "None" for kind in kinds):
+            continue  # containers and nested configs check themselves
+        value = getattr(config, field.name)
+        allowed = tuple(t for kind in kinds if kind != "None" for t in _SCALARS[kind])
+        ok = (value is None and "None" in kinds) or (isinstance(value, allowed) and
+                                                      (bool in allowed or not isinstance(value, bool)))
+        if not ok:
+            raise ValueError(f"{field.name} must be {field.type}, got {value!r}")
 
 
 def is_loopback(host: str) -> bool:

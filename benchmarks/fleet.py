@@ -20,7 +20,7 @@ prints the markdown table.
 
 A round's success rate comes from the fleet's own episodes (16 at the defaults: +-12 points), with
 humans cutting in. `--evaluate N` also runs every seed's initial policy and every run's final policy
-(the last one deployed) alone on N held-out episodes (policies/evaluate.py, seeds 10000 on), which
+(the last one deployed) alone on N held-out episodes (sim/evaluate.py, seeds 10000 on), which
 says with less noise how much each allocation's human data improved the policy. Those results are
 kept in results.json, so a later --report does not evaluate again.
 """
@@ -113,7 +113,7 @@ def deployed_checkpoint(out: Path, record: dict, round_index: int) -> Path:
 
 def evaluate_runs(records: list[dict], out: Path, episodes: int, task: str, max_steps: int) -> None:
     """Held-out success of each run's initial and final policy (record["eval"]); evaluated once each."""
-    from policies.evaluate import evaluate
+    from sim.evaluate import evaluate
 
     cache: dict[Path, float] = {}
     for record in records:

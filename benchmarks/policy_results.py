@@ -23,10 +23,10 @@ from hydra import compose, initialize_config_dir
 from benchmarks.common import machine_line, print_table
 from fleet.store import EpisodeStore
 from flotilla.cli import CONFIG_DIR
-from policies.evaluate import evaluate
 from policies.threads import set_torch_threads
 from policies.train import final_checkpoint, train
 from sim.collect import collect_demos
+from sim.evaluate import evaluate
 
 HEADERS = ["task", "demos", "policy", "train steps", "success", "mean length", "violations", "train s",
            "eval episodes"]

@@ -42,7 +42,7 @@ JOBS: dict[str, Job] = {
                 "fleet.store.inspect:InfoConfig", positional="path"),
     "train": Job("policies.train:run", "train a policy (diffusion, gc_diffusion, mlp) by weighted BC on episode stores",
                  "policies.config:TrainConfig"),
-    "eval": Job("policies.evaluate:run", "evaluate a checkpoint in simulation: success rate, length, violations",
+    "eval": Job("sim.evaluate:run", "evaluate a checkpoint in simulation: success rate, length, violations",
                 "policies.config:EvalConfig"),
     "fleet": Job("sim.fleet_sim:run", "run simulated robots and scripted operators against a fleet server"),
     "demo": Job("sim.demo:run", "the whole fleet learning loop in one process: train, deploy, intervene, retrain",

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 ROLES = ("robot", "operator", "trainer", "admin")
 LOCKSTEP_TICK_HZ = 1e-6
 # The fleet's episodes start from seeds this far past the demos' (robot i: + 100000 * i), so no robot
-# replays a demonstration's start and goal (evaluation, policies/evaluate.py, uses 10000 on).
+# replays a demonstration's start and goal (evaluation, sim/evaluate.py, uses 10000 on).
 FLEET_SEED_OFFSET = 50_000
 
 

@@ -1,6 +1,7 @@
 """`flotilla eval checkpoint=PATH task=push episodes=50 [video=true]`: a policy's success in simulation.
 
-Evaluation seeds start at 10000 by default, away from the seeds demos are collected with, so the
+The rollout lives with the tasks (sim/), so policies/ never imports the simulation: it takes any
+checkpoint PolicyRunner loads and runs it in a task env. Evaluation seeds start at 10000 by default, away from the seeds demos are collected with, so the
 policy is scored on starts and goals it has not seen.
 """
 

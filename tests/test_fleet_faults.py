@@ -302,6 +302,12 @@ def test_undecodable_bytes_get_invalid_argument_and_one_log_line(server, caplog,
     assert fleet_status(server.address, "admin-token") is not None
 
 
+def test_a_hole_in_a_robots_seqs_is_counted(server):
+    commands, error = raw_robot_session(server, [hello("r1"), start_message(1), step_message(2), step_message(5, t=1)])
+    assert error is None and commands[-1].ack_seq == 5
+    assert server.server.metrics.counters["seq_gaps"] == 1
+
+
 def test_ids_are_bounded_and_errors_never_echo_them_whole(server):
     _, error = raw_robot_session(server, [hello("x" * 20_000)])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and len(error.details()) < 300

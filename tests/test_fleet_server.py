@@ -437,6 +437,9 @@ def test_full_writer_queue_refuses_steps_and_loses_nothing(tmp_path, clients):
         store = committed(server, 1)
         assert store.episode(0)["state"][:, 0].tolist() == [0, 1, 2, 3, 4, 5]
         assert server.server.metrics.counters["steps_refused_queue_full"] >= 1
+        # Every resend continued where the server stopped: no message went missing in between (a sender of a
+        # finished connection once took a message meant for the next one, under load).
+        assert server.server.metrics.counters["seq_gaps"] == 0
 
 
 def test_graceful_shutdown_commits_and_leaves_the_store_readable(tmp_path, clients):

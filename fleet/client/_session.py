@@ -76,6 +76,7 @@ class _StreamClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name=type(self).__name__, daemon=True)
         self._wake = asyncio.Event()  # something new to send (binds to the client's loop on first wait)
         self._task: asyncio.Future | None = None
+        self._generation = 0  # counts connections; each sender serves only its own
 
     def start(self):
         self._thread.start()
@@ -162,7 +163,8 @@ class _StreamClient:
             channel = grpc.aio.insecure_channel(self.target, options=self._options)
         async with channel:
             call = self._stream(channel)(metadata=_metadata(self._token))
-            sender = asyncio.ensure_future(self._send_all(call))
+            self._generation += 1
+            sender = asyncio.ensure_future(self._send_all(call, self._generation))
             try:
                 async for message in call:
                     got_reply, self.connected = True, True
@@ -175,14 +177,19 @@ class _StreamClient:
                     self.error = self.last_error
             finally:
                 self.connected = False
+                self._generation += 1  # this connection's sender takes nothing more
                 sender.cancel()
+                # Wait until it is really gone: on Python 3.11 a cancel that races a wake-up inside
+                # asyncio.wait_for is swallowed, and a sender left running would take messages meant
+                # for the next connection (a step lost in a gap, found under load in the test suite).
+                await asyncio.gather(sender, return_exceptions=True)
         return got_reply
 
-    async def _send_all(self, call) -> None:
+    async def _send_all(self, call, generation: int) -> None:
         try:
             for message in self._opening():
                 await call.write(message)
-            while True:
+            while generation == self._generation:  # a sender of an old connection takes nothing more
                 message = self._next_to_send()
                 if message is not None:
                     await call.write(message)

@@ -69,6 +69,7 @@ TOO_LONG_OUTCOME = "too_long"
 MAX_TEXT = 128  # task, policy version, outcome: short labels, not documents
 ROBOT_LABEL, INTERVENTION_LABEL = np.uint8(ControlLabel.ROBOT), np.uint8(ControlLabel.INTERVENTION)
 LABEL_WARNINGS = RateLimitedLog()
+SEQ_GAPS = RateLimitedLog()
 
 
 @dataclass
@@ -231,6 +232,12 @@ class Fleet:
             if body.seq <= robot.last_seq:  # resent after a reconnect: already taken
                 self._push(robot, received_at=received_at)
                 return
+            if body.seq != robot.last_seq + 1 and robot.last_seq:
+                # Seqs have no holes unless the robot dropped messages itself (its resend buffer was full):
+                # count it, so a lost message never goes unnoticed.
+                self.metrics.inc("seq_gaps")
+                SEQ_GAPS.warning((robot.robot_id,), "robot %s: seq %d follows %d (messages missing in between)",
+                                 robot.robot_id, body.seq, robot.last_seq)
             if kind == "step":
                 self.robot_step(robot, body)
             elif kind == "episode_start":

@@ -39,6 +39,7 @@ class Metrics:
                          "the robot was told",
         "steps_refused_queue_full": "robot steps refused because the episode writer queue was full",
         "steps_refused_store": "robot steps refused because the episode store could not be written",
+        "seq_gaps": "robot messages whose seq skipped some (the robot dropped messages it could not keep)",
         "labels_corrected": "steps claiming an intervention the server did not assign, logged as robot steps",
         "teleop_actions": "operator actions forwarded to robots",
         "teleop_actions_refused": "operator actions refused (not assigned, e-stop, malformed)",

@@ -57,9 +57,19 @@ FIGURE = Path(__file__).resolve().parent / "figures" / "fleet_allocation.png"
 # retrained from scratch; with the demo's warm_start (fine-tune the deployed policy, now the default)
 # 3000 steps a round took held-out success from 33% to 70% (C.U.R., Flotilla; benchmarks/README.md).
 DEFAULTS = [
-    "task=push", "rounds=3", "demos.episodes=30", "demos.train_steps=3000", "train.steps=3000",
-    "train.action_space.kind=target", "policy.down_dims=[16,32,64]", "fleet.episodes_per_robot=4",
-    "fleet.control_hz=40", "threads=1", "train.threads=1", "progress=false", "train.progress=false",
+    "task=push",
+    "rounds=3",
+    "demos.episodes=30",
+    "demos.train_steps=3000",
+    "train.steps=3000",
+    "train.action_space.kind=target",
+    "policy.down_dims=[16,32,64]",
+    "fleet.episodes_per_robot=4",
+    "fleet.control_hz=40",
+    "threads=1",
+    "train.threads=1",
+    "progress=false",
+    "train.progress=false",
 ]
 
 
@@ -94,10 +104,21 @@ def run_benchmark(overrides: list[str], seeds: list[int], rules: list[str], out:
         for rule in rules:
             cfg = demo_config([*base, *rule_overrides(rule, seed)])
             started = time.monotonic()
-            rounds, more = fleet_rounds(cfg, fresh_folder(seed_dir / rule, overwrite=True), demos, initial,
-                                        on_round=functools.partial(show_round, f"seed {seed} {rule}"))
-            records.append({"seed": seed, "rule": rule, "rounds": [m.to_dict() for m in rounds],
-                            "timings": {**timings, **more, "wall_s": time.monotonic() - started}})
+            rounds, more = fleet_rounds(
+                cfg,
+                fresh_folder(seed_dir / rule, overwrite=True),
+                demos,
+                initial,
+                on_round=functools.partial(show_round, f"seed {seed} {rule}"),
+            )
+            records.append(
+                {
+                    "seed": seed,
+                    "rule": rule,
+                    "rounds": [m.to_dict() for m in rounds],
+                    "timings": {**timings, **more, "wall_s": time.monotonic() - started},
+                }
+            )
             (out / "results.json").write_text(json.dumps({"overrides": overrides, "runs": records}, indent=2))
     return records
 
@@ -123,36 +144,57 @@ def evaluate_runs(records: list[dict], out: Path, episodes: int, task: str, max_
         for name, index in (("initial", 0), ("final", -1)):
             checkpoint = deployed_checkpoint(out, record, index)
             if checkpoint not in cache:
-                cache[checkpoint] = evaluate(checkpoint, task, episodes, max_steps=max_steps,
-                                             progress=False)["success_rate"]
+                cache[checkpoint] = evaluate(checkpoint, task, episodes, max_steps=max_steps, progress=False)[
+                    "success_rate"
+                ]
             results[name] = cache[checkpoint]
         record["eval"] = {"episodes": episodes, **results}
-        print(f"seed {record['seed']} {rule_of(record)}: held-out success {results['initial']:.0%} initial -> "
-              f"{results['final']:.0%} final ({episodes} episodes)", flush=True)
+        print(
+            f"seed {record['seed']} {rule_of(record)}: held-out success {results['initial']:.0%} initial -> "
+            f"{results['final']:.0%} final ({episodes} episodes)",
+            flush=True,
+        )
 
 
 def run_totals(rounds: list[dict]) -> dict:
     """One run's benchmark numbers from its rounds."""
     totals = cumulative(rounds)
-    return {"rohe": totals["rohe"], "final_success": totals["final_autonomous_success_rate"],
-            "human_steps": totals["human_action_steps"], "interventions": totals["interventions"],
-            "hard_resets": totals["hard_resets"]}
+    return {
+        "rohe": totals["rohe"],
+        "final_success": totals["final_autonomous_success_rate"],
+        "human_steps": totals["human_action_steps"],
+        "interventions": totals["interventions"],
+        "hard_resets": totals["hard_resets"],
+    }
 
 
 def summary_table(records: list[dict]) -> str:
-    columns = [("ROHE (all rounds)", "rohe", "{:.4f}"), ("final auto success", "final_success", "{:.0%}"),
-               ("human action steps", "human_steps", "{:.0f}"), ("interventions", "interventions", "{:.0f}"),
-               ("hard resets", "hard_resets", "{:.1f}")]
+    columns = [
+        ("ROHE (all rounds)", "rohe", "{:.4f}"),
+        ("final auto success", "final_success", "{:.0%}"),
+        ("human action steps", "human_steps", "{:.0f}"),
+        ("interventions", "interventions", "{:.0f}"),
+        ("hard resets", "hard_resets", "{:.1f}"),
+    ]
     if records and all("eval" in record for record in records):
         episodes = records[0]["eval"]["episodes"]
-        columns += [(f"held-out success, initial ({episodes} eps)", "eval_initial", "{:.0%}"),
-                    (f"held-out success, final ({episodes} eps)", "eval_final", "{:.0%}")]
-    lines = ["| allocation | " + " | ".join(title for title, _, _ in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
+        columns += [
+            (f"held-out success, initial ({episodes} eps)", "eval_initial", "{:.0%}"),
+            (f"held-out success, final ({episodes} eps)", "eval_final", "{:.0%}"),
+        ]
+    lines = [
+        "| allocation | " + " | ".join(title for title, _, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     for rule in dict.fromkeys(rule_of(record) for record in records):
-        totals = [{**run_totals(record["rounds"]),
-                   **{f"eval_{name}": value for name, value in record.get("eval", {}).items()}}
-                  for record in records if rule_of(record) == rule]
+        totals = [
+            {
+                **run_totals(record["rounds"]),
+                **{f"eval_{name}": value for name, value in record.get("eval", {}).items()},
+            }
+            for record in records
+            if rule_of(record) == rule
+        ]
         cells = []
         for _, key, spec in columns:
             values = np.array([t[key] for t in totals], float)
@@ -167,8 +209,11 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("autonomous success rate", "autonomous_success_rate"), ("human action steps", "human_action_steps"),
-              ("ROHE", "rohe")]
+    panels = [
+        ("autonomous success rate", "autonomous_success_rate"),
+        ("human action steps", "human_action_steps"),
+        ("ROHE", "rohe"),
+    ]
     figure, axes = plt.subplots(1, len(panels), figsize=(12, 3.6), constrained_layout=True)
     for rule in dict.fromkeys(rule_of(record) for record in records):
         runs = [record["rounds"] for record in records if rule_of(record) == rule]
@@ -192,15 +237,24 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_fleet"))
     parser.add_argument("--figure", type=Path, default=FIGURE)
-    parser.add_argument("--override", nargs="*", default=[], help="hydra overrides of configs/demo.yaml, after ours")
+    parser.add_argument(
+        "--override", nargs="*", default=[], help="hydra overrides of configs/demo.yaml, after ours"
+    )
     parser.add_argument("--report", type=Path, help="only print the table and plot from this results.json")
-    parser.add_argument("--evaluate", type=int, default=0, metavar="N",
-                        help="also evaluate each run's initial and final policy on N held-out episodes")
+    parser.add_argument(
+        "--evaluate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also evaluate each run's initial and final policy on N held-out episodes",
+    )
     args = parser.parse_args()
     print(machine_line(), flush=True)
     if args.report:

@@ -42,8 +42,14 @@ from benchmarks.common import machine_line, print_table
 TOKEN = "bench-robot-token"
 PERIOD_S = 0.1  # 10 Hz, sim/conventions.py CONTROL_HZ
 # The push task's low-dim observation (sim/conventions.py), its goal and action.
-OBSERVATION_SPEC = {"joint_pos": ((7,), "float32"), "ee_pos": ((3,), "float32"), "ee_quat": ((4,), "float32"),
-                    "gripper": ((1,), "float32"), "object_pos": ((3,), "float32"), "object_quat": ((4,), "float32")}
+OBSERVATION_SPEC = {
+    "joint_pos": ((7,), "float32"),
+    "ee_pos": ((3,), "float32"),
+    "ee_quat": ((4,), "float32"),
+    "gripper": ((1,), "float32"),
+    "object_pos": ((3,), "float32"),
+    "object_quat": ((4,), "float32"),
+}
 GOAL_DIM, ACTION_DIM = 2, 4
 P99_GOAL_MS = 25.0
 MIN_RATE = 0.98  # a size whose robots could not keep 98% of 10 Hz was not really tested
@@ -76,7 +82,9 @@ class SizeResult:
     lag_ms: np.ndarray
     server_cpu: float  # percent of one core over the streaming window
     client_cpu: float
-    others_cpu: float | None  # percent of one core used by everything else (the machine may be shared); None off Linux
+    others_cpu: (
+        float | None
+    )  # percent of one core used by everything else (the machine may be shared); None off Linux
     server_latency_ms: float  # the server's own mean receive->send time (its Prometheus histogram)
     errors: list[str]
     logs: list[RobotLog]
@@ -93,18 +101,30 @@ class SizeResult:
 
     @property
     def meets_goal(self) -> bool:
-        return (self.lost == 0 and self.extra == 0 and not self.errors and self.percentile(99) < P99_GOAL_MS
-                and self.rate >= MIN_RATE * self.robots / PERIOD_S)
+        return (
+            self.lost == 0
+            and self.extra == 0
+            and not self.errors
+            and self.percentile(99) < P99_GOAL_MS
+            and self.rate >= MIN_RATE * self.robots / PERIOD_S
+        )
 
 
 # ------------------------------------------------------------------------------------ the server process
+
 
 def server_config(folder: Path):
     from fleet.server import ServerConfig
 
     # Defaults of configs/serve.yaml (flotilla allocation at 10 Hz, writer queue, batching), no metrics port.
-    return ServerConfig(port=0, metrics_port=None, tokens={"robot": [TOKEN]}, store=str(folder / "fleet.zarr"),
-                        registry_dir=str(folder / "registry"), allocation={"alpha": 0.05})
+    return ServerConfig(
+        port=0,
+        metrics_port=None,
+        tokens={"robot": [TOKEN]},
+        store=str(folder / "fleet.zarr"),
+        registry_dir=str(folder / "registry"),
+        allocation={"alpha": 0.05},
+    )
 
 
 def _serve(config, conn, profile: str | None = None) -> None:
@@ -139,11 +159,18 @@ async def _serve_async(config, conn) -> None:
 
 # ----------------------------------------------------------------------------------- the robot processes
 
+
 def _hello(robot_id: str):
     from fleet.proto import flotilla_pb2 as pb
 
-    hello = pb.RobotHello(robot_id=robot_id, task="push", policy_version="bench", action_dim=ACTION_DIM,
-                          goal_dim=GOAL_DIM, boot_id=f"{robot_id}-{os.getpid()}-{time.time_ns()}")
+    hello = pb.RobotHello(
+        robot_id=robot_id,
+        task="push",
+        policy_version="bench",
+        action_dim=ACTION_DIM,
+        goal_dim=GOAL_DIM,
+        boot_id=f"{robot_id}-{os.getpid()}-{time.time_ns()}",
+    )
     for key, (shape, dtype) in OBSERVATION_SPEC.items():
         hello.observation_spec[key].CopyFrom(pb.TensorSpec(shape=shape, dtype=dtype))
     return hello
@@ -168,8 +195,12 @@ class SyntheticRobot:
         rng = np.random.default_rng(index)
         self.hello = pb.RobotMessage(hello=_hello(robot_id))
         self.goal = codec.to_tensor(rng.uniform(-0.2, 0.2, GOAL_DIM).astype(np.float32))
-        step = pb.Step(action=codec.to_tensor(rng.uniform(-1, 1, ACTION_DIM).astype(np.float32)),
-                       goal=self.goal, label=pb.CONTROL_LABEL_ROBOT, policy_version="bench")
+        step = pb.Step(
+            action=codec.to_tensor(rng.uniform(-1, 1, ACTION_DIM).astype(np.float32)),
+            goal=self.goal,
+            label=pb.CONTROL_LABEL_ROBOT,
+            policy_version="bench",
+        )
         for key, (shape, dtype) in OBSERVATION_SPEC.items():
             step.observation[key].CopyFrom(codec.to_tensor(rng.normal(size=shape).astype(dtype)))
         self.step_message = pb.RobotMessage(step=step)
@@ -186,7 +217,9 @@ class SyntheticRobot:
     async def connect(self, channel) -> None:
         from fleet.proto import flotilla_pb2_grpc as pb_grpc
 
-        self.call = pb_grpc.RobotServiceStub(channel).Session(metadata=(("authorization", f"Bearer {TOKEN}"),))
+        self.call = pb_grpc.RobotServiceStub(channel).Session(
+            metadata=(("authorization", f"Bearer {TOKEN}"),)
+        )
         self.reader = asyncio.ensure_future(self._read())
         await self.call.write(self.hello)
         await self.connected.wait()  # the server's first Command answers the hello
@@ -225,8 +258,17 @@ class SyntheticRobot:
                     left = self.first_episode_steps if episode == 1 else self.episode_steps
                     log.episodes[episode] = []
                     self.seq += 1
-                    await self.call.write(pb.RobotMessage(episode_start=pb.EpisodeStart(
-                        episode_id=episode, goal=self.goal, policy_version="bench", timestamp=time.time(), seq=self.seq)))
+                    await self.call.write(
+                        pb.RobotMessage(
+                            episode_start=pb.EpisodeStart(
+                                episode_id=episode,
+                                goal=self.goal,
+                                policy_version="bench",
+                                timestamp=time.time(),
+                                seq=self.seq,
+                            )
+                        )
+                    )
                 log.sent += 1
                 self.seq += 1
                 step.seq, step.episode_id, step.t = self.seq, episode, len(log.episodes[episode])
@@ -247,8 +289,13 @@ class SyntheticRobot:
 
     async def _end(self, episode: int, success: bool, outcome: str) -> None:
         self.seq += 1
-        await self.call.write(self.pb.RobotMessage(episode_end=self.pb.EpisodeEnd(
-            episode_id=episode, success=success, outcome=outcome, timestamp=time.time(), seq=self.seq)))
+        await self.call.write(
+            self.pb.RobotMessage(
+                episode_end=self.pb.EpisodeEnd(
+                    episode_id=episode, success=success, outcome=outcome, timestamp=time.time(), seq=self.seq
+                )
+            )
+        )
 
     async def finish(self, timeout: float) -> None:
         """Wait for the server to finish the stream (every ack is in by then)."""
@@ -259,8 +306,9 @@ class SyntheticRobot:
             self.call.cancel()
 
 
-def _robots(address: str, first: int, count: int, fleet_size: int, episode_steps: int, streams_per_channel: int,
-            conn) -> None:
+def _robots(
+    address: str, first: int, count: int, fleet_size: int, episode_steps: int, streams_per_channel: int, conn
+) -> None:
     """A client process: `count` robots, indices first..first+count-1 of the fleet."""
     asyncio.run(_robots_async(address, first, count, fleet_size, episode_steps, streams_per_channel, conn))
 
@@ -270,12 +318,20 @@ async def _robots_async(address, first, count, fleet_size, episode_steps, stream
 
     loop = asyncio.get_running_loop()
     # A local subchannel pool: each channel its own TCP connection (gRPC would otherwise share one).
-    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(-(-count // streams_per_channel))]
-    robots = [SyntheticRobot(f"robot-{index:04d}", index, fleet_size, episode_steps)
-              for index in range(first, first + count)]
-    await asyncio.wait_for(asyncio.gather(*(robot.connect(channels[n // streams_per_channel])
-                                            for n, robot in enumerate(robots))), 60)
+    channels = [
+        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(-(-count // streams_per_channel))
+    ]
+    robots = [
+        SyntheticRobot(f"robot-{index:04d}", index, fleet_size, episode_steps)
+        for index in range(first, first + count)
+    ]
+    await asyncio.wait_for(
+        asyncio.gather(
+            *(robot.connect(channels[n // streams_per_channel]) for n, robot in enumerate(robots))
+        ),
+        60,
+    )
     conn.send("ready")
     start_wall, seconds = await loop.run_in_executor(None, conn.recv)
     start = loop.time() + (start_wall - time.time())
@@ -293,6 +349,7 @@ async def _robots_async(address, first, count, fleet_size, episode_steps, stream
 
 # -------------------------------------------------------------------------------------------- one size
 
+
 def _machine_busy() -> tuple[int, int] | None:
     """(busy, total) jiffies of all cores from /proc/stat (Linux), None elsewhere."""
     try:
@@ -309,12 +366,21 @@ def _receive(conn, timeout: float, what: str, *processes):
     while not conn.poll(0.2):
         dead = [p.name for p in processes if not p.is_alive()]
         if dead or time.monotonic() > deadline:
-            raise RuntimeError(f"waiting for {what}: " + (f"{dead} exited" if dead else f"nothing within {timeout} s"))
+            raise RuntimeError(
+                f"waiting for {what}: " + (f"{dead} exited" if dead else f"nothing within {timeout} s")
+            )
     return conn.recv()
 
 
-def run_fleet(robots: int, seconds: float, folder: Path, clients: int = 2, episode_steps: int = 100,
-              streams_per_channel: int = 100, profile: str | None = None) -> SizeResult:
+def run_fleet(
+    robots: int,
+    seconds: float,
+    folder: Path,
+    clients: int = 2,
+    episode_steps: int = 100,
+    streams_per_channel: int = 100,
+    profile: str | None = None,
+) -> SizeResult:
     """Serve `robots` synthetic robots for `seconds`, stop gracefully, read the store back."""
     from fleet.store import EpisodeStore
 
@@ -324,7 +390,9 @@ def run_fleet(robots: int, seconds: float, folder: Path, clients: int = 2, episo
     # one-off creation of every array does not stall the writer in the first second of the measurement.
     EpisodeStore.create(config.store, _spec().store_schema(), overwrite=True).close()
     server_conn, child_conn = context.Pipe()
-    server = context.Process(target=_serve, args=(config, child_conn, profile), name="fleet-server", daemon=True)
+    server = context.Process(
+        target=_serve, args=(config, child_conn, profile), name="fleet-server", daemon=True
+    )
     server.start()
     client_procs, conns = [], []
     try:
@@ -333,9 +401,20 @@ def run_fleet(robots: int, seconds: float, folder: Path, clients: int = 2, episo
         bounds = np.linspace(0, robots, clients + 1).astype(int)
         for first, end in zip(bounds[:-1], bounds[1:], strict=True):
             parent, child = context.Pipe()
-            process = context.Process(target=_robots, name="robots", daemon=True,
-                                      args=(address, int(first), int(end - first), robots, episode_steps,
-                                            streams_per_channel, child))
+            process = context.Process(
+                target=_robots,
+                name="robots",
+                daemon=True,
+                args=(
+                    address,
+                    int(first),
+                    int(end - first),
+                    robots,
+                    episode_steps,
+                    streams_per_channel,
+                    child,
+                ),
+            )
             process.start()
             client_procs.append(process)
             conns.append(parent)
@@ -373,7 +452,9 @@ def run_fleet(robots: int, seconds: float, folder: Path, clients: int = 2, episo
     committed_lengths = collections.Counter()
     for robot_id, extra, length in zip(robot_ids, extras, lengths, strict=True):
         committed_lengths[(str(robot_id), json.loads(str(extra))["robot_episode_id"])] += int(length)
-    sent_lengths = {(log.robot_id, episode): len(stamps) for log in logs for episode, stamps in log.episodes.items()}
+    sent_lengths = {
+        (log.robot_id, episode): len(stamps) for log in logs for episode, stamps in log.episodes.items()
+    }
     lost = sum(max(0, n - committed_lengths.get(key, 0)) for key, n in sent_lengths.items())
     extra = sum(max(0, n - sent_lengths.get(key, 0)) for key, n in committed_lengths.items())
     server_cpu, client_cpu = 100.0 * (cpu1 - cpu0) / seconds, 100.0 * client_cpu / seconds
@@ -382,51 +463,105 @@ def run_fleet(robots: int, seconds: float, folder: Path, clients: int = 2, episo
         machine = 100.0 * os.cpu_count() * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1])
         others = max(0.0, machine - server_cpu - client_cpu)
     return SizeResult(
-        robots=robots, seconds=seconds, sent=sum(log.sent for log in logs), acked=sum(log.acked for log in logs),
-        committed=int(lengths.sum()), lost=lost, extra=extra,
+        robots=robots,
+        seconds=seconds,
+        sent=sum(log.sent for log in logs),
+        acked=sum(log.acked for log in logs),
+        committed=int(lengths.sum()),
+        lost=lost,
+        extra=extra,
         latencies_ms=np.array([v for log in logs for v in log.latencies_ms]),
         lag_ms=np.array([v for log in logs for v in log.lag_ms]),
-        server_cpu=server_cpu, client_cpu=client_cpu, others_cpu=others,
-        server_latency_ms=server_latency_ms, errors=[f"{log.robot_id}: {log.error}" for log in logs if log.error],
-        logs=logs, store=config.store)
+        server_cpu=server_cpu,
+        client_cpu=client_cpu,
+        others_cpu=others,
+        server_latency_ms=server_latency_ms,
+        errors=[f"{log.robot_id}: {log.error}" for log in logs if log.error],
+        logs=logs,
+        store=config.store,
+    )
 
 
 def row(result: SizeResult) -> list:
-    return [result.robots, result.rate, result.percentile(50), result.percentile(99),
-            float(result.latencies_ms.max()) if result.latencies_ms.size else float("nan"), result.server_latency_ms,
-            result.sent, result.acked, result.committed, result.lost, len(result.errors),
-            float(np.percentile(result.lag_ms, 99)) if result.lag_ms.size else float("nan"),
-            f"{result.server_cpu:.0f}%", f"{result.client_cpu:.0f}%",
-            "-" if result.others_cpu is None else f"{result.others_cpu:.0f}%",
-            "yes" if result.meets_goal else "no"]
+    return [
+        result.robots,
+        result.rate,
+        result.percentile(50),
+        result.percentile(99),
+        float(result.latencies_ms.max()) if result.latencies_ms.size else float("nan"),
+        result.server_latency_ms,
+        result.sent,
+        result.acked,
+        result.committed,
+        result.lost,
+        len(result.errors),
+        float(np.percentile(result.lag_ms, 99)) if result.lag_ms.size else float("nan"),
+        f"{result.server_cpu:.0f}%",
+        f"{result.client_cpu:.0f}%",
+        "-" if result.others_cpu is None else f"{result.others_cpu:.0f}%",
+        "yes" if result.meets_goal else "no",
+    ]
 
 
-HEADERS = ["robots", "steps/s", "p50 ms", "p99 ms", "max ms", "server mean ms", "sent", "acked", "committed",
-           "lost", "stream errors", "send lag p99 ms", "server CPU", "robots CPU", "others CPU", "goal met"]
+HEADERS = [
+    "robots",
+    "steps/s",
+    "p50 ms",
+    "p99 ms",
+    "max ms",
+    "server mean ms",
+    "sent",
+    "acked",
+    "committed",
+    "lost",
+    "stream errors",
+    "send lag p99 ms",
+    "server CPU",
+    "robots CPU",
+    "others CPU",
+    "goal met",
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 400, 700, 1000])
     parser.add_argument("--seconds", type=float, default=20.0, help="streaming time per fleet size")
     parser.add_argument("--clients", type=int, default=2, help="robot client processes")
     parser.add_argument("--streams-per-channel", type=int, default=100)
     parser.add_argument("--episode-steps", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=None, help="keep the stores here (default: a temp folder)")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="cProfile the server's event loop thread; writes PROFILE-<size>.prof per size")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="keep the stores here (default: a temp folder)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="cProfile the server's event loop thread; writes PROFILE-<size>.prof per size",
+    )
     args = parser.parse_args()
     print(machine_line(), f"(load average {os.getloadavg()[0]:.2f} at start)")
-    print(f"{args.seconds:g} s per size at 10 Hz, {args.clients} robot process(es), episodes of "
-          f"{args.episode_steps} steps; goal: p99 < {P99_GOAL_MS:g} ms and no lost steps\n")
+    print(
+        f"{args.seconds:g} s per size at 10 Hz, {args.clients} robot process(es), episodes of "
+        f"{args.episode_steps} steps; goal: p99 < {P99_GOAL_MS:g} ms and no lost steps\n"
+    )
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             folder = (args.out or Path(tmp)) / f"fleet-{size}"
             folder.mkdir(parents=True, exist_ok=True)
             profile = f"{args.profile}-{size}.prof" if args.profile else None
-            result = run_fleet(size, args.seconds, folder, args.clients, args.episode_steps,
-                               args.streams_per_channel, profile)
+            result = run_fleet(
+                size,
+                args.seconds,
+                folder,
+                args.clients,
+                args.episode_steps,
+                args.streams_per_channel,
+                profile,
+            )
             results.append(result)
             rows.append(row(result))
             for error in result.errors[:3]:

@@ -19,8 +19,14 @@ import torch
 from benchmarks.common import machine_line, print_table
 from policies.models.factory import ShapeMeta, build_policy
 
-LOWDIM = {"joint_pos": (7,), "ee_pos": (3,), "ee_quat": (4,), "gripper": (1,), "object_pos": (3,),
-          "object_quat": (4,)}
+LOWDIM = {
+    "joint_pos": (7,),
+    "ee_pos": (3,),
+    "ee_quat": (4,),
+    "gripper": (1,),
+    "object_pos": (3,),
+    "object_quat": (4,),
+}
 IMAGE = {**LOWDIM, "front_rgb": (96, 96, 3)}
 
 
@@ -31,8 +37,11 @@ def fake_batch(meta: ShapeMeta, batch: int, n_obs: int, horizon: int) -> dict:
             obs[key] = torch.randint(0, 256, (batch, n_obs, *shape), dtype=torch.uint8)
         else:
             obs[key] = torch.randn(batch, n_obs, *shape)
-    out = {"obs": obs, "action": torch.rand(batch, horizon, meta.action_dim) * 2 - 1,
-           "weight": torch.ones(batch)}
+    out = {
+        "obs": obs,
+        "action": torch.rand(batch, horizon, meta.action_dim) * 2 - 1,
+        "weight": torch.ones(batch),
+    }
     if meta.goal_dim:
         out["goal"] = torch.randn(batch, meta.goal_dim)
     return out
@@ -41,8 +50,11 @@ def fake_batch(meta: ShapeMeta, batch: int, n_obs: int, horizon: int) -> dict:
 def fitted_policy(kind: str, meta: ShapeMeta, **kwargs):
     policy = build_policy(kind, meta, **kwargs)
     batch = fake_batch(meta, 256, 1, 1)
-    data = {key: value.reshape(-1, *value.shape[2:]).numpy() for key, value in batch["obs"].items()
-            if value.dtype != torch.uint8}
+    data = {
+        key: value.reshape(-1, *value.shape[2:]).numpy()
+        for key, value in batch["obs"].items()
+        if value.dtype != torch.uint8
+    }
     data["action"] = batch["action"].reshape(-1, meta.action_dim).numpy()
     if meta.goal_dim:
         data["goal"] = batch["goal"].numpy()
@@ -88,9 +100,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(machine_line(), f"torch {torch.__version__}, {args.threads} threads\n")
     configs = [
-        ("diffusion", "low-dim", LOWDIM, 0, 10), ("diffusion", "low-dim", LOWDIM, 0, 3),
-        ("diffusion", "96x96 image", IMAGE, 0, 10), ("diffusion", "96x96 image", IMAGE, 0, 3),
-        ("gc_diffusion", "low-dim", LOWDIM, 3, 3), ("gc_diffusion", "low-dim", LOWDIM, 3, 10),
+        ("diffusion", "low-dim", LOWDIM, 0, 10),
+        ("diffusion", "low-dim", LOWDIM, 0, 3),
+        ("diffusion", "96x96 image", IMAGE, 0, 10),
+        ("diffusion", "96x96 image", IMAGE, 0, 3),
+        ("gc_diffusion", "low-dim", LOWDIM, 3, 3),
+        ("gc_diffusion", "low-dim", LOWDIM, 3, 10),
         ("gc_diffusion", "96x96 image", IMAGE, 3, 3),
         ("mlp", "low-dim", LOWDIM, 0, 0),
     ]
@@ -101,10 +116,21 @@ def main() -> None:
         policy = fitted_policy(kind, meta, **kwargs)
         p50, p99, params = chunk_latency(policy, meta, args.calls)
         rate = train_throughput(policy, meta) if steps in (0, 10) else float("nan")
-        rows.append([kind, label, steps or "-", f"{params / 1e6:.2f}M", p50, p99,
-                     "-" if np.isnan(rate) else rate])
-    print_table(["policy", "observation", "sampler steps", "params", "chunk p50 ms", "chunk p99 ms",
-                 "train samples/s (b=64)"], rows)
+        rows.append(
+            [kind, label, steps or "-", f"{params / 1e6:.2f}M", p50, p99, "-" if np.isnan(rate) else rate]
+        )
+    print_table(
+        [
+            "policy",
+            "observation",
+            "sampler steps",
+            "params",
+            "chunk p50 ms",
+            "chunk p99 ms",
+            "train samples/s (b=64)",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

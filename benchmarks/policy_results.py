@@ -28,8 +28,17 @@ from policies.train import final_checkpoint, train
 from sim.collect import collect_demos
 from sim.evaluate import evaluate
 
-HEADERS = ["task", "demos", "policy", "train steps", "success", "mean length", "violations", "train s",
-           "eval episodes"]
+HEADERS = [
+    "task",
+    "demos",
+    "policy",
+    "train steps",
+    "success",
+    "mean length",
+    "violations",
+    "train s",
+    "eval episodes",
+]
 
 
 def demos_store(out: Path, task: str, count: int, operator: dict) -> Path:
@@ -83,15 +92,28 @@ def main() -> None:
     parser.add_argument("--demos", nargs="+", type=int, default=[50, 200])
     parser.add_argument("--policies", nargs="+", default=["mlp", "diffusion", "gc_diffusion"])
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--policy-steps", nargs="*", default=[],
-                        help="training steps per policy, e.g. mlp=3000 diffusion=12000 (default --steps)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="evaluate existing checkpoints trained for the same steps instead of retraining")
+    parser.add_argument(
+        "--policy-steps",
+        nargs="*",
+        default=[],
+        help="training steps per policy, e.g. mlp=3000 diffusion=12000 (default --steps)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="evaluate existing checkpoints trained for the same steps instead of retraining",
+    )
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("runs/policy_results"))
-    parser.add_argument("--operator", nargs="*", default=[],
-                        help="scripted expert knobs for the demos, e.g. approach=around (push)")
-    parser.add_argument("--override", nargs="*", default=[], help="extra hydra overrides for every training run")
+    parser.add_argument(
+        "--operator",
+        nargs="*",
+        default=[],
+        help="scripted expert knobs for the demos, e.g. approach=around (push)",
+    )
+    parser.add_argument(
+        "--override", nargs="*", default=[], help="extra hydra overrides for every training run"
+    )
     args = parser.parse_args()
     steps_for = parse_policy_steps(args.policy_steps, args.policies, args.steps)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -102,8 +124,15 @@ def main() -> None:
             data = demos_store(args.out, task, count, parse_operator(args.operator))
             for kind in args.policies:
                 run_dir, steps = args.out / f"{task}_{count}_{kind}", steps_for[kind]
-                overrides = [f"task={task}", f"policy={kind}", f"data={data}", f"out={run_dir}",
-                             f"steps={steps}", "progress=false", *args.override]
+                overrides = [
+                    f"task={task}",
+                    f"policy={kind}",
+                    f"data={data}",
+                    f"out={run_dir}",
+                    f"steps={steps}",
+                    "progress=false",
+                    *args.override,
+                ]
                 with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                     cfg = compose(config_name="train", overrides=overrides)
                 set_torch_threads(cfg.threads)  # train() sets it too; a reused checkpoint skips train()
@@ -113,12 +142,24 @@ def main() -> None:
                     started = time.perf_counter()
                     checkpoint = train(cfg)
                     train_s = time.perf_counter() - started
-                result = evaluate(checkpoint, task, args.eval_episodes, max_steps=cfg.task.max_steps, progress=False)
-                row = [task, count, kind, steps, f"{100 * result['success_rate']:.0f}%", result["mean_episode_length"],
-                       result["constraint_violations"], "reused" if train_s is None else train_s, args.eval_episodes]
+                result = evaluate(
+                    checkpoint, task, args.eval_episodes, max_steps=cfg.task.max_steps, progress=False
+                )
+                row = [
+                    task,
+                    count,
+                    kind,
+                    steps,
+                    f"{100 * result['success_rate']:.0f}%",
+                    result["mean_episode_length"],
+                    result["constraint_violations"],
+                    "reused" if train_s is None else train_s,
+                    args.eval_episodes,
+                ]
                 rows.append(row)
-                records.append({**result, "demos": count, "policy": kind, "train_seconds": train_s,
-                                "train_steps": steps})
+                records.append(
+                    {**result, "demos": count, "policy": kind, "train_seconds": train_s, "train_steps": steps}
+                )
                 print(" | ".join(str(v) for v in row), flush=True)
                 (args.out / "results.json").write_text(json.dumps(records, indent=2))
     print()

@@ -36,7 +36,7 @@ def synthetic_episode(rng: np.random.Generator, length: int, image: bool) -> lis
         if image:
             frame = background.copy()
             cx, cy = 20 + (t % 50), 30 + (t % 30)
-            frame[cy:cy + 12, cx:cx + 12] = (200, 40, 40)
+            frame[cy : cy + 12, cx : cx + 12] = (200, 40, 40)
             frame += rng.normal(scale=1.0, size=frame.shape)
             obs["front_rgb"] = np.clip(frame, 0, 255).astype(np.uint8)
         steps.append((obs, rng.uniform(-1, 1, size=4).astype(np.float32)))
@@ -91,9 +91,22 @@ def main() -> None:
     args = parser.parse_args()
     print(machine_line())
     print(f"{args.episodes} episodes x {args.length} steps; random windows of {args.window_length} steps\n")
-    rows = [bench(image, batch, args.episodes, args.length, args.windows, args.window_length)
-            for image, batch in ((False, 1), (False, 10), (True, 1), (True, 10))]
-    print_table(["config", "episodes/commit", "write steps/s", "write MB/s (raw)", "compression", "read windows/s", "read steps/s"], rows)
+    rows = [
+        bench(image, batch, args.episodes, args.length, args.windows, args.window_length)
+        for image, batch in ((False, 1), (False, 10), (True, 1), (True, 10))
+    ]
+    print_table(
+        [
+            "config",
+            "episodes/commit",
+            "write steps/s",
+            "write MB/s (raw)",
+            "compression",
+            "read windows/s",
+            "read steps/s",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,14 @@ class Policy(Protocol):
 
 # Why the robot did what it did at a tick (AgentStep.control).
 POLICY, OPERATOR, HOLD_TELEOP, HOLD_SERVER, HOLD_ESTOP, HOLD_OFFLINE, HOLD_VIOLATION = (
-    "policy", "operator", "hold_teleop", "hold_server", "hold_estop", "hold_offline", "hold_violation")
+    "policy",
+    "operator",
+    "hold_teleop",
+    "hold_server",
+    "hold_estop",
+    "hold_offline",
+    "hold_violation",
+)
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,11 @@ def observation_spec(obs: Mapping[str, Any], exclude: tuple[str, ...] = ("goal",
 
     The goal travels separately (Step.goal), so it is left out by default.
     """
-    return {key: (np.asarray(value).shape, np.asarray(value).dtype.name)
-            for key, value in obs.items() if key not in exclude}
+    return {
+        key: (np.asarray(value).shape, np.asarray(value).dtype.name)
+        for key, value in obs.items()
+        if key not in exclude
+    }
 
 
 class RobotAgent:
@@ -96,10 +106,19 @@ class RobotAgent:
     `retry_load_s`: wait before trying a policy version again after its load failed.
     """
 
-    def __init__(self, client: RobotClient, policy: Policy, *, load_policy: Callable[[str], Policy] | None = None,
-                 gripper_index: int | None = -1, teleop_timeout_s: float = 0.3, camera_key: str | None = None,
-                 goal_key: str = "goal", signals_fn: Callable[[Mapping, Mapping], Mapping[str, float]] | None = None,
-                 retry_load_s: float = 5.0):
+    def __init__(
+        self,
+        client: RobotClient,
+        policy: Policy,
+        *,
+        load_policy: Callable[[str], Policy] | None = None,
+        gripper_index: int | None = -1,
+        teleop_timeout_s: float = 0.3,
+        camera_key: str | None = None,
+        goal_key: str = "goal",
+        signals_fn: Callable[[Mapping, Mapping], Mapping[str, float]] | None = None,
+        retry_load_s: float = 5.0,
+    ):
         self.client = client
         self.policy = policy
         self.robot_id = client.hello.robot_id
@@ -151,7 +170,9 @@ class RobotAgent:
     def begin_episode(self, goal=None) -> int:
         """Start a new episode (swapping in a newly loaded policy first); returns its id."""
         if self.in_episode:
-            raise RuntimeError(f"robot {self.robot_id}: episode {self.episode_id} is still open; end it first")
+            raise RuntimeError(
+                f"robot {self.robot_id}: episode {self.episode_id} is still open; end it first"
+            )
         self._swap_if_loaded()
         self.episode_id += 1
         self.t = 0
@@ -165,7 +186,9 @@ class RobotAgent:
     def end_episode(self, success: bool, outcome: str = "") -> None:
         if not self.in_episode:
             return
-        self.client.end_episode(self.episode_id, bool(success), outcome or ("success" if success else "failure"))
+        self.client.end_episode(
+            self.episode_id, bool(success), outcome or ("success" if success else "failure")
+        )
         self.in_episode = False
 
     # -- the control tick ----------------------------------------------------------------------------
@@ -206,13 +229,26 @@ class RobotAgent:
             action, control = self._hold(), HOLD_SERVER
         self._was_autonomous = autonomous
 
-        signals = {"uncertainty": float(self.policy.uncertainty), "risk": 0.0,
-                   "density": 0.0, "constraint_violation": violation}
+        signals = {
+            "uncertainty": float(self.policy.uncertainty),
+            "risk": 0.0,
+            "density": 0.0,
+            "constraint_violation": violation,
+        }
         if self._signals_fn is not None:
             signals.update(self._signals_fn(obs, info))
         camera = obs.get(self._camera_key) if self._camera_key else None
-        seq = self.client.step(self.episode_id, self.t, {key: obs[key] for key in self._logged_keys}, action,
-                               label, signals=signals, goal=goal, camera=camera, operator_id=operator_id)
+        seq = self.client.step(
+            self.episode_id,
+            self.t,
+            {key: obs[key] for key in self._logged_keys},
+            action,
+            label,
+            signals=signals,
+            goal=goal,
+            camera=camera,
+            operator_id=operator_id,
+        )
         self.t += 1
         self._last_action = action
         return AgentStep(action, label, control, operator_id, seq=seq)
@@ -251,14 +287,17 @@ class RobotAgent:
             if self._loading is not None:
                 return  # one load at a time; the newer version is picked up after it
             self._loading = version
-        threading.Thread(target=self._load, args=(version,), name=f"load-{self.robot_id}", daemon=True).start()
+        threading.Thread(
+            target=self._load, args=(version,), name=f"load-{self.robot_id}", daemon=True
+        ).start()
 
     def _load(self, version: str) -> None:
         try:
             policy = self._load_policy(version)
         except Exception:
-            log.exception("robot %s: loading policy version %s failed; keeping %s", self.robot_id, version,
-                          self.version)
+            log.exception(
+                "robot %s: loading policy version %s failed; keeping %s", self.robot_id, version, self.version
+            )
             with self._swap_lock:
                 self._failed[version] = time.monotonic()
                 self._loading = None
@@ -276,8 +315,12 @@ class RobotAgent:
         if getattr(policy, "version", "") != version:
             # The fleet knows a policy by its registry version: report that one (else every command would
             # look like news and the version would be loaded again and again).
-            log.info("robot %s: policy calls itself %r; reporting registry version %r", self.robot_id,
-                     getattr(policy, "version", ""), version)
+            log.info(
+                "robot %s: policy calls itself %r; reporting registry version %r",
+                self.robot_id,
+                getattr(policy, "version", ""),
+                version,
+            )
             policy.version = version
         old = self.version
         self.policy = policy

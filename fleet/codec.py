@@ -30,7 +30,9 @@ def parse_dtype(name: str) -> np.dtype:
     except TypeError:
         raise ValueError(f"unknown dtype {clip(name)!r}") from None
     if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise ValueError(f"dtype {clip(name)!r} is not allowed: only bool, integer and float arrays travel as Tensors")
+        raise ValueError(
+            f"dtype {clip(name)!r} is not allowed: only bool, integer and float arrays travel as Tensors"
+        )
     return dtype
 
 
@@ -52,7 +54,9 @@ def to_tensor(array) -> pb.Tensor:
     return pb.Tensor(shape=array.shape, dtype=dtype.name, data=array.tobytes())
 
 
-def from_tensor(tensor: pb.Tensor, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, what: str = "tensor") -> np.ndarray:
+def from_tensor(
+    tensor: pb.Tensor, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, what: str = "tensor"
+) -> np.ndarray:
     """Decode a Tensor to a read-only array; ValueError names what is wrong with a bad one."""
     dtype = parse_dtype(tensor.dtype) if tensor.dtype else None
     if dtype is None:
@@ -60,20 +64,30 @@ def from_tensor(tensor: pb.Tensor, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, wh
     shape = parse_shape(tensor.shape, what)
     expected = math.prod(shape) * dtype.itemsize
     if expected > max_bytes:
-        raise ValueError(f"{what}: shape {shape} of {dtype.name} is {expected} bytes, over the limit of {max_bytes}")
+        raise ValueError(
+            f"{what}: shape {shape} of {dtype.name} is {expected} bytes, over the limit of {max_bytes}"
+        )
     if len(tensor.data) != expected:
-        raise ValueError(f"{what}: shape {shape} of {dtype.name} needs {expected} bytes, got {len(tensor.data)}")
+        raise ValueError(
+            f"{what}: shape {shape} of {dtype.name} needs {expected} bytes, got {len(tensor.data)}"
+        )
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
 
-def tensors_to_arrays(tensors: Mapping[str, pb.Tensor], max_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> dict[str, np.ndarray]:
+def tensors_to_arrays(
+    tensors: Mapping[str, pb.Tensor], max_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+) -> dict[str, np.ndarray]:
     return {key: from_tensor(value, max_bytes, what=key) for key, value in tensors.items()}
 
 
 def encode_image(image: np.ndarray, encoding: str = "jpeg", quality: int = 85) -> pb.Image:
     """An H x W (gray) or H x W x 3 (RGB) uint8 image as a compressed Image."""
     image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
+    if (
+        image.dtype != np.uint8
+        or image.ndim not in (2, 3)
+        or (image.ndim == 3 and image.shape[2] not in (1, 3))
+    ):
         raise ValueError(f"an image must be uint8 H x W or H x W x 3, got {image.dtype} {image.shape}")
     if encoding not in IMAGE_ENCODINGS:
         raise ValueError(f"unknown image encoding {clip(encoding)!r}; use one of {sorted(IMAGE_ENCODINGS)}")
@@ -88,12 +102,18 @@ def encode_image(image: np.ndarray, encoding: str = "jpeg", quality: int = 85) -
 def decode_image(message: pb.Image, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """An Image back to uint8 RGB (H x W x 3) or gray (H x W)."""
     if message.encoding not in IMAGE_ENCODINGS:
-        raise ValueError(f"unknown image encoding {clip(message.encoding)!r}; expected one of {sorted(IMAGE_ENCODINGS)}")
+        raise ValueError(
+            f"unknown image encoding {clip(message.encoding)!r}; expected one of {sorted(IMAGE_ENCODINGS)}"
+        )
     if message.width * message.height > max_pixels:
-        raise ValueError(f"image of {message.width} x {message.height} is over the limit of {max_pixels} pixels")
+        raise ValueError(
+            f"image of {message.width} x {message.height} is over the limit of {max_pixels} pixels"
+        )
     image = cv2.imdecode(np.frombuffer(message.data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError(f"image data ({len(message.data)} bytes) is not a valid {message.encoding}")
     if image.shape[0] * image.shape[1] > max_pixels:
-        raise ValueError(f"decoded image of {image.shape[1]} x {image.shape[0]} is over the limit of {max_pixels} pixels")
+        raise ValueError(
+            f"decoded image of {image.shape[1]} x {image.shape[0]} is over the limit of {max_pixels} pixels"
+        )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if image.ndim == 3 else image

@@ -63,5 +63,7 @@ def check_filename(name: str) -> str:
 def check_sha256(value: str, what: str) -> str:
     """A SHA-256 in hex (either case); returns it lower-case."""
     if not SHA256_PATTERN.fullmatch(value.lower()):
-        raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: bad sha256 {clip(value)!r} (64 hex digits)")
+        raise RegistryError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{what}: bad sha256 {clip(value)!r} (64 hex digits)"
+        )
     return value.lower()

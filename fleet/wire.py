@@ -76,5 +76,8 @@ def release_reason_name(value: int) -> str:
 
 def error_code_to_wire(status_name: str) -> int:
     """A gRPC status code name ("PERMISSION_DENIED") as the wire's ErrorCode."""
-    return pb.ErrorCode.Value(f"ERROR_CODE_{status_name}") if f"ERROR_CODE_{status_name}" in pb.ErrorCode.keys() \
+    return (
+        pb.ErrorCode.Value(f"ERROR_CODE_{status_name}")
+        if f"ERROR_CODE_{status_name}" in pb.ErrorCode.keys()
         else pb.ERROR_CODE_UNSPECIFIED
+    )

@@ -36,21 +36,42 @@ class Job:
 
 
 JOBS: dict[str, Job] = {
-    "collect": Job("sim.collect:run", "collect scripted-operator demonstrations into an episode store",
-                   "sim.collect:CollectConfig"),
-    "info": Job("fleet.store.inspect:run", "summarize an episode store: episodes, steps, labels, keys, size",
-                "fleet.store.inspect:InfoConfig", positional="path"),
-    "train": Job("policies.train:run", "train a policy (diffusion, gc_diffusion, mlp) by weighted BC on episode stores",
-                 "policies.config:TrainConfig"),
-    "eval": Job("sim.evaluate:run", "evaluate a checkpoint in simulation: success rate, length, violations",
-                "policies.config:EvalConfig"),
+    "collect": Job(
+        "sim.collect:run",
+        "collect scripted-operator demonstrations into an episode store",
+        "sim.collect:CollectConfig",
+    ),
+    "info": Job(
+        "fleet.store.inspect:run",
+        "summarize an episode store: episodes, steps, labels, keys, size",
+        "fleet.store.inspect:InfoConfig",
+        positional="path",
+    ),
+    "train": Job(
+        "policies.train:run",
+        "train a policy (diffusion, gc_diffusion, mlp) by weighted BC on episode stores",
+        "policies.config:TrainConfig",
+    ),
+    "eval": Job(
+        "sim.evaluate:run",
+        "evaluate a checkpoint in simulation: success rate, length, violations",
+        "policies.config:EvalConfig",
+    ),
     "fleet": Job("sim.fleet_sim:run", "run simulated robots and scripted operators against a fleet server"),
-    "demo": Job("sim.demo:run", "the whole fleet learning loop in one process: train, deploy, intervene, retrain",
-                "sim.demo:DemoConfig"),
+    "demo": Job(
+        "sim.demo:run",
+        "the whole fleet learning loop in one process: train, deploy, intervene, retrain",
+        "sim.demo:DemoConfig",
+    ),
     # ServerConfig (its allocation block per rule) is not an omegaconf schema: it is built from the composed
     # config to check it (ServerConfig.from_dict), and serve gets the DictConfig.
-    "serve": Job("fleet.server.app:run", "run the fleet server (gRPC robots/operators/registry, metrics) until Ctrl-C",
-                 "fleet.server.config:ServerConfig", typed=False, structured=False),
+    "serve": Job(
+        "fleet.server.app:run",
+        "run the fleet server (gRPC robots/operators/registry, metrics) until Ctrl-C",
+        "fleet.server.config:ServerConfig",
+        typed=False,
+        structured=False,
+    ),
 }
 
 CONFIG_DIR = Path(configs.__file__).resolve().parent
@@ -68,8 +89,23 @@ def usage() -> str:
 
 
 # Hydra's flags that take a value (`--cfg job`): their value is not a positional argument.
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
-                "-cd", "--experimental-rerun", "--info", "-i", "--shell-completion", "-sc"}
+_VALUE_FLAGS = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+}
 
 
 def _to_overrides(job: Job, args: list[str]) -> list[str]:

@@ -73,15 +73,26 @@ class Checkpoint:
         return ActionSpace.from_dict(self.config.get("action_space"))
 
 
-def save_checkpoint(directory: str | os.PathLike, policy: nn.Module, shape_meta: ShapeMeta, version: str,
-                    action_space: ActionSpace = DELTA, training: dict | None = None, step: int = 0,
-                    trainer_state: dict[str, torch.Tensor] | None = None, trainer_meta: dict | None = None) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike,
+    policy: nn.Module,
+    shape_meta: ShapeMeta,
+    version: str,
+    action_space: ActionSpace = DELTA,
+    training: dict | None = None,
+    step: int = 0,
+    trainer_state: dict[str, torch.Tensor] | None = None,
+    trainer_meta: dict | None = None,
+) -> Path:
     """Write a checkpoint folder atomically (a half-written checkpoint is never visible under its name)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()}
-    normalizer = {name[len(_NORMALIZER_PREFIX):]: tensor.tolist() for name, tensor in state.items()
-                  if name.startswith(_NORMALIZER_PREFIX)}
+    normalizer = {
+        name[len(_NORMALIZER_PREFIX) :]: tensor.tolist()
+        for name, tensor in state.items()
+        if name.startswith(_NORMALIZER_PREFIX)
+    }
     weights = {name: tensor for name, tensor in state.items() if not name.startswith(_NORMALIZER_PREFIX)}
     config = {
         "format": FORMAT_VERSION,
@@ -99,7 +110,10 @@ def save_checkpoint(directory: str | os.PathLike, policy: nn.Module, shape_meta:
         save_file(weights, str(staging / MODEL_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         if trainer_state is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainer_state.items()}, str(staging / TRAINER_FILE))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in trainer_state.items()},
+                str(staging / TRAINER_FILE),
+            )
             (staging / TRAINER_JSON).write_text(json.dumps(trainer_meta or {}, indent=2))
         if directory.exists():
             shutil.rmtree(directory)
@@ -122,7 +136,9 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not isinstance(config, dict) or "format" not in config:
         raise CheckpointError(f"{path}: missing field(s) ['format']")
     if config["format"] not in READABLE_FORMATS:
-        raise CheckpointError(f"{path}: checkpoint format {config['format']}, this code reads {list(READABLE_FORMATS)}")
+        raise CheckpointError(
+            f"{path}: checkpoint format {config['format']}, this code reads {list(READABLE_FORMATS)}"
+        )
     if config["format"] == 1:
         config = _upgrade_format1(config, path)
     missing = [key for key in ("policy", "shape_meta", "normalizer", "version") if key not in config]
@@ -134,9 +150,13 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 
 # Format 1 kept the image encoder's constructor arguments among the policy's, under these names.
-_FORMAT1_ENCODER = {"image_feature_dim": "feature_dim", "image_channels": "channels",
-                    "image_blocks_per_stage": "blocks_per_stage", "num_keypoints": "num_keypoints",
-                    "crop_ratio": "crop_ratio"}
+_FORMAT1_ENCODER = {
+    "image_feature_dim": "feature_dim",
+    "image_channels": "channels",
+    "image_blocks_per_stage": "blocks_per_stage",
+    "num_keypoints": "num_keypoints",
+    "crop_ratio": "crop_ratio",
+}
 
 
 def _upgrade_format1(config: dict, path: Path) -> dict:
@@ -146,8 +166,11 @@ def _upgrade_format1(config: dict, path: Path) -> dict:
         raise CheckpointError(f"{path}: missing field(s) {missing or ['policy_config']}")
     flat = dict(config["policy_config"])
     encoder = {new: flat.pop(old) for old, new in _FORMAT1_ENCODER.items() if old in flat}
-    rest = {key: value for key, value in config.items()
-            if key not in ("kind", "policy_config", "n_obs_steps", "horizon", "n_action_steps")}
+    rest = {
+        key: value
+        for key, value in config.items()
+        if key not in ("kind", "policy_config", "n_obs_steps", "horizon", "n_action_steps")
+    }
     return {**rest, "policy": {"kind": config["kind"], **flat, "encoder": encoder}}
 
 
@@ -167,17 +190,23 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str = "cpu") -> 
     size = config_ensemble_size(config, directory / CONFIG_FILE)
     kind = config["policy"]["kind"]
     try:
-        policy = build_policy(policy_config_from_dict(config["policy"]), ShapeMeta.from_dict(config["shape_meta"]),
-                              ensemble=size)
+        policy = build_policy(
+            policy_config_from_dict(config["policy"]),
+            ShapeMeta.from_dict(config["shape_meta"]),
+            ensemble=size,
+        )
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{directory}: cannot rebuild policy {kind!r} ({err})") from None
     state = load_tensors(directory / MODEL_FILE)
     held = len({name.split(".")[1] for name in state if name.startswith("members.")})
     if held != (size if size > 1 else 0):
-        raise CheckpointError(f"{directory / MODEL_FILE} does not match the policy: {CONFIG_FILE} says ensemble "
-                              f"{size} but the weights hold {held or 'no'} ensemble member(s)")
-    state.update({_NORMALIZER_PREFIX + name: torch.tensor(values)
-                  for name, values in config["normalizer"].items()})
+        raise CheckpointError(
+            f"{directory / MODEL_FILE} does not match the policy: {CONFIG_FILE} says ensemble "
+            f"{size} but the weights hold {held or 'no'} ensemble member(s)"
+        )
+    state.update(
+        {_NORMALIZER_PREFIX + name: torch.tensor(values) for name, values in config["normalizer"].items()}
+    )
     load_state_strict(policy, state, directory / MODEL_FILE)
     policy.to(map_location).eval()
     return Checkpoint(policy=policy, version=str(config["version"]), config=config)
@@ -196,8 +225,11 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{name}: {tuple(state[name].shape)} vs {tuple(tensor.shape)}"
-              for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
+    shapes = [
+        f"{name}: {tuple(state[name].shape)} vs {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in state and state[name].shape != tensor.shape
+    ]
     if missing or unexpected or shapes:
         problems = []
         if missing:

@@ -16,8 +16,9 @@ class RegistryPolicies:
     (into `cache_dir`), load it once, and give every robot its own PolicyRunner over the shared weights.
     Version "" means the registry's latest."""
 
-    def __init__(self, address: str, token: str, cache_dir: str | Path, num_samples: int = 1,
-                 root_certificates=None):
+    def __init__(
+        self, address: str, token: str, cache_dir: str | Path, num_samples: int = 1, root_certificates=None
+    ):
         self.address, self.token, self.cache_dir = address, token, Path(cache_dir)
         self.num_samples = num_samples
         self.root_certificates = root_certificates
@@ -34,8 +35,15 @@ class RegistryPolicies:
             else:
                 folder = self.cache_dir / version if version else None
                 if folder is None or not (folder / "config.json").exists():
-                    folder = fetch_checkpoint(self.address, self.token, self.cache_dir, version,
-                                              root_certificates=self.root_certificates)
+                    folder = fetch_checkpoint(
+                        self.address,
+                        self.token,
+                        self.cache_dir,
+                        version,
+                        root_certificates=self.root_certificates,
+                    )
                 version = folder.name
                 checkpoint = self._checkpoints[version] = load_checkpoint(folder)
-        return PolicyRunner(checkpoint.policy, version, self.num_samples, action_space=checkpoint.action_space)
+        return PolicyRunner(
+            checkpoint.policy, version, self.num_samples, action_space=checkpoint.action_space
+        )

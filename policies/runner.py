@@ -33,9 +33,15 @@ from policies.checkpoint import load_checkpoint
 
 
 class PolicyRunner:
-    def __init__(self, policy: nn.Module, version: str = "", num_samples: int = 1,
-                 n_action_steps: int | None = None, action_space: ActionSpace = DELTA,
-                 noise_seed: int | None = None):
+    def __init__(
+        self,
+        policy: nn.Module,
+        version: str = "",
+        num_samples: int = 1,
+        n_action_steps: int | None = None,
+        action_space: ActionSpace = DELTA,
+        noise_seed: int | None = None,
+    ):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.policy = policy.eval()
@@ -49,19 +55,28 @@ class PolicyRunner:
         self.n_obs_steps = policy.n_obs_steps
         self.n_action_steps = n_action_steps or policy.n_action_steps
         if not 1 <= self.n_action_steps <= policy.horizon - policy.n_obs_steps + 1:
-            raise ValueError(f"n_action_steps {self.n_action_steps} does not fit in horizon {policy.horizon} "
-                             f"after {policy.n_obs_steps} observed steps")
+            raise ValueError(
+                f"n_action_steps {self.n_action_steps} does not fit in horizon {policy.horizon} "
+                f"after {policy.n_obs_steps} observed steps"
+            )
         self.obs_keys = list(policy.shape_meta.obs)
         self.uses_goal = policy.shape_meta.goal_dim > 0
         self.uncertainty = 0.0
         self.reset()
 
     @classmethod
-    def from_checkpoint(cls, directory, num_samples: int = 1, n_action_steps: int | None = None,
-                        noise_seed: int | None = None) -> PolicyRunner:
+    def from_checkpoint(
+        cls, directory, num_samples: int = 1, n_action_steps: int | None = None, noise_seed: int | None = None
+    ) -> PolicyRunner:
         checkpoint = load_checkpoint(directory)
-        return cls(checkpoint.policy, checkpoint.version, num_samples, n_action_steps, checkpoint.action_space,
-                   noise_seed)
+        return cls(
+            checkpoint.policy,
+            checkpoint.version,
+            num_samples,
+            n_action_steps,
+            checkpoint.action_space,
+            noise_seed,
+        )
 
     def reset(self) -> None:
         self._history: deque = deque(maxlen=self.n_obs_steps)
@@ -84,17 +99,25 @@ class PolicyRunner:
 
     @torch.inference_mode()
     def _plan(self, goal: np.ndarray | None) -> None:
-        obs = {key: torch.from_numpy(np.stack([frame[key] for frame in self._history]))[None]
-               for key in self.obs_keys}
+        obs = {
+            key: torch.from_numpy(np.stack([frame[key] for frame in self._history]))[None]
+            for key in self.obs_keys
+        }
         goal_tensor = None
         if self.uses_goal:
             if goal is None:
-                raise ValueError("this policy is goal-conditioned: pass a goal (or an observation with 'goal')")
+                raise ValueError(
+                    "this policy is goal-conditioned: pass a goal (or an observation with 'goal')"
+                )
             goal_tensor = torch.as_tensor(np.asarray(goal, dtype=np.float32))[None]
-        noise = {} if self.noise_seed is None else {"generator": torch.Generator().manual_seed(self.noise_seed)}
-        samples = self.policy.predict_action(obs, goal_tensor, num_samples=self.num_samples, **noise)[0]  # (K, Tp, A)
+        noise = (
+            {} if self.noise_seed is None else {"generator": torch.Generator().manual_seed(self.noise_seed)}
+        )
+        samples = self.policy.predict_action(obs, goal_tensor, num_samples=self.num_samples, **noise)[
+            0
+        ]  # (K, Tp, A)
         start = self.n_obs_steps - 1
-        executed = samples[:, start:start + self.n_action_steps]
+        executed = samples[:, start : start + self.n_action_steps]
         if self.num_samples > 1:
             normalized = self.policy.normalizer.normalize("action", executed)
             self.uncertainty = float(normalized.std(dim=0).mean() / 2.0)

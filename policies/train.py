@@ -76,9 +76,11 @@ class EMA:
 
 def shape_meta_for(data: EpisodeData, obs_keys: list[str]) -> ShapeMeta:
     goal = data.steps.get("goal")
-    return ShapeMeta(obs={key: tuple(data.steps[key].shape[1:]) for key in obs_keys},
-                     action_dim=int(data.steps["action"].shape[-1]),
-                     goal_dim=0 if goal is None else int(goal.shape[-1]))
+    return ShapeMeta(
+        obs={key: tuple(data.steps[key].shape[1:]) for key in obs_keys},
+        action_dim=int(data.steps["action"].shape[-1]),
+        goal_dim=0 if goal is None else int(goal.shape[-1]),
+    )
 
 
 def normalizer_data(data: EpisodeData, episodes: np.ndarray, shape_meta: ShapeMeta) -> dict[str, np.ndarray]:
@@ -120,7 +122,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, state["param_groups"]
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
+) -> None:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -148,17 +152,27 @@ def train(cfg: TrainConfig) -> Path:
 
     action_space = cfg.action_space
     try:
-        data = load_episodes(cfg.data, obs_keys, cfg.memory.strategy, cfg.memory.budget_steps, cfg.memory.keep_demos,
-                             extra_keys=[action_space.position_key] if action_space.kind == "target" else [])
+        data = load_episodes(
+            cfg.data,
+            obs_keys,
+            cfg.memory.strategy,
+            cfg.memory.budget_steps,
+            cfg.memory.keep_demos,
+            extra_keys=[action_space.position_key] if action_space.kind == "target" else [],
+        )
     except (StoreError, ValueError) as err:  # not a store, or not one this config can train on
         raise ConfigError("data", str(err)) from None
     if action_space.kind == "target":
-        data.steps["action"] = action_space.to_policy(data.steps["action"], data.steps[action_space.position_key])
+        data.steps["action"] = action_space.to_policy(
+            data.steps["action"], data.steps[action_space.position_key]
+        )
     train_eps, val_eps = split_episodes(data.num_episodes, cfg.val_ratio, cfg.seed)
     horizons = dict(n_obs_steps=cfg.policy.n_obs_steps, horizon=cfg.policy.horizon)
     # Every sample carries its index: an ensemble draws its members' bootstraps from it.
     train_set = IndexedDataset(WindowDataset(data, train_eps, obs_keys, weighting=cfg.weighting, **horizons))
-    val_set = WindowDataset(data, val_eps, obs_keys, weighting=cfg.weighting, **horizons) if len(val_eps) else None
+    val_set = (
+        WindowDataset(data, val_eps, obs_keys, weighting=cfg.weighting, **horizons) if len(val_eps) else None
+    )
     shape_meta = shape_meta_for(data, obs_keys)
 
     policy: Policy = build_policy(cfg.policy, shape_meta, ensemble=cfg.ensemble, bootstrap_seed=cfg.seed)
@@ -173,20 +187,40 @@ def train(cfg: TrainConfig) -> Path:
         step = _resume(Path(cfg.resume), policy, ema, optimizer)
 
     model = nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
-    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=cfg.seed) if world > 1 else None
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
-                                         sampler=sampler, drop_last=len(train_set) >= cfg.batch_size * world,
-                                         num_workers=0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps))
+    sampler = (
+        torch.utils.data.DistributedSampler(train_set, world, rank, seed=cfg.seed) if world > 1 else None
+    )
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(train_set) >= cfg.batch_size * world,
+        num_workers=0,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps)
+    )
     for _ in range(step):
         schedule.step()
 
     writer = _tensorboard(out / "tb") if rank == 0 and cfg.tensorboard else None
-    training_summary = {**data.summary(), "weighting": cfg.weighting, "init_from": cfg.init_from,
-                        "memory": dataclasses.asdict(cfg.memory),
-                        "train_episodes": len(train_eps), "val_episodes": len(val_eps)}
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.policy.kind}", unit="step",
-               disable=rank != 0 or not cfg.progress, file=sys.stdout)
+    training_summary = {
+        **data.summary(),
+        "weighting": cfg.weighting,
+        "init_from": cfg.init_from,
+        "memory": dataclasses.asdict(cfg.memory),
+        "train_episodes": len(train_eps),
+        "val_episodes": len(val_eps),
+    }
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc=f"train {cfg.policy.kind}",
+        unit="step",
+        disable=rank != 0 or not cfg.progress,
+        file=sys.stdout,
+    )
     started, samples, epoch = time.perf_counter(), 0, 0
     final = final_checkpoint(out)
     while step < cfg.steps:
@@ -219,7 +253,18 @@ def train(cfg: TrainConfig) -> Path:
                 if writer:
                     writer.add_scalar("val/loss", val, step)
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                _save(final, policy, ema, optimizer, shape_meta, action_space, cfg, training_summary, step, epoch)
+                _save(
+                    final,
+                    policy,
+                    ema,
+                    optimizer,
+                    shape_meta,
+                    action_space,
+                    cfg,
+                    training_summary,
+                    step,
+                    epoch,
+                )
             if step >= cfg.steps:
                 break
         epoch += 1
@@ -228,8 +273,10 @@ def train(cfg: TrainConfig) -> Path:
         writer.close()
     if rank == 0:
         elapsed = time.perf_counter() - started
-        print(f"trained {cfg.policy.kind} for {step} steps ({samples / max(elapsed, 1e-9):.0f} samples/s); "
-              f"checkpoint: {final}")
+        print(
+            f"trained {cfg.policy.kind} for {step} steps ({samples / max(elapsed, 1e-9):.0f} samples/s); "
+            f"checkpoint: {final}"
+        )
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -257,17 +304,30 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _save(directory, policy, ema, optimizer, shape_meta, action_space, cfg, training_summary, step, epoch) -> None:
+def _save(
+    directory, policy, ema, optimizer, shape_meta, action_space, cfg, training_summary, step, epoch
+) -> None:
     tensors, groups = optimizer_tensors(optimizer)
     tensors.update({f"model.{k}": v for k, v in policy.state_dict().items()})
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
     version = cfg.version or f"{cfg.policy.kind}-{Path(cfg.out).name}-step{step}"
-    save_checkpoint(directory, ema.model if ema else policy, shape_meta, version, action_space,
-                    training=training_summary,
-                    step=step, trainer_state=tensors,
-                    trainer_meta={"param_groups": groups, "step": step, "epoch": epoch,
-                                  "ema_updates": ema.updates if ema else 0})
+    save_checkpoint(
+        directory,
+        ema.model if ema else policy,
+        shape_meta,
+        version,
+        action_space,
+        training=training_summary,
+        step=step,
+        trainer_state=tensors,
+        trainer_meta={
+            "param_groups": groups,
+            "step": step,
+            "epoch": epoch,
+            "ema_updates": ema.updates if ema else 0,
+        },
+    )
 
 
 def _init_from(directory: Path, policy) -> None:
@@ -286,8 +346,9 @@ def _resume(directory: Path, policy, ema, optimizer) -> int:
         raise CheckpointError(f"{directory}: a {kind} checkpoint cannot resume a {policy.kind} run")
     size, wanted = config_ensemble_size(config, directory), policy.ensemble_size
     if size != wanted:
-        raise CheckpointError(f"{directory}: a checkpoint of ensemble {size} cannot resume a run with "
-                              f"ensemble={wanted}")
+        raise CheckpointError(
+            f"{directory}: a checkpoint of ensemble {size} cannot resume a run with ensemble={wanted}"
+        )
     meta_path = directory / TRAINER_JSON
     if not meta_path.is_file():
         raise CheckpointError(f"{directory}: has no trainer state to resume from ({TRAINER_JSON} is missing)")
@@ -295,7 +356,9 @@ def _resume(directory: Path, policy, ema, optimizer) -> int:
     tensors = load_tensors(directory / TRAINER_FILE)
     load_state_strict(policy, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, directory)
     if ema is not None:
-        load_state_strict(ema.model, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, directory)
+        load_state_strict(
+            ema.model, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, directory
+        )
         ema.updates = int(meta.get("ema_updates", 0))
     restore_optimizer(optimizer, tensors, meta["param_groups"])
     return int(meta["step"])

@@ -39,12 +39,16 @@ class CollectConfig:
     # The scripted operator's knobs (sim/experts/base.py: human-like imperfection; zero is a perfect
     # operator); +operator.approach=around goes round the block (push).
     operator: dict[str, Any] = field(
-        default_factory=lambda: {"reaction_delay": 0, "action_noise": 0.0, "detour_prob": 0.0})
+        default_factory=lambda: {"reaction_delay": 0, "action_noise": 0.0, "detour_prob": 0.0}
+    )
 
     def __post_init__(self):
         check_int(self.episodes, "episodes", 1)
-        check(isinstance(self.image_size, int) and 16 <= self.image_size <= 512, "image_size",
-              f"must be an integer in [16, 512], got {self.image_size!r}")
+        check(
+            isinstance(self.image_size, int) and 16 <= self.image_size <= 512,
+            "image_size",
+            f"must be an integer in [16, 512], got {self.image_size!r}",
+        )
 
 
 register_job("collect", CollectConfig)
@@ -138,10 +142,16 @@ def _collect_into(out: Path, cfg: CollectConfig) -> None:
     cameras = list(cfg.camera_names) if cfg.cameras else []
     with store:
         result = collect_demos(
-            store, cfg.task.name, cfg.episodes, seed=cfg.seed,
+            store,
+            cfg.task.name,
+            cfg.episodes,
+            seed=cfg.seed,
             env_kwargs={"max_steps": cfg.task.max_steps, "image_size": cfg.image_size, **cfg.task.env},
-            cameras=cameras, operator_kwargs=cfg.operator, keep_failures=cfg.keep_failures,
-            robot_id=cfg.robot_id, progress=cfg.progress,
+            cameras=cameras,
+            operator_kwargs=cfg.operator,
+            keep_failures=cfg.keep_failures,
+            robot_id=cfg.robot_id,
+            progress=cfg.progress,
         )
         print(
             f"collected {result.committed} {cfg.task.name} episodes ({result.steps} steps) into {out}; "

@@ -55,5 +55,7 @@ def goal_from_options(options: dict | None, goal_dim: int, task_name: str) -> np
         return None
     goal = np.asarray(options["goal"], dtype=np.float64).reshape(-1)
     if goal.shape != (goal_dim,) or not np.all(np.isfinite(goal)):
-        raise ValueError(f"{task_name}: options['goal'] must be {goal_dim} finite numbers, got {options['goal']!r}")
+        raise ValueError(
+            f"{task_name}: options['goal'] must be {goal_dim} finite numbers, got {options['goal']!r}"
+        )
     return goal

@@ -68,7 +68,8 @@ class DemosConfig:
     # success alone; the same model reaches ~70% on 200 demos).
     episodes: int = 10
     operator: dict[str, Any] = field(  # the scripted operator's knobs (sim/experts/base.py)
-        default_factory=lambda: {"reaction_delay": 0, "action_noise": 0.0, "detour_prob": 0.0})
+        default_factory=lambda: {"reaction_delay": 0, "action_noise": 0.0, "detour_prob": 0.0}
+    )
     train_steps: int = 1000  # the initial policy's training steps: 10 demos are 70 steps (~900 epochs)
 
     def __post_init__(self):
@@ -87,7 +88,8 @@ class FleetOperatorConfig:
     # such labels (reach, delta actions) gave 34% success with delay 1, 72% with 0, 90% with the
     # labels re-paired to the frames they answered.
     expert: dict[str, Any] = field(
-        default_factory=lambda: {"reaction_delay": 0, "action_noise": 0.05, "detour_prob": 0.0})
+        default_factory=lambda: {"reaction_delay": 0, "action_noise": 0.05, "detour_prob": 0.0}
+    )
 
     def __post_init__(self):
         check_int(self.extra_steps, "extra_steps", 0)
@@ -138,7 +140,9 @@ def _demo_train() -> TrainConfig:
     """`flotilla train`'s settings for every (re)training, where the demo's differ; the task, policy and seed
     are the demo's, and data, out and version are set by the demo for each training."""
     return TrainConfig(
-        task="${task}", policy="${policy}", seed="${seed}",
+        task="${task}",
+        policy="${policy}",
+        seed="${seed}",
         # Retraining steps. The data grows by ~1000 human steps a round; on 3 rounds of it, 2000 steps
         # gave 40% success and 4000 gave 88% (reach).
         steps=4000,
@@ -202,21 +206,36 @@ def demo_config(cfg) -> DemoConfig:
     return cfg if isinstance(cfg, DemoConfig) else typed(cfg)
 
 
-def train_config(cfg: DemoConfig, data: list[str], out: Path, version: str, steps: int | None = None,
-                 init_from: Path | None = None) -> TrainConfig:
+def train_config(
+    cfg: DemoConfig,
+    data: list[str],
+    out: Path,
+    version: str,
+    steps: int | None = None,
+    init_from: Path | None = None,
+) -> TrainConfig:
     """The demo's `train` settings for one training: the stores `data`, checkpoints under `out`."""
-    return dataclasses.replace(cfg.train, data=list(data), out=str(out), version=version,
-                               steps=steps or cfg.train.steps, init_from=str(init_from) if init_from else None)
+    return dataclasses.replace(
+        cfg.train,
+        data=list(data),
+        out=str(out),
+        version=version,
+        steps=steps or cfg.train.steps,
+        init_from=str(init_from) if init_from else None,
+    )
 
 
-def train_version(cfg, data: list[Path], out: Path, version: str, steps: int | None = None,
-                  init_from: Path | None = None) -> tuple[Path, float]:
+def train_version(
+    cfg, data: list[Path], out: Path, version: str, steps: int | None = None, init_from: Path | None = None
+) -> tuple[Path, float]:
     """Train `version` on the stores `data` (for `steps`, default train.steps; fine-tuning the checkpoint
     `init_from` if given); returns (checkpoint folder, training wall time)."""
     from policies.train import train  # torch is imported only here
 
     started = time.monotonic()
-    config = train_config(cfg, [str(path) for path in data], version_dir(out, version), version, steps, init_from)
+    config = train_config(
+        cfg, [str(path) for path in data], version_dir(out, version), version, steps, init_from
+    )
     start = f", from {Path(init_from).parent.parent.name}" if init_from else ""
     print(f"training {version} on {len(data)} store(s) ({config.steps} steps{start})...", flush=True)
     checkpoint = train(config)
@@ -235,7 +254,9 @@ def wait_committed(server: ServerThread, episodes: int, timeout: float = 60.0) -
     deadline = time.monotonic() + timeout
     while stats.episodes_committed + stats.episodes_discarded < episodes:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the episode writer committed {stats.episodes_committed} of {episodes} episodes")
+            raise RuntimeError(
+                f"the episode writer committed {stats.episodes_committed} of {episodes} episodes"
+            )
         time.sleep(0.05)
 
 
@@ -244,9 +265,17 @@ def server_config(cfg: DemoConfig, out: Path, tokens: dict[str, str]) -> ServerC
     # The fleet ticks the allocator itself after every step (sim.fleet_sim.lockstep_tick): one tick is one
     # robot step however loaded the machine is, so the server's own timer is set never to fire.
     values.setdefault("allocation", {})["tick_hz"] = LOCKSTEP_TICK_HZ
-    return ServerConfig.from_dict({**values, "host": "127.0.0.1", "port": 0, "metrics_port": None,
-                                   "tokens": {role: [token] for role, token in tokens.items()},
-                                   "store": str(out / "fleet.zarr"), "registry_dir": str(out / "registry")})
+    return ServerConfig.from_dict(
+        {
+            **values,
+            "host": "127.0.0.1",
+            "port": 0,
+            "metrics_port": None,
+            "tokens": {role: [token] for role, token in tokens.items()},
+            "store": str(out / "fleet.zarr"),
+            "registry_dir": str(out / "registry"),
+        }
+    )
 
 
 def fresh_folder(out: Path, overwrite: bool) -> Path:
@@ -266,16 +295,26 @@ def initial_policy(cfg, out: Path) -> tuple[Path, Path, dict]:
     task = cfg.task.name
     demos = out / "demos.zarr"
     with EpisodeStore.create(demos) as store:
-        result = collect_demos(store, task, cfg.demos.episodes, seed=cfg.seed, env_kwargs=env_kwargs(cfg),
-                               operator_kwargs=cfg.demos.operator, progress=cfg.progress)
+        result = collect_demos(
+            store,
+            task,
+            cfg.demos.episodes,
+            seed=cfg.seed,
+            env_kwargs=env_kwargs(cfg),
+            operator_kwargs=cfg.demos.operator,
+            progress=cfg.progress,
+        )
     print(f"collected {result.committed} scripted {task} demos ({result.steps} steps)", flush=True)
     timings = {"collect_s": time.monotonic() - started}
-    checkpoint, timings["initial_train_s"] = train_version(cfg, [demos], out, f"{task}-r0", cfg.demos.train_steps)
+    checkpoint, timings["initial_train_s"] = train_version(
+        cfg, [demos], out, f"{task}-r0", cfg.demos.train_steps
+    )
     return demos, checkpoint, timings
 
 
-def fleet_rounds(cfg, out: Path, demos: Path, initial: Path,
-                 on_round: Callable[[RoundMetrics], None] | None = None) -> tuple[list[RoundMetrics], dict]:
+def fleet_rounds(
+    cfg, out: Path, demos: Path, initial: Path, on_round: Callable[[RoundMetrics], None] | None = None
+) -> tuple[list[RoundMetrics], dict]:
     """Steps 2-3: an embedded server (store and registry in `out`) deploys `initial` (<task>-r0), then
     cfg.rounds rounds of the fleet with retraining on demos + fleet data between them.
     Returns each round's metrics and the retraining times."""
@@ -286,17 +325,32 @@ def fleet_rounds(cfg, out: Path, demos: Path, initial: Path,
     timings: dict[str, list[float]] = {"retrain_s": []}
     config = server_config(cfg, out, tokens)
     with ServerThread(config) as server:
-        print(f"fleet server on {server.address} (store {out / 'fleet.zarr'}, "
-              f"allocation {config.allocation.rule})", flush=True)
+        print(
+            f"fleet server on {server.address} (store {out / 'fleet.zarr'}, "
+            f"allocation {config.allocation.rule})",
+            flush=True,
+        )
         version = f"{task}-r0"
         publish_checkpoint(server.address, tokens["trainer"], initial, version)
         checkpoint = initial  # the deployed policy; with warm_start each retraining fine-tunes it
-        loader = RegistryPolicies(server.address, tokens["robot"], out / "policy_cache", cfg.fleet.num_samples)
-        fleet = SimFleet(server.address, tokens, task, cfg.fleet.robots, cfg.fleet.operators, policy=version,
-                         load_policy=loader, control_hz=cfg.fleet.control_hz, env_kwargs=env_kwargs(cfg),
-                         expert_kwargs=cfg.fleet.operator.expert,
-                         operator_extra_steps=cfg.fleet.operator.extra_steps, seed=cfg.seed + FLEET_SEED_OFFSET,
-                         server_tick=lockstep_tick(server))
+        loader = RegistryPolicies(
+            server.address, tokens["robot"], out / "policy_cache", cfg.fleet.num_samples
+        )
+        fleet = SimFleet(
+            server.address,
+            tokens,
+            task,
+            cfg.fleet.robots,
+            cfg.fleet.operators,
+            policy=version,
+            load_policy=loader,
+            control_hz=cfg.fleet.control_hz,
+            env_kwargs=env_kwargs(cfg),
+            expert_kwargs=cfg.fleet.operator.expert,
+            operator_extra_steps=cfg.fleet.operator.extra_steps,
+            seed=cfg.seed + FLEET_SEED_OFFSET,
+            server_tick=lockstep_tick(server),
+        )
         with fleet:
             if not fleet.wait_connected():
                 raise RuntimeError("the embedded fleet server did not answer the robots")
@@ -310,8 +364,13 @@ def fleet_rounds(cfg, out: Path, demos: Path, initial: Path,
                 fleet.flush()
                 wait_committed(server, len(fleet.finished))
                 version = f"{task}-r{index + 1}"
-                checkpoint, seconds = train_version(cfg, [demos, out / "fleet.zarr"], out, version,
-                                                    init_from=checkpoint if cfg.warm_start else None)
+                checkpoint, seconds = train_version(
+                    cfg,
+                    [demos, out / "fleet.zarr"],
+                    out,
+                    version,
+                    init_from=checkpoint if cfg.warm_start else None,
+                )
                 timings["retrain_s"].append(seconds)
                 publish_checkpoint(server.address, tokens["trainer"], checkpoint, version)
                 if not fleet.wait_for_policy(version):
@@ -334,7 +393,9 @@ def run_demo(cfg: DemoConfig) -> list[RoundMetrics]:
     write_results(out, cfg, rounds, timings)
     print("\nall rounds:", table_header(), *map(table_row, rounds), sep="\n")
     print(totals_line(cumulative([m.to_dict() for m in rounds])))
-    print(f"done in {timings['total_s']:.0f} s; results in {out} (metrics.json, curves.png, stores, checkpoints)")
+    print(
+        f"done in {timings['total_s']:.0f} s; results in {out} (metrics.json, curves.png, stores, checkpoints)"
+    )
     return rounds
 
 
@@ -344,8 +405,12 @@ def env_kwargs(cfg: DemoConfig) -> dict:
 
 def write_results(out: Path, cfg: DemoConfig, rounds: list[RoundMetrics], timings: dict) -> None:
     per_round = [m.to_dict() for m in rounds]
-    report = {"config": dataclasses.asdict(cfg), "rounds": per_round,
-              "totals": cumulative(per_round), "timings": timings}
+    report = {
+        "config": dataclasses.asdict(cfg),
+        "rounds": per_round,
+        "totals": cumulative(per_round),
+        "timings": timings,
+    }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     plot_curves(rounds, out / "curves.png")
 
@@ -357,12 +422,14 @@ def plot_curves(rounds: list[RoundMetrics], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     x = [m.round for m in rounds]
-    panels = [("autonomous success rate", [m.autonomous_success_rate for m in rounds]),
-              ("ROHE", [m.rohe for m in rounds]),
-              ("human action steps", [m.human_action_steps for m in rounds]),
-              ("idle robot-steps", [m.idle_steps for m in rounds]),
-              ("cumulative autonomous successes", np.cumsum([m.autonomous_successes for m in rounds])),
-              ("cumulative human action steps", np.cumsum([m.human_action_steps for m in rounds]))]
+    panels = [
+        ("autonomous success rate", [m.autonomous_success_rate for m in rounds]),
+        ("ROHE", [m.rohe for m in rounds]),
+        ("human action steps", [m.human_action_steps for m in rounds]),
+        ("idle robot-steps", [m.idle_steps for m in rounds]),
+        ("cumulative autonomous successes", np.cumsum([m.autonomous_successes for m in rounds])),
+        ("cumulative human action steps", np.cumsum([m.human_action_steps for m in rounds])),
+    ]
     figure, axes = plt.subplots(3, 2, figsize=(9, 8.5), constrained_layout=True)
     for axis, (title, values) in zip(axes.flat, panels, strict=True):
         axis.plot(x, values, marker="o")
@@ -370,8 +437,10 @@ def plot_curves(rounds: list[RoundMetrics], path: Path) -> None:
         axis.set_xlabel("round")
         axis.set_xticks(x)
         axis.grid(alpha=0.3)
-    figure.suptitle(f"Flotilla fleet learning: {rounds[0].robots if rounds else 0} robots, "
-                    f"{rounds[0].operators if rounds else 0} operators")
+    figure.suptitle(
+        f"Flotilla fleet learning: {rounds[0].robots if rounds else 0} robots, "
+        f"{rounds[0].operators if rounds else 0} operators"
+    )
     figure.savefig(path, dpi=100)
     plt.close(figure)
 

@@ -23,9 +23,19 @@ from sim.tasks import make_env
 VIDEO_CAMERA = "front"
 
 
-def evaluate(checkpoint: str | Path, task: str, episodes: int, seed: int = 10_000, max_steps: int | None = None,
-             env_kwargs: dict | None = None, num_samples: int = 1, video_path: Path | None = None,
-             video_episodes: int = 3, progress: bool = True, noise_seed: int | None = None) -> dict:
+def evaluate(
+    checkpoint: str | Path,
+    task: str,
+    episodes: int,
+    seed: int = 10_000,
+    max_steps: int | None = None,
+    env_kwargs: dict | None = None,
+    num_samples: int = 1,
+    video_path: Path | None = None,
+    video_episodes: int = 3,
+    progress: bool = True,
+    noise_seed: int | None = None,
+) -> dict:
     runner = PolicyRunner.from_checkpoint(checkpoint, num_samples=num_samples, noise_seed=noise_seed)
     cameras = [key[: -len("_rgb")] for key in runner.obs_keys if key.endswith("_rgb")]
     if video_path is not None and VIDEO_CAMERA not in cameras:
@@ -57,8 +67,12 @@ def evaluate(checkpoint: str | Path, task: str, episodes: int, seed: int = 10_00
     if video_path is not None and frames:
         write_video(video_path, frames)
     return {
-        "checkpoint": str(checkpoint), "policy_version": runner.version, "task": task, "episodes": episodes,
-        "success_rate": float(np.mean(successes)), "mean_episode_length": float(np.mean(lengths)),
+        "checkpoint": str(checkpoint),
+        "policy_version": runner.version,
+        "task": task,
+        "episodes": episodes,
+        "success_rate": float(np.mean(successes)),
+        "mean_episode_length": float(np.mean(lengths)),
         "constraint_violations": violations,
         "mean_uncertainty": float(np.mean(uncertainties)) if num_samples > 1 else None,
         "video": str(video_path) if video_path is not None and frames else None,
@@ -83,10 +97,18 @@ def run(cfg: EvalConfig) -> None:
     """`flotilla eval` (settings: policies/config.py:EvalConfig)."""
     set_torch_threads(cfg.threads)
     try:
-        result = evaluate(cfg.checkpoint, cfg.task.name, cfg.episodes, seed=cfg.seed, max_steps=cfg.task.max_steps,
-                          env_kwargs=cfg.task.env, num_samples=cfg.num_samples,
-                          video_path=Path(cfg.video_path) if cfg.video else None, progress=cfg.progress,
-                          noise_seed=cfg.noise_seed)
+        result = evaluate(
+            cfg.checkpoint,
+            cfg.task.name,
+            cfg.episodes,
+            seed=cfg.seed,
+            max_steps=cfg.task.max_steps,
+            env_kwargs=cfg.task.env,
+            num_samples=cfg.num_samples,
+            video_path=Path(cfg.video_path) if cfg.video else None,
+            progress=cfg.progress,
+            noise_seed=cfg.noise_seed,
+        )
     except CheckpointError as err:
         raise ConfigError("checkpoint", str(err)) from None
     print(json.dumps(result, indent=2))

@@ -57,10 +57,20 @@ class SimOperator:
     thing it reads from the simulation, standing for the goal a human sees in the camera view.
     """
 
-    def __init__(self, address: str, token: str, operator_id: str, task: str, goal_of: Callable[[str], np.ndarray],
-                 expert_kwargs: Mapping | None = None, extra_steps: int = 5, seed: int = 0,
-                 on_queue: Callable[[pb.Queue], None] | None = None, backoff: tuple[float, float] = (0.1, 2.0),
-                 record: bool = False):
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        operator_id: str,
+        task: str,
+        goal_of: Callable[[str], np.ndarray],
+        expert_kwargs: Mapping | None = None,
+        extra_steps: int = 5,
+        seed: int = 0,
+        on_queue: Callable[[pb.Queue], None] | None = None,
+        backoff: tuple[float, float] = (0.1, 2.0),
+        record: bool = False,
+    ):
         self.operator_id = operator_id
         self.expert = make_expert(task, seed=seed, **dict(expert_kwargs or {}))
         self._goal_of = goal_of
@@ -76,7 +86,9 @@ class SimOperator:
         self.resets = 0
         self.reset_steps = 0  # t_R, as the server's assignments say
         self.errors: list[str] = []
-        self.sent: list[tuple[str, int, np.ndarray]] | None = [] if record else None  # (robot, frame seq, action)
+        self.sent: list[tuple[str, int, np.ndarray]] | None = (
+            [] if record else None
+        )  # (robot, frame seq, action)
         self.client = OperatorClient(address, token, operator_id, on_update=self._on_update, backoff=backoff)
 
     def start(self) -> SimOperator:
@@ -176,24 +188,43 @@ class SimFleet:
     docstring.
     """
 
-    def __init__(self, address: str, tokens: Mapping[str, str], task: str, n_robots: int = 4, n_operators: int = 2,
-                 *, policy: str | Callable[[str], object] = "", load_policy: Callable[[str], object] | None = None,
-                 cache_dir: str | Path = "data/policy_cache", num_samples: int = 4, control_hz: float = 10.0,
-                 env_kwargs: Mapping | None = None, expert_kwargs: Mapping | None = None, operator_extra_steps: int = 5,
-                 blocked_timeout_steps: int = 200, seed: int = 0, record_steps: bool = False,
-                 backoff: tuple[float, float] = (0.1, 2.0), root_certificates=None,
-                 server_tick: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        address: str,
+        tokens: Mapping[str, str],
+        task: str,
+        n_robots: int = 4,
+        n_operators: int = 2,
+        *,
+        policy: str | Callable[[str], object] = "",
+        load_policy: Callable[[str], object] | None = None,
+        cache_dir: str | Path = "data/policy_cache",
+        num_samples: int = 4,
+        control_hz: float = 10.0,
+        env_kwargs: Mapping | None = None,
+        expert_kwargs: Mapping | None = None,
+        operator_extra_steps: int = 5,
+        blocked_timeout_steps: int = 200,
+        seed: int = 0,
+        record_steps: bool = False,
+        backoff: tuple[float, float] = (0.1, 2.0),
+        root_certificates=None,
+        server_tick: Callable[[], None] | None = None,
+    ):
         if n_robots < 1 or n_operators < 0 or control_hz <= 0:
-            raise ValueError(f"need n_robots >= 1, n_operators >= 0, control_hz > 0 "
-                             f"(got {n_robots}, {n_operators}, {control_hz})")
+            raise ValueError(
+                f"need n_robots >= 1, n_operators >= 0, control_hz > 0 "
+                f"(got {n_robots}, {n_operators}, {control_hz})"
+            )
         self.address, self.task = address, task
         self.n_robots, self.n_operators = n_robots, n_operators
         self.control_hz = control_hz
         self.blocked_timeout_steps = blocked_timeout_steps
         self._tokens = dict(tokens)
         self._policy = policy
-        self._load_policy = load_policy or RegistryPolicies(address, self._tokens["robot"], cache_dir, num_samples,
-                                                            root_certificates)
+        self._load_policy = load_policy or RegistryPolicies(
+            address, self._tokens["robot"], cache_dir, num_samples, root_certificates
+        )
         self._env_kwargs = dict(env_kwargs or {})
         self._expert_kwargs = dict(expert_kwargs or {})
         self._operator_extra_steps = operator_extra_steps
@@ -221,9 +252,19 @@ class SimFleet:
         return self
 
     def add_operator(self, operator_id: str) -> SimOperator:
-        operator = SimOperator(self.address, self._tokens["operator"], operator_id, self.task, self._goal_of,
-                               self._expert_kwargs, self._operator_extra_steps, seed=self._seed + len(self.operators),
-                               on_queue=self._set_queue, backoff=self._backoff, record=self.steps is not None)
+        operator = SimOperator(
+            self.address,
+            self._tokens["operator"],
+            operator_id,
+            self.task,
+            self._goal_of,
+            self._expert_kwargs,
+            self._operator_extra_steps,
+            seed=self._seed + len(self.operators),
+            on_queue=self._set_queue,
+            backoff=self._backoff,
+            record=self.steps is not None,
+        )
         self.operators.append(operator.start())
         return operator
 
@@ -231,12 +272,25 @@ class SimFleet:
         env = make_env(self.task, seed=seed, **self._env_kwargs)
         obs, _ = env.reset(seed=seed)
         policy = self._policy(robot_id) if callable(self._policy) else self._load_policy(self._policy)
-        client = RobotClient(self.address, self._tokens["robot"], robot_id, self.task, observation_spec(obs),
-                             action_dim=env.action_space.shape[0], goal_dim=int(np.asarray(obs["goal"]).size),
-                             policy_version=str(getattr(policy, "version", "")), backoff=self._backoff,
-                             root_certificates=self._root_certificates)
-        agent = RobotAgent(client, policy, load_policy=self._load_policy, gripper_index=GRIPPER_INDEX,
-                           teleop_timeout_s=3.0 / self.control_hz).start()
+        client = RobotClient(
+            self.address,
+            self._tokens["robot"],
+            robot_id,
+            self.task,
+            observation_spec(obs),
+            action_dim=env.action_space.shape[0],
+            goal_dim=int(np.asarray(obs["goal"]).size),
+            policy_version=str(getattr(policy, "version", "")),
+            backoff=self._backoff,
+            root_certificates=self._root_certificates,
+        )
+        agent = RobotAgent(
+            client,
+            policy,
+            load_policy=self._load_policy,
+            gripper_index=GRIPPER_INDEX,
+            teleop_timeout_s=3.0 / self.control_hz,
+        ).start()
         robot = SimRobot(robot_id, env, agent, seed)
         self.robots.append(robot)
         return robot
@@ -265,8 +319,11 @@ class SimFleet:
         """Between rounds: wait until every robot has `version` loaded (it swaps in at its next episode)."""
         deadline = time.monotonic() + timeout
         while True:
-            waiting = [robot for robot in self.robots
-                       if robot.agent.version != version and robot.agent.poll_policy() != version]
+            waiting = [
+                robot
+                for robot in self.robots
+                if robot.agent.version != version and robot.agent.poll_policy() != version
+            ]
             if not waiting:
                 return True
             if time.monotonic() > deadline:
@@ -275,7 +332,9 @@ class SimFleet:
 
     # -- running -----------------------------------------------------------------------------------
 
-    def run_round(self, episodes_per_robot: int, max_steps: int | None = None, progress: bool = False) -> RoundMetrics:
+    def run_round(
+        self, episodes_per_robot: int, max_steps: int | None = None, progress: bool = False
+    ) -> RoundMetrics:
         """Every robot runs `episodes_per_robot` episodes (a robot done early idles); returns the round's metrics.
 
         `max_steps` caps the round in control steps (open episodes then end as "round_end").
@@ -294,8 +353,11 @@ class SimFleet:
             steps += 1
             if progress and steps % int(10 * self.control_hz) == 0:
                 done = len(self.finished) - first
-                print(f"  round {self.rounds}: {steps} steps, {done}/{episodes_per_robot * len(self.robots)} "
-                      f"episodes", flush=True)
+                print(
+                    f"  round {self.rounds}: {steps} steps, {done}/{episodes_per_robot * len(self.robots)} "
+                    f"episodes",
+                    flush=True,
+                )
             next_tick += period
             delay = next_tick - time.monotonic()
             if delay > 0:
@@ -303,8 +365,14 @@ class SimFleet:
             elif delay < -period:  # too far behind to catch up: start the schedule afresh
                 self.overruns += 1
                 next_tick = time.monotonic()
-        return summarize(self.finished[first:], self.rounds, len(self.robots), len(self.operators),
-                         self.reset_steps, time.monotonic() - started)
+        return summarize(
+            self.finished[first:],
+            self.rounds,
+            len(self.robots),
+            len(self.operators),
+            self.reset_steps,
+            time.monotonic() - started,
+        )
 
     def step(self, quota: Mapping[str, int] | None = None) -> None:
         """One control tick of every robot (starting an episode where one is due)."""
@@ -326,7 +394,10 @@ class SimFleet:
         (the rest of t_T) before it begins the next one, as a scene reset would take that long. Else
         the human would carry the takeover into the new episode and drive it from its first step (on
         reach, half the episodes), leaving the policy nothing to show; at most blocked_timeout_steps."""
-        if robot.agent.client.state.mode != pb.MODE_TELEOP or robot.waited_steps >= self.blocked_timeout_steps:
+        if (
+            robot.agent.client.state.mode != pb.MODE_TELEOP
+            or robot.waited_steps >= self.blocked_timeout_steps
+        ):
             robot.waited_steps = 0
             return False
         robot.waited_steps += 1
@@ -353,8 +424,19 @@ class SimFleet:
         waiting = result.control in (HOLD_VIOLATION, HOLD_SERVER) and not assigned
         record.count(result.label, idle=queued or waiting)
         if self.steps is not None:
-            self.steps.append(StepRecord(robot.robot_id, self.ticks, record.episode_id, robot.agent.t - 1, int(result.label),
-                                         result.control, result.operator_id, result.action, robot.agent.version))
+            self.steps.append(
+                StepRecord(
+                    robot.robot_id,
+                    self.ticks,
+                    record.episode_id,
+                    robot.agent.t - 1,
+                    int(result.label),
+                    result.control,
+                    result.operator_id,
+                    result.action,
+                    robot.agent.version,
+                )
+            )
         robot.obs, _, terminated, truncated, robot.info = robot.env.step(result.action)
         record.violation = record.violation or bool(robot.info.get("constraint_violation"))
         if robot.info.get("blocked"):
@@ -404,17 +486,28 @@ def lockstep_tick(server) -> Callable[[], None]:
     return lambda: server.call(server.server.fleet.tick)
 
 
-def run_fleet(server_address: str, tokens: Mapping[str, str], task: str, n_robots: int = 4, n_operators: int = 2,
-              episodes_per_robot: int = 5, rounds: int = 1, policy: str | Callable[[str], object] = "",
-              between_rounds: Callable[[int, RoundMetrics], str | None] | None = None,
-              on_round: Callable[[RoundMetrics], None] | None = None, **fleet_kwargs) -> list[RoundMetrics]:
+def run_fleet(
+    server_address: str,
+    tokens: Mapping[str, str],
+    task: str,
+    n_robots: int = 4,
+    n_operators: int = 2,
+    episodes_per_robot: int = 5,
+    rounds: int = 1,
+    policy: str | Callable[[str], object] = "",
+    between_rounds: Callable[[int, RoundMetrics], str | None] | None = None,
+    on_round: Callable[[RoundMetrics], None] | None = None,
+    **fleet_kwargs,
+) -> list[RoundMetrics]:
     """Run `rounds` rounds of the sim fleet against a server; returns each round's metrics.
 
     `between_rounds(round, metrics)` may return a newly published version: the fleet waits until every
     robot has it loaded, so the next round runs on it. `on_round(metrics)` sees each round as it ends.
     """
     results = []
-    with SimFleet(server_address, tokens, task, n_robots, n_operators, policy=policy, **fleet_kwargs) as fleet:
+    with SimFleet(
+        server_address, tokens, task, n_robots, n_operators, policy=policy, **fleet_kwargs
+    ) as fleet:
         if not fleet.wait_connected():
             raise RuntimeError(f"fleet server at {server_address} did not answer every robot within 30 s")
         for index in range(rounds):
@@ -442,13 +535,23 @@ def run(cfg) -> None:
     set_torch_threads(cfg.threads)
     print(table_header(), flush=True)
     results = run_fleet(
-        cfg.server, {"robot": cfg.tokens.robot, "operator": cfg.tokens.operator}, cfg.task.name, cfg.robots,
-        cfg.operators, cfg.episodes_per_robot, cfg.rounds, policy=cfg.policy_version or "",
-        on_round=lambda metrics: print(table_row(metrics), flush=True), cache_dir=cfg.cache_dir,
-        num_samples=cfg.num_samples, control_hz=cfg.control_hz,
+        cfg.server,
+        {"robot": cfg.tokens.robot, "operator": cfg.tokens.operator},
+        cfg.task.name,
+        cfg.robots,
+        cfg.operators,
+        cfg.episodes_per_robot,
+        cfg.rounds,
+        policy=cfg.policy_version or "",
+        on_round=lambda metrics: print(table_row(metrics), flush=True),
+        cache_dir=cfg.cache_dir,
+        num_samples=cfg.num_samples,
+        control_hz=cfg.control_hz,
         env_kwargs={"max_steps": cfg.task.max_steps, **cfg.task.env},
         expert_kwargs=OmegaConf.to_container(cfg.operator.expert, resolve=True),
-        operator_extra_steps=cfg.operator.extra_steps, seed=cfg.seed)
+        operator_extra_steps=cfg.operator.extra_steps,
+        seed=cfg.seed,
+    )
     if cfg.metrics_out:
         Path(cfg.metrics_out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.metrics_out).write_text(json.dumps([m.to_dict() for m in results], indent=2))

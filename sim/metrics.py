@@ -82,8 +82,14 @@ class RoundMetrics:
         return dataclasses.asdict(self)
 
 
-def summarize(records: Sequence[EpisodeTally], round_index: int, robots: int, operators: int,
-              reset_steps: int, wall_s: float = 0.0) -> RoundMetrics:
+def summarize(
+    records: Sequence[EpisodeTally],
+    round_index: int,
+    robots: int,
+    operators: int,
+    reset_steps: int,
+    wall_s: float = 0.0,
+) -> RoundMetrics:
     """The round's metrics from its finished episodes; `reset_steps` is t_R (human steps per hard reset)."""
     successes = sum(r.success for r in records)
     autonomous = sum(r.autonomous_success for r in records)
@@ -92,15 +98,24 @@ def summarize(records: Sequence[EpisodeTally], round_index: int, robots: int, op
     human = intervention_steps + reset_steps * hard_resets
     versions = collections.Counter(r.policy_version for r in records)
     return RoundMetrics(
-        round=round_index, policy_version=versions.most_common(1)[0][0] if versions else "",
-        robots=robots, operators=operators, episodes=len(records), successes=successes,
+        round=round_index,
+        policy_version=versions.most_common(1)[0][0] if versions else "",
+        robots=robots,
+        operators=operators,
+        episodes=len(records),
+        successes=successes,
         autonomous_successes=autonomous,
         autonomous_success_rate=autonomous / len(records) if records else 0.0,
-        interventions=sum(r.interventions for r in records), intervention_steps=intervention_steps,
-        human_action_steps=human, rohe=rohe(robots, operators, autonomous, human),
-        idle_steps=sum(r.idle_steps for r in records), hard_resets=hard_resets,
-        constraint_violations=sum(r.violation for r in records), robot_steps=sum(r.steps for r in records),
-        wall_s=wall_s)
+        interventions=sum(r.interventions for r in records),
+        intervention_steps=intervention_steps,
+        human_action_steps=human,
+        rohe=rohe(robots, operators, autonomous, human),
+        idle_steps=sum(r.idle_steps for r in records),
+        hard_resets=hard_resets,
+        constraint_violations=sum(r.violation for r in records),
+        robot_steps=sum(r.steps for r in records),
+        wall_s=wall_s,
+    )
 
 
 def rohe(robots: int, operators: int, autonomous_successes: int, human_action_steps: int) -> float:
@@ -108,8 +123,17 @@ def rohe(robots: int, operators: int, autonomous_successes: int, human_action_st
 
 
 # Counts that add up over rounds (the IFL benchmark's cumulative curves).
-CUMULATIVE_KEYS = ("episodes", "successes", "autonomous_successes", "interventions", "human_action_steps",
-                   "idle_steps", "hard_resets", "constraint_violations", "robot_steps")
+CUMULATIVE_KEYS = (
+    "episodes",
+    "successes",
+    "autonomous_successes",
+    "interventions",
+    "human_action_steps",
+    "idle_steps",
+    "hard_resets",
+    "constraint_violations",
+    "robot_steps",
+)
 
 
 def cumulative(rounds: Sequence[dict]) -> dict:
@@ -123,18 +147,26 @@ def cumulative(rounds: Sequence[dict]) -> dict:
 
 
 def totals_line(totals: dict) -> str:
-    return (f"over all rounds: {totals['autonomous_successes']} autonomous successes of {totals['episodes']} "
-            f"episodes ({totals['successes']} with help), {totals['human_action_steps']} human action steps, "
-            f"{totals['interventions']} interventions, ROHE {totals['rohe']:.4f}, {totals['idle_steps']} idle "
-            f"robot-steps, {totals['hard_resets']} hard resets, {totals['constraint_violations']} constraint "
-            f"violations")
+    return (
+        f"over all rounds: {totals['autonomous_successes']} autonomous successes of {totals['episodes']} "
+        f"episodes ({totals['successes']} with help), {totals['human_action_steps']} human action steps, "
+        f"{totals['interventions']} interventions, ROHE {totals['rohe']:.4f}, {totals['idle_steps']} idle "
+        f"robot-steps, {totals['hard_resets']} hard resets, {totals['constraint_violations']} constraint "
+        f"violations"
+    )
 
 
 # (title, RoundMetrics field, format spec); the title sets the column width.
-TABLE_COLUMNS = (("round", "round", "d"), ("auto success", "autonomous_success_rate", ".0%"),
-                 ("interventions", "interventions", "d"), ("human steps", "human_action_steps", "d"),
-                 ("ROHE", "rohe", ".4f"), ("idle steps", "idle_steps", "d"), ("hard resets", "hard_resets", "d"),
-                 ("policy", "policy_version", "s"))
+TABLE_COLUMNS = (
+    ("round", "round", "d"),
+    ("auto success", "autonomous_success_rate", ".0%"),
+    ("interventions", "interventions", "d"),
+    ("human steps", "human_action_steps", "d"),
+    ("ROHE", "rohe", ".4f"),
+    ("idle steps", "idle_steps", "d"),
+    ("hard resets", "hard_resets", "d"),
+    ("policy", "policy_version", "s"),
+)
 _WIDTH = {"policy": 16, "ROHE": 8}
 
 
@@ -143,5 +175,7 @@ def table_header() -> str:
 
 
 def table_row(metrics: RoundMetrics) -> str:
-    return "  ".join(f"{getattr(metrics, key):>{_WIDTH.get(title, len(title))}{spec}}"
-                     for title, key, spec in TABLE_COLUMNS)
+    return "  ".join(
+        f"{getattr(metrics, key):>{_WIDTH.get(title, len(title))}{spec}}"
+        for title, key, spec in TABLE_COLUMNS
+    )

@@ -390,7 +390,10 @@ def test_a_mostly_constant_signal_flags_only_what_stands_out():
 def test_the_config_holds_every_rules_settings_and_round_trips():
     config = AllocatorConfig.from_dict({"rule": "cur", "t_T": 4, "cur": {"order": "cru"}, "random": None})
     assert config.rule_config == CURConfig(order="cru")
-    assert config.rule_configs["flotilla"] == FlotillaConfig() and config.rule_configs["random"] == RandomConfig()
+    assert (
+        config.rule_configs["flotilla"] == FlotillaConfig()
+        and config.rule_configs["random"] == RandomConfig()
+    )
     assert AllocatorConfig.from_dict(config.to_dict()) == config
     assert pickle.loads(pickle.dumps(config)) == config  # the server's config goes to worker processes
     assert AllocatorConfig(rule="cur", rule_configs={"cur": CURConfig(order="cru")}, t_T=4) == config

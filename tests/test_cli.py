@@ -13,8 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def flotilla(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flotilla.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, check=check, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flotilla.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=600,
+    )
 
 
 def test_help_lists_every_job_with_a_summary():
@@ -40,7 +46,9 @@ def test_collect_with_cameras_then_info(tmp_path):
     assert frames.dtype == np.uint8 and frames.shape[1:] == (96, 96, 3) and frames.std() > 1.0
 
     # A second run appends to the same store.
-    flotilla("collect", "task=reach", "episodes=2", f"out={out}", "cameras=true", "progress=false", "seed=100")
+    flotilla(
+        "collect", "task=reach", "episodes=2", f"out={out}", "cameras=true", "progress=false", "seed=100"
+    )
     summary = json.loads(flotilla("info", str(out), "json=true").stdout)
     assert summary["episodes"] == 5 and summary["labels"]["demo"] == summary["steps"]
     assert summary["success_rate"] == 1.0 and summary["tasks"] == {"reach": 5}
@@ -59,11 +67,23 @@ def test_bad_config_values_get_clear_errors(tmp_path):
     result = flotilla("collect", "task=fly", f"out={tmp_path / 'x'}", check=False)
     assert result.returncode != 0 and "task/fly" in result.stderr
     result = flotilla("collect", "episodes=-3", f"out={tmp_path / 'x'}", check=False)
-    assert result.returncode == 2 and result.stderr.strip() == "flotilla collect: episodes: must be an integer >= 1, got -3"
-    result = flotilla("collect", "task=reach", "episodes=1", "cameras=true", f"out={tmp_path / 'y'}",
-                      "progress=false", check=True)
+    assert (
+        result.returncode == 2
+        and result.stderr.strip() == "flotilla collect: episodes: must be an integer >= 1, got -3"
+    )
+    result = flotilla(
+        "collect",
+        "task=reach",
+        "episodes=1",
+        "cameras=true",
+        f"out={tmp_path / 'y'}",
+        "progress=false",
+        check=True,
+    )
     # Appending low-dim-only episodes to a store recorded with cameras names the missing key.
-    result = flotilla("collect", "task=reach", "episodes=1", f"out={tmp_path / 'y'}", "progress=false", check=False)
+    result = flotilla(
+        "collect", "task=reach", "episodes=1", f"out={tmp_path / 'y'}", "progress=false", check=False
+    )
     assert result.returncode != 0 and "front_rgb" in result.stderr
     assert EpisodeStore.open(tmp_path / "y").num_episodes == 1  # nothing saved was lost
     result = flotilla("info", str(tmp_path / "missing"), check=False)

@@ -23,9 +23,20 @@ from policies.train import train
 from tests import test_policy_models, test_trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-TINY_MLP = ["task=push", "policy=mlp", "policy.hidden_dims=[32,32]", "policy.horizon=8",
-            "policy.n_action_steps=4", "steps=60", "batch_size=8", "val_every=30", "checkpoint_every=60",
-            "progress=false", "tensorboard=false", "threads=1"]
+TINY_MLP = [
+    "task=push",
+    "policy=mlp",
+    "policy.hidden_dims=[32,32]",
+    "policy.horizon=8",
+    "policy.n_action_steps=4",
+    "steps=60",
+    "batch_size=8",
+    "val_every=30",
+    "checkpoint_every=60",
+    "progress=false",
+    "tensorboard=false",
+    "threads=1",
+]
 META = ShapeMeta(obs={"ee_pos": (3,)}, action_dim=4, goal_dim=3)
 # Fixtures shared with the other policy tests: tiny models on one thread (autouse), six scripted push demos.
 one_thread = test_policy_models.one_thread
@@ -50,21 +61,33 @@ def first_obs(store_path) -> dict[str, np.ndarray]:
 
 def first_plan_inputs(policy, obs: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """What a runner feeds the policy on its first step: the first observation repeated To times, the goal."""
-    history = {key: torch.from_numpy(np.stack([obs[key]] * policy.n_obs_steps))[None] for key in policy.shape_meta.obs}
+    history = {
+        key: torch.from_numpy(np.stack([obs[key]] * policy.n_obs_steps))[None]
+        for key in policy.shape_meta.obs
+    }
     return history, torch.from_numpy(obs["goal"])[None]
 
 
 def fitted(policy):
     rng = np.random.default_rng(0)
-    policy.normalizer.fit({"ee_pos": rng.uniform(0.2, 0.6, (64, 3)), "action": rng.uniform(-1, 1, (64, 4)),
-                           "goal": rng.uniform(0.2, 0.6, (64, 3))})
+    policy.normalizer.fit(
+        {
+            "ee_pos": rng.uniform(0.2, 0.6, (64, 3)),
+            "action": rng.uniform(-1, 1, (64, 4)),
+            "goal": rng.uniform(0.2, 0.6, (64, 3)),
+        }
+    )
     return policy
 
 
 def batch_of(size: int, horizon: int = 8) -> dict:
     gen = torch.Generator().manual_seed(0)
-    return {"obs": {"ee_pos": torch.rand((size, 2, 3), generator=gen)}, "goal": torch.rand((size, 3), generator=gen),
-            "action": torch.rand((size, horizon, 4), generator=gen) * 2 - 1, "index": torch.arange(size)}
+    return {
+        "obs": {"ee_pos": torch.rand((size, 2, 3), generator=gen)},
+        "goal": torch.rand((size, 3), generator=gen),
+        "action": torch.rand((size, horizon, 4), generator=gen) * 2 - 1,
+        "index": torch.arange(size),
+    }
 
 
 def test_ensemble_trains_into_one_checkpoint_and_members_differ(ensemble_checkpoint, demos):
@@ -88,13 +111,24 @@ def test_ensemble_trains_into_one_checkpoint_and_members_differ(ensemble_checkpo
 
 
 def test_resume_keeps_the_ensemble_and_rejects_another_size(ensemble_checkpoint, demos, tmp_path):
-    resumed = train(train_config(f"data={demos}", f"out={tmp_path / 'resumed'}", "ensemble=3",
-                                 f"resume={ensemble_checkpoint}", "steps=70", "checkpoint_every=70"))
+    resumed = train(
+        train_config(
+            f"data={demos}",
+            f"out={tmp_path / 'resumed'}",
+            "ensemble=3",
+            f"resume={ensemble_checkpoint}",
+            "steps=70",
+            "checkpoint_every=70",
+        )
+    )
     config = read_config(resumed)
     assert config["step"] == 70 and config["ensemble"] == 3
     with pytest.raises(CheckpointError, match="ensemble 3 cannot resume a run with ensemble=2"):
-        train(train_config(f"data={demos}", f"out={tmp_path / 'x'}", "ensemble=2",
-                           f"resume={ensemble_checkpoint}"))
+        train(
+            train_config(
+                f"data={demos}", f"out={tmp_path / 'x'}", "ensemble=2", f"resume={ensemble_checkpoint}"
+            )
+        )
 
 
 def test_runner_reports_the_members_spread_for_an_mlp_ensemble(ensemble_checkpoint, demos):
@@ -132,8 +166,11 @@ def test_checkpoints_whose_ensemble_size_mismatches_the_weights_are_rejected(ens
     broken = tmp_path / "broken"
     shutil.copytree(ensemble_checkpoint, broken)
     config = json.loads((broken / "config.json").read_text())
-    for value, message in ((2, "says ensemble 2 but the weights hold 3"), (0, "ensemble must be an integer"),
-                           ("x", "ensemble must be an integer")):
+    for value, message in (
+        (2, "says ensemble 2 but the weights hold 3"),
+        (0, "ensemble must be an integer"),
+        ("x", "ensemble must be an integer"),
+    ):
         (broken / "config.json").write_text(json.dumps({**config, "ensemble": value}))
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(broken)
@@ -155,8 +192,10 @@ def test_old_checkpoints_without_the_key_load_as_a_single_policy(tmp_path):
     assert isinstance(loaded, MLPPolicy)
     batch = batch_of(2)
     with torch.inference_mode():
-        torch.testing.assert_close(loaded.predict_action(batch["obs"], batch["goal"]),
-                                   policy.eval().predict_action(batch["obs"], batch["goal"]))
+        torch.testing.assert_close(
+            loaded.predict_action(batch["obs"], batch["goal"]),
+            policy.eval().predict_action(batch["obs"], batch["goal"]),
+        )
 
 
 def test_bagging_weights_are_fixed_per_member_and_sample():
@@ -172,13 +211,24 @@ def test_bagging_weights_are_fixed_per_member_and_sample():
     member_losses = torch.stack([member.compute_loss(batch) for member in ensemble.members])
     weights = torch.from_numpy(np.stack([bootstrap_counts(0, i, np.arange(16)) for i in range(3)]))
     torch.testing.assert_close(ensemble.train().compute_loss(batch), (member_losses * weights).mean(0))
-    torch.testing.assert_close(ensemble.eval().compute_loss(batch), member_losses.mean(0))  # validation: no bagging
+    torch.testing.assert_close(
+        ensemble.eval().compute_loss(batch), member_losses.mean(0)
+    )  # validation: no bagging
 
 
 def test_diffusion_ensemble_executes_member_zero_and_spreads_samples_over_members():
     torch.manual_seed(0)
-    ensemble = fitted(build_policy("diffusion", META, ensemble=2, horizon=8, n_action_steps=4, down_dims=(8, 16),
-                                   num_inference_steps=2)).eval()
+    ensemble = fitted(
+        build_policy(
+            "diffusion",
+            META,
+            ensemble=2,
+            horizon=8,
+            n_action_steps=4,
+            down_dims=(8, 16),
+            num_inference_steps=2,
+        )
+    ).eval()
     first, second = ensemble.members
     assert any((a - b).abs().max() > 0 for a, b in zip(first.parameters(), second.parameters(), strict=True))
     batch = batch_of(1)
@@ -196,11 +246,27 @@ def test_diffusion_ensemble_executes_member_zero_and_spreads_samples_over_member
 def test_ensemble_trains_under_ddp_on_two_cpu_processes(demos, tmp_path):
     out = tmp_path / "ddp"
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29537", "-m", "policies.train", f"data={demos}", f"out={out}",
-                             *TINY_MLP, "steps=20", "ensemble=2"],
-                            cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)},
-                            timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29537",
+            "-m",
+            "policies.train",
+            f"data={demos}",
+            f"out={out}",
+            *TINY_MLP,
+            "steps=20",
+            "ensemble=2",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     config = read_config(out / "checkpoints" / "latest")
     assert config["ensemble"] == 2 and config["step"] == 20

@@ -96,10 +96,14 @@ def test_pick_place_starts_over_when_the_cube_is_dropped():
     "random_steps, knobs, at_least",
     # Mild imperfection: both approaches lose ~20% on seeds 200..259, to noise driving the fingers
     # into the table at push height (measured: around 13/60 failures, over 12/60).
-    [(0, {}, 0.9), (20, {}, 0.9), (0, MILD, 0.7)], ids=["reset", "takeover", "mild"],
+    [(0, {}, 0.9), (20, {}, 0.9), (0, MILD, 0.7)],
+    ids=["reset", "takeover", "mild"],
 )
 def test_push_around_approach_succeeds(random_steps, knobs, at_least):
-    assert success_rate("push", range(200, 230), random_steps=random_steps, approach="around", **knobs) >= at_least
+    assert (
+        success_rate("push", range(200, 230), random_steps=random_steps, approach="around", **knobs)
+        >= at_least
+    )
 
 
 def _cross_track_path(seed: int, side: float, steps: int = 12) -> np.ndarray:
@@ -136,7 +140,9 @@ def _starts_in_front(seed: int) -> bool:
     obs, _ = env.reset(seed=seed)
     env.close()
     rel, to_goal = obs["ee_pos"][:2] - obs["object_pos"][:2], obs["goal"] - obs["object_pos"][:2]
-    return rel @ to_goal > 0.8 * np.linalg.norm(rel) * np.linalg.norm(to_goal)  # within ~37 deg of the goal side
+    return rel @ to_goal > 0.8 * np.linalg.norm(rel) * np.linalg.norm(
+        to_goal
+    )  # within ~37 deg of the goal side
 
 
 def test_push_rejects_an_unknown_approach():

@@ -27,7 +27,9 @@ def test_every_step_sent_is_committed_and_timed(tmp_path):
         for index in range(store.num_episodes):
             meta = store.episode_meta(index)
             committed[(meta.robot_id, meta.extra["robot_episode_id"])] = (meta, store.episode(index))
-    sent = {(log.robot_id, episode): stamps for log in result.logs for episode, stamps in log.episodes.items()}
+    sent = {
+        (log.robot_id, episode): stamps for log in result.logs for episode, stamps in log.episodes.items()
+    }
     assert set(committed) == set(sent)
     first_lengths = sorted({len(log.episodes[1]) for log in result.logs})
     assert len(first_lengths) > 1  # the first episodes are staggered, so episode ends spread out
@@ -56,21 +58,36 @@ def test_fast_step_path_agrees_with_the_full_checks():
     from fleet.server.streams import FleetError
 
     hello = pb.RobotHello(robot_id="r", action_dim=4, goal_dim=2)
-    for key, (shape, dtype) in {"state": ((3,), "float32"), "rgb": ((2, 2, 3), "uint8"), "q": ((2,), "float64")}.items():
+    for key, (shape, dtype) in {
+        "state": ((3,), "float32"),
+        "rgb": ((2, 2, 3), "uint8"),
+        "q": ((2,), "float64"),
+    }.items():
         hello.observation_spec[key].CopyFrom(pb.TensorSpec(shape=shape, dtype=dtype))
     spec = RobotSpec.from_hello(hello, max_step_bytes=1 << 20)
 
     def step(**changes) -> pb.Step:
-        message = pb.Step(seq=3, timestamp=5.0, label=pb.CONTROL_LABEL_ROBOT, action=codec.to_tensor(np.ones(4, np.float32)),
-                          goal=codec.to_tensor(np.ones(2, np.float32)), signals=pb.Signals(uncertainty=0.5))
-        for key, value in {"state": np.arange(3, dtype=np.float32), "rgb": np.zeros((2, 2, 3), np.uint8),
-                           "q": np.zeros(2)}.items():
+        message = pb.Step(
+            seq=3,
+            timestamp=5.0,
+            label=pb.CONTROL_LABEL_ROBOT,
+            action=codec.to_tensor(np.ones(4, np.float32)),
+            goal=codec.to_tensor(np.ones(2, np.float32)),
+            signals=pb.Signals(uncertainty=0.5),
+        )
+        for key, value in {
+            "state": np.arange(3, dtype=np.float32),
+            "rgb": np.zeros((2, 2, 3), np.uint8),
+            "q": np.zeros(2),
+        }.items():
             message.observation[key].CopyFrom(codec.to_tensor(changes.pop(key, value)))
         for name, value in changes.items():
             if name == "no":
                 message.ClearField(value)
             elif isinstance(value, np.ndarray | pb.Signals | pb.Image):
-                getattr(message, name).CopyFrom(codec.to_tensor(value) if isinstance(value, np.ndarray) else value)
+                getattr(message, name).CopyFrom(
+                    codec.to_tensor(value) if isinstance(value, np.ndarray) else value
+                )
             else:
                 setattr(message, name, value)
         return message
@@ -78,25 +95,41 @@ def test_fast_step_path_agrees_with_the_full_checks():
     label = np.uint8(ControlLabel.ROBOT)  # the server's decision, passed in (fleet.server.fleet)
 
     def checked(message, spec, goal, max_frame_bytes, label):
-        return {**_decode_checked(message, spec, goal, max_frame_bytes), "label": label,
-                "timestamp": step_time(message.timestamp, f"step seq {message.seq}")}
+        return {
+            **_decode_checked(message, spec, goal, max_frame_bytes),
+            "label": label,
+            "timestamp": step_time(message.timestamp, f"step seq {message.seq}"),
+        }
 
     def outcome(flatten, message, goal):
         try:
-            return [(key, np.asarray(value).dtype.str, np.asarray(value).tolist())
-                    for key, value in sorted(flatten(message, spec, goal, 50, label).items())]
+            return [
+                (key, np.asarray(value).dtype.str, np.asarray(value).tolist())
+                for key, value in sorted(flatten(message, spec, goal, 50, label).items())
+            ]
         except FleetError as err:
             return err.code, err.message
 
     nan = float("nan")
-    cases = [step(), step(state=np.array([1, nan, 2], np.float32)), step(q=np.array([1, np.inf])),
-             step(state=np.arange(4, dtype=np.float32)), step(state=np.arange(3, dtype=np.float64)),
-             step(action=np.ones(4)), step(action=np.array([0, 0, 0, nan], np.float32)),
-             step(goal=np.ones((1, 2), np.float32)), step(goal=np.array([np.inf, 0], np.float32)),
-             step(no="goal"), step(no="action"), step(timestamp=float("nan")), step(timestamp=-1.0),
-             step(signals=pb.Signals(risk=nan)), step(signals=pb.Signals(constraint_violation=True)),
-             step(camera=pb.Image(encoding="jpeg", data=b"x" * 10)),
-             step(camera=pb.Image(encoding="jpeg", data=b"x" * 100))]
+    cases = [
+        step(),
+        step(state=np.array([1, nan, 2], np.float32)),
+        step(q=np.array([1, np.inf])),
+        step(state=np.arange(4, dtype=np.float32)),
+        step(state=np.arange(3, dtype=np.float64)),
+        step(action=np.ones(4)),
+        step(action=np.array([0, 0, 0, nan], np.float32)),
+        step(goal=np.ones((1, 2), np.float32)),
+        step(goal=np.array([np.inf, 0], np.float32)),
+        step(no="goal"),
+        step(no="action"),
+        step(timestamp=float("nan")),
+        step(timestamp=-1.0),
+        step(signals=pb.Signals(risk=nan)),
+        step(signals=pb.Signals(constraint_violation=True)),
+        step(camera=pb.Image(encoding="jpeg", data=b"x" * 10)),
+        step(camera=pb.Image(encoding="jpeg", data=b"x" * 100)),
+    ]
     aliased = step()
     aliased.observation["state"].dtype = "<f4"  # valid, but not the plain spelling: the full checks take it
     missing = step()

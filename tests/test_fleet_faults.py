@@ -40,10 +40,14 @@ def raw_call(server, method: str, payload: bytes, token: str, streaming: bool):
         metadata = [("authorization", f"Bearer {token}")]
         try:
             if streaming:
-                call = channel.stream_stream(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+                call = channel.stream_stream(
+                    method, request_serializer=lambda b: b, response_deserializer=lambda b: b
+                )
                 list(call(iter([payload]), metadata=metadata, timeout=5))
             else:
-                call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+                call = channel.unary_unary(
+                    method, request_serializer=lambda b: b, response_deserializer=lambda b: b
+                )
                 call(payload, metadata=metadata, timeout=5)
         except grpc.RpcError as err:
             return err
@@ -52,10 +56,18 @@ def raw_call(server, method: str, payload: bytes, token: str, streaming: bool):
 
 # ------------------------------------------------------------------------------ the writer survives any input
 
-@pytest.mark.parametrize("key, dtype, text", [
-    ("zarr.json", "float32", "zarr.json"), (".", "float32", "'.'"), ("..", "float32", "'..'"),
-    ("a/../b", "float32", "a/../b"), ("state", "float128", "float128"), ("state", "complex64", "complex64"),
-])
+
+@pytest.mark.parametrize(
+    "key, dtype, text",
+    [
+        ("zarr.json", "float32", "zarr.json"),
+        (".", "float32", "'.'"),
+        ("..", "float32", "'..'"),
+        ("a/../b", "float32", "a/../b"),
+        ("state", "float128", "float128"),
+        ("state", "complex64", "complex64"),
+    ],
+)
 def test_hello_refuses_keys_and_dtypes_the_store_cannot_hold(server, clients, key, dtype, text):
     message = hello("first")
     del message.hello.observation_spec["state"]
@@ -93,8 +105,11 @@ def test_a_first_robot_with_another_spec_does_not_lock_out_the_fleet(server, cli
 
 def test_until_the_first_commit_two_specs_may_log_and_the_loser_is_told(server, clients):
     first = clients(robot_client(server, "first"))
-    other = clients(RobotClient(server.address, "robot-token", "other", "push", {"state": ((5,), "float32")}, 2,
-                                backoff=FAST))
+    other = clients(
+        RobotClient(
+            server.address, "robot-token", "other", "push", {"state": ((5,), "float32")}, 2, backoff=FAST
+        )
+    )
     first.start_episode(1)
     other.start_episode(1)
     send(first, 1, range(3))
@@ -105,7 +120,10 @@ def test_until_the_first_commit_two_specs_may_log_and_the_loser_is_told(server, 
     assert first.wait_committed(timeout=10)  # the first commit fixes the store's schema
     other.end_episode(1, success=True)
     error = other.wait_stopped(10)
-    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and "does not fit the episode store" in error.details
+    assert (
+        error.code == grpc.StatusCode.FAILED_PRECONDITION
+        and "does not fit the episode store" in error.details
+    )
     assert committed(server, 1).num_episodes == 1 and first.error is None
 
 
@@ -136,13 +154,20 @@ def test_a_store_that_cannot_be_written_refuses_steps_and_loses_nothing(server, 
     robot.start_episode(1)
     send(robot, 1, range(3))
     robot.end_episode(1, success=True)
-    wait_until(lambda: not fleet_status(server.address, "admin-token").writer_healthy, what="the writer to fail")
+    wait_until(
+        lambda: not fleet_status(server.address, "admin-token").writer_healthy, what="the writer to fail"
+    )
     status = fleet_status(server.address, "admin-token")
     assert "No space left on device" in status.writer_error
     robot.start_episode(2)
     send(robot, 2, range(2))
-    wait_until(lambda: any(e.code == grpc.StatusCode.UNAVAILABLE and "cannot be written" in e.details
-                           for e in robot.recent_errors), what="the refusal")
+    wait_until(
+        lambda: any(
+            e.code == grpc.StatusCode.UNAVAILABLE and "cannot be written" in e.details
+            for e in robot.recent_errors
+        ),
+        what="the refusal",
+    )
     assert robot.state.committed_seq == 0 and robot.error is None  # nothing durable, the robot keeps it all
     assert server.server.metrics.counters["steps_refused_store"] >= 1
     failing.clear()  # space is freed: the retried commit goes through, the robot resends what was refused
@@ -177,15 +202,21 @@ def test_an_exception_in_the_writer_fails_one_episode_not_the_writer(server, cli
 
 # ---------------------------------------------------------------------------------- identity and authority
 
-BOUND_TOKENS = {"robot": [{"token": "token-arm-a", "ids": ["arm-a"]}, {"token": "token-arms", "ids": ["sim-*"]}],
-                "operator": [{"token": "token-alice", "ids": ["alice"]}, {"token": "token-bob", "ids": ["bob"]}],
-                "trainer": ["trainer-token"], "admin": ["admin-token"]}
+BOUND_TOKENS = {
+    "robot": [{"token": "token-arm-a", "ids": ["arm-a"]}, {"token": "token-arms", "ids": ["sim-*"]}],
+    "operator": [{"token": "token-alice", "ids": ["alice"]}, {"token": "token-bob", "ids": ["bob"]}],
+    "trainer": ["trainer-token"],
+    "admin": ["admin-token"],
+}
 
 
 def test_tokens_are_bound_to_the_ids_they_may_use(make_server, clients):
     server = make_server(tokens=BOUND_TOKENS)
     _, error = raw_robot_session(server, [hello("arm-b")], token="token-arm-a")
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "may not speak for robot 'arm-b'" in error.details()
+    assert (
+        error.code() == grpc.StatusCode.PERMISSION_DENIED
+        and "may not speak for robot 'arm-b'" in error.details()
+    )
     _, error = raw_robot_session(server, [hello("arm-a")], token="token-arms")
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     commands, error = raw_robot_session(server, [hello("sim-7")], token="token-arms")
@@ -215,16 +246,23 @@ def test_an_operator_impostor_is_refused_while_the_operator_is_connected(server,
     alice = clients(operator_client(server, "alice"))
     wait_until(lambda: alice.connected, what="alice")
     impostor = clients(operator_client(server, "alice"))
-    wait_until(lambda: any(e.code == grpc.StatusCode.ALREADY_EXISTS for e in impostor.recent_errors),
-               what="the refusal")
+    wait_until(
+        lambda: any(e.code == grpc.StatusCode.ALREADY_EXISTS for e in impostor.recent_errors),
+        what="the refusal",
+    )
     time.sleep(0.3)
     assert alice.connected and alice.error is None
 
 
-@pytest.mark.parametrize("label, text", [(pb.CONTROL_LABEL_UNSPECIFIED, "CONTROL_LABEL_UNSPECIFIED"),
-                                         (pb.CONTROL_LABEL_DEMO, "not demo"),
-                                         (pb.CONTROL_LABEL_PRE_INTERVENTION, "not pre_intervention"),
-                                         (17, "unknown value 17")])
+@pytest.mark.parametrize(
+    "label, text",
+    [
+        (pb.CONTROL_LABEL_UNSPECIFIED, "CONTROL_LABEL_UNSPECIFIED"),
+        (pb.CONTROL_LABEL_DEMO, "not demo"),
+        (pb.CONTROL_LABEL_PRE_INTERVENTION, "not pre_intervention"),
+        (17, "unknown value 17"),
+    ],
+)
 def test_robots_cannot_claim_labels_the_server_sets(server, label, text):
     step = step_message(2)
     step.step.label = label
@@ -268,9 +306,22 @@ def test_flotilla_serve_beyond_loopback_with_defaults_is_one_line_refusal(tmp_pa
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "flotilla.cli", "serve", "host=0.0.0.0", "metrics_port=null",
-                             f"store={tmp_path / 'fleet.zarr'}", f"registry_dir={tmp_path / 'registry'}"],
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flotilla.cli",
+            "serve",
+            "host=0.0.0.0",
+            "metrics_port=null",
+            f"store={tmp_path / 'fleet.zarr'}",
+            f"registry_dir={tmp_path / 'registry'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert "refusing to listen beyond loopback" in result.stderr and "Traceback" not in result.stderr
     assert "dev" in result.stderr and "TLS is off" in result.stderr
@@ -285,25 +336,39 @@ def test_insecure_true_serves_beyond_loopback_with_a_warning(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------ bounded, live
 
-@pytest.mark.parametrize("method, streaming", [("/flotilla.v1.RobotService/Session", True),
-                                               ("/flotilla.v1.AdminService/Status", False),
-                                               ("/flotilla.v1.RegistryService/List", False),
-                                               ("/flotilla.v1.RegistryService/Publish", True),
-                                               ("/flotilla.v1.RegistryService/Fetch", False)])
+
+@pytest.mark.parametrize(
+    "method, streaming",
+    [
+        ("/flotilla.v1.RobotService/Session", True),
+        ("/flotilla.v1.AdminService/Status", False),
+        ("/flotilla.v1.RegistryService/List", False),
+        ("/flotilla.v1.RegistryService/Publish", True),
+        ("/flotilla.v1.RegistryService/Fetch", False),
+    ],
+)
 def test_undecodable_bytes_get_invalid_argument_and_one_log_line(server, caplog, method, streaming):
     service = method.split("/")[1].removeprefix("flotilla.v1.")
-    token = {"RobotService": "robot-token", "AdminService": "admin-token", "RegistryService": "trainer-token"}[service]
+    token = {
+        "RobotService": "robot-token",
+        "AdminService": "admin-token",
+        "RegistryService": "trainer-token",
+    }[service]
     with caplog.at_level(logging.WARNING):
         for _ in range(20):
             error = raw_call(server, method, b"\xff\xff\xff\xff garbage", token, streaming)
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf" in error.details()
+            assert (
+                error.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf" in error.details()
+            )
     assert len([r for r in caplog.records if "undecodable" in r.message]) <= 1
     assert not [r for r in caplog.records if r.exc_info]  # no tracebacks
     assert fleet_status(server.address, "admin-token") is not None
 
 
 def test_a_hole_in_a_robots_seqs_is_counted(server):
-    commands, error = raw_robot_session(server, [hello("r1"), start_message(1), step_message(2), step_message(5, t=1)])
+    commands, error = raw_robot_session(
+        server, [hello("r1"), start_message(1), step_message(2), step_message(5, t=1)]
+    )
     assert error is None and commands[-1].ack_seq == 5
     assert server.server.metrics.counters["seq_gaps"] == 1
 
@@ -346,7 +411,9 @@ def test_an_episode_past_max_episode_steps_is_committed_as_too_long(make_server,
     assert robot.wait_committed(timeout=10) and robot.error is None
     store = committed(server, 2)
     assert [(store.episode_meta(i).outcome, store.episode_meta(i).length) for i in range(2)] == [
-        ("too_long", 5), ("success", 2)]
+        ("too_long", 5),
+        ("success", 2),
+    ]
 
 
 class FrozenPeer:
@@ -363,7 +430,9 @@ class FrozenPeer:
         def run():
             with grpc.insecure_channel(server.address) as channel:
                 try:
-                    for update in stub(channel).Session(requests(), metadata=[("authorization", f"Bearer {token}")]):
+                    for update in stub(channel).Session(
+                        requests(), metadata=[("authorization", f"Bearer {token}")]
+                    ):
                         self.updates.append(update)
                 except grpc.RpcError as err:
                     self.error = err
@@ -383,7 +452,9 @@ def test_a_frozen_robot_frees_its_operator_within_about_a_second(server, clients
     steps = [step_message(i + 2, t=i) for i in range(3)]
     for step in steps:
         step.step.signals.uncertainty = 0.9
-    robot = FrozenPeer(server, pb_grpc.RobotServiceStub, [hello("r1"), start_message(1), *steps], "robot-token")
+    robot = FrozenPeer(
+        server, pb_grpc.RobotServiceStub, [hello("r1"), start_message(1), *steps], "robot-token"
+    )
     try:
         assert alice.next_update(5, kind="assignment").assignment.robot_id == "r1"
         assigned_at = time.monotonic()
@@ -395,14 +466,20 @@ def test_a_frozen_robot_frees_its_operator_within_about_a_second(server, clients
 
 
 def test_a_frozen_operator_loses_its_robot_to_a_live_one(server, clients):
-    frozen = FrozenPeer(server, pb_grpc.OperatorServiceStub,
-                        [pb.OperatorMessage(hello=pb.OperatorHello(operator_id="frozen", boot_id="b1"))], "operator-token")
+    frozen = FrozenPeer(
+        server,
+        pb_grpc.OperatorServiceStub,
+        [pb.OperatorMessage(hello=pb.OperatorHello(operator_id="frozen", boot_id="b1"))],
+        "operator-token",
+    )
     try:
         wait_until(lambda: "frozen" in server.server.fleet.operators, what="the operator")
         robot = clients(robot_client(server))
         robot.start_episode(1)
         send(robot, 1, range(3), uncertainty=0.9)
-        wait_until(lambda: robot.state.operator_id == "frozen", timeout=5, what="the frozen operator's takeover")
+        wait_until(
+            lambda: robot.state.operator_id == "frozen", timeout=5, what="the frozen operator's takeover"
+        )
         # The silent operator is dropped: the robot holds and goes back to the queue, where a live one takes it.
         wait_until(lambda: robot.state.mode == pb.MODE_HOLD, timeout=3, what="HOLD")
         bob = clients(operator_client(server, "bob"))

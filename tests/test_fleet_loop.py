@@ -27,11 +27,19 @@ from policies.fleet_policies import RegistryPolicies
 from policies.models.factory import ShapeMeta, build_policy
 from sim.fleet_sim import SimFleet, lockstep_tick
 
-TOKENS = {"robot": "robot-token", "operator": "operator-token", "trainer": "trainer-token", "admin": "admin-token"}
+TOKENS = {
+    "robot": "robot-token",
+    "operator": "operator-token",
+    "trainer": "trainer-token",
+    "admin": "admin-token",
+}
 T_T, T_R, PRE = 6, 4, 3
 HZ = 20
-ROBOT, PRE_INTERVENTION, INTERVENTION = (int(ControlLabel.ROBOT), int(ControlLabel.PRE_INTERVENTION),
-                                        int(ControlLabel.INTERVENTION))
+ROBOT, PRE_INTERVENTION, INTERVENTION = (
+    int(ControlLabel.ROBOT),
+    int(ControlLabel.PRE_INTERVENTION),
+    int(ControlLabel.INTERVENTION),
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,11 +52,19 @@ def one_torch_thread():
 
 def server_config(tmp_path, port: int = 0) -> ServerConfig:
     """C.U.R. with a fixed uncertainty threshold; the timer never ticks: the fleet does (lockstep)."""
-    return ServerConfig(port=port, metrics_port=None, tokens={role: [token] for role, token in TOKENS.items()},
-                          store=str(tmp_path / "fleet.zarr"), registry_dir=str(tmp_path / "registry"),
-                          pre_intervention_steps=PRE, frame_hz=1000, shutdown_grace_s=0.5,
-                          allocation=AllocationConfig(rule="cur", tick_hz=1e-6, t_T=T_T, t_R=T_R,
-                                                      uncertainty_threshold=0.35, risk_threshold=1.0))
+    return ServerConfig(
+        port=port,
+        metrics_port=None,
+        tokens={role: [token] for role, token in TOKENS.items()},
+        store=str(tmp_path / "fleet.zarr"),
+        registry_dir=str(tmp_path / "registry"),
+        pre_intervention_steps=PRE,
+        frame_hz=1000,
+        shutdown_grace_s=0.5,
+        allocation=AllocationConfig(
+            rule="cur", tick_hz=1e-6, t_T=T_T, t_R=T_R, uncertainty_threshold=0.35, risk_threshold=1.0
+        ),
+    )
 
 
 def start_server(tmp_path) -> ServerThread:
@@ -59,12 +75,23 @@ def tiny_checkpoint(folder: Path, version: str, seed: int) -> Path:
     """An untrained tiny diffusion policy for reach (its samples disagree: high uncertainty)."""
     torch.manual_seed(seed)
     meta = ShapeMeta(obs={"ee_pos": (3,)}, action_dim=4, goal_dim=3)
-    policy = build_policy("diffusion", meta, n_obs_steps=2, horizon=8, n_action_steps=4, down_dims=[8, 16],
-                          num_inference_steps=3)
+    policy = build_policy(
+        "diffusion",
+        meta,
+        n_obs_steps=2,
+        horizon=8,
+        n_action_steps=4,
+        down_dims=[8, 16],
+        num_inference_steps=3,
+    )
     rng = np.random.default_rng(seed)
-    policy.normalizer.fit({"ee_pos": rng.uniform(0.2, 0.6, (64, 3)).astype(np.float32),
-                           "goal": rng.uniform(0.2, 0.6, (64, 3)).astype(np.float32),
-                           "action": rng.uniform(-1, 1, (64, 4)).astype(np.float32)})
+    policy.normalizer.fit(
+        {
+            "ee_pos": rng.uniform(0.2, 0.6, (64, 3)).astype(np.float32),
+            "goal": rng.uniform(0.2, 0.6, (64, 3)).astype(np.float32),
+            "action": rng.uniform(-1, 1, (64, 4)).astype(np.float32),
+        }
+    )
     return save_checkpoint(folder / version, policy, meta, version)
 
 
@@ -85,9 +112,22 @@ DIVE = ScriptedPolicy([0.0, 0.0, -1.0, -1.0], 0.0, "dive")  # straight into the 
 
 
 def make_fleet(server, n_robots, n_operators, policy, **kwargs) -> SimFleet:
-    fleet = SimFleet(server.address, TOKENS, "reach", n_robots, n_operators, policy=policy, control_hz=HZ,
-                     env_kwargs={"max_steps": 30}, expert_kwargs={"reaction_delay": 1}, operator_extra_steps=2,
-                     record_steps=True, backoff=(0.05, 0.2), server_tick=lockstep_tick(server), **kwargs).start()
+    fleet = SimFleet(
+        server.address,
+        TOKENS,
+        "reach",
+        n_robots,
+        n_operators,
+        policy=policy,
+        control_hz=HZ,
+        env_kwargs={"max_steps": 30},
+        expert_kwargs={"reaction_delay": 1},
+        operator_extra_steps=2,
+        record_steps=True,
+        backoff=(0.05, 0.2),
+        server_tick=lockstep_tick(server),
+        **kwargs,
+    ).start()
     assert fleet.wait_connected(30)
     return fleet
 
@@ -111,8 +151,12 @@ def takeovers(steps, robot_id):
     for previous, step in zip([None, *mine], mine, strict=False):
         if step.label != INTERVENTION:
             continue
-        if (previous is not None and previous.label == INTERVENTION and previous.operator_id == step.operator_id
-                and step.tick == previous.tick + 1):
+        if (
+            previous is not None
+            and previous.label == INTERVENTION
+            and previous.operator_id == step.operator_id
+            and step.tick == previous.tick + 1
+        ):
             runs[-1][1:] = [runs[-1][1] + 1, step.tick]
         else:
             runs.append([step.operator_id, 1, step.tick])
@@ -147,15 +191,24 @@ def fleet_run(tmp_path_factory):
         if fleet is not None:
             fleet.close()
         server.stop()
-    yield {"store": EpisodeStore.open(tmp / "fleet.zarr"), "steps": fleet.steps, "operators": fleet.operators,
-           "rounds": (first, second), "status": status}
+    yield {
+        "store": EpisodeStore.open(tmp / "fleet.zarr"),
+        "steps": fleet.steps,
+        "operators": fleet.operators,
+        "rounds": (first, second),
+        "status": status,
+    }
 
 
 def test_interventions_respect_t_T_and_only_the_assigned_operator_moves_a_robot(fleet_run):
     steps, operators = fleet_run["steps"], fleet_run["operators"]
     first, _ = fleet_run["rounds"]
     assert first.interventions > 0 and first.intervention_steps > 0
-    sent = {(robot, op.operator_id, tuple(np.round(action, 5))) for op in operators for robot, _, action in op.sent}
+    sent = {
+        (robot, op.operator_id, tuple(np.round(action, 5)))
+        for op in operators
+        for robot, _, action in op.sent
+    }
     checked = 0
     for step in steps:
         if step.control == OPERATOR:
@@ -196,10 +249,15 @@ def test_episodes_are_logged_with_sirius_labels(fleet_run):
     for index in range(store.num_episodes):
         episode_labels = store.episode(index, keys=["label"])["label"]
         pre = np.flatnonzero(episode_labels == PRE_INTERVENTION)
-        for start, end in zip(pre[np.r_[True, np.diff(pre) > 1]], pre[np.r_[np.diff(pre) > 1, True]], strict=True):
+        for start, end in zip(
+            pre[np.r_[True, np.diff(pre) > 1]], pre[np.r_[np.diff(pre) > 1, True]], strict=True
+        ):
             assert end - start + 1 <= PRE
-            after = episode_labels[end + 1:end + 3]
-            assert INTERVENTION in after or store.episode_meta(index).outcome == "reset", (index, episode_labels)
+            after = episode_labels[end + 1 : end + 3]
+            assert INTERVENTION in after or store.episode_meta(index).outcome == "reset", (
+                index,
+                episode_labels,
+            )
 
 
 def test_no_episode_begins_under_a_human(fleet_run):
@@ -258,10 +316,13 @@ def test_operator_disconnect_holds_the_robot_and_requeues_it(tmp_path):
         first.close()
         fleet.operators.remove(first)
         held_from = len(fleet.steps)
-        drive(fleet, lambda: sum(s.control == HOLD_SERVER for s in fleet.steps[held_from:]) >= 3,
-              what="the robot to hold")
+        drive(
+            fleet,
+            lambda: sum(s.control == HOLD_SERVER for s in fleet.steps[held_from:]) >= 3,
+            what="the robot to hold",
+        )
         # Nobody moves it meanwhile, and it waits at the head of the queue for the next human.
-        assert not any(s.control == OPERATOR for s in fleet.steps[held_from + 2:])
+        assert not any(s.control == OPERATOR for s in fleet.steps[held_from + 2 :])
         watcher = OperatorClient(server.address, TOKENS["operator"], "watcher").start()
         try:
             queue = watcher.next_update(5, kind="queue")
@@ -270,8 +331,14 @@ def test_operator_disconnect_holds_the_robot_and_requeues_it(tmp_path):
         finally:
             watcher.close()
         second = fleet.add_operator("sim-operator-late")
-        drive(fleet, lambda: any(s.operator_id == "sim-operator-late" and s.control == OPERATOR
-                                 for s in fleet.steps[held_from:]), what="the new operator to take over")
+        drive(
+            fleet,
+            lambda: any(
+                s.operator_id == "sim-operator-late" and s.control == OPERATOR
+                for s in fleet.steps[held_from:]
+            ),
+            what="the new operator to take over",
+        )
         assert second.assignments >= 1
         assert robot.agent.client.state.mode in (pb.MODE_TELEOP, pb.MODE_AUTONOMOUS)
     finally:
@@ -284,15 +351,24 @@ def test_unreachable_server_makes_the_robot_hold_and_loses_no_step(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     obs = {"state": np.zeros(3, np.float32)}
-    client = RobotClient(f"127.0.0.1:{port}", TOKENS["robot"], "lonely", "reach", observation_spec(obs), action_dim=4,
-                         backoff=(0.05, 0.2))
+    client = RobotClient(
+        f"127.0.0.1:{port}",
+        TOKENS["robot"],
+        "lonely",
+        "reach",
+        observation_spec(obs),
+        action_dim=4,
+        backoff=(0.05, 0.2),
+    )
     agent = RobotAgent(client, ScriptedPolicy([0.5, 0, 0, 1], 0.0, "v1"), gripper_index=3).start()
     server = None
     try:
         agent.begin_episode()
         offline = [agent.step(obs) for _ in range(5)]
         assert all(tick.control == HOLD_OFFLINE for tick in offline)
-        assert all(np.array_equal(tick.action, [0, 0, 0, 0]) for tick in offline)  # gripper kept (never opened)
+        assert all(
+            np.array_equal(tick.action, [0, 0, 0, 0]) for tick in offline
+        )  # gripper kept (never opened)
         config = server_config(tmp_path, port)  # now serve on the port the robot has been dialling
         server = ServerThread(config).start()
         deadline = time.monotonic() + 20
@@ -316,11 +392,30 @@ def test_unreachable_server_makes_the_robot_hold_and_loses_no_step(tmp_path):
 def test_flotilla_demo_runs_two_tiny_rounds(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "flotilla.cli", "demo", f"out={out}", "rounds=2", "demos.episodes=3",
-         "demos.train_steps=4", "train.steps=4", "train.batch_size=8", "fleet.robots=2", "fleet.operators=1",
-         "fleet.episodes_per_robot=1", "fleet.control_hz=40", "policy.down_dims=[8,16]", "progress=false",
-         "train.progress=false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)  # hydra's demo.log lands in tmp_path
+        [
+            sys.executable,
+            "-m",
+            "flotilla.cli",
+            "demo",
+            f"out={out}",
+            "rounds=2",
+            "demos.episodes=3",
+            "demos.train_steps=4",
+            "train.steps=4",
+            "train.batch_size=8",
+            "fleet.robots=2",
+            "fleet.operators=1",
+            "fleet.episodes_per_robot=1",
+            "fleet.control_hz=40",
+            "policy.down_dims=[8,16]",
+            "progress=false",
+            "train.progress=false",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # hydra's demo.log lands in tmp_path
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "auto success" in result.stdout and "ROHE" in result.stdout
     assert "over all rounds:" in result.stdout and "hard resets" in result.stdout
@@ -333,7 +428,9 @@ def test_flotilla_demo_runs_two_tiny_rounds(tmp_path):
     assert EpisodeStore.open(out / "fleet.zarr").num_episodes == 4
     assert (out / "registry" / "reach-r0" / "config.json").exists()
     # warm_start (the default): round 2's policy was fine-tuned from the one deployed in round 1.
-    retrained = json.loads((out / "train" / "reach-r1" / "checkpoints" / "latest" / "config.json").read_text())
+    retrained = json.loads(
+        (out / "train" / "reach-r1" / "checkpoints" / "latest" / "config.json").read_text()
+    )
     assert retrained["training"]["init_from"] == str(out / "train" / "reach-r0" / "checkpoints" / "latest")
 
 
@@ -341,14 +438,30 @@ def test_fleet_benchmark_summarizes_runs_over_seeds(tmp_path):
     from benchmarks.fleet import plot, run_totals, summary_table
 
     def rounds(autonomous, human):
-        return [{"robots": 4, "operators": 2, "episodes": 10, "successes": a + 1, "autonomous_successes": a,
-                 "autonomous_success_rate": a / 10, "human_action_steps": h, "interventions": 3, "hard_resets": 1,
-                 "idle_steps": 5, "constraint_violations": 1, "robot_steps": 300, "rohe": 0.1}
-                for a, h in zip(autonomous, human, strict=True)]
+        return [
+            {
+                "robots": 4,
+                "operators": 2,
+                "episodes": 10,
+                "successes": a + 1,
+                "autonomous_successes": a,
+                "autonomous_success_rate": a / 10,
+                "human_action_steps": h,
+                "interventions": 3,
+                "hard_resets": 1,
+                "idle_steps": 5,
+                "constraint_violations": 1,
+                "robot_steps": 300,
+                "rohe": 0.1,
+            }
+            for a, h in zip(autonomous, human, strict=True)
+        ]
 
-    records = [{"seed": 0, "policy": "cur", "rounds": rounds([2, 4], [10, 9])},
-               {"seed": 1, "policy": "cur", "rounds": rounds([4, 6], [10, 9])},
-               {"seed": 0, "policy": "random", "rounds": rounds([1, 1], [30, 30])}]
+    records = [
+        {"seed": 0, "policy": "cur", "rounds": rounds([2, 4], [10, 9])},
+        {"seed": 1, "policy": "cur", "rounds": rounds([4, 6], [10, 9])},
+        {"seed": 0, "policy": "random", "rounds": rounds([1, 1], [30, 30])},
+    ]
     totals = run_totals(records[0]["rounds"])
     # ROHE over all rounds: (M / N) * autonomous successes / (1 + human action steps).
     assert totals["rohe"] == pytest.approx(0.5 * 6 / 20)
@@ -370,22 +483,50 @@ def test_fleet_benchmark_summarizes_runs_over_seeds(tmp_path):
 def test_fleet_benchmark_finds_the_checkpoint_each_round_deployed(tmp_path):
     from benchmarks.fleet import deployed_checkpoint
 
-    record = {"seed": 2, "policy": "cur", "rounds": [{"policy_version": "push-r0"}, {"policy_version": "push-r1"}]}
+    record = {
+        "seed": 2,
+        "policy": "cur",
+        "rounds": [{"policy_version": "push-r0"}, {"policy_version": "push-r1"}],
+    }
     # r0 is trained once per seed and shared by every allocation policy; later versions are the run's own.
     assert deployed_checkpoint(tmp_path, record, 0) == tmp_path / "seed2/train/push-r0/checkpoints/latest"
-    assert deployed_checkpoint(tmp_path, record, -1) == tmp_path / "seed2/cur/train/push-r1/checkpoints/latest"
+    assert (
+        deployed_checkpoint(tmp_path, record, -1) == tmp_path / "seed2/cur/train/push-r1/checkpoints/latest"
+    )
 
 
 def test_cumulative_totals_add_rounds_up():
     from sim.metrics import cumulative
 
-    first = {"robots": 4, "operators": 2, "episodes": 10, "successes": 6, "autonomous_successes": 4,
-             "autonomous_success_rate": 0.4, "interventions": 3, "human_action_steps": 30, "idle_steps": 12,
-             "hard_resets": 1, "constraint_violations": 2, "robot_steps": 400}
-    second = {**first, "successes": 9, "autonomous_successes": 8, "autonomous_success_rate": 0.8,
-              "human_action_steps": 9, "hard_resets": 0, "constraint_violations": 0}
+    first = {
+        "robots": 4,
+        "operators": 2,
+        "episodes": 10,
+        "successes": 6,
+        "autonomous_successes": 4,
+        "autonomous_success_rate": 0.4,
+        "interventions": 3,
+        "human_action_steps": 30,
+        "idle_steps": 12,
+        "hard_resets": 1,
+        "constraint_violations": 2,
+        "robot_steps": 400,
+    }
+    second = {
+        **first,
+        "successes": 9,
+        "autonomous_successes": 8,
+        "autonomous_success_rate": 0.8,
+        "human_action_steps": 9,
+        "hard_resets": 0,
+        "constraint_violations": 0,
+    }
     totals = cumulative([first, second])
     assert totals["episodes"] == 20 and totals["successes"] == 15 and totals["autonomous_successes"] == 12
-    assert totals["human_action_steps"] == 39 and totals["hard_resets"] == 1 and totals["constraint_violations"] == 2
+    assert (
+        totals["human_action_steps"] == 39
+        and totals["hard_resets"] == 1
+        and totals["constraint_violations"] == 2
+    )
     assert totals["idle_steps"] == 24 and totals["final_autonomous_success_rate"] == 0.8
     assert totals["rohe"] == pytest.approx(0.5 * 12 / 40)

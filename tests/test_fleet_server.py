@@ -33,25 +33,43 @@ from fleet.store import EpisodeStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TOKENS = {"robot": ["robot-token"], "operator": ["operator-token"], "trainer": ["trainer-token"],
-          "admin": ["admin-token"]}
+TOKENS = {
+    "robot": ["robot-token"],
+    "operator": ["operator-token"],
+    "trainer": ["trainer-token"],
+    "admin": ["admin-token"],
+}
 SPEC = {"state": ((3,), "float32"), "rgb": ((8, 8, 3), "uint8")}
 FAST = (0.05, 0.2)  # client reconnect backoff in tests
-ROBOT, PRE, INTERVENTION = int(ControlLabel.ROBOT), int(ControlLabel.PRE_INTERVENTION), int(ControlLabel.INTERVENTION)
+ROBOT, PRE, INTERVENTION = (
+    int(ControlLabel.ROBOT),
+    int(ControlLabel.PRE_INTERVENTION),
+    int(ControlLabel.INTERVENTION),
+)
 
 
 def make_config(tmp_path, t_T=3, **overrides) -> ServerConfig:
     """C.U.R. allocation with fixed thresholds (0.5), so a step's signals decide at the next tick."""
-    values = dict(port=0, metrics_port=0, tokens=TOKENS, store=str(tmp_path / "fleet.zarr"),
-                  registry_dir=str(tmp_path / "registry"), pre_intervention_steps=3, shutdown_grace_s=0.5,
-                  allocation=AllocationConfig(rule="cur", tick_hz=20, t_T=t_T, t_R=2, uncertainty_threshold=0.5,
-                                              risk_threshold=0.5))
+    values = dict(
+        port=0,
+        metrics_port=0,
+        tokens=TOKENS,
+        store=str(tmp_path / "fleet.zarr"),
+        registry_dir=str(tmp_path / "registry"),
+        pre_intervention_steps=3,
+        shutdown_grace_s=0.5,
+        allocation=AllocationConfig(
+            rule="cur", tick_hz=20, t_T=t_T, t_R=2, uncertainty_threshold=0.5, risk_threshold=0.5
+        ),
+    )
     values.update(overrides)
     return ServerConfig(**values)
 
 
 def robot_client(server, robot_id="r1", **kwargs) -> RobotClient:
-    return RobotClient(server.address, "robot-token", robot_id, "push", SPEC, action_dim=2, backoff=FAST, **kwargs)
+    return RobotClient(
+        server.address, "robot-token", robot_id, "push", SPEC, action_dim=2, backoff=FAST, **kwargs
+    )
 
 
 def operator_client(server, operator_id, **kwargs) -> OperatorClient:
@@ -64,8 +82,15 @@ def obs(t: int) -> dict:
 
 def send(robot: RobotClient, episode: int, ts, label=ROBOT, operator_id="", **signals) -> None:
     for t in ts:
-        robot.step(episode, t, obs(t), np.array([t, -t], np.float32), label, signals=signals or None,
-                   operator_id=operator_id)
+        robot.step(
+            episode,
+            t,
+            obs(t),
+            np.array([t, -t], np.float32),
+            label,
+            signals=signals or None,
+            operator_id=operator_id,
+        )
 
 
 def wait_until(predicate, timeout=10.0, what="condition"):
@@ -82,7 +107,9 @@ def committed(server, count: int) -> EpisodeStore:
     return EpisodeStore.open(server.config.store)
 
 
-def take_over(robot: RobotClient, operator: OperatorClient, episode: int = 1, steps: int = 5) -> pb.Assignment:
+def take_over(
+    robot: RobotClient, operator: OperatorClient, episode: int = 1, steps: int = 5
+) -> pb.Assignment:
     """Connect, stream `steps` calm steps and one uncertain one: the allocator hands it to `operator`."""
     assert operator.next_update(5, kind="queue") is not None  # the operator is connected
     robot.start_episode(episode)
@@ -97,7 +124,9 @@ def take_over(robot: RobotClient, operator: OperatorClient, episode: int = 1, st
 def raw_robot_session(server, messages, token="robot-token"):
     """Send `messages` on one RobotService.Session; returns (commands, error or None)."""
     with grpc.insecure_channel(server.address) as channel:
-        call = pb_grpc.RobotServiceStub(channel).Session(iter(messages), metadata=[("authorization", f"Bearer {token}")])
+        call = pb_grpc.RobotServiceStub(channel).Session(
+            iter(messages), metadata=[("authorization", f"Bearer {token}")]
+        )
         commands = []
         try:
             for command in call:
@@ -117,8 +146,13 @@ def hello(robot_id="bad", **overrides) -> pb.RobotMessage:
 
 
 def step_message(seq, episode=1, t=0, action=(0.0, 0.0), observation=None, camera=None) -> pb.RobotMessage:
-    step = pb.Step(seq=seq, episode_id=episode, t=t, action=codec.to_tensor(np.array(action, np.float32)),
-                   label=pb.CONTROL_LABEL_ROBOT)
+    step = pb.Step(
+        seq=seq,
+        episode_id=episode,
+        t=t,
+        action=codec.to_tensor(np.array(action, np.float32)),
+        label=pb.CONTROL_LABEL_ROBOT,
+    )
     for key, value in (observation or obs(t)).items():
         step.observation[key].CopyFrom(codec.to_tensor(value))
     if camera is not None:
@@ -127,6 +161,7 @@ def step_message(seq, episode=1, t=0, action=(0.0, 0.0), observation=None, camer
 
 
 # ------------------------------------------------------------------------------------------- codec
+
 
 def test_codec_round_trip_and_rejections():
     array = np.arange(12, dtype=np.int16).reshape(3, 4)
@@ -149,6 +184,7 @@ def test_codec_round_trip_and_rejections():
 
 
 # -------------------------------------------------------------------------------------- robot path
+
 
 def test_episode_is_committed_with_labels_signals_and_metadata(server, clients):
     robot = clients(robot_client(server))
@@ -181,13 +217,19 @@ def test_takeover_relabels_pre_intervention_and_teleop_reaches_the_robot(server,
     operator = clients(operator_client(server, "alice"))
     robot = clients(robot_client(server))
     assignment = take_over(robot, operator)
-    assert (assignment.robot_id, assignment.reason, assignment.min_steps) == ("r1", pb.ASSIGNMENT_REASON_UNCERTAINTY, 3)
+    assert (assignment.robot_id, assignment.reason, assignment.min_steps) == (
+        "r1",
+        pb.ASSIGNMENT_REASON_UNCERTAINTY,
+        3,
+    )
     assert robot.state.operator_id == "alice" and operator.assigned == {"r1"}
 
     operator.act("r1", [0.5, -0.5])
     wait_until(lambda: robot.state.action is not None, what="the teleop action")
     assert robot.state.action.tolist() == [0.5, -0.5]
-    robot.step(1, 6, obs(6), [0.5, -0.5], INTERVENTION, camera=np.zeros((16, 16, 3), np.uint8), operator_id="alice")
+    robot.step(
+        1, 6, obs(6), [0.5, -0.5], INTERVENTION, camera=np.zeros((16, 16, 3), np.uint8), operator_id="alice"
+    )
     frame = operator.next_update(5, kind="frame").frame  # the live view of the robot it controls
     assert frame.robot_id == "r1" and "state" in frame.observation and "rgb" not in frame.observation
     assert codec.decode_image(frame.camera).shape == (16, 16, 3)
@@ -228,7 +270,9 @@ def test_operators_are_told_the_allocators_t_T_not_a_copy_of_it(tmp_path, client
 def test_only_the_assigned_operator_moves_a_robot(server, clients):
     received = []
     alice = clients(operator_client(server, "alice"))
-    robot = clients(robot_client(server, on_command=lambda c, s: received.append(c) if c.HasField("action") else None))
+    robot = clients(
+        robot_client(server, on_command=lambda c, s: received.append(c) if c.HasField("action") else None)
+    )
     take_over(robot, alice)
     bob = clients(operator_client(server, "bob"))
     bob.act("r1", [9.0, 9.0])
@@ -270,7 +314,10 @@ def test_estop_wins_over_teleop_and_the_whole_fleet_stops(make_server, clients):
     wait_until(lambda: robot.state.mode == pb.MODE_TELEOP and not robot.state.estop, what="teleop again")
 
     bob.estop("")  # any operator may stop the whole fleet
-    wait_until(lambda: robot.state.estop and other.state.estop and other.state.mode == pb.MODE_HOLD, what="fleet e-stop")
+    wait_until(
+        lambda: robot.state.estop and other.state.estop and other.state.mode == pb.MODE_HOLD,
+        what="fleet e-stop",
+    )
     alice.act("r1", [1.0, 1.0])
     assert "MODE_HOLD (stopped" in alice.next_update(5, kind="error").error.message
     bob.estop("", engage=False)  # ... but only an admin may release it
@@ -279,7 +326,10 @@ def test_estop_wins_over_teleop_and_the_whole_fleet_stops(make_server, clients):
     assert other.state.estop
     admin = clients(OperatorClient(server.address, "admin-token", "root", backoff=FAST))
     admin.estop("", engage=False)
-    wait_until(lambda: other.state.mode == pb.MODE_AUTONOMOUS and robot.state.mode == pb.MODE_TELEOP, what="fleet release")
+    wait_until(
+        lambda: other.state.mode == pb.MODE_AUTONOMOUS and robot.state.mode == pb.MODE_TELEOP,
+        what="fleet release",
+    )
 
 
 def test_operator_disconnect_holds_the_robot_and_requeues_it(server, clients):
@@ -292,7 +342,9 @@ def test_operator_disconnect_holds_the_robot_and_requeues_it(server, clients):
     bob = clients(operator_client(server, "bob"))
     assignment = bob.next_update(5, kind="assignment").assignment
     assert (assignment.robot_id, assignment.reason) == ("r1", pb.ASSIGNMENT_REASON_UNCERTAINTY)
-    wait_until(lambda: robot.state.mode == pb.MODE_TELEOP and robot.state.operator_id == "bob", what="bob's teleop")
+    wait_until(
+        lambda: robot.state.mode == pb.MODE_TELEOP and robot.state.operator_id == "bob", what="bob's teleop"
+    )
 
 
 def test_robot_disconnect_mid_intervention_frees_the_operator(make_server, clients):
@@ -338,15 +390,20 @@ def test_blocked_robot_holds_until_a_human_reset_of_t_R_steps(server, clients):
 def test_robot_ids_outside_the_fleet_are_refused(make_server):
     server = make_server(robot_ids=["r1"])
     _, error = raw_robot_session(server, [hello("intruder")])
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "'intruder' is not in this fleet" in error.details()
+    assert (
+        error.code() == grpc.StatusCode.PERMISSION_DENIED
+        and "'intruder' is not in this fleet" in error.details()
+    )
 
 
 def test_a_second_process_cannot_take_a_connected_robots_session(server, clients):
     first = clients(robot_client(server))
     wait_until(lambda: first.connected, what="first session")
     impostor = clients(robot_client(server))  # the same id and token, another process (boot)
-    wait_until(lambda: any(e.code == grpc.StatusCode.ALREADY_EXISTS for e in impostor.recent_errors),
-               what="the refusal")
+    wait_until(
+        lambda: any(e.code == grpc.StatusCode.ALREADY_EXISTS for e in impostor.recent_errors),
+        what="the refusal",
+    )
     assert "connected from another process" in impostor.last_error.details and not impostor.connected
     first.start_episode(1)
     send(first, 1, range(3))
@@ -354,6 +411,7 @@ def test_a_second_process_cannot_take_a_connected_robots_session(server, clients
 
 
 # --------------------------------------------------------------------------------------- bad input
+
 
 def test_tokens_and_roles(server, clients):
     wrong = clients(RobotClient(server.address, "nope", "r1", "push", SPEC, 2, backoff=FAST))
@@ -403,7 +461,9 @@ def test_malformed_messages_get_clear_statuses_while_another_robot_streams(serve
         ]
         for i, (messages, code, text) in enumerate(cases):
             if messages[0].hello.robot_id == "bad":
-                messages[0].hello.robot_id = f"bad{i}"  # a fresh robot each (an id's open episode outlives a session)
+                messages[
+                    0
+                ].hello.robot_id = f"bad{i}"  # a fresh robot each (an id's open episode outlives a session)
             _, error = raw_robot_session(server, messages)
             assert error is not None and error.code() == code and text in error.details(), (text, error)
     finally:
@@ -412,7 +472,9 @@ def test_malformed_messages_get_clear_statuses_while_another_robot_streams(serve
     assert good.wait_acked(timeout=10) and good.error is None and good.connected
     good.end_episode(1, success=True)
     store = committed(server, 1)
-    assert store.episode_meta(0).robot_id == "good" and store.num_steps == good.state.acked_seq - 2  # all but start and end
+    assert (
+        store.episode_meta(0).robot_id == "good" and store.num_steps == good.state.acked_seq - 2
+    )  # all but start and end
     # The store's schema is fixed by what is committed: a robot whose steps would not fit is refused at hello.
     odd = hello("odd")
     odd.hello.observation_spec["state"].shape[:] = [5]
@@ -427,8 +489,10 @@ def test_full_writer_queue_refuses_steps_and_loses_nothing(tmp_path, clients):
             robot.start_episode(1)
             send(robot, 1, range(6))
             # (Any error, then the refusal itself: grpc.aio may mask a status as INTERNAL, see RobotClient.)
-            wait_until(lambda: any(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED for e in robot.recent_errors),
-                       what="the refusal")
+            wait_until(
+                lambda: any(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED for e in robot.recent_errors),
+                what="the refusal",
+            )
             refusal = next(e for e in robot.recent_errors if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED)
             assert "writer queue is full" in refusal.details and "NOT logged" in refusal.details
             assert robot.state.acked_seq == 4  # the episode start and three queued steps, nothing beyond
@@ -461,6 +525,7 @@ def test_graceful_shutdown_commits_and_leaves_the_store_readable(tmp_path, clien
 
 # --------------------------------------------------------------------------------- registry, metrics
 
+
 def test_registry_publish_fetch_list_and_new_latest_reaches_robots(tmp_path, clients):
     with ServerThread(make_config(tmp_path, registry_chunk_bytes=64 * 1024)) as server:
         robot = clients(robot_client(server))
@@ -483,10 +548,14 @@ def test_registry_publish_fetch_list_and_new_latest_reaches_robots(tmp_path, cli
 
         def publish_raw(*chunks):
             with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as err:
-                pb_grpc.RegistryServiceStub(channel).Publish(iter(chunks), metadata=[("authorization", "Bearer trainer-token")])
+                pb_grpc.RegistryServiceStub(channel).Publish(
+                    iter(chunks), metadata=[("authorization", "Bearer trainer-token")]
+                )
             return err.value
 
-        error = publish_raw(pb.CheckpointChunk(version="v3", filename="../escape.json", data=b"{}", last=True))
+        error = publish_raw(
+            pb.CheckpointChunk(version="v3", filename="../escape.json", data=b"{}", last=True)
+        )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "no folders or '..'" in error.details()
         error = publish_raw(pb.CheckpointChunk(version="v3", filename="run.py", data=b"", last=True))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "only .json" in error.details()
@@ -514,10 +583,18 @@ def test_metrics_endpoint_serves_prometheus_text(server, clients):
     url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     lines = set(text.splitlines())
-    for line in ("flotilla_robots_connected 1", "flotilla_operators_connected 0", "flotilla_steps_received_total 5",
-                 "flotilla_episodes_committed_total 1", "flotilla_steps_logged_total 5", "flotilla_writer_queue_depth 0",
-                 "flotilla_steps_refused_total 0", 'flotilla_step_command_latency_seconds_bucket{le="+Inf"} 5',
-                 "flotilla_step_command_latency_seconds_count 5", "# TYPE flotilla_step_command_latency_seconds histogram"):
+    for line in (
+        "flotilla_robots_connected 1",
+        "flotilla_operators_connected 0",
+        "flotilla_steps_received_total 5",
+        "flotilla_episodes_committed_total 1",
+        "flotilla_steps_logged_total 5",
+        "flotilla_writer_queue_depth 0",
+        "flotilla_steps_refused_total 0",
+        'flotilla_step_command_latency_seconds_bucket{le="+Inf"} 5',
+        "flotilla_step_command_latency_seconds_count 5",
+        "# TYPE flotilla_step_command_latency_seconds histogram",
+    ):
         assert line in lines, line
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=5)
@@ -526,12 +603,34 @@ def test_metrics_endpoint_serves_prometheus_text(server, clients):
 
 # ------------------------------------------------------------------------------------ TLS, `serve`
 
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_tls_is_one_setting_away(make_server, clients, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     server = make_server(tls_cert=str(cert), tls_key=str(key))
     robot = clients(robot_client(server, root_certificates=cert))
     wait_until(lambda: robot.connected, what="a TLS session")
@@ -541,12 +640,24 @@ def test_tls_is_one_setting_away(make_server, clients, tmp_path):
 
 
 def test_serve_entry_point_runs_until_sigterm_and_stops_gracefully(tmp_path):
-    overrides = ["port=0", "metrics_port=null", f"store={tmp_path / 'fleet.zarr'}",
-                 f"registry_dir={tmp_path / 'registry'}", "tokens.robot=[robot-token]"]
-    code = ("import sys, hydra; from fleet.server.app import run; sys.argv = ['serve', *sys.argv[1:]]; "
-            f"hydra.main(config_path={os.path.join(ROOT, 'configs')!r}, config_name='serve', version_base='1.3')(run)()")
-    process = subprocess.Popen([sys.executable, "-c", code, *overrides], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    overrides = [
+        "port=0",
+        "metrics_port=null",
+        f"store={tmp_path / 'fleet.zarr'}",
+        f"registry_dir={tmp_path / 'registry'}",
+        "tokens.robot=[robot-token]",
+    ]
+    code = (
+        "import sys, hydra; from fleet.server.app import run; sys.argv = ['serve', *sys.argv[1:]]; "
+        f"hydra.main(config_path={os.path.join(ROOT, 'configs')!r}, config_name='serve', version_base='1.3')(run)()"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *overrides],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = ""
         while "flotilla serve: fleet server on" not in line:

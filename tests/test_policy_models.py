@@ -98,7 +98,9 @@ def test_shapes_loss_and_gradients(kind, image):
     assert all(g is not None for name, g in grads.items() if name != "null_goal")
     assert sum(float(g.abs().sum()) for g in grads.values() if g is not None) > 0
     if image:
-        assert any(float(g.abs().sum()) > 0 for name, g in grads.items() if name.startswith("obs_encoder.images"))
+        assert any(
+            float(g.abs().sum()) > 0 for name, g in grads.items() if name.startswith("obs_encoder.images")
+        )
 
     policy.eval()
     with torch.inference_mode():
@@ -189,7 +191,10 @@ def test_normalizer_state_dict_and_safetensors(tmp_path):
     assert restored.fitted_keys() == ["a", "b"]
     x = torch.randn(5, 2)
     assert torch.equal(restored.normalize("a", x), normalizer.normalize("a", x))
-    assert LinearNormalizer.from_dict(json.loads(json.dumps(normalizer.to_dict()))).to_dict() == normalizer.to_dict()
+    assert (
+        LinearNormalizer.from_dict(json.loads(json.dumps(normalizer.to_dict()))).to_dict()
+        == normalizer.to_dict()
+    )
 
 
 def test_set_normalizer_requires_every_key():
@@ -224,12 +229,29 @@ def test_diffusion_overfits_fixed_pairs():
     obs = {key: torch.randn((4, 2, *shape), generator=gen) for key, shape in meta.obs.items()}
     t = torch.linspace(0, 1, 16)
     # four distinct smooth action chunks, one per observation
-    action = torch.stack([torch.stack([torch.sin(3 * t + i), torch.cos(2 * t - i), 0.5 * t - 0.2 * i,
-                                       torch.full_like(t, (-1) ** i * 0.8)], dim=-1) for i in range(4)])
+    action = torch.stack(
+        [
+            torch.stack(
+                [
+                    torch.sin(3 * t + i),
+                    torch.cos(2 * t - i),
+                    0.5 * t - 0.2 * i,
+                    torch.full_like(t, (-1) ** i * 0.8),
+                ],
+                dim=-1,
+            )
+            for i in range(4)
+        ]
+    )
     batch = {"obs": obs, "action": action}
-    policy = build_fitted("diffusion", meta, batch, **TINY_UNET, prediction_type="sample", num_inference_steps=10)
-    first, last = overfit(policy, {"obs": {k: v.repeat(16, 1, 1) for k, v in obs.items()},
-                                   "action": action.repeat(16, 1, 1)}, steps=250)
+    policy = build_fitted(
+        "diffusion", meta, batch, **TINY_UNET, prediction_type="sample", num_inference_steps=10
+    )
+    first, last = overfit(
+        policy,
+        {"obs": {k: v.repeat(16, 1, 1) for k, v in obs.items()}, "action": action.repeat(16, 1, 1)},
+        steps=250,
+    )
     assert last < 0.2 * first
     policy.eval()
     with torch.inference_mode():
@@ -251,8 +273,16 @@ def test_gc_diffusion_follows_the_goal():
     action = torch.cat([ramp, -ramp[..., :1], 0.5 * goal[:, None, :1].expand(4, 16, 1)], dim=-1)
     batch = {"obs": obs, "action": action, "goal": goal}
     policy = build_fitted("gc_diffusion", meta, batch, **TINY_UNET, goal_dropout=0.1)
-    first, last = overfit(policy, {"obs": {k: v.repeat(8, 1, 1) for k, v in obs.items()},
-                                   "action": action.repeat(8, 1, 1), "goal": goal.repeat(8, 1)}, steps=600, lr=3e-3)
+    first, last = overfit(
+        policy,
+        {
+            "obs": {k: v.repeat(8, 1, 1) for k, v in obs.items()},
+            "action": action.repeat(8, 1, 1),
+            "goal": goal.repeat(8, 1),
+        },
+        steps=600,
+        lr=3e-3,
+    )
     assert last < 0.3 * first
     policy.eval()
     gen = torch.Generator().manual_seed(0)
@@ -265,7 +295,9 @@ def test_gc_diffusion_follows_the_goal():
     spread = (action[:, None] - action[None]).abs().mean().item()  # distance between the goals' chunks
     errors = [(p - action[:, None]).abs().mean().item() for p in (pred, pred_2m, pred_cfg)]
     assert errors[0] < 0.1, f"mean abs errors (ddim, dpmpp_2m, ddim + cfg): {errors}"
-    assert max(errors) < 0.4 * spread, f"mean abs errors (ddim, dpmpp_2m, ddim + cfg): {errors}, spread {spread}"
+    assert max(errors) < 0.4 * spread, (
+        f"mean abs errors (ddim, dpmpp_2m, ddim + cfg): {errors}, spread {spread}"
+    )
     # swapping the goals swaps the predictions
     with torch.inference_mode():
         policy.cfg_weight = 0.0
@@ -308,7 +340,9 @@ def test_cfg_weight_changes_the_combination():
     for w in (0.0, 2.0):
         policy.cfg_weight = w
         with torch.inference_mode():
-            results[w] = policy.predict_action(batch["obs"], batch["goal"], generator=torch.Generator().manual_seed(5))
+            results[w] = policy.predict_action(
+                batch["obs"], batch["goal"], generator=torch.Generator().manual_seed(5)
+            )
     assert not torch.allclose(results[0.0], results[2.0])
 
 
@@ -322,9 +356,13 @@ def test_karras_sigmas():
 
 # ============================================================================================ encoders
 def test_random_crop_only_in_training():
-    encoder = ImageEncoder((32, 32, 3), EncoderConfig(feature_dim=8, channels=[8], num_keypoints=4, crop_ratio=0.75))
+    encoder = ImageEncoder(
+        (32, 32, 3), EncoderConfig(feature_dim=8, channels=[8], num_keypoints=4, crop_ratio=0.75)
+    )
     assert encoder.crop == (24, 24)
-    images = torch.arange(8 * 32 * 32 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(8, 32, 32, 3)
+    images = (
+        torch.arange(8 * 32 * 32 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(8, 32, 32, 3)
+    )
     images = images.clone()
     images[..., 0] = torch.arange(32, dtype=torch.uint8).view(1, 32, 1)  # channel 0 encodes the row
     encoder.train()
@@ -337,7 +375,7 @@ def test_random_crop_only_in_training():
     # a crop is a contiguous window of the image
     for n in range(8):
         top = int(tops[n])
-        assert torch.equal(first[n, :, :, 0], images[n, top:top + 24, :24, 0])
+        assert torch.equal(first[n, :, :, 0], images[n, top : top + 24, :24, 0])
     encoder.eval()
     centre = encoder.crop_images(images)
     assert torch.equal(centre, images[:, 4:28, 4:28])
@@ -436,7 +474,9 @@ def test_every_model_and_the_ensemble_implement_the_policy_contract():
         policy = build_policy(kind, meta, **tiny_kwargs(kind, False))
         assert isinstance(policy, Policy) and policy.ensemble_size == 1 and policy.config.kind == kind
     ensemble = build_policy("mlp", meta, ensemble=2, hidden_dims=(8,))
-    assert isinstance(ensemble, PolicyEnsemble) and isinstance(ensemble, Policy) and ensemble.ensemble_size == 2
+    assert (
+        isinstance(ensemble, PolicyEnsemble) and isinstance(ensemble, Policy) and ensemble.ensemble_size == 2
+    )
     assert ensemble.config is ensemble.members[0].config
     batch = make_batch(meta, batch=3)
     ensemble.set_normalizer(fitted_normalizer(batch))

@@ -12,8 +12,15 @@ def test_policy_steps_default_and_overrides():
     assert steps == {"mlp": 3000, "diffusion": 12000}
 
 
-@pytest.mark.parametrize("pair, problem", [("diffusion", "POLICY=STEPS"), ("mlp=-5", "positive"),
-                                           ("mlp=lots", "positive"), ("transformer=100", "not among")])
+@pytest.mark.parametrize(
+    "pair, problem",
+    [
+        ("diffusion", "POLICY=STEPS"),
+        ("mlp=-5", "positive"),
+        ("mlp=lots", "positive"),
+        ("transformer=100", "not among"),
+    ],
+)
 def test_policy_steps_bad_pairs_are_named(pair, problem):
     with pytest.raises(SystemExit, match=problem):
         parse_policy_steps([pair], ["mlp", "diffusion"], 3000)

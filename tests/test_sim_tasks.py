@@ -52,7 +52,9 @@ def test_spaces_shapes_and_dtypes(task):
     if task != "reach":
         expected |= {"object_pos", "object_quat", "ee_to_object", "object_to_goal"}
         np.testing.assert_allclose(obs["ee_to_object"], obs["object_pos"] - obs["ee_pos"], atol=1e-6)
-        np.testing.assert_allclose(obs["object_to_goal"], obs["goal"] - obs["object_pos"][: env.goal_dim], atol=1e-6)
+        np.testing.assert_allclose(
+            obs["object_to_goal"], obs["goal"] - obs["object_pos"][: env.goal_dim], atol=1e-6
+        )
     assert set(obs) == expected == set(env.observation_space.spaces)
     assert env.observation_space.contains(obs)
     assert obs["goal"].shape == (env.goal_dim,)
@@ -259,8 +261,13 @@ print("done", flush=True)
 def test_pybullet_prints_nothing_when_envs_are_created():
     """pybullet's `argv[0]=` (every connect) and `pybullet build time` (import) never reach the user;
     everything else printed meanwhile, by this process or another thread, does, once."""
-    result = subprocess.run([sys.executable, "-c", QUIET_SCRIPT, *TASKS, *TASKS], cwd=REPO, capture_output=True,
-                            timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", QUIET_SCRIPT, *TASKS, *TASKS],
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     assert result.stdout == b"before\nc-level stdout\ndone\n", result.stdout
     lines = result.stderr.splitlines()
     assert sorted(lines) == sorted(b"talker %d" % i for i in range(len(lines))), result.stderr[-2000:]
@@ -273,5 +280,7 @@ def test_quiet_native_output_drops_only_the_noise():
         "    os.write(1, b'noise one\\nkept one\\n'); os.write(2, b'kept two\\nnoise two\\n')\n"
         "print('after')\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=60, check=True
+    )
     assert (result.stdout, result.stderr) == (b"kept one\nafter\n", b"kept two\n")

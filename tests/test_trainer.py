@@ -18,13 +18,27 @@ from policies.runner import PolicyRunner
 from sim.collect import collect_demos
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["policy.down_dims=[16,32,64]", "steps=30", "batch_size=16", "val_every=15", "checkpoint_every=15",
-        "progress=false", "tensorboard=false", "threads=1"]
+TINY = [
+    "policy.down_dims=[16,32,64]",
+    "steps=30",
+    "batch_size=16",
+    "val_every=15",
+    "checkpoint_every=15",
+    "progress=false",
+    "tensorboard=false",
+    "threads=1",
+]
 
 
 def flotilla(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "flotilla.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=check, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flotilla.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +61,12 @@ def test_checkpoint_holds_config_normalizer_and_training_summary(trained, push_d
     assert config["format"] == 2 and config["policy"]["kind"] == "diffusion" and config["step"] == 30
     assert config["training"]["episodes"] == 6 and config["training"]["weighting"] == "sirius"
     assert set(config["normalizer"]) >= {"stats.action.scale", "stats.goal.offset"}
-    assert sorted(os.listdir(trained)) == ["config.json", "model.safetensors", "trainer.json", "trainer.safetensors"]
+    assert sorted(os.listdir(trained)) == [
+        "config.json",
+        "model.safetensors",
+        "trainer.json",
+        "trainer.safetensors",
+    ]
     checkpoint = load_checkpoint(trained)
     assert checkpoint.version == config["version"] and checkpoint.shape_meta.goal_dim == 2
     # The loaded normalizer is the fitted one: the demos' end-effector targets map into [-1, 1].
@@ -63,8 +82,16 @@ def test_resume_continues_from_the_saved_step(trained, push_demos, tmp_path):
     result = flotilla("train", f"data={push_demos}", f"out={out}", f"resume={trained}", *TINY, "steps=40")
     assert "for 40 steps" in result.stdout
     assert read_config(out / "checkpoints" / "latest")["step"] == 40
-    mismatched = flotilla("train", f"data={push_demos}", f"out={tmp_path / 'x'}", f"resume={trained}", "policy=mlp",
-                          "steps=35", "progress=false", check=False)
+    mismatched = flotilla(
+        "train",
+        f"data={push_demos}",
+        f"out={tmp_path / 'x'}",
+        f"resume={trained}",
+        "policy=mlp",
+        "steps=35",
+        "progress=false",
+        check=False,
+    )
     assert mismatched.returncode != 0 and "cannot resume" in mismatched.stderr
 
 
@@ -81,11 +108,26 @@ def test_init_from_fine_tunes_a_trained_policy(trained, push_demos, tmp_path):
     before, after = load_file(str(trained / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
 
-    wrong_kind = flotilla("train", f"data={push_demos}", f"out={tmp_path / 'mlp'}", f"init_from={trained}",
-                          "policy=mlp", "steps=5", "progress=false", check=False)
+    wrong_kind = flotilla(
+        "train",
+        f"data={push_demos}",
+        f"out={tmp_path / 'mlp'}",
+        f"init_from={trained}",
+        "policy=mlp",
+        "steps=5",
+        "progress=false",
+        check=False,
+    )
     assert wrong_kind.returncode != 0 and "cannot start a mlp run" in wrong_kind.stderr
-    both = flotilla("train", f"data={push_demos}", f"out={tmp_path / 'both'}", f"init_from={trained}",
-                    f"resume={trained}", *TINY, check=False)
+    both = flotilla(
+        "train",
+        f"data={push_demos}",
+        f"out={tmp_path / 'both'}",
+        f"init_from={trained}",
+        f"resume={trained}",
+        *TINY,
+        check=False,
+    )
     assert both.returncode != 0 and "not both" in both.stderr
 
 
@@ -115,9 +157,17 @@ def test_corrupt_or_mismatched_checkpoints_get_clear_errors(trained, tmp_path):
 
 def test_eval_runs_the_policy_in_sim_and_writes_a_video(trained, tmp_path):
     video = tmp_path / "eval.mp4"
-    result = flotilla("eval", f"checkpoint={trained}", "episodes=2", "num_samples=4", "video=true",
-                      f"video_path={video}", "progress=false", "task.max_steps=20")
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    result = flotilla(
+        "eval",
+        f"checkpoint={trained}",
+        "episodes=2",
+        "num_samples=4",
+        "video=true",
+        f"video_path={video}",
+        "progress=false",
+        "task.max_steps=20",
+    )
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["episodes"] == 2 and 0.0 <= summary["success_rate"] <= 1.0
     assert 1 <= summary["mean_episode_length"] <= 20
     assert summary["mean_uncertainty"] > 0.0  # four samples of an undertrained policy disagree
@@ -138,7 +188,9 @@ class RecordingPolicy(torch.nn.Module):
     def predict_action(self, obs, goal=None, num_samples=1):
         self.seen.append(obs["x"][0, :, 0].tolist())
         plan = len(self.seen)
-        chunk = torch.stack([torch.full((self.horizon,), float(plan)), torch.arange(self.horizon).float()], -1)
+        chunk = torch.stack(
+            [torch.full((self.horizon,), float(plan)), torch.arange(self.horizon).float()], -1
+        )
         return chunk.expand(1, num_samples, self.horizon, 2)
 
 
@@ -151,7 +203,9 @@ def test_target_action_space_round_trips_and_closes_the_loop():
     for action, target, position in zip(actions, targets, positions, strict=True):
         np.testing.assert_allclose(space.to_robot(target, position), action, atol=1e-5)
     # From wherever the arm really is, the step heads for the target (clipped to the action bounds).
-    np.testing.assert_allclose(space.to_robot(targets[0], np.array([0.5, -0.03, 0.106])), [-1, 0, 0, 1], atol=1e-5)
+    np.testing.assert_allclose(
+        space.to_robot(targets[0], np.array([0.5, -0.03, 0.106])), [-1, 0, 0, 1], atol=1e-5
+    )
     with pytest.raises(ValueError, match="unknown action space"):
         ActionSpace(kind="velocity")
 
@@ -177,9 +231,25 @@ def test_runner_executes_ta_actions_from_index_to_minus_one():
 def test_ddp_training_on_two_cpu_processes(push_demos, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                             "-m", "policies.train", f"data={push_demos}", f"out={out}", *TINY],
-                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29531",
+            "-m",
+            "policies.train",
+            f"data={push_demos}",
+            f"out={out}",
+            *TINY,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "for 30 steps" in result.stdout
     config = read_config(out / "checkpoints" / "latest")

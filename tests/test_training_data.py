@@ -73,8 +73,11 @@ def write_store(path, episodes):
             episode = store.begin_episode("r0", "push")
             for t, label in enumerate(labels):
                 value = 100.0 * e + t
-                episode.append({"state": np.array([value, -value], np.float32), "goal": np.array([e], np.float32)},
-                               np.full(2, value, np.float32), label)
+                episode.append(
+                    {"state": np.array([value, -value], np.float32), "goal": np.array([e], np.float32)},
+                    np.full(2, value, np.float32),
+                    label,
+                )
             episode.commit(success=True)
 
 
@@ -98,7 +101,9 @@ def test_windows_follow_the_diffusion_policy_convention(tmp_path):
 def test_loading_several_stores_with_a_budget_and_a_split(tmp_path):
     write_store(tmp_path / "a.zarr", [[D] * 10])
     write_store(tmp_path / "b.zarr", [[R] * 10, [R] * 5 + [I] * 5, [R] * 10])
-    data = load_episodes([str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")], ["state"], "lfi", budget_steps=10)
+    data = load_episodes(
+        [str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")], ["state"], "lfi", budget_steps=10
+    )
     # The demo is pinned; of the round's episodes only the intervened one fits the budget.
     assert data.num_episodes == 2 and data.summary()["labels"] == {"demo": 10, "robot": 5, "intervention": 5}
     train, val = split_episodes(10, 0.2, seed=0)
@@ -147,7 +152,9 @@ def test_training_windows_leave_out_takeover_holds(tmp_path):
     with EpisodeStore.create(tmp_path / "a.zarr") as store:
         episode = store.begin_episode("r0", "reach")
         for t, (label, moving) in enumerate(zip(labels, moves, strict=True)):
-            episode.append({"state": np.array([t], np.float32)}, np.array([0.5 * moving, 1.0], np.float32), label)
+            episode.append(
+                {"state": np.array([t], np.float32)}, np.array([0.5 * moving, 1.0], np.float32), label
+            )
         episode.commit(success=True)
     data = load_episodes([str(tmp_path / "a.zarr")], ["state"])
     assert data.summary()["takeover_holds"] == 2
@@ -165,11 +172,16 @@ def test_training_windows_leave_out_takeover_holds(tmp_path):
 def test_steps_of_weight_zero_are_left_out(tmp_path):
     write_store(tmp_path / "a.zarr", [[D] * 5, [R] * 3 + [P] * 2 + [I] * 4])
     data = load_episodes([str(tmp_path / "a.zarr")], ["state"])
-    dataset = WindowDataset(data, np.array([0, 1]), ["state"], n_obs_steps=2, horizon=4, weighting="hg_dagger")
+    dataset = WindowDataset(
+        data, np.array([0, 1]), ["state"], n_obs_steps=2, horizon=4, weighting="hg_dagger"
+    )
     # hg_dagger learns from humans only: batches hold demo and intervention windows, nothing weighing 0.
     np.testing.assert_array_equal(dataset.anchors, [0, 1, 2, 3, 4, 10, 11, 12, 13])
     np.testing.assert_allclose(dataset.weights, 1.0)
     # ... and no window imitates a robot step either: the first takeover window (actions of steps 9..12)
     # masks step 9, a pre-intervention step.
     np.testing.assert_array_equal(dataset[5]["action_mask"], [0, 1, 1, 1])
-    assert len(WindowDataset(data, np.array([0, 1]), ["state"], n_obs_steps=2, horizon=4, weighting="uniform")) == 14
+    assert (
+        len(WindowDataset(data, np.array([0, 1]), ["state"], n_obs_steps=2, horizon=4, weighting="uniform"))
+        == 14
+    )

@@ -188,7 +188,7 @@ class QuantileThreshold:
 
     def observe(self, values: Iterable[float]) -> None:
         new = np.asarray(list(values), dtype=np.float64)
-        new = new[np.isfinite(new)][-len(self._values):]
+        new = new[np.isfinite(new)][-len(self._values) :]
         if new.size == 0:
             return
         slots = (self._next + np.arange(new.size)) % len(self._values)
@@ -269,7 +269,9 @@ def register_rule(name: str, config: type) -> Callable[[type], type]:
     """
     common = {f.name for f in dataclasses.fields(AllocatorConfig)}
     if not name.isidentifier() or name in common:
-        raise ValueError(f"allocation rule name {name!r} must be an identifier and not one of {sorted(common)}")
+        raise ValueError(
+            f"allocation rule name {name!r} must be an identifier and not one of {sorted(common)}"
+        )
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"allocation rule {name!r}: its config {config!r} must be a dataclass")
 
@@ -322,13 +324,17 @@ class AllocatorConfig:
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
-            raise ValueError(f"allocation.rule: unknown rule {self.rule!r}; rules: {', '.join(sorted(RULES))}")
+            raise ValueError(
+                f"allocation.rule: unknown rule {self.rule!r}; rules: {', '.join(sorted(RULES))}"
+            )
         check_int("allocation.t_T", self.t_T, minimum=0)
         check_int("allocation.t_R", self.t_R, minimum=0)
         check_int("allocation.window", self.window, minimum=1)
         check_int("allocation.min_samples", self.min_samples, minimum=1)
         if self.min_samples > self.window:
-            raise ValueError(f"allocation.min_samples ({self.min_samples}) must not exceed window ({self.window})")
+            raise ValueError(
+                f"allocation.min_samples ({self.min_samples}) must not exceed window ({self.window})"
+            )
         check_number("allocation.alpha", self.alpha)
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"allocation.alpha must be in (0, 1) (target request rate), got {self.alpha!r}")
@@ -338,11 +344,15 @@ class AllocatorConfig:
         if self.seed is not None:
             check_int("allocation.seed", self.seed, minimum=0)
         if not isinstance(self.rule_configs, Mapping):
-            raise ValueError(f"allocation.rule_configs must map rule names to settings, got {self.rule_configs!r}")
+            raise ValueError(
+                f"allocation.rule_configs must map rule names to settings, got {self.rule_configs!r}"
+            )
         unknown = sorted(set(self.rule_configs) - set(RULES))
         if unknown:
             raise ValueError(f"allocation: unknown rule(s) {unknown}; rules: {', '.join(sorted(RULES))}")
-        configs = {name: _rule_config(spec, self.rule_configs.get(name)) for name, spec in sorted(RULES.items())}
+        configs = {
+            name: _rule_config(spec, self.rule_configs.get(name)) for name, spec in sorted(RULES.items())
+        }
         object.__setattr__(self, "rule_configs", configs)  # a dict, not a mappingproxy: configs are pickled
 
     @property
@@ -357,10 +367,14 @@ class AllocatorConfig:
         settings = {f.name for f in dataclasses.fields(cls)} - {"rule_configs"}
         unknown = sorted(set(values) - settings - set(RULES))
         if unknown:
-            raise ValueError(f"allocation: unknown setting(s) {unknown}; settings: {sorted(settings)}; "
-                             f"rules: {sorted(RULES)}")
-        return cls(**{key: value for key, value in values.items() if key in settings},
-                   rule_configs={key: value for key, value in values.items() if key in RULES})
+            raise ValueError(
+                f"allocation: unknown setting(s) {unknown}; settings: {sorted(settings)}; "
+                f"rules: {sorted(RULES)}"
+            )
+        return cls(
+            **{key: value for key, value in values.items() if key in settings},
+            rule_configs={key: value for key, value in values.items() if key in RULES},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The mapping form, every rule's block included (``from_dict(to_dict())`` is equal)."""
@@ -380,7 +394,9 @@ def _rule_config(spec: RuleSpec, value: Any) -> Any:
         if unknown:
             raise ValueError(f"allocation.{spec.name}: unknown setting(s) {unknown}; known: {sorted(known)}")
         return spec.config(**value)
-    raise ValueError(f"allocation.{spec.name} must be a mapping of the {spec.name} rule's settings, got {value!r}")
+    raise ValueError(
+        f"allocation.{spec.name} must be a mapping of the {spec.name} rule's settings, got {value!r}"
+    )
 
 
 def check_int(key: str, value: object, minimum: int) -> None:
@@ -453,8 +469,9 @@ class Allocator:
 
     def operator_disconnected(self, operator_id: str, robots: Iterable[RobotSlot]) -> list[Release]:
         """Free the robots of an operator who left; they go back to the queue ahead of everyone."""
-        return [self._unpair(robot, OPERATOR_DISCONNECTED) for robot in robots
-                if robot.controller == operator_id]
+        return [
+            self._unpair(robot, OPERATOR_DISCONNECTED) for robot in robots if robot.controller == operator_id
+        ]
 
     def robot_disconnected(self, robot: RobotSlot) -> Release | None:
         """Mark the robot disconnected and free its operator (the returned Release says whom to tell)."""
@@ -470,8 +487,10 @@ class Allocator:
         that tick's Decisions carry it. Raises ValueError if the operator does not control the robot.
         """
         if robot.controller != operator_id:
-            raise ValueError(f"operator {operator_id!r} does not control robot {robot.robot_id!r} "
-                             f"(controller: {robot.controller!r})")
+            raise ValueError(
+                f"operator {operator_id!r} does not control robot {robot.robot_id!r} "
+                f"(controller: {robot.controller!r})"
+            )
         robot.release_requested = True
 
     # ------------------------------------------------------------------------------------ internals
@@ -501,23 +520,34 @@ class Allocator:
                 _leave_queue(robot)
         return priorities
 
-    def _assign(self, candidates: list[RobotSlot], priorities: dict[str, Priority], free: set[str],
-                decisions: Decisions) -> None:
+    def _assign(
+        self,
+        candidates: list[RobotSlot],
+        priorities: dict[str, Priority],
+        free: set[str],
+        decisions: Decisions,
+    ) -> None:
         """Free operators (in id order, for determinism) take the best-ranked robots needing help."""
         waiting = sorted(
-            (robot for robot in candidates
-             if robot.controller is None and priorities[robot.robot_id].needs_help),
+            (
+                robot
+                for robot in candidates
+                if robot.controller is None and priorities[robot.robot_id].needs_help
+            ),
             key=lambda robot: _rank(robot, priorities[robot.robot_id]),
         )
         for operator_id, robot in zip(sorted(free), waiting, strict=False):
             decisions.assignments.append(self._pair(robot, operator_id, priorities[robot.robot_id]))
-        for robot in waiting[len(free):]:
+        for robot in waiting[len(free) :]:
             robot.waited_ticks += 1
 
     def _calibrate(self, active: list[RobotSlot]) -> None:
         # Only autonomous, acting robots: their steps are the ones that would request help.
-        acting = [robot.signals for robot in active
-                  if robot.controller is None and not robot.idle and not robot.blocked]
+        acting = [
+            robot.signals
+            for robot in active
+            if robot.controller is None and not robot.idle and not robot.blocked
+        ]
         self.uncertainty.observe(signals.uncertainty for signals in acting)
         self.risk.observe(signals.risk for signals in acting)
 
@@ -549,7 +579,9 @@ class Allocator:
     def _assignment(self, robot: RobotSlot) -> Assignment:
         assert robot.controller is not None and robot.reason is not None
         return Assignment(
-            operator_id=robot.controller, robot_id=robot.robot_id, reason=robot.reason,
+            operator_id=robot.controller,
+            robot_id=robot.robot_id,
+            reason=robot.reason,
             needs_reset=robot.resetting,
             min_steps=self.config.t_R if robot.resetting else self.config.t_T,
             reset_steps=self.config.t_R if robot.resetting else 0,
@@ -572,13 +604,16 @@ class Allocator:
         def entry(robot: RobotSlot) -> QueueEntry:
             priority = priorities[robot.robot_id]
             reason = robot.reason if robot.controller is not None else priority.reason
-            return QueueEntry(robot.robot_id, reason, priority.level, priority.score, robot.waited_ticks,
-                              robot.controller)
+            return QueueEntry(
+                robot.robot_id, reason, priority.level, priority.score, robot.waited_ticks, robot.controller
+            )
 
         def rank(robot: RobotSlot) -> tuple:
             return _rank(robot, priorities[robot.robot_id])
 
-        waiting = [robot for robot in active if robot.controller is None and priorities[robot.robot_id].needs_help]
+        waiting = [
+            robot for robot in active if robot.controller is None and priorities[robot.robot_id].needs_help
+        ]
         assigned = [robot for robot in active if robot.controller is not None]
         return [entry(robot) for group in (waiting, assigned) for robot in sorted(group, key=rank)]
 
@@ -602,7 +637,9 @@ def _check_pairings(robots: list[RobotSlot]) -> None:
         if robot.controller is not None:
             other = controllers.setdefault(robot.controller, robot.robot_id)
             if other != robot.robot_id:
-                raise ValueError(f"operator {robot.controller!r} controls both {other!r} and {robot.robot_id!r}")
+                raise ValueError(
+                    f"operator {robot.controller!r} controls both {other!r} and {robot.robot_id!r}"
+                )
 
 
 def make_allocator(rule: str = "flotilla", **settings: Any) -> Allocator:

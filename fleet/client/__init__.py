@@ -40,13 +40,24 @@ keep stepping: the server counts steps for t_T and t_R.
 from fleet.client._session import FATAL_CODES, HEARTBEAT_S, ClientError
 from fleet.client.operator import OperatorClient
 from fleet.client.registry import (
-           CheckpointError,
-           fetch_checkpoint,
-           fleet_status,
-           list_policies,
-           publish_checkpoint,
+    CheckpointError,
+    fetch_checkpoint,
+    fleet_status,
+    list_policies,
+    publish_checkpoint,
 )
 from fleet.client.robot import RobotClient, RobotState
 
-__all__ = ["FATAL_CODES", "HEARTBEAT_S", "CheckpointError", "ClientError", "OperatorClient", "RobotClient",
-           "RobotState", "fetch_checkpoint", "fleet_status", "list_policies", "publish_checkpoint"]
+__all__ = [
+    "FATAL_CODES",
+    "HEARTBEAT_S",
+    "CheckpointError",
+    "ClientError",
+    "OperatorClient",
+    "RobotClient",
+    "RobotState",
+    "fetch_checkpoint",
+    "fleet_status",
+    "list_policies",
+    "publish_checkpoint",
+]

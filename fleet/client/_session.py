@@ -16,16 +16,25 @@ import grpc
 
 log = logging.getLogger(__name__)
 
-FATAL_CODES = frozenset({
-    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED,
-    grpc.StatusCode.UNIMPLEMENTED,
-})
+FATAL_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
 SIGNAL_NAMES = ("uncertainty", "risk", "density", "constraint_violation")
 HEARTBEAT_S = 0.25  # well inside the server's default silence timeouts (1 s)
 # HTTP/2 keepalive, within what the server permits (fleet/server/app.py KEEPALIVE_OPTIONS).
-KEEPALIVE_OPTIONS = (("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-                     ("grpc.keepalive_permit_without_calls", 1))
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,15 @@ class _StreamClient:
     message (`_received`), what to send next (`_next_to_send`) and how a heartbeat looks (`_heartbeat`).
     """
 
-    def __init__(self, target: str, token: str, root_certificates=None, backoff: tuple[float, float] = (0.1, 5.0),
-                 options: tuple = (), heartbeat_s: float = HEARTBEAT_S):
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        root_certificates=None,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        options: tuple = (),
+        heartbeat_s: float = HEARTBEAT_S,
+    ):
         self.target, self._token, self._backoff = target, token, backoff
         self._credentials = _credentials(root_certificates)
         self._options = [*KEEPALIVE_OPTIONS, *options]

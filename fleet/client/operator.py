@@ -16,16 +16,24 @@ from fleet.proto import flotilla_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
-
 class OperatorClient(_StreamClient):
     """A teleoperator's session. Updates (assignments, releases, frames, queue, errors) arrive in order:
     read them with `next_update` / `updates`, or get them via `on_update(update)` on the client's thread.
     Actions are live: while disconnected they are not kept (a stale teleop action must not be replayed).
     """
 
-    def __init__(self, target: str, token: str, operator_id: str, *, root_certificates=None,
-                 on_update: Callable[[pb.OperatorUpdate], None] | None = None, max_updates: int = 10_000,
-                 backoff: tuple[float, float] = (0.1, 5.0), heartbeat_s: float = HEARTBEAT_S):
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        operator_id: str,
+        *,
+        root_certificates=None,
+        on_update: Callable[[pb.OperatorUpdate], None] | None = None,
+        max_updates: int = 10_000,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        heartbeat_s: float = HEARTBEAT_S,
+    ):
         super().__init__(target, token, root_certificates, backoff, heartbeat_s=heartbeat_s)
         self.operator_id = operator_id
         self.assigned: set[str] = set()  # robots this operator controls now
@@ -40,8 +48,13 @@ class OperatorClient(_StreamClient):
 
     def act(self, robot_id: str, action, seq: int = 0, frame_seq: int = 0) -> None:
         """Send a teleop action; `frame_seq`: the RobotFrame.seq the operator was looking at."""
-        self._send(pb.OperatorMessage(action=pb.OperatorAction(robot_id=robot_id, action=codec.to_tensor(action),
-                                                               seq=seq, frame_seq=frame_seq)))
+        self._send(
+            pb.OperatorMessage(
+                action=pb.OperatorAction(
+                    robot_id=robot_id, action=codec.to_tensor(action), seq=seq, frame_seq=frame_seq
+                )
+            )
+        )
 
     def release(self, robot_id: str) -> None:
         self._send(pb.OperatorMessage(release=pb.Release(robot_id=robot_id)))
@@ -84,12 +97,17 @@ class OperatorClient(_StreamClient):
             # Across a reconnect keep release/reset/e-stop, but never replay a stale teleop action.
             stale = sum(1 for m in self._outgoing if m.WhichOneof("kind") == "action")
             if stale:
-                log.warning("operator %s: %d teleop action(s) sent while disconnected were dropped",
-                            self.operator_id, stale)
+                log.warning(
+                    "operator %s: %d teleop action(s) sent while disconnected were dropped",
+                    self.operator_id,
+                    stale,
+                )
             self._outgoing = collections.deque(m for m in self._outgoing if m.WhichOneof("kind") != "action")
             self.assigned.clear()  # the server re-sends assignments that still hold
         self._was_connected = True
-        return [pb.OperatorMessage(hello=pb.OperatorHello(operator_id=self.operator_id, boot_id=self.boot_id))]
+        return [
+            pb.OperatorMessage(hello=pb.OperatorHello(operator_id=self.operator_id, boot_id=self.boot_id))
+        ]
 
     def _heartbeat(self):
         return pb.OperatorMessage(heartbeat=pb.Heartbeat())

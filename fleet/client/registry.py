@@ -20,7 +20,6 @@ from fleet.registry_rules import check_filename, check_version  # the registry's
 log = logging.getLogger(__name__)
 
 
-
 def _channel(target: str, root_certificates=None) -> grpc.Channel:
     credentials = _credentials(root_certificates)
     return grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
@@ -40,15 +39,27 @@ def _file_chunks(path: Path, version: str, chunk_bytes: int) -> Iterator[pb.Chec
             following = file.read(chunk_bytes) if data else b""
             digest.update(data)
             last = not following
-            yield pb.CheckpointChunk(version=version, filename=path.name, data=data, offset=offset, last=last,
-                                     sha256=digest.hexdigest() if last else "")
+            yield pb.CheckpointChunk(
+                version=version,
+                filename=path.name,
+                data=data,
+                offset=offset,
+                last=last,
+                sha256=digest.hexdigest() if last else "",
+            )
             if last:
                 break
             offset, data = offset + len(data), following
 
 
-def publish_checkpoint(target: str, token: str, folder: str | os.PathLike, version: str,
-                       chunk_bytes: int = 1024 * 1024, root_certificates=None) -> pb.PublishResult:
+def publish_checkpoint(
+    target: str,
+    token: str,
+    folder: str | os.PathLike,
+    version: str,
+    chunk_bytes: int = 1024 * 1024,
+    root_certificates=None,
+) -> pb.PublishResult:
     """Upload a checkpoint folder (its .json/.yaml/.safetensors files) as `version` (trainer token).
 
     Each file's last chunk carries its SHA-256: the server refuses the publish (INVALID_ARGUMENT) when
@@ -77,8 +88,9 @@ class _FetchedFile:
         self.size += len(data)
 
 
-def fetch_checkpoint(target: str, token: str, dest: str | os.PathLike, version: str = "",
-                     root_certificates=None) -> Path:
+def fetch_checkpoint(
+    target: str, token: str, dest: str | os.PathLike, version: str = "", root_certificates=None
+) -> Path:
     """Download `version` (default: the latest) into `dest/<version>/`; returns that folder.
 
     File names are checked here too (plain names, allowed suffixes); every file must arrive whole, in
@@ -92,13 +104,16 @@ def fetch_checkpoint(target: str, token: str, dest: str | os.PathLike, version: 
     got, done, current = "", set(), None
 
     def fail(problem: str) -> CheckpointError:
-        return CheckpointError(f"fetch of policy version {got or version or '(latest)'!r} from {target}: {problem}; "
-                               "nothing was kept")
+        return CheckpointError(
+            f"fetch of policy version {got or version or '(latest)'!r} from {target}: {problem}; "
+            "nothing was kept"
+        )
 
     try:
         with _channel(target, root_certificates) as channel:
-            for chunk in pb_grpc.RegistryServiceStub(channel).Fetch(pb.FetchRequest(version=version),
-                                                                    metadata=_metadata(token)):
+            for chunk in pb_grpc.RegistryServiceStub(channel).Fetch(
+                pb.FetchRequest(version=version), metadata=_metadata(token)
+            ):
                 got = check_version(chunk.version or got)
                 name = check_filename(chunk.filename)
                 if current is None or current.name != name:
@@ -113,11 +128,15 @@ def fetch_checkpoint(target: str, token: str, dest: str | os.PathLike, version: 
                 if chunk.last:
                     current.file.close()
                     if not chunk.sha256:
-                        raise fail(f"the server sent no sha256 for file {name!r} (a server older than protocol v1?)")
+                        raise fail(
+                            f"the server sent no sha256 for file {name!r} (a server older than protocol v1?)"
+                        )
                     received = current.digest.hexdigest()
                     if chunk.sha256.lower() != received:
-                        raise fail(f"file {name!r} does not match its sha256: {current.size} bytes received hash to "
-                                   f"{received}, the server sent {chunk.sha256}")
+                        raise fail(
+                            f"file {name!r} does not match its sha256: {current.size} bytes received hash to "
+                            f"{received}, the server sent {chunk.sha256}"
+                        )
                     done.add(name)
                     current = None
         if current is not None:

@@ -20,12 +20,13 @@ from fleet.proto import flotilla_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class RobotState:
     """What the server last told the robot (see Command in flotilla.proto)."""
 
-    mode: int = pb.MODE_UNSPECIFIED  # pb.MODE_AUTONOMOUS / MODE_TELEOP / MODE_HOLD; unspecified until the server speaks
+    mode: int = (
+        pb.MODE_UNSPECIFIED
+    )  # pb.MODE_AUTONOMOUS / MODE_TELEOP / MODE_HOLD; unspecified until the server speaks
     estop: bool = False
     operator_id: str = ""
     action: np.ndarray | None = None  # the operator's latest action (TELEOP), and when it arrived:
@@ -45,17 +46,36 @@ class RobotClient(_StreamClient):
     in shape) and counted in `dropped` (logged), so a long outage cannot exhaust memory.
     """
 
-    def __init__(self, target: str, token: str, robot_id: str, task: str,
-                 observation_spec: Mapping[str, tuple[tuple[int, ...], str]], action_dim: int, goal_dim: int = 0,
-                 policy_version: str = "", *, root_certificates=None,
-                 on_command: Callable[[pb.Command, RobotState], None] | None = None,
-                 max_unacked: int = 100_000, backoff: tuple[float, float] = (0.1, 5.0),
-                 heartbeat_s: float = HEARTBEAT_S):
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        robot_id: str,
+        task: str,
+        observation_spec: Mapping[str, tuple[tuple[int, ...], str]],
+        action_dim: int,
+        goal_dim: int = 0,
+        policy_version: str = "",
+        *,
+        root_certificates=None,
+        on_command: Callable[[pb.Command, RobotState], None] | None = None,
+        max_unacked: int = 100_000,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        heartbeat_s: float = HEARTBEAT_S,
+    ):
         super().__init__(target, token, root_certificates, backoff, heartbeat_s=heartbeat_s)
-        self.hello = pb.RobotHello(robot_id=robot_id, task=task, policy_version=policy_version,
-                                   action_dim=action_dim, goal_dim=goal_dim, boot_id=self.boot_id)
+        self.hello = pb.RobotHello(
+            robot_id=robot_id,
+            task=task,
+            policy_version=policy_version,
+            action_dim=action_dim,
+            goal_dim=goal_dim,
+            boot_id=self.boot_id,
+        )
         for key, (shape, dtype) in observation_spec.items():
-            self.hello.observation_spec[key].CopyFrom(pb.TensorSpec(shape=list(shape), dtype=str(np.dtype(dtype))))
+            self.hello.observation_spec[key].CopyFrom(
+                pb.TensorSpec(shape=list(shape), dtype=str(np.dtype(dtype)))
+            )
         self.policy_version = policy_version
         self._on_command = on_command
         self._max_unacked = max_unacked
@@ -74,24 +94,43 @@ class RobotClient(_StreamClient):
 
     # -- the robot's side (any thread) -----------------------------------------------------------------
 
-    def start_episode(self, episode_id: int, goal=None, policy_version: str | None = None,
-                      timestamp: float | None = None) -> int:
+    def start_episode(
+        self, episode_id: int, goal=None, policy_version: str | None = None, timestamp: float | None = None
+    ) -> int:
         """Queue the start of an episode; returns its seq."""
-        start = pb.EpisodeStart(episode_id=episode_id, policy_version=policy_version or self.policy_version,
-                                timestamp=time.time() if timestamp is None else timestamp)
+        start = pb.EpisodeStart(
+            episode_id=episode_id,
+            policy_version=policy_version or self.policy_version,
+            timestamp=time.time() if timestamp is None else timestamp,
+        )
         if goal is not None:
             start.goal.CopyFrom(codec.to_tensor(np.asarray(goal, np.float32)))
         return self._queue("episode_start", start)
 
-    def step(self, episode_id: int, t: int, observation: Mapping[str, np.ndarray], action,
-             label: ControlLabel | str | int = ControlLabel.ROBOT, signals: Mapping[str, float] | None = None,
-             goal=None, camera: np.ndarray | pb.Image | None = None, operator_id: str = "",
-             timestamp: float | None = None) -> int:
+    def step(
+        self,
+        episode_id: int,
+        t: int,
+        observation: Mapping[str, np.ndarray],
+        action,
+        label: ControlLabel | str | int = ControlLabel.ROBOT,
+        signals: Mapping[str, float] | None = None,
+        goal=None,
+        camera: np.ndarray | pb.Image | None = None,
+        operator_id: str = "",
+        timestamp: float | None = None,
+    ) -> int:
         """Queue one step (the action applied at it) for the server; returns its sequence number."""
-        step = pb.Step(episode_id=episode_id, t=t, timestamp=time.time() if timestamp is None else timestamp,
-                       action=codec.to_tensor(action), label=wire.label_to_wire(label),
-                       signals=pb.Signals(**dict(signals or {})), policy_version=self.policy_version,
-                       operator_id=operator_id)
+        step = pb.Step(
+            episode_id=episode_id,
+            t=t,
+            timestamp=time.time() if timestamp is None else timestamp,
+            action=codec.to_tensor(action),
+            label=wire.label_to_wire(label),
+            signals=pb.Signals(**dict(signals or {})),
+            policy_version=self.policy_version,
+            operator_id=operator_id,
+        )
         for key, value in observation.items():
             step.observation[key].CopyFrom(codec.to_tensor(value))
         if goal is not None:
@@ -100,10 +139,16 @@ class RobotClient(_StreamClient):
             step.camera.CopyFrom(camera if isinstance(camera, pb.Image) else codec.encode_image(camera))
         return self._queue("step", step)
 
-    def end_episode(self, episode_id: int, success: bool, outcome: str = "", timestamp: float | None = None) -> int:
+    def end_episode(
+        self, episode_id: int, success: bool, outcome: str = "", timestamp: float | None = None
+    ) -> int:
         """Queue the end of an episode; returns its seq."""
-        end = pb.EpisodeEnd(episode_id=episode_id, success=success, outcome=outcome,
-                            timestamp=time.time() if timestamp is None else timestamp)
+        end = pb.EpisodeEnd(
+            episode_id=episode_id,
+            success=success,
+            outcome=outcome,
+            timestamp=time.time() if timestamp is None else timestamp,
+        )
         return self._queue("episode_end", end)
 
     def take_reset(self) -> bool:
@@ -145,8 +190,11 @@ class RobotClient(_StreamClient):
         """Send what is still unacked (up to `timeout`), then end the session."""
         super().close(timeout)
         if self._kept:
-            log.warning("robot %s closed with %d message(s) the server never made durable", self.hello.robot_id,
-                        len(self._kept))
+            log.warning(
+                "robot %s closed with %d message(s) the server never made durable",
+                self.hello.robot_id,
+                len(self._kept),
+            )
 
     # -- the client's loop -----------------------------------------------------------------------------
 
@@ -171,8 +219,12 @@ class RobotClient(_StreamClient):
         if self._sent is not None and index < self._sent:
             self._sent -= 1
         self.dropped += 1
-        log.warning("robot %s: resend buffer full (%d); dropped the oldest step not yet durable (%d so far)",
-                    self.hello.robot_id, self._max_unacked, self.dropped)
+        log.warning(
+            "robot %s: resend buffer full (%d); dropped the oldest step not yet durable (%d so far)",
+            self.hello.robot_id,
+            self._max_unacked,
+            self.dropped,
+        )
 
     def _opening(self) -> list:
         self._sent = None  # wait for the server's first Command: it says what it already has
@@ -213,10 +265,17 @@ class RobotClient(_StreamClient):
         if command.reset:
             with self._seq_lock:
                 self._resets += 1
-        self.state = RobotState(mode=command.mode, estop=command.estop, operator_id=command.operator_id,
-                                action=action, action_time=action_time, policy_version=command.policy_version,
-                                message=command.message, acked_seq=max(self.state.acked_seq, command.ack_seq),
-                                committed_seq=committed)
+        self.state = RobotState(
+            mode=command.mode,
+            estop=command.estop,
+            operator_id=command.operator_id,
+            action=action,
+            action_time=action_time,
+            policy_version=command.policy_version,
+            message=command.message,
+            acked_seq=max(self.state.acked_seq, command.ack_seq),
+            committed_seq=committed,
+        )
         self._wake.set()
         if self._on_command is not None:
             try:

@@ -41,10 +41,13 @@ log = logging.getLogger(__name__)
 # HTTP/2 pings find peers that vanished without closing (a cut cable, a frozen host); the fleet's own
 # silence timeouts (robot_silence_s, operator_silence_s) find frozen processes faster. Clients ping no
 # more often than the server permits (fleet/client/_session.py uses the same numbers).
-KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-                     ("grpc.keepalive_permit_without_calls", 1),
-                     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-                     ("grpc.http2.max_ping_strikes", 2)]
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 2),
+]
 WRITER_CLOSE_TIMEOUT_S = 60.0  # a store that cannot be written must not hang a stop forever
 
 
@@ -81,31 +84,46 @@ class FleetServer:
             raise ValueError("serve: no tokens configured; every call would be refused")
         problems = config.exposure_problems()
         if problems and not config.insecure:
-            raise ValueError("refusing to listen beyond loopback insecurely: " + "; ".join(problems)
-                             + " (or set insecure=true on a closed network)")
+            raise ValueError(
+                "refusing to listen beyond loopback insecurely: "
+                + "; ".join(problems)
+                + " (or set insecure=true on a closed network)"
+            )
         for problem in problems:
             log.warning("INSECURE (insecure=true): %s", problem)
         store = EpisodeStore.open(config.store, mode="a")
-        writer = EpisodeWriter(store, config.writer_queue_size, config.writer_batch_episodes,
-                               on_error=lambda key, message: loop.call_soon_threadsafe(self.fleet.writer_failed, key, message),
-                               on_commit=lambda keys: loop.call_soon_threadsafe(self.fleet.episodes_committed, keys))
+        writer = EpisodeWriter(
+            store,
+            config.writer_queue_size,
+            config.writer_batch_episodes,
+            on_error=lambda key, message: loop.call_soon_threadsafe(self.fleet.writer_failed, key, message),
+            on_commit=lambda keys: loop.call_soon_threadsafe(self.fleet.episodes_committed, keys),
+        )
         registry = PolicyRegistry(config.registry_dir, config.max_checkpoint_bytes)
         self.metrics = Metrics(gauges=self._gauges(writer))
         self.writer = writer
-        self.fleet = fleet = Fleet(config, writer, self.metrics, self.allocator, latest_policy=registry.latest())
+        self.fleet = fleet = Fleet(
+            config, writer, self.metrics, self.allocator, latest_policy=registry.latest()
+        )
 
-        options = [("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.max_send_message_length", config.max_message_bytes), *KEEPALIVE_OPTIONS]
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            *KEEPALIVE_OPTIONS,
+        ]
         auth = TokenAuth(config.tokens)
         server = grpc.aio.server(interceptors=[AuthInterceptor(auth)], options=options)
         pb_grpc.add_RobotServiceServicer_to_server(RobotService(fleet, auth), server)
         pb_grpc.add_OperatorServiceServicer_to_server(OperatorService(fleet, auth), server)
         pb_grpc.add_RegistryServiceServicer_to_server(
-            RegistryService(registry, config.registry_chunk_bytes, fleet.policy_published), server)
+            RegistryService(registry, config.registry_chunk_bytes, fleet.policy_published), server
+        )
         pb_grpc.add_AdminServiceServicer_to_server(AdminService(fleet), server)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
-            credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+            )
             self.port = server.add_secure_port(address, credentials)
         else:
             self.port = server.add_insecure_port(address)
@@ -115,24 +133,42 @@ class FleetServer:
             self._http = MetricsHttpServer(self.metrics, config.metrics_host, config.metrics_port)
             self.metrics_port = self._http.port
         self._tick = fleet.spawn(self._tick_loop())
-        log.info("fleet server on %s (%s), metrics on %s, store %s", self.address,
-                 "TLS" if config.tls_cert else "insecure", self.metrics_port, config.store)
+        log.info(
+            "fleet server on %s (%s), metrics on %s, store %s",
+            self.address,
+            "TLS" if config.tls_cert else "insecure",
+            self.metrics_port,
+            config.store,
+        )
 
     def _gauges(self, writer: EpisodeWriter) -> dict:
         def connected(items) -> int:
             return sum(1 for item in list(items) if getattr(item, "outbox", True) is not None)
 
         return {
-            "robots_connected": ("robots with an open session", lambda: connected(self.fleet.robots.values())),
+            "robots_connected": (
+                "robots with an open session",
+                lambda: connected(self.fleet.robots.values()),
+            ),
             "operators_connected": ("operators with an open session", lambda: len(self.fleet.operators)),
             "writer_queue_depth": ("work items waiting for the episode writer", lambda: writer.depth),
-            "episodes_committed_total": ("episodes committed to the store", lambda: writer.stats.episodes_committed),
+            "episodes_committed_total": (
+                "episodes committed to the store",
+                lambda: writer.stats.episodes_committed,
+            ),
             "steps_logged_total": ("steps committed to the store", lambda: writer.stats.steps_logged),
-            "writer_failures_total": ("episodes the writer could not store (reported to the robot)",
-                                      lambda: writer.stats.failures),
-            "writer_healthy": ("1 while the episode store can be written; 0: steps are refused",
-                               lambda: int(writer.healthy)),
-            "robot_records": ("robot records kept (connected or recently departed)", lambda: len(self.fleet.robots)),
+            "writer_failures_total": (
+                "episodes the writer could not store (reported to the robot)",
+                lambda: writer.stats.failures,
+            ),
+            "writer_healthy": (
+                "1 while the episode store can be written; 0: steps are refused",
+                lambda: int(writer.healthy),
+            ),
+            "robot_records": (
+                "robot records kept (connected or recently departed)",
+                lambda: len(self.fleet.robots),
+            ),
         }
 
     async def _tick_loop(self) -> None:
@@ -156,8 +192,11 @@ class FleetServer:
         await asyncio.to_thread(self.writer.close, WRITER_CLOSE_TIMEOUT_S)
         if self._http is not None:
             self._http.close()
-        log.info("fleet server stopped: %d episodes committed, %d steps logged",
-                 self.writer.stats.episodes_committed, self.writer.stats.steps_logged)
+        log.info(
+            "fleet server stopped: %d episodes committed, %d steps logged",
+            self.writer.stats.episodes_committed,
+            self.writer.stats.steps_logged,
+        )
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -227,8 +266,11 @@ async def serve(config: ServerConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"flotilla serve: fleet server on {server.address}, metrics on port {server.metrics_port} "
-          f"(Ctrl-C stops gracefully)", flush=True)
+    print(
+        f"flotilla serve: fleet server on {server.address}, metrics on port {server.metrics_port} "
+        f"(Ctrl-C stops gracefully)",
+        flush=True,
+    )
     await stop.wait()
     print("flotilla serve: stopping (draining the episode writer)...", flush=True)
     await server.stop()
@@ -243,5 +285,9 @@ def run(cfg) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(ServerConfig.from_dict(cfg)))
-    except (ValueError, StoreError, OSError) as err:  # a bad setting, store or address: one line, no traceback
+    except (
+        ValueError,
+        StoreError,
+        OSError,
+    ) as err:  # a bad setting, store or address: one line, no traceback
         raise SystemExit(f"flotilla serve: {err}") from None

@@ -49,8 +49,9 @@ ID_RULE = "1-64 characters of letters, digits and . _ - (starting with a letter 
 def check_id(value: str, what: str) -> str:
     """`value` if it is a valid robot/operator id, else INVALID_ARGUMENT naming the problem."""
     if not ID_PATTERN.fullmatch(value):
-        raise FleetError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"hello: {what} {clip(value)!r} is not a valid id ({ID_RULE})")
+        raise FleetError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"hello: {what} {clip(value)!r} is not a valid id ({ID_RULE})"
+        )
     return value
 
 
@@ -79,7 +80,9 @@ def token_entries(tokens: Mapping[str, Sequence]) -> list[tuple[str, Identity]]:
             if isinstance(entry, Mapping):
                 unknown = sorted(set(entry) - {"token", "ids"})
                 if unknown:
-                    raise ValueError(f"tokens.{role}: unknown key(s) {unknown} in a token entry (use token, ids)")
+                    raise ValueError(
+                        f"tokens.{role}: unknown key(s) {unknown} in a token entry (use token, ids)"
+                    )
                 token, ids = entry.get("token"), entry.get("ids", ["*"])
                 ids = [ids] if isinstance(ids, str) else list(ids or [])
             else:
@@ -89,7 +92,9 @@ def token_entries(tokens: Mapping[str, Sequence]) -> list[tuple[str, Identity]]:
             if not ids or not all(isinstance(pattern, str) and pattern for pattern in ids):
                 raise ValueError(f"tokens.{role}: ids must be a non-empty list of id patterns")
             if token in seen:
-                raise ValueError(f"tokens: the same token is configured twice (roles {seen[token]!r} and {role!r})")
+                raise ValueError(
+                    f"tokens: the same token is configured twice (roles {seen[token]!r} and {role!r})"
+                )
             seen[token] = role
             entries.append((token, Identity(role, tuple(ids))))
     return entries
@@ -103,7 +108,7 @@ class TokenAuth:
         header = next((value for key, value in metadata or () if key == "authorization"), None)
         if not isinstance(header, str) or not header.startswith("Bearer "):
             return None
-        presented = header[len("Bearer "):].strip().encode()
+        presented = header[len("Bearer ") :].strip().encode()
         found = None
         for token, identity in self._tokens:  # compare every token in constant time: no timing hints
             if hmac.compare_digest(presented, token):
@@ -117,11 +122,17 @@ class TokenAuth:
 
 def _tolerant(deserializer):
     """A request deserializer that turns bytes that are not a valid message into an Undecodable."""
+
     def parse(data: bytes):
         try:
             return deserializer(data)
-        except (DecodeError, ValueError, TypeError) as err:  # protobuf raises DecodeError, or others on odd input
+        except (
+            DecodeError,
+            ValueError,
+            TypeError,
+        ) as err:  # protobuf raises DecodeError, or others on odd input
             return Undecodable(len(data), str(err))
+
     return parse
 
 
@@ -129,10 +140,16 @@ def _parsing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
     """The same handler with a tolerant deserializer. Streamed requests are checked by their handlers
     (serve_session, Publish) with check_decoded, so the hot path has no extra layer; a unary request is
     checked here."""
-    kwargs = {"request_deserializer": _tolerant(handler.request_deserializer),
-              "response_serializer": handler.response_serializer}
+    kwargs = {
+        "request_deserializer": _tolerant(handler.request_deserializer),
+        "response_serializer": handler.response_serializer,
+    }
     if handler.request_streaming:
-        make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.stream_unary_rpc_method_handler
+        )
         return make(handler.stream_stream or handler.stream_unary, **kwargs)
 
     async def checked(request, context) -> None:
@@ -142,15 +159,18 @@ def _parsing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
             await context.abort(err.code, err.message)
 
     if handler.response_streaming:
+
         async def unary_stream(request, context):
             await checked(request, context)
             async for response in handler.unary_stream(request, context):
                 yield response
+
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
 
     async def unary_unary(request, context):
         await checked(request, context)
         return await handler.unary_unary(request, context)
+
     return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
 
 
@@ -164,12 +184,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return None  # unknown method: gRPC answers UNIMPLEMENTED
         role = self._auth.role_of(details.invocation_metadata)
         if role is None:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
-                            "missing or unknown token: send metadata 'authorization: Bearer <token>'")
+            return _refusal(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown token: send metadata 'authorization: Bearer <token>'",
+            )
         allowed = METHOD_ROLES.get(details.method, frozenset())
         if role not in allowed:
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
-                            f"role {role!r} may not call {details.method} (allowed: {sorted(allowed) or 'nobody'})")
+            return _refusal(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"role {role!r} may not call {details.method} (allowed: {sorted(allowed) or 'nobody'})",
+            )
         return _parsing(handler, details.method.rsplit("/", 1)[-1])
 
 
@@ -177,15 +203,24 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     """A handler of the same streaming shape as `handler` that only aborts with (code, message)."""
     kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.response_streaming:
+
         async def refuse_stream(request, context):
             await context.abort(code, message)
             yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
-        make = grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_stream_rpc_method_handler
+        )
         return make(refuse_stream, **kwargs)
 
     async def refuse(request, context):
         await context.abort(code, message)
 
-    make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+    make = (
+        grpc.stream_unary_rpc_method_handler
+        if handler.request_streaming
+        else grpc.unary_unary_rpc_method_handler
+    )
     return make(refuse, **kwargs)

@@ -49,7 +49,7 @@ class ServerConfig:
     writer_batch_episodes: int = 16  # most episodes committed in one commit_many
     registry_dir: str = "data/registry"
     registry_chunk_bytes: int = 1024 * 1024
-    max_checkpoint_bytes: int = 4 * 1024 ** 3
+    max_checkpoint_bytes: int = 4 * 1024**3
     allocation: AllocationConfig = dataclasses.field(default_factory=AllocationConfig)
     pre_intervention_steps: int = 15
     max_frame_bytes: int = 1024 * 1024  # a robot's camera frame (JPEG) larger than this is refused
@@ -77,8 +77,10 @@ class ServerConfig:
             self.allocation = AllocationConfig.from_dict(self.allocation)
         elif not isinstance(self.allocation, AllocationConfig):
             raise ValueError(f"allocation must be a mapping or an AllocationConfig, got {self.allocation!r}")
-        self.tokens = {role: [tokens] if isinstance(tokens, str | Mapping) else list(tokens or [])
-                       for role, tokens in dict(self.tokens).items()}
+        self.tokens = {
+            role: [tokens] if isinstance(tokens, str | Mapping) else list(tokens or [])
+            for role, tokens in dict(self.tokens).items()
+        }
         token_entries(self.tokens)  # checks roles, duplicates and entry shapes
         check_scalar_types(self)
         for name in ("port", "metrics_port"):
@@ -87,7 +89,13 @@ class ServerConfig:
                 raise ValueError(f"{name} must be 0-65535, got {port!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together (or both left empty for insecure)")
-        for name in ("writer_queue_size", "registry_chunk_bytes", "max_episode_steps", "max_step_bytes", "max_robots"):
+        for name in (
+            "writer_queue_size",
+            "registry_chunk_bytes",
+            "max_episode_steps",
+            "max_step_bytes",
+            "max_robots",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("robot_silence_s", "operator_silence_s", "forget_robot_after_s", "label_grace_s"):
@@ -100,12 +108,22 @@ class ServerConfig:
         if not is_loopback(self.host):
             if not self.tls_cert:
                 problems.append(f"host {self.host} is not loopback and TLS is off (set tls_cert and tls_key)")
-            weak = sorted({role for role, token in self.token_pairs() if token in DEV_TOKENS or len(token) < MIN_TOKEN_CHARS})
+            weak = sorted(
+                {
+                    role
+                    for role, token in self.token_pairs()
+                    if token in DEV_TOKENS or len(token) < MIN_TOKEN_CHARS
+                }
+            )
             if weak:
-                problems.append(f"role(s) {weak} use a development token or one shorter than {MIN_TOKEN_CHARS} "
-                                "characters (set FLOTILLA_*_TOKEN)")
+                problems.append(
+                    f"role(s) {weak} use a development token or one shorter than {MIN_TOKEN_CHARS} "
+                    "characters (set FLOTILLA_*_TOKEN)"
+                )
         if self.metrics_port is not None and not is_loopback(self.metrics_host) and not self.tls_cert:
-            problems.append(f"metrics_host {self.metrics_host} is not loopback (metrics have no TLS or tokens)")
+            problems.append(
+                f"metrics_host {self.metrics_host} is not loopback (metrics have no TLS or tokens)"
+            )
         return problems
 
     def token_pairs(self) -> list[tuple[str, str]]:
@@ -129,8 +147,9 @@ def check_scalar_types(config) -> None:
             continue  # containers and nested configs check themselves
         value = getattr(config, field.name)
         allowed = tuple(t for kind in kinds if kind != "None" for t in _SCALARS[kind])
-        ok = (value is None and "None" in kinds) or (isinstance(value, allowed) and
-                                                      (bool in allowed or not isinstance(value, bool)))
+        ok = (value is None and "None" in kinds) or (
+            isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+        )
         if not ok:
             raise ValueError(f"{field.name} must be {field.type}, got {value!r}")
 

@@ -115,7 +115,10 @@ class Robot:
     def committed_seq(self) -> int:
         """What the robot may forget: everything before its oldest episode not yet committed, and before
         its open episode even when that is not logged (so a resend always starts at an episode_start)."""
-        holds = [*self.uncommitted.values(), *([self.episode_start_seq] if self.episode_id is not None else [])]
+        holds = [
+            *self.uncommitted.values(),
+            *([self.episode_start_seq] if self.episode_id is not None else []),
+        ]
         return min(holds) - 1 if holds else self.last_seq
 
 
@@ -129,8 +132,14 @@ class Operator:
 
 
 class Fleet:
-    def __init__(self, config: ServerConfig, writer: EpisodeWriter, metrics: Metrics,
-                 allocator: allocation.Allocator, latest_policy: str = ""):
+    def __init__(
+        self,
+        config: ServerConfig,
+        writer: EpisodeWriter,
+        metrics: Metrics,
+        allocator: allocation.Allocator,
+        latest_policy: str = "",
+    ):
         self.config = config
         self.writer = writer
         self.metrics = metrics
@@ -164,11 +173,17 @@ class Fleet:
             raise FleetError(grpc.StatusCode.UNAVAILABLE, "the fleet server is shutting down")
         robot_id = check_id(hello.robot_id, "robot_id")
         if identity is None or not identity.may_use(robot_id):
-            raise FleetError(grpc.StatusCode.PERMISSION_DENIED, f"this token may not speak for robot {robot_id!r}")
+            raise FleetError(
+                grpc.StatusCode.PERMISSION_DENIED, f"this token may not speak for robot {robot_id!r}"
+            )
         if self.config.robot_ids and robot_id not in self.config.robot_ids:
-            raise FleetError(grpc.StatusCode.PERMISSION_DENIED, f"robot id {robot_id!r} is not in this fleet's robot_ids")
+            raise FleetError(
+                grpc.StatusCode.PERMISSION_DENIED, f"robot id {robot_id!r} is not in this fleet's robot_ids"
+            )
         if not hello.boot_id or len(hello.boot_id) > 64:
-            raise FleetError(INVALID, "hello: boot_id must be 1-64 characters (a random id per robot process)")
+            raise FleetError(
+                INVALID, "hello: boot_id must be 1-64 characters (a random id per robot process)"
+            )
         for name in ("task", "policy_version"):
             check_text(getattr(hello, name), f"hello: {name}")
         spec = RobotSpec.from_hello(hello, self.config.max_step_bytes)
@@ -176,23 +191,38 @@ class Fleet:
         # (the first episode committed fixes it, see EpisodeWriter).
         committed = self.writer.store.schema
         if committed is not None and (diff := schema_difference(committed, spec.store_schema())):
-            raise FleetError(PRECONDITION, f"hello: robot {robot_id!r} steps would not fit the episode store "
-                                           f"at {self.config.store}: {diff}")
+            raise FleetError(
+                PRECONDITION,
+                f"hello: robot {robot_id!r} steps would not fit the episode store "
+                f"at {self.config.store}: {diff}",
+            )
         robot = self.robots.get(robot_id)
         if robot is not None and robot.outbox is not None:
             if robot.boot_id != hello.boot_id:
-                raise FleetError(grpc.StatusCode.ALREADY_EXISTS,
-                                 f"robot {robot_id!r} is connected from another process; a new one can connect "
-                                 f"once that session ends or goes silent ({self.config.robot_silence_s:g} s)")
-            robot.outbox.fail(grpc.StatusCode.ABORTED, f"robot {robot_id!r} reconnected; this older session was replaced")
+                raise FleetError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"robot {robot_id!r} is connected from another process; a new one can connect "
+                    f"once that session ends or goes silent ({self.config.robot_silence_s:g} s)",
+                )
+            robot.outbox.fail(
+                grpc.StatusCode.ABORTED, f"robot {robot_id!r} reconnected; this older session was replaced"
+            )
             self._robot_gone(robot)
         if robot is None or robot.spec != spec or robot.boot_id != hello.boot_id:
             old = robot
             if old is None and len(self.robots) >= self.config.max_robots and not self._forget_one():
-                raise FleetError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"the fleet has {len(self.robots)} robots (max_robots); try again later")
-            robot = Robot(robot_id, hello.boot_id, spec, hello.task, hello.policy_version,
-                          allocation.RobotSlot(robot_id))
+                raise FleetError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the fleet has {len(self.robots)} robots (max_robots); try again later",
+                )
+            robot = Robot(
+                robot_id,
+                hello.boot_id,
+                spec,
+                hello.task,
+                hello.policy_version,
+                allocation.RobotSlot(robot_id),
+            )
             if old is not None:  # a restarted process (or new sensors): a fresh record; a stop stays
                 self._close_episode(old, DISCONNECTED_OUTCOME)
                 robot.estop_by = old.estop_by
@@ -201,7 +231,12 @@ class Fleet:
         robot.task, robot.policy_version = hello.task, hello.policy_version
         robot.outbox, robot.disconnected_at, robot.alloc.connected = outbox, None, True
         robot.last_heard = time.monotonic()
-        log.info("robot %s connected (boot %s, resuming after seq %d)", robot_id, wire.clip(hello.boot_id, 12), robot.last_seq)
+        log.info(
+            "robot %s connected (boot %s, resuming after seq %d)",
+            robot_id,
+            wire.clip(hello.boot_id, 12),
+            robot.last_seq,
+        )
         self._push(robot, "hello")
         return robot
 
@@ -223,7 +258,9 @@ class Fleet:
         if kind == "heartbeat":
             return
         if kind not in ("step", "episode_start", "episode_end"):
-            raise FleetError(INVALID, "empty RobotMessage (none of hello, episode_start, step, episode_end, heartbeat)")
+            raise FleetError(
+                INVALID, "empty RobotMessage (none of hello, episode_start, step, episode_end, heartbeat)"
+            )
         body = getattr(message, kind)
         received_at = time.monotonic() if kind == "step" else None  # the latency histogram is step -> ack
         try:
@@ -236,8 +273,13 @@ class Fleet:
                 # Seqs have no holes unless the robot dropped messages itself (its resend buffer was full):
                 # count it, so a lost message never goes unnoticed.
                 self.metrics.inc("seq_gaps")
-                SEQ_GAPS.warning((robot.robot_id,), "robot %s: seq %d follows %d (messages missing in between)",
-                                 robot.robot_id, body.seq, robot.last_seq)
+                SEQ_GAPS.warning(
+                    (robot.robot_id,),
+                    "robot %s: seq %d follows %d (messages missing in between)",
+                    robot.robot_id,
+                    body.seq,
+                    robot.last_seq,
+                )
             if kind == "step":
                 self.robot_step(robot, body)
             elif kind == "episode_start":
@@ -255,8 +297,10 @@ class Fleet:
 
     def episode_start(self, robot: Robot, start: pb.EpisodeStart) -> None:
         if robot.episode_id is not None:
-            raise FleetError(PRECONDITION, f"episode_start {start.episode_id}: episode {robot.episode_id} is "
-                                           "still open; end it first")
+            raise FleetError(
+                PRECONDITION,
+                f"episode_start {start.episode_id}: episode {robot.episode_id} is still open; end it first",
+            )
         check_text(start.policy_version, "episode_start: policy_version")
         start_time = float(step_time(start.timestamp, f"episode_start {start.episode_id}"))
         goal = None
@@ -267,55 +311,84 @@ class Fleet:
         robot.violation_cleared = False
         if (robot.robot_id, robot.boot_id, start.episode_id) in self._committed:
             robot.episode_key = None  # resent after a restart, but committed before it: never twice
-            log.info("robot %s resent episode %d, which is already committed; not logging it again",
-                     robot.robot_id, start.episode_id)
+            log.info(
+                "robot %s resent episode %d, which is already committed; not logging it again",
+                robot.robot_id,
+                start.episode_id,
+            )
             return
         robot.episode_key = key = f"{robot.robot_id}#{next(self._keys)}"
         robot.uncommitted[key] = start.seq
         self._key_episode[key] = (robot.robot_id, robot.boot_id, start.episode_id)
-        self.writer.begin(key, robot.robot_id, robot.task, start.policy_version or robot.policy_version, start_time,
-                          extra={"robot_episode_id": start.episode_id, "boot_id": robot.boot_id})
+        self.writer.begin(
+            key,
+            robot.robot_id,
+            robot.task,
+            start.policy_version or robot.policy_version,
+            start_time,
+            extra={"robot_episode_id": start.episode_id, "boot_id": robot.boot_id},
+        )
 
     def robot_step(self, robot: Robot, step: pb.Step) -> None:
         if self.closing:
             raise FleetError(grpc.StatusCode.UNAVAILABLE, "the fleet server is shutting down; resend later")
         if robot.episode_id is None or step.episode_id != robot.episode_id:
-            now_open = "no episode is open" if robot.episode_id is None else f"episode {robot.episode_id} is open"
-            raise FleetError(PRECONDITION, f"step seq {step.seq} is for episode {step.episode_id}, but {now_open} "
-                                           f"for robot {robot.robot_id!r}; send episode_start first")
+            now_open = (
+                "no episode is open" if robot.episode_id is None else f"episode {robot.episode_id} is open"
+            )
+            raise FleetError(
+                PRECONDITION,
+                f"step seq {step.seq} is for episode {step.episode_id}, but {now_open} "
+                f"for robot {robot.robot_id!r}; send episode_start first",
+            )
         if robot.episode_key is None:
             return  # the rest of an episode that is committed already, or that the server cut short
         if not self.writer.healthy:
             self.metrics.inc("steps_refused_store")
-            raise FleetError(grpc.StatusCode.UNAVAILABLE,
-                             f"the episode store cannot be written ({self.writer.error}); step seq {step.seq} "
-                             "was NOT logged: keep it and resend later")
+            raise FleetError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the episode store cannot be written ({self.writer.error}); step seq {step.seq} "
+                "was NOT logged: keep it and resend later",
+            )
         label = self._decide_label(robot, step)
         flat = decode_step(step, robot.spec, robot.episode_goal, self.config.max_frame_bytes, label)
         if not self.writer.step(robot.episode_key, flat):
             self.metrics.inc("steps_refused_queue_full")
-            raise FleetError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"the episode writer queue is full ({self.writer.max_pending_steps} steps waiting); "
-                             f"step seq {step.seq} was NOT logged: back off, reconnect and resend it")
+            raise FleetError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the episode writer queue is full ({self.writer.max_pending_steps} steps waiting); "
+                f"step seq {step.seq} was NOT logged: back off, reconnect and resend it",
+            )
         self.metrics.inc("steps_received")
         robot.steps += 1
         robot.episode_steps += 1
         robot.signals.CopyFrom(step.signals)
         blocked_before = robot.alloc.blocked
         robot.alloc.signals = allocation.Signals(
-            step.signals.uncertainty, step.signals.risk, step.signals.density,
-            step.signals.constraint_violation and not robot.violation_cleared)
+            step.signals.uncertainty,
+            step.signals.risk,
+            step.signals.density,
+            step.signals.constraint_violation and not robot.violation_cleared,
+        )
         if step.policy_version:
             robot.policy_version = check_text(step.policy_version, f"step seq {step.seq}: policy_version")
         if robot.alloc.blocked and not blocked_before:
             self._push(robot, "constraint violation: holding until a human resets the robot")
         if robot.episode_steps >= self.config.max_episode_steps:
-            log.warning("robot %s: episode %d reached max_episode_steps=%d; committed as %r",
-                        robot.robot_id, robot.episode_id, self.config.max_episode_steps, TOO_LONG_OUTCOME)
+            log.warning(
+                "robot %s: episode %d reached max_episode_steps=%d; committed as %r",
+                robot.robot_id,
+                robot.episode_id,
+                self.config.max_episode_steps,
+                TOO_LONG_OUTCOME,
+            )
             self._close_episode(robot, TOO_LONG_OUTCOME, keep_open=True)
-            self._push(robot, f"episode {step.episode_id} reached max_episode_steps="
-                              f"{self.config.max_episode_steps}: committed as {TOO_LONG_OUTCOME!r}; the rest of "
-                              "it is not logged: end it and start a new one")
+            self._push(
+                robot,
+                f"episode {step.episode_id} reached max_episode_steps="
+                f"{self.config.max_episode_steps}: committed as {TOO_LONG_OUTCOME!r}; the rest of "
+                "it is not logged: end it and start a new one",
+            )
 
     def _decide_label(self, robot: Robot, step: pb.Step) -> np.uint8:
         """The label the store gets (see the module docstring): the server's word, not the robot's."""
@@ -326,22 +399,33 @@ class Fleet:
         if claimed == ControlLabel.ROBOT:
             return ROBOT_LABEL
         if claimed != ControlLabel.INTERVENTION:
-            raise FleetError(INVALID, f"step seq {step.seq}: robots log robot or intervention steps, not "
-                                      f"{claimed.label_name} (pre_intervention is set by the server at a takeover)")
+            raise FleetError(
+                INVALID,
+                f"step seq {step.seq}: robots log robot or intervention steps, not "
+                f"{claimed.label_name} (pre_intervention is set by the server at a takeover)",
+            )
         operator = step.operator_id
         released = robot.released_by.get(operator)
-        if operator and (operator == robot.operator_id or
-                         (released is not None and time.monotonic() - released <= self.config.label_grace_s)):
+        if operator and (
+            operator == robot.operator_id
+            or (released is not None and time.monotonic() - released <= self.config.label_grace_s)
+        ):
             return INTERVENTION_LABEL
         self.metrics.inc("labels_corrected")
-        LABEL_WARNINGS.warning((robot.robot_id,), "robot %s claimed an intervention by %r that the server did not "
-                               "assign; logged as a robot step", robot.robot_id, wire.clip(operator))
+        LABEL_WARNINGS.warning(
+            (robot.robot_id,),
+            "robot %s claimed an intervention by %r that the server did not assign; logged as a robot step",
+            robot.robot_id,
+            wire.clip(operator),
+        )
         return ROBOT_LABEL
 
     def episode_end(self, robot: Robot, end: pb.EpisodeEnd) -> None:
         if robot.episode_id is None or robot.episode_id != end.episode_id:
-            raise FleetError(PRECONDITION, f"episode_end {end.episode_id}: that episode is not open "
-                                           f"(open: {robot.episode_id})")
+            raise FleetError(
+                PRECONDITION,
+                f"episode_end {end.episode_id}: that episode is not open (open: {robot.episode_id})",
+            )
         check_text(end.outcome, f"episode_end {end.episode_id}: outcome")
         step_time(end.timestamp, f"episode_end {end.episode_id}")
         if robot.episode_key is not None:
@@ -387,15 +471,25 @@ class Fleet:
         now = time.monotonic()
         if operator is None or now - robot.last_frame_at < 1.0 / self.config.frame_hz:
             return
-        frame = pb.RobotFrame(robot_id=robot.robot_id, seq=step.seq, signals=step.signals, mode=self.mode_of(robot),
-                              timestamp=step.timestamp)
+        frame = pb.RobotFrame(
+            robot_id=robot.robot_id,
+            seq=step.seq,
+            signals=step.signals,
+            mode=self.mode_of(robot),
+            timestamp=step.timestamp,
+        )
         if step.HasField("camera"):
             frame.camera.CopyFrom(step.camera)
         if step.HasField("goal"):
             frame.goal.CopyFrom(step.goal)
         elif robot.episode_goal is not None:
-            frame.goal.CopyFrom(pb.Tensor(shape=[robot.episode_goal.size], dtype="float32",
-                                          data=robot.episode_goal.astype(np.float32).tobytes()))
+            frame.goal.CopyFrom(
+                pb.Tensor(
+                    shape=[robot.episode_goal.size],
+                    dtype="float32",
+                    data=robot.episode_goal.astype(np.float32).tobytes(),
+                )
+            )
         for key, tensor in step.observation.items():
             if not robot.spec.is_image(key):
                 frame.observation[key].CopyFrom(tensor)
@@ -419,9 +513,15 @@ class Fleet:
         if robot.outbox is None:
             return
         mode = self.mode_of(robot)
-        command = pb.Command(ack_seq=robot.last_seq, committed_seq=robot.committed_seq, mode=mode,
-                             estop=self.fleet_estop or robot.estop, policy_version=self.latest_policy,
-                             message=message, **fields)
+        command = pb.Command(
+            ack_seq=robot.last_seq,
+            committed_seq=robot.committed_seq,
+            mode=mode,
+            estop=self.fleet_estop or robot.estop,
+            policy_version=self.latest_policy,
+            message=message,
+            **fields,
+        )
         if mode == pb.MODE_TELEOP:
             command.operator_id = robot.operator_id
         robot.outbox.send(command, received_at)
@@ -433,17 +533,28 @@ class Fleet:
             raise FleetError(grpc.StatusCode.UNAVAILABLE, "the fleet server is shutting down")
         operator_id = check_id(hello.operator_id, "operator_id")
         if identity is None or not identity.may_use(operator_id):
-            raise FleetError(grpc.StatusCode.PERMISSION_DENIED, f"this token may not speak for operator {operator_id!r}")
+            raise FleetError(
+                grpc.StatusCode.PERMISSION_DENIED, f"this token may not speak for operator {operator_id!r}"
+            )
         if not hello.boot_id or len(hello.boot_id) > 64:
-            raise FleetError(INVALID, "hello: boot_id must be 1-64 characters (a random id per operator client)")
+            raise FleetError(
+                INVALID, "hello: boot_id must be 1-64 characters (a random id per operator client)"
+            )
         old = self.operators.get(operator_id)
         if old is not None and old.boot_id != hello.boot_id:
-            raise FleetError(grpc.StatusCode.ALREADY_EXISTS,
-                             f"operator {operator_id!r} is signed in from another client; it can sign in here once "
-                             f"that session ends or goes silent ({self.config.operator_silence_s:g} s)")
-        operator = self.operators[operator_id] = Operator(operator_id, hello.boot_id, outbox, identity.is_admin)
+            raise FleetError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"operator {operator_id!r} is signed in from another client; it can sign in here once "
+                f"that session ends or goes silent ({self.config.operator_silence_s:g} s)",
+            )
+        operator = self.operators[operator_id] = Operator(
+            operator_id, hello.boot_id, outbox, identity.is_admin
+        )
         if old is not None:  # the same client reconnected: keep its robots
-            old.outbox.fail(grpc.StatusCode.ABORTED, f"operator {operator_id!r} reconnected; this older session was replaced")
+            old.outbox.fail(
+                grpc.StatusCode.ABORTED,
+                f"operator {operator_id!r} reconnected; this older session was replaced",
+            )
             for robot in self.robots.values():
                 if robot.operator_id == operator_id:
                     self._send_assignment(operator, robot)
@@ -457,11 +568,15 @@ class Fleet:
         log.info("operator %s disconnected; its robots hold and go back to the queue", operator.operator_id)
         del self.operators[operator.operator_id]
         for release in self.allocator.operator_disconnected(operator.operator_id, self._allocs()):
-            self._apply_release(release, f"operator {operator.operator_id} disconnected; holding for another operator")
+            self._apply_release(
+                release, f"operator {operator.operator_id} disconnected; holding for another operator"
+            )
 
     def operator_message(self, operator: Operator, outbox: Outbox, message: pb.OperatorMessage) -> None:
         if operator.outbox is not outbox:
-            raise FleetError(grpc.StatusCode.ABORTED, f"operator {operator.operator_id!r}: this session was replaced")
+            raise FleetError(
+                grpc.StatusCode.ABORTED, f"operator {operator.operator_id!r}: this session was replaced"
+            )
         kind = message.WhichOneof("kind")
         if kind == "heartbeat":
             return
@@ -485,9 +600,16 @@ class Fleet:
         except FleetError as err:  # an operator's mistake is reported to it; its session goes on
             if kind == "action":
                 self.metrics.inc("teleop_actions_refused")
-            outbox.send(pb.OperatorUpdate(error=pb.OperatorError(
-                code=wire.error_code_to_wire(err.code.name), message=err.message, robot_id=wire.clip(body.robot_id, 64),
-                request=kind)))
+            outbox.send(
+                pb.OperatorUpdate(
+                    error=pb.OperatorError(
+                        code=wire.error_code_to_wire(err.code.name),
+                        message=err.message,
+                        robot_id=wire.clip(body.robot_id, 64),
+                        request=kind,
+                    )
+                )
+            )
 
     def _controlled_robot(self, operator: Operator, robot_id: str, kind: str) -> Robot:
         robot = self.robots.get(robot_id)
@@ -495,14 +617,19 @@ class Fleet:
             raise FleetError(grpc.StatusCode.NOT_FOUND, f"{kind}: unknown robot {wire.clip(robot_id)!r}")
         if robot.operator_id != operator.operator_id:
             holder = f"it is controlled by {robot.operator_id}" if robot.operator_id else "nobody controls it"
-            raise FleetError(grpc.StatusCode.PERMISSION_DENIED,
-                             f"{kind}: robot {robot_id!r} is not assigned to operator {operator.operator_id!r} ({holder})")
+            raise FleetError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{kind}: robot {robot_id!r} is not assigned to operator {operator.operator_id!r} ({holder})",
+            )
         return robot
 
     def _teleop_action(self, operator: Operator, robot: Robot, action: pb.OperatorAction) -> None:
         if self.mode_of(robot) != pb.MODE_TELEOP:
-            raise FleetError(PRECONDITION, f"action: robot {robot.robot_id!r} is in "
-                                           f"{pb.Mode.Name(self.mode_of(robot))} (stopped or resetting), not TELEOP")
+            raise FleetError(
+                PRECONDITION,
+                f"action: robot {robot.robot_id!r} is in "
+                f"{pb.Mode.Name(self.mode_of(robot))} (stopped or resetting), not TELEOP",
+            )
         value = decode_vector(action.action, robot.spec.action_dim, f"action for {robot.robot_id}")
         self.metrics.inc("teleop_actions")
         self._push(robot, action=pb.Tensor(shape=[value.size], dtype="float32", data=value.tobytes()))
@@ -519,9 +646,11 @@ class Fleet:
             raise FleetError(grpc.StatusCode.NOT_FOUND, f"estop: unknown robot {wire.clip(robot_id)!r}")
         if robot is not None:
             if not engage and not operator.is_admin and robot.estop and by not in robot.estop_by:
-                raise FleetError(grpc.StatusCode.PERMISSION_DENIED,
-                                 f"estop: robot {robot_id!r} was stopped by {sorted(robot.estop_by)}; only they or an "
-                                 "admin may release it")
+                raise FleetError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"estop: robot {robot_id!r} was stopped by {sorted(robot.estop_by)}; only they or an "
+                    "admin may release it",
+                )
             new_by = robot.estop_by | {by} if engage else set()
             if new_by == robot.estop_by:
                 return  # nothing changes: no log line, no disk write (a flood of these costs nothing)
@@ -529,8 +658,9 @@ class Fleet:
             targets = [robot]
         else:
             if not engage and not operator.is_admin and self.fleet_estop:
-                raise FleetError(grpc.StatusCode.PERMISSION_DENIED,
-                                 "estop: releasing the fleet-wide stop needs an admin")
+                raise FleetError(
+                    grpc.StatusCode.PERMISSION_DENIED, "estop: releasing the fleet-wide stop needs an admin"
+                )
             if engage == self.fleet_estop:
                 return
             self.fleet_estop = engage
@@ -545,7 +675,8 @@ class Fleet:
         """Keep the latched stops on disk, off the event loop: one writer at a time, always the latest state
         (a burst of changes costs one or two writes, not one each)."""
         self._robot_estops = {r.robot_id: set(r.estop_by) for r in self.robots.values() if r.estop} | {
-            robot_id: by for robot_id, by in self._robot_estops.items() if robot_id not in self.robots}
+            robot_id: by for robot_id, by in self._robot_estops.items() if robot_id not in self.robots
+        }
         self._estops_dirty = True
         if self._estop_saver is None or self._estop_saver.done():
             self._estop_saver = self.spawn(self._write_estops())
@@ -578,8 +709,11 @@ class Fleet:
             if robot.outbox is None and robot.disconnected_at is not None:
                 away = now - robot.disconnected_at
                 if robot.episode_key is not None and away > self.config.resume_grace_s:
-                    log.info("robot %s did not come back; committing its open episode as %r",
-                             robot.robot_id, DISCONNECTED_OUTCOME)
+                    log.info(
+                        "robot %s did not come back; committing its open episode as %r",
+                        robot.robot_id,
+                        DISCONNECTED_OUTCOME,
+                    )
                     self._close_episode(robot, DISCONNECTED_OUTCOME, keep_open=True)
                 if away > self.config.forget_robot_after_s and self._forgettable(robot):
                     del self.robots[robot.robot_id]
@@ -591,30 +725,46 @@ class Fleet:
         for release in decisions.releases:  # first: a freed operator may be reassigned below
             self._apply_release(release)
         for assignment in decisions.assignments:
-            self._apply_assignment(assignment, is_takeover=before.get(assignment.robot_id) != assignment.operator_id)
+            self._apply_assignment(
+                assignment, is_takeover=before.get(assignment.robot_id) != assignment.operator_id
+            )
         self._publish_queue()
 
     def _drop_silent(self, now: float) -> None:
         """End sessions that went silent (a frozen or cut-off peer): see ServerConfig.*_silence_s."""
         for robot in list(self.robots.values()):
             if robot.outbox is not None and now - robot.last_heard > self.config.robot_silence_s:
-                log.warning("robot %s silent for %.1f s: ending its session", robot.robot_id, now - robot.last_heard)
-                robot.outbox.fail(grpc.StatusCode.UNAVAILABLE,
-                                  f"silent for over {self.config.robot_silence_s:g} s; reconnect and resend")
+                log.warning(
+                    "robot %s silent for %.1f s: ending its session", robot.robot_id, now - robot.last_heard
+                )
+                robot.outbox.fail(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"silent for over {self.config.robot_silence_s:g} s; reconnect and resend",
+                )
                 self._robot_gone(robot)
         for operator in list(self.operators.values()):
             if now - operator.last_heard > self.config.operator_silence_s:
-                log.warning("operator %s silent for %.1f s: ending its session", operator.operator_id,
-                            now - operator.last_heard)
-                operator.outbox.fail(grpc.StatusCode.UNAVAILABLE,
-                                     f"silent for over {self.config.operator_silence_s:g} s; reconnect")
+                log.warning(
+                    "operator %s silent for %.1f s: ending its session",
+                    operator.operator_id,
+                    now - operator.last_heard,
+                )
+                operator.outbox.fail(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"silent for over {self.config.operator_silence_s:g} s; reconnect",
+                )
                 self.operator_left(operator, operator.outbox)
 
     @staticmethod
     def _forgettable(robot: Robot) -> bool:
         """A departed robot's record can go: nothing open, nobody on it, no stop latched on it."""
-        return (robot.outbox is None and robot.episode_key is None and not robot.uncommitted
-                and robot.operator_id is None and not robot.estop)
+        return (
+            robot.outbox is None
+            and robot.episode_key is None
+            and not robot.uncommitted
+            and robot.operator_id is None
+            and not robot.estop
+        )
 
     def _forget_one(self) -> bool:
         """Make room for a new robot by forgetting the longest-departed forgettable one."""
@@ -629,43 +779,78 @@ class Fleet:
         if is_takeover:
             # Sirius: the robot's last steps before a human takes over become pre_intervention.
             if robot.episode_key is not None:
-                self.writer.relabel(robot.episode_key, self.config.pre_intervention_steps, ControlLabel.PRE_INTERVENTION)
+                self.writer.relabel(
+                    robot.episode_key, self.config.pre_intervention_steps, ControlLabel.PRE_INTERVENTION
+                )
             self.metrics.inc("takeovers")
-            log.info("operator %s takes over robot %s (%s)", assignment.operator_id, robot.robot_id, assignment.reason)
-        self._push(robot, f"operator {assignment.operator_id} takes over ({assignment.reason})"
-                   + (", reset needed" if assignment.needs_reset else ""))
+            log.info(
+                "operator %s takes over robot %s (%s)",
+                assignment.operator_id,
+                robot.robot_id,
+                assignment.reason,
+            )
+        self._push(
+            robot,
+            f"operator {assignment.operator_id} takes over ({assignment.reason})"
+            + (", reset needed" if assignment.needs_reset else ""),
+        )
         if operator is not None:
             self._send_assignment(operator, robot, assignment)
 
-    def _send_assignment(self, operator: Operator, robot: Robot, assignment: allocation.Assignment | None = None) -> None:
+    def _send_assignment(
+        self, operator: Operator, robot: Robot, assignment: allocation.Assignment | None = None
+    ) -> None:
         alloc = robot.alloc
-        operator.outbox.send(pb.OperatorUpdate(assignment=pb.Assignment(
-            robot_id=robot.robot_id, reason=wire.assignment_reason_to_wire(assignment.reason if assignment else alloc.reason),
-            min_steps=assignment.min_steps if assignment else self.allocator.config.t_T,
-            needs_reset=alloc.resetting, reset_steps=self.allocator.config.t_R if alloc.resetting else 0)))
+        operator.outbox.send(
+            pb.OperatorUpdate(
+                assignment=pb.Assignment(
+                    robot_id=robot.robot_id,
+                    reason=wire.assignment_reason_to_wire(assignment.reason if assignment else alloc.reason),
+                    min_steps=assignment.min_steps if assignment else self.allocator.config.t_T,
+                    needs_reset=alloc.resetting,
+                    reset_steps=self.allocator.config.t_R if alloc.resetting else 0,
+                )
+            )
+        )
 
     def _apply_release(self, release: allocation.Release, message: str = "") -> None:
         """Tell the operator (if still here) and the robot; a finished human reset also orders the reset."""
         operator = self.operators.get(release.operator_id)
         if operator is not None:
-            operator.outbox.send(pb.OperatorUpdate(released=pb.Release(
-                robot_id=release.robot_id, reason=wire.release_reason_to_wire(release.reason))))
+            operator.outbox.send(
+                pb.OperatorUpdate(
+                    released=pb.Release(
+                        robot_id=release.robot_id, reason=wire.release_reason_to_wire(release.reason)
+                    )
+                )
+            )
         robot = self.robots.get(release.robot_id)
         if robot is not None:
             robot.released_by[release.operator_id] = time.monotonic()
             reset = release.reason == allocation.RESET_DONE
             robot.violation_cleared = robot.violation_cleared or reset
-            self._push(robot, message or f"operator {release.operator_id} released the robot ({release.reason})",
-                       reset=reset)
+            self._push(
+                robot,
+                message or f"operator {release.operator_id} released the robot ({release.reason})",
+                reset=reset,
+            )
 
     def _publish_queue(self) -> None:
         """The console's queue, pushed to every operator when it changes. priority = level + score."""
         period = 1.0 / self.config.allocation.tick_hz
-        queue = pb.Queue(entries=[
-            pb.QueueEntry(robot_id=entry.robot_id, priority=entry.level + entry.score, score=entry.score,
-                          reason=wire.assignment_reason_to_wire(entry.reason), assigned_to=entry.assigned_to or "",
-                          waited_s=round(entry.waited_ticks * period, 1))
-            for entry in self.allocator.queue()])
+        queue = pb.Queue(
+            entries=[
+                pb.QueueEntry(
+                    robot_id=entry.robot_id,
+                    priority=entry.level + entry.score,
+                    score=entry.score,
+                    reason=wire.assignment_reason_to_wire(entry.reason),
+                    assigned_to=entry.assigned_to or "",
+                    waited_s=round(entry.waited_ticks * period, 1),
+                )
+                for entry in self.allocator.queue()
+            ]
+        )
         if queue != self._queue:
             self._queue = queue
             for operator in self.operators.values():
@@ -679,16 +864,33 @@ class Fleet:
             self._push(robot, f"new policy version {version}")
 
     def status(self) -> pb.FleetStatus:
-        robots = [pb.RobotStatus(robot_id=r.robot_id, mode=self.mode_of(r), operator_id=r.operator_id or "",
-                                 policy_version=r.policy_version, steps=r.steps, episodes=r.episodes,
-                                 signals=r.signals, connected=r.outbox is not None, estop=r.estop,
-                                 blocked=r.alloc.blocked, task=r.task)
-                  for r in self.robots.values()]
+        robots = [
+            pb.RobotStatus(
+                robot_id=r.robot_id,
+                mode=self.mode_of(r),
+                operator_id=r.operator_id or "",
+                policy_version=r.policy_version,
+                steps=r.steps,
+                episodes=r.episodes,
+                signals=r.signals,
+                connected=r.outbox is not None,
+                estop=r.estop,
+                blocked=r.alloc.blocked,
+                task=r.task,
+            )
+            for r in self.robots.values()
+        ]
         stats = self.writer.stats
-        return pb.FleetStatus(robots=robots, operators=sorted(self.operators), episodes_committed=stats.episodes_committed,
-                              steps_logged=stats.steps_logged, writer_queue_depth=self.writer.depth,
-                              fleet_estop=self.fleet_estop, writer_healthy=self.writer.healthy,
-                              writer_error=self.writer.error)
+        return pb.FleetStatus(
+            robots=robots,
+            operators=sorted(self.operators),
+            episodes_committed=stats.episodes_committed,
+            steps_logged=stats.steps_logged,
+            writer_queue_depth=self.writer.depth,
+            fleet_estop=self.fleet_estop,
+            writer_healthy=self.writer.healthy,
+            writer_error=self.writer.error,
+        )
 
     def shutdown(self) -> None:
         """Refuse new work and finish every stream normally (open episodes are committed by the writer)."""
@@ -725,12 +927,16 @@ def load_estops(path: Path) -> tuple[bool, dict[str, set[str]]]:
     """The protective stops latched when the server last ran (none if the file is missing)."""
     try:
         data = json.loads(path.read_text())
-        return bool(data.get("fleet", False)), {str(k): set(map(str, v)) for k, v in data.get("robots", {}).items()}
+        return bool(data.get("fleet", False)), {
+            str(k): set(map(str, v)) for k, v in data.get("robots", {}).items()
+        }
     except FileNotFoundError:
         return False, {}
     except (OSError, ValueError, AttributeError, TypeError) as err:
         # Unreadable: stop everything rather than silently forget a latched stop.
-        log.error("protective stop file %s is unreadable (%s): starting with the whole fleet stopped", path, err)
+        log.error(
+            "protective stop file %s is unreadable (%s): starting with the whole fleet stopped", path, err
+        )
         return True, {}
 
 
@@ -743,4 +949,3 @@ def save_estops(path: Path, fleet: bool, robots: dict[str, set[str]]) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(temp, path)
-

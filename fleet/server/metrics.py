@@ -36,7 +36,7 @@ class Metrics:
     COUNTERS = {
         "steps_received": "robot steps accepted and queued for logging",
         "steps_refused": "robot steps refused for any reason (invalid, writer queue full, store not writable); "
-                         "the robot was told",
+        "the robot was told",
         "steps_refused_queue_full": "robot steps refused because the episode writer queue was full",
         "steps_refused_store": "robot steps refused because the episode store could not be written",
         "seq_gaps": "robot messages whose seq skipped some (the robot dropped messages it could not keep)",
@@ -64,15 +64,24 @@ class Metrics:
         lines = []
         with self._lock:
             for name, help_text in self.COUNTERS.items():
-                lines += [f"# HELP flotilla_{name}_total {help_text}", f"# TYPE flotilla_{name}_total counter",
-                          f"flotilla_{name}_total {self.counters[name]}"]
+                lines += [
+                    f"# HELP flotilla_{name}_total {help_text}",
+                    f"# TYPE flotilla_{name}_total counter",
+                    f"flotilla_{name}_total {self.counters[name]}",
+                ]
             hist = "flotilla_step_command_latency_seconds"
-            lines += [f"# HELP {hist} time from receiving a robot step to sending its ack command",
-                      f"# TYPE {hist} histogram", *self.step_latency.lines(hist)]
+            lines += [
+                f"# HELP {hist} time from receiving a robot step to sending its ack command",
+                f"# TYPE {hist} histogram",
+                *self.step_latency.lines(hist),
+            ]
         for name, (help_text, read) in self.gauges.items():
             kind = "counter" if name.endswith("_total") else "gauge"
-            lines += [f"# HELP flotilla_{name} {help_text}", f"# TYPE flotilla_{name} {kind}",
-                      f"flotilla_{name} {read()}"]
+            lines += [
+                f"# HELP flotilla_{name} {help_text}",
+                f"# TYPE flotilla_{name} {kind}",
+                f"flotilla_{name} {read()}",
+            ]
         return "\n".join(lines) + "\n"
 
 

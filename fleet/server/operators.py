@@ -17,7 +17,14 @@ class OperatorService(pb_grpc.OperatorServiceServicer):
     async def Session(self, requests, context):  # noqa: N802 - the generated servicer's name
         fleet = self.fleet
         identity = self.auth.identity_of(context.invocation_metadata())
-        async for update in serve_session(requests, context, "an operator", identity, hello=fleet.operator_hello,
-                                          handle=fleet.operator_message, left=fleet.operator_left,
-                                          spawn=fleet.spawn):
+        async for update in serve_session(
+            requests,
+            context,
+            "an operator",
+            identity,
+            hello=fleet.operator_hello,
+            handle=fleet.operator_message,
+            left=fleet.operator_left,
+            spawn=fleet.spawn,
+        ):
             yield update

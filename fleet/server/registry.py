@@ -123,7 +123,12 @@ def parse_manifest(text: str) -> Manifest:
             raise ValueError(str(err)) from None
         size = entry.get("bytes") if isinstance(entry, dict) else None
         sha256 = entry.get("sha256") if isinstance(entry, dict) else None
-        if type(size) is not int or size < 0 or not isinstance(sha256, str) or not SHA256_PATTERN.fullmatch(sha256):
+        if (
+            type(size) is not int
+            or size < 0
+            or not isinstance(sha256, str)
+            or not SHA256_PATTERN.fullmatch(sha256)
+        ):
             raise ValueError(f"bad entry for {name!r}: {entry!r}")
         manifest[name] = FileEntry(size, sha256)
     return manifest
@@ -616,11 +621,15 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
             if upload is not None:
                 await asyncio.to_thread(upload.discard)
             await context.abort(err.code, str(err))
-        except OSError as err:  # the registry's disk (full, read-only): the publisher is told, nothing is kept
+        except (
+            OSError
+        ) as err:  # the registry's disk (full, read-only): the publisher is told, nothing is kept
             if upload is not None:
                 await asyncio.to_thread(upload.discard)
             log.error("publish failed: %s", err)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the registry cannot store the checkpoint: {err.strerror}")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"the registry cannot store the checkpoint: {err.strerror}"
+            )
         except BaseException:
             if upload is not None:
                 await asyncio.to_thread(upload.discard)

@@ -45,16 +45,25 @@ class RobotSpec:
         if not 0 <= hello.goal_dim <= MAX_VECTOR:
             raise FleetError(INVALID, f"hello: goal_dim must be in 0..{MAX_VECTOR}, got {hello.goal_dim}")
         if len(hello.observation_spec) > MAX_KEYS:
-            raise FleetError(INVALID, f"hello: {len(hello.observation_spec)} observation keys, at most {MAX_KEYS}")
+            raise FleetError(
+                INVALID, f"hello: {len(hello.observation_spec)} observation keys, at most {MAX_KEYS}"
+            )
         observation = {}
         for key, spec in sorted(hello.observation_spec.items()):
             if len(key) > MAX_KEY_CHARS:
-                raise FleetError(INVALID, f"hello: observation key {clip(key)!r} is longer than {MAX_KEY_CHARS} characters")
+                raise FleetError(
+                    INVALID, f"hello: observation key {clip(key)!r} is longer than {MAX_KEY_CHARS} characters"
+                )
             if key in RESERVED_KEYS or key.startswith(SIGNAL_PREFIX):
-                raise FleetError(INVALID, f"hello: observation key {clip(key)!r} is reserved "
-                                          f"({', '.join(RESERVED_KEYS)}, {SIGNAL_PREFIX}*)")
+                raise FleetError(
+                    INVALID,
+                    f"hello: observation key {clip(key)!r} is reserved "
+                    f"({', '.join(RESERVED_KEYS)}, {SIGNAL_PREFIX}*)",
+                )
             try:
-                observation[key] = FieldSpec(codec.parse_shape(spec.shape, clip(key)), codec.parse_dtype(spec.dtype))
+                observation[key] = FieldSpec(
+                    codec.parse_shape(spec.shape, clip(key)), codec.parse_dtype(spec.dtype)
+                )
             except ValueError as err:
                 raise FleetError(INVALID, f"hello: observation_spec {err}") from None
         spec = cls(observation, hello.action_dim, hello.goal_dim)
@@ -64,8 +73,11 @@ class RobotSpec:
             raise FleetError(INVALID, f"hello: observation_spec: {err}") from None
         step_bytes = sum(math.prod(field.shape) * field.dtype.itemsize for field in observation.values())
         if step_bytes > max_step_bytes:
-            raise FleetError(INVALID, f"hello: the observation is {step_bytes} bytes per step, over "
-                                      f"max_step_bytes={max_step_bytes}")
+            raise FleetError(
+                INVALID,
+                f"hello: the observation is {step_bytes} bytes per step, over "
+                f"max_step_bytes={max_step_bytes}",
+            )
         return spec
 
     def store_schema(self) -> Schema:
@@ -86,16 +98,29 @@ class RobotSpec:
     def wire_layout(self) -> tuple[tuple[str, str | None, np.dtype, tuple[int, ...], int], ...]:
         """(key, dtype name, dtype, shape, byte size) per observation key: what a plainly right step carries.
         (A non-native byte order gets no name: the wire carries native order, its steps take the slow path.)"""
-        return tuple((key, spec.dtype.name if spec.dtype.isnative else None, spec.dtype, spec.shape,
-                      math.prod(spec.shape) * spec.dtype.itemsize) for key, spec in self.observation.items())
+        return tuple(
+            (
+                key,
+                spec.dtype.name if spec.dtype.isnative else None,
+                spec.dtype,
+                spec.shape,
+                math.prod(spec.shape) * spec.dtype.itemsize,
+            )
+            for key, spec in self.observation.items()
+        )
 
 
 def schema_difference(expected: Schema, got: Schema) -> str:
     """One line naming how two store schemas differ ('' when equal)."""
-    problems = [f"missing {sorted(set(expected) - set(got))}" if set(expected) - set(got) else "",
-                f"unexpected {sorted(set(got) - set(expected))}" if set(got) - set(expected) else ""]
-    problems += [f"{key}: {got[key].shape} {got[key].dtype} instead of {spec.shape} {spec.dtype}"
-                 for key, spec in expected.items() if key in got and got[key] != spec]
+    problems = [
+        f"missing {sorted(set(expected) - set(got))}" if set(expected) - set(got) else "",
+        f"unexpected {sorted(set(got) - set(expected))}" if set(got) - set(expected) else "",
+    ]
+    problems += [
+        f"{key}: {got[key].shape} {got[key].dtype} instead of {spec.shape} {spec.dtype}"
+        for key, spec in expected.items()
+        if key in got and got[key] != spec
+    ]
     return "; ".join(p for p in problems if p)
 
 
@@ -120,12 +145,15 @@ SIGNAL_KEYS = tuple((name, SIGNAL_PREFIX + name) for name in SIGNAL_NAMES)
 def step_time(timestamp: float, what: str) -> np.float64:
     """A robot's timestamp (seconds since the epoch; 0: now), refused when it is not a finite time."""
     if not math.isfinite(timestamp) or timestamp < 0:
-        raise FleetError(INVALID, f"{what}: timestamp {timestamp} is not a time (finite seconds since the epoch)")
+        raise FleetError(
+            INVALID, f"{what}: timestamp {timestamp} is not a time (finite seconds since the epoch)"
+        )
     return np.float64(timestamp or time.time())
 
 
-def decode_step(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int,
-                 label: np.uint8) -> dict:
+def decode_step(
+    step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int, label: np.uint8
+) -> dict:
     """A checked step as the flat key -> array mapping the episode store keeps; `label` (a store code)
     is the server's decision, not the robot's claim.
 
@@ -140,12 +168,15 @@ def decode_step(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None,
     return flat
 
 
-def _decode_plain(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int) -> dict | None:
+def _decode_plain(
+    step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int
+) -> dict | None:
     """decode_step for a step whose tensors have exactly the declared dtypes, shapes and sizes (and float32
     goal and action), all finite; None at the first thing that is not so (_decode_checked then decides)."""
     observation = step.observation
-    if len(observation) != len(spec.observation) or (step.HasField("camera")
-                                                      and len(step.camera.data) > max_frame_bytes):
+    if len(observation) != len(spec.observation) or (
+        step.HasField("camera") and len(step.camera.data) > max_frame_bytes
+    ):
         return None
     flat: dict = {}
     float32_bytes = []  # checked for NaN and infinity all at once
@@ -174,7 +205,12 @@ def _decode_plain(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | Non
     vectors.append(("action", step.action, spec.action_dim))
     for key, tensor, size in vectors:
         data = tensor.data
-        if tensor.dtype != "float32" or len(tensor.shape) != 1 or tensor.shape[0] != size or len(data) != 4 * size:
+        if (
+            tensor.dtype != "float32"
+            or len(tensor.shape) != 1
+            or tensor.shape[0] != size
+            or len(data) != 4 * size
+        ):
             return None
         flat[key] = np.frombuffer(data, np.float32)
         float32_bytes.append(data)
@@ -189,32 +225,46 @@ def _decode_plain(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | Non
     return flat
 
 
-def _decode_checked(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int) -> dict:
+def _decode_checked(
+    step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | None, max_frame_bytes: int
+) -> dict:
     """decode_step with every check in turn: the first problem found ends the stream with its status."""
     where = f"step seq {step.seq}"
     if step.HasField("camera") and len(step.camera.data) > max_frame_bytes:
-        raise FleetError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"{where}: camera frame of {len(step.camera.data)} bytes is over max_frame_bytes="
-                         f"{max_frame_bytes}; send a smaller or more compressed frame")
+        raise FleetError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{where}: camera frame of {len(step.camera.data)} bytes is over max_frame_bytes="
+            f"{max_frame_bytes}; send a smaller or more compressed frame",
+        )
     missing = sorted(set(spec.observation) - set(step.observation))
     unexpected = sorted(set(step.observation) - set(spec.observation))
     if missing or unexpected:
-        raise FleetError(INVALID, f"{where}: observation keys differ from the hello's observation_spec "
-                                  f"(missing {missing}, unexpected {[clip(key) for key in unexpected[:8]]})")
+        raise FleetError(
+            INVALID,
+            f"{where}: observation keys differ from the hello's observation_spec "
+            f"(missing {missing}, unexpected {[clip(key) for key in unexpected[:8]]})",
+        )
     flat: dict = {}
     for key, field_spec in spec.observation.items():
         tensor = step.observation[key]
         if tuple(tensor.shape) != field_spec.shape:
-            raise FleetError(INVALID, f"{where}: observation {key!r} has shape {tuple(tensor.shape)}, "
-                                      f"the hello declared {field_spec.shape}")
+            raise FleetError(
+                INVALID,
+                f"{where}: observation {key!r} has shape {tuple(tensor.shape)}, "
+                f"the hello declared {field_spec.shape}",
+            )
         try:
-            value = codec.from_tensor(tensor, max_bytes=8 * math.prod(field_spec.shape),
-                                      what=f"{where}: observation {key!r}")
+            value = codec.from_tensor(
+                tensor, max_bytes=8 * math.prod(field_spec.shape), what=f"{where}: observation {key!r}"
+            )
         except ValueError as err:
             raise FleetError(INVALID, str(err)) from None
         if value.dtype != field_spec.dtype:
-            raise FleetError(INVALID, f"{where}: observation {key!r} has dtype {value.dtype}, "
-                                      f"the hello declared {field_spec.dtype}")
+            raise FleetError(
+                INVALID,
+                f"{where}: observation {key!r} has dtype {value.dtype}, "
+                f"the hello declared {field_spec.dtype}",
+            )
         if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
             raise FleetError(INVALID, f"{where}: observation {key!r} contains NaN or infinity")
         flat[key] = value
@@ -224,8 +274,10 @@ def _decode_checked(step: pb.Step, spec: RobotSpec, episode_goal: np.ndarray | N
         elif episode_goal is not None:
             flat["goal"] = episode_goal
         else:
-            raise FleetError(INVALID, f"{where}: no goal (goal_dim is {spec.goal_dim}; set it in the step "
-                                      "or in episode_start)")
+            raise FleetError(
+                INVALID,
+                f"{where}: no goal (goal_dim is {spec.goal_dim}; set it in the step or in episode_start)",
+            )
     if not step.HasField("action"):
         raise FleetError(INVALID, f"{where}: no action")
     flat["action"] = decode_vector(step.action, spec.action_dim, f"{where}: action")
@@ -245,7 +297,15 @@ class RobotService(pb_grpc.RobotServiceServicer):
     async def Session(self, requests, context):  # noqa: N802 - the generated servicer's name
         fleet = self.fleet
         identity = self.auth.identity_of(context.invocation_metadata())
-        async for command in serve_session(requests, context, "a robot", identity, hello=fleet.robot_hello,
-                                           handle=fleet.robot_message, left=fleet.robot_left, spawn=fleet.spawn,
-                                           on_sent=fleet.metrics.observe_step_latency):
+        async for command in serve_session(
+            requests,
+            context,
+            "a robot",
+            identity,
+            hello=fleet.robot_hello,
+            handle=fleet.robot_message,
+            left=fleet.robot_left,
+            spawn=fleet.spawn,
+            on_sent=fleet.metrics.observe_step_latency,
+        ):
             yield command

@@ -39,10 +39,17 @@ class Undecodable:
 def check_decoded(message, method: str, context) -> None:
     """Raise INVALID_ARGUMENT for an Undecodable request (logged at most once per peer per interval)."""
     if isinstance(message, Undecodable):
-        BAD_MESSAGES.warning((peer_of(context), method), "undecodable %s message from %s: %s", method,
-                             peer_of(context), message.error)
-        raise FleetError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"{method}: the request is not a valid protobuf message ({message.size} bytes)")
+        BAD_MESSAGES.warning(
+            (peer_of(context), method),
+            "undecodable %s message from %s: %s",
+            method,
+            peer_of(context),
+            message.error,
+        )
+        raise FleetError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{method}: the request is not a valid protobuf message ({message.size} bytes)",
+        )
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,9 @@ class Outbox:
             self.ended = True
             self._queue.put_nowait((_End(), None))
 
-    async def drain(self, context: grpc.aio.ServicerContext,
-                    on_sent: Callable[[float], None] | None = None) -> AsyncIterator:
+    async def drain(
+        self, context: grpc.aio.ServicerContext, on_sent: Callable[[float], None] | None = None
+    ) -> AsyncIterator:
         """Yield messages for the handler to stream; abort the RPC with the status a `fail` gave."""
         while True:
             message, received_at = await self._queue.get()
@@ -94,9 +102,18 @@ class Outbox:
                 on_sent(time.monotonic() - received_at)
 
 
-async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerContext, what: str, identity, *,
-                        hello: Callable, handle: Callable, left: Callable, spawn: Callable,
-                        on_sent: Callable[[float], None] | None = None) -> AsyncIterator:
+async def serve_session(
+    requests: AsyncIterator,
+    context: grpc.aio.ServicerContext,
+    what: str,
+    identity,
+    *,
+    hello: Callable,
+    handle: Callable,
+    left: Callable,
+    spawn: Callable,
+    on_sent: Callable[[float], None] | None = None,
+) -> AsyncIterator:
     """Run one bidirectional session (robot or operator); yields what the handler streams back.
 
     The first message must be a hello: `hello(message.hello, outbox, identity)` returns the session's
@@ -117,8 +134,10 @@ async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerConte
                 return
             check_decoded(first, "Session", context)
             if first.WhichOneof("kind") != "hello":
-                raise FleetError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"the first message of {what} session must be hello, got {first.WhichOneof('kind')}")
+                raise FleetError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the first message of {what} session must be hello, got {first.WhichOneof('kind')}",
+                )
             state = hello(first.hello, outbox, identity)
             async for message in messages:
                 if outbox.ended:
@@ -126,7 +145,9 @@ async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerConte
                 state.last_heard = time.monotonic()
                 check_decoded(message, "Session", context)
                 if message.WhichOneof("kind") == "hello":
-                    raise FleetError(grpc.StatusCode.FAILED_PRECONDITION, "hello was already sent on this session")
+                    raise FleetError(
+                        grpc.StatusCode.FAILED_PRECONDITION, "hello was already sent on this session"
+                    )
                 handle(state, outbox, message)
             outbox.close()  # the client finished sending: finish our side too
         except FleetError as err:
@@ -136,8 +157,14 @@ async def serve_session(requests: AsyncIterator, context: grpc.aio.ServicerConte
         except Exception as err:  # a bug must not take the server down; the caller sees INTERNAL
             if outbox.ended:
                 return  # the stream was already ended (replaced, failed): reading it raises, nothing more
-            SESSION_ERRORS.warning((peer_of(context), type(err).__name__), "%s session failed: %s: %s", what,
-                                   type(err).__name__, err, exc_info=True)
+            SESSION_ERRORS.warning(
+                (peer_of(context), type(err).__name__),
+                "%s session failed: %s: %s",
+                what,
+                type(err).__name__,
+                err,
+                exc_info=True,
+            )
             outbox.fail(grpc.StatusCode.INTERNAL, f"server error: {type(err).__name__}")
 
     reader = spawn(read())

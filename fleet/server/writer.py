@@ -65,9 +65,15 @@ class EpisodeWriter:
     """`on_error(key, message)` is called (from a writer thread) when episode `key` failed for good;
     `on_commit(keys)` after every successful commit. The server reports both to the robots."""
 
-    def __init__(self, store: EpisodeStore, max_pending_steps: int, batch_episodes: int = 16,
-                 on_error: Callable[[str, str], None] | None = None, commit_interval_s: float = COMMIT_INTERVAL_S,
-                 on_commit: Callable[[list[str]], None] | None = None):
+    def __init__(
+        self,
+        store: EpisodeStore,
+        max_pending_steps: int,
+        batch_episodes: int = 16,
+        on_error: Callable[[str, str], None] | None = None,
+        commit_interval_s: float = COMMIT_INTERVAL_S,
+        on_commit: Callable[[list[str]], None] | None = None,
+    ):
         self.store = store
         self.max_pending_steps = max_pending_steps
         self.batch_episodes = max(1, batch_episodes)
@@ -105,10 +111,28 @@ class EpisodeWriter:
         """Queued work items (steps and episode control)."""
         return len(self._work)
 
-    def begin(self, key: str, robot_id: str, task: str, policy_version: str, start_time: float,
-              extra: Mapping | None = None) -> None:
-        self._put(_Work("begin", key, dict(robot_id=robot_id, task=task, policy_version=policy_version,
-                                           start_time=start_time, extra=dict(extra or {}))))
+    def begin(
+        self,
+        key: str,
+        robot_id: str,
+        task: str,
+        policy_version: str,
+        start_time: float,
+        extra: Mapping | None = None,
+    ) -> None:
+        self._put(
+            _Work(
+                "begin",
+                key,
+                dict(
+                    robot_id=robot_id,
+                    task=task,
+                    policy_version=policy_version,
+                    start_time=start_time,
+                    extra=dict(extra or {}),
+                ),
+            )
+        )
 
     def step(self, key: str, flat_step: Mapping[str, Any]) -> bool:
         """Queue one flat step; False (and nothing queued) when `max_pending_steps` are waiting."""
@@ -152,10 +176,14 @@ class EpisodeWriter:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if thread.is_alive() and self.error:
                 with self._cond:
-                    self._give_up = True  # the store cannot be written: the robots still hold what was not committed
+                    self._give_up = (
+                        True  # the store cannot be written: the robots still hold what was not committed
+                    )
                 thread.join(2 * RETRY_S[1])
             if thread.is_alive():
-                log.error("episode writer did not finish within %s s; the store stays locked until exit", timeout)
+                log.error(
+                    "episode writer did not finish within %s s; the store stays locked until exit", timeout
+                )
                 return
         self.store.close()
 
@@ -203,14 +231,16 @@ class EpisodeWriter:
                 while True:
                     closing = self._applied_all
                     due = last_commit + self.commit_interval_s - time.monotonic()
-                    if closing or (self._finished and (due <= 0 or len(self._finished) >= self.batch_episodes)):
+                    if closing or (
+                        self._finished and (due <= 0 or len(self._finished) >= self.batch_episodes)
+                    ):
                         break
                     self._commit_cond.wait(due if self._finished else None)
                 count = len(self._finished) if closing else min(len(self._finished), self.batch_episodes)
                 group = [self._finished.popleft() for _ in range(count)]
             last_commit = time.monotonic()
             for start in range(0, len(group), self.batch_episodes):
-                part = group[start:start + self.batch_episodes]
+                part = group[start : start + self.batch_episodes]
                 try:
                     self._commit(part)
                 except Exception as err:  # a bug here must not end the thread: fail the group, go on
@@ -301,7 +331,9 @@ class EpisodeWriter:
                 break
             except Exception as err:  # disk full, permissions, a damaged store: not this episode's fault
                 self.error = f"commit of {len(keep)} episode(s) failed: {type(err).__name__}: {err}"
-                log.error("episode writer: %s; retrying in %.1f s (steps are refused meanwhile)", self.error, delay)
+                log.error(
+                    "episode writer: %s; retrying in %.1f s (steps are refused meanwhile)", self.error, delay
+                )
                 with self._cond:
                     if self._closing and self._give_up:
                         for key, episode, _, _ in keep:

@@ -22,7 +22,11 @@ class InfoConfig:
     json: bool = False  # print machine-readable JSON instead of the table
 
     def __post_init__(self):
-        check(bool(self.path), "path", "missing: give the store's path, e.g. `flotilla info data/push_demos.zarr`")
+        check(
+            bool(self.path),
+            "path",
+            "missing: give the store's path, e.g. `flotilla info data/push_demos.zarr`",
+        )
 
 
 register_job("info", InfoConfig)
@@ -44,8 +48,10 @@ def summarize(store: EpisodeStore) -> dict:
         "tasks": dict(Counter(str(t) for t in store.meta_column("task"))),
         "robots": len(set(str(r) for r in store.meta_column("robot_id"))),
         "policy_versions": sorted(set(str(v) for v in store.meta_column("policy_version"))),
-        "keys": {key: {"shape": list(spec.shape), "dtype": str(spec.dtype), "image": spec.is_image}
-                 for key, spec in (store.schema or {}).items()},
+        "keys": {
+            key: {"shape": list(spec.shape), "dtype": str(spec.dtype), "image": spec.is_image}
+            for key, spec in (store.schema or {}).items()
+        },
         "size_bytes": store.size_on_disk(),
     }
 
@@ -64,7 +70,9 @@ def format_summary(summary: dict) -> str:
         f"robots           {summary['robots']}    policy versions: {', '.join(summary['policy_versions']) or '-'}",
         "labels",
     ]
-    lines += [f"  {name:<18} {count:>9}  {100 * count / steps:5.1f}%" for name, count in summary["labels"].items()]
+    lines += [
+        f"  {name:<18} {count:>9}  {100 * count / steps:5.1f}%" for name, count in summary["labels"].items()
+    ]
     lines.append("keys")
     width = max((len(key) for key in summary["keys"]), default=0)
     for key, spec in summary["keys"].items():

@@ -24,8 +24,12 @@ class EpisodeRecord:
     is_demo: bool
 
 
-def select_episodes(records: list[EpisodeRecord], strategy: str = "keep_all", budget_steps: int | None = None,
-                    keep_demos: bool = True) -> list[int]:
+def select_episodes(
+    records: list[EpisodeRecord],
+    strategy: str = "keep_all",
+    budget_steps: int | None = None,
+    keep_demos: bool = True,
+) -> list[int]:
     """Indices into `records` to keep, in their original order."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown memory strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

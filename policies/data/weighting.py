@@ -29,8 +29,12 @@ INTERVENTION_MASS = 0.5
 PRE_INTERVENTION_MASS = 0.002
 
 
-def takeover_holds(labels: np.ndarray, actions: np.ndarray, episode_ends: np.ndarray | None = None,
-                   gripper_index: int | None = -1) -> np.ndarray:
+def takeover_holds(
+    labels: np.ndarray,
+    actions: np.ndarray,
+    episode_ends: np.ndarray | None = None,
+    gripper_index: int | None = -1,
+) -> np.ndarray:
     """Mask of the zero-motion steps at the start of each run of INTERVENTION steps (a takeover).
 
     Motion is every action dimension but `gripper_index` (the robot agent keeps the gripper during a
@@ -66,8 +70,12 @@ def sample_weights(labels: np.ndarray, scheme: str = "sirius") -> np.ndarray:
     masks = {label: labels == label for label in ControlLabel}
     counts = {label: int(mask.sum()) for label, mask in masks.items()}
     weights = np.ones(total, np.float64)
-    intervention, pre, robot, demo = (ControlLabel.INTERVENTION, ControlLabel.PRE_INTERVENTION,
-                                      ControlLabel.ROBOT, ControlLabel.DEMO)
+    intervention, pre, robot, demo = (
+        ControlLabel.INTERVENTION,
+        ControlLabel.PRE_INTERVENTION,
+        ControlLabel.ROBOT,
+        ControlLabel.DEMO,
+    )
 
     if scheme == "sirius":
         remainder = float(total)
@@ -88,5 +96,7 @@ def sample_weights(labels: np.ndarray, scheme: str = "sirius") -> np.ndarray:
 
     mean = weights.mean()
     if mean <= 0:
-        raise ValueError(f"weighting {scheme!r} gives every step weight 0 (no human-labelled steps to learn from)")
+        raise ValueError(
+            f"weighting {scheme!r} gives every step weight 0 (no human-labelled steps to learn from)"
+        )
     return (weights / mean).astype(np.float32)

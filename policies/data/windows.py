@@ -44,14 +44,23 @@ class EpisodeData:
 
     def summary(self) -> dict:
         labels = Counter(ControlLabel(int(code)).label_name for code in self.steps["label"])
-        return {"stores": sorted({path for path, _ in self.sources}), "episodes": self.num_episodes,
-                "steps": int(self.episode_ends[-1]) if self.num_episodes else 0, "labels": dict(labels),
-                "takeover_holds": int(self.holds.sum()) if self.holds is not None else 0}
+        return {
+            "stores": sorted({path for path, _ in self.sources}),
+            "episodes": self.num_episodes,
+            "steps": int(self.episode_ends[-1]) if self.num_episodes else 0,
+            "labels": dict(labels),
+            "takeover_holds": int(self.holds.sum()) if self.holds is not None else 0,
+        }
 
 
-def load_episodes(paths: Sequence[str], obs_keys: Sequence[str], memory: str = "keep_all",
-                  budget_steps: int | None = None, keep_demos: bool = True,
-                  extra_keys: Sequence[str] = ()) -> EpisodeData:
+def load_episodes(
+    paths: Sequence[str],
+    obs_keys: Sequence[str],
+    memory: str = "keep_all",
+    budget_steps: int | None = None,
+    keep_demos: bool = True,
+    extra_keys: Sequence[str] = (),
+) -> EpisodeData:
     """Read the episodes the memory strategy keeps from `paths` (oldest store first)."""
     stores = [EpisodeStore.open(path) for path in paths]
     if not stores:
@@ -61,18 +70,29 @@ def load_episodes(paths: Sequence[str], obs_keys: Sequence[str], memory: str = "
     for store in stores:
         missing = [key for key in wanted if key not in (store.schema or {})]
         if missing:
-            raise ValueError(f"{store.path} has no step key(s) {missing}; it has {sorted(store.schema or {})}")
+            raise ValueError(
+                f"{store.path} has no step key(s) {missing}; it has {sorted(store.schema or {})}"
+            )
         labels = store.labels()
         start_times = store.meta_column("start_time")
-        for index, (start, end) in enumerate(zip(np.r_[0, store.episode_ends[:-1]], store.episode_ends, strict=True)):
+        for index, (start, end) in enumerate(
+            zip(np.r_[0, store.episode_ends[:-1]], store.episode_ends, strict=True)
+        ):
             episode_labels = labels[start:end]
-            records.append(EpisodeRecord(order=len(records), length=int(end - start),
-                                         interventions=int(np.sum(episode_labels == ControlLabel.INTERVENTION)),
-                                         is_demo=bool(np.all(episode_labels == ControlLabel.DEMO))))
+            records.append(
+                EpisodeRecord(
+                    order=len(records),
+                    length=int(end - start),
+                    interventions=int(np.sum(episode_labels == ControlLabel.INTERVENTION)),
+                    is_demo=bool(np.all(episode_labels == ControlLabel.DEMO)),
+                )
+            )
             where.append((store, index, float(start_times[index])))
     kept = select_episodes(records, memory, budget_steps, keep_demos)
     if not kept:
-        raise ValueError(f"no episodes left to train on in {list(paths)} (memory={memory}, budget={budget_steps})")
+        raise ValueError(
+            f"no episodes left to train on in {list(paths)} (memory={memory}, budget={budget_steps})"
+        )
     has_goal = all("goal" in (store.schema or {}) for store in stores)
     keys = wanted + (["goal"] if has_goal else [])
     chunks: dict[str, list[np.ndarray]] = {key: [] for key in keys}
@@ -86,8 +106,12 @@ def load_episodes(paths: Sequence[str], obs_keys: Sequence[str], memory: str = "
     episode_ends = np.cumsum(lengths).astype(np.int64)
     # Before the trainer converts actions (e.g. to targets), while a hold is still a zero action.
     holds = takeover_holds(steps["label"], steps["action"], episode_ends)
-    return EpisodeData(steps=steps, episode_ends=episode_ends, holds=holds,
-                       sources=[(str(where[i][0].path), where[i][1]) for i in kept])
+    return EpisodeData(
+        steps=steps,
+        episode_ends=episode_ends,
+        holds=holds,
+        sources=[(str(where[i][0].path), where[i][1]) for i in kept],
+    )
 
 
 def split_episodes(num_episodes: int, val_ratio: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -102,10 +126,19 @@ def split_episodes(num_episodes: int, val_ratio: float, seed: int = 0) -> tuple[
 class WindowDataset(torch.utils.data.Dataset):
     """(observation history, action chunk, goal, weight) samples from some episodes of `data`."""
 
-    def __init__(self, data: EpisodeData, episodes: np.ndarray, obs_keys: Sequence[str], n_obs_steps: int,
-                 horizon: int, weighting: str = "sirius"):
+    def __init__(
+        self,
+        data: EpisodeData,
+        episodes: np.ndarray,
+        obs_keys: Sequence[str],
+        n_obs_steps: int,
+        horizon: int,
+        weighting: str = "sirius",
+    ):
         if horizon < n_obs_steps:
-            raise ValueError(f"prediction horizon {horizon} is shorter than the observation horizon {n_obs_steps}")
+            raise ValueError(
+                f"prediction horizon {horizon} is shorter than the observation horizon {n_obs_steps}"
+            )
         self.data = data
         self.obs_keys = list(obs_keys)
         labels = data.steps["label"]

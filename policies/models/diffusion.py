@@ -27,17 +27,30 @@ class DiffusionPolicy(PolicyBase):
     def __init__(self, shape_meta: ShapeMeta, config: DiffusionConfig | None = None):
         super().__init__(shape_meta, config)
         config = self.config
-        self.model = ConditionalUnet1D(self.action_dim, self.obs_feature_dim + self.goal_dim, tuple(config.down_dims),
-                                       config.kernel_size, config.n_groups, config.step_embed_dim)
+        self.model = ConditionalUnet1D(
+            self.action_dim,
+            self.obs_feature_dim + self.goal_dim,
+            tuple(config.down_dims),
+            config.kernel_size,
+            config.n_groups,
+            config.step_embed_dim,
+        )
         self.prediction_type = config.prediction_type
-        scheduler_args = dict(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
-                              clip_sample=config.clip_sample, prediction_type=config.prediction_type)
+        scheduler_args = dict(
+            num_train_timesteps=config.num_train_timesteps,
+            beta_schedule=config.beta_schedule,
+            clip_sample=config.clip_sample,
+            prediction_type=config.prediction_type,
+        )
         try:
             self.noise_scheduler = DDPMScheduler(**scheduler_args)
-            self.sampler = DDIMScheduler(**scheduler_args, set_alpha_to_one=True,
-                                         timestep_spacing=config.timestep_spacing)
+            self.sampler = DDIMScheduler(
+                **scheduler_args, set_alpha_to_one=True, timestep_spacing=config.timestep_spacing
+            )
         except (NotImplementedError, ValueError) as err:
-            raise ValueError(f"beta_schedule: {config.beta_schedule!r} is not one diffusers knows ({err})") from None
+            raise ValueError(
+                f"beta_schedule: {config.beta_schedule!r} is not one diffusers knows ({err})"
+            ) from None
         self.num_inference_steps = config.num_inference_steps
 
     # ------------------------------------------------------------------------------ settings
@@ -49,8 +62,10 @@ class DiffusionPolicy(PolicyBase):
     def num_inference_steps(self, steps: int) -> None:
         steps = int(steps)
         if not 1 <= steps <= self.noise_scheduler.config.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in [1, {self.noise_scheduler.config.num_train_timesteps}],"
-                             f" got {steps}")
+            raise ValueError(
+                f"num_inference_steps must be in [1, {self.noise_scheduler.config.num_train_timesteps}],"
+                f" got {steps}"
+            )
         self.sampler.set_timesteps(steps)
         self._timesteps = [int(t) for t in self.sampler.timesteps]
         self._num_inference_steps = self.config.num_inference_steps = steps
@@ -68,16 +83,22 @@ class DiffusionPolicy(PolicyBase):
         self._check_action(action, cond.shape[0])
         naction = self.normalizer.normalize("action", action)
         noise = torch.randn_like(naction)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (naction.shape[0],),
-                          device=naction.device)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (naction.shape[0],), device=naction.device
+        )
         noisy = self.noise_scheduler.add_noise(naction, noise, t)
         pred = self.model(noisy, t, cond)
         target = noise if self.prediction_type == "epsilon" else naction
         return chunk_loss(F.mse_loss(pred, target, reduction="none"), batch)
 
     # ------------------------------------------------------------------------------ inference
-    def predict_action(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None = None, num_samples: int = 1,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_action(
+        self,
+        obs: dict[str, torch.Tensor],
+        goal: torch.Tensor | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """(B, num_samples, Tp, action_dim) unnormalized actions; all samples in one batched DDIM run."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -85,9 +106,15 @@ class DiffusionPolicy(PolicyBase):
         batch = cond.shape[0]
         if num_samples > 1:
             cond = cond.repeat_interleave(num_samples, dim=0)
-        x = torch.randn((batch * num_samples, self.horizon, self.action_dim), device=cond.device,
-                        dtype=cond.dtype, generator=generator)
+        x = torch.randn(
+            (batch * num_samples, self.horizon, self.action_dim),
+            device=cond.device,
+            dtype=cond.dtype,
+            generator=generator,
+        )
         for t in self._timesteps:
             out = self.model(x, float(t), cond)
             x = self.sampler.step(out, t, x, return_dict=False)[0]
-        return self.normalizer.unnormalize("action", x).reshape(batch, num_samples, self.horizon, self.action_dim)
+        return self.normalizer.unnormalize("action", x).reshape(
+            batch, num_samples, self.horizon, self.action_dim
+        )

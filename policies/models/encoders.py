@@ -43,14 +43,18 @@ class ShapeMeta:
                 shape = (shape,)
             shape = tuple(int(s) for s in shape)
             if len(shape) not in (1, 3) or any(s <= 0 for s in shape):
-                raise ValueError(f"obs key {key!r}: shape {shape} must be (D,) for low-dim or (H, W, C) for an image")
+                raise ValueError(
+                    f"obs key {key!r}: shape {shape} must be (D,) for low-dim or (H, W, C) for an image"
+                )
             if not key or "." in key or key in ("action", "goal"):
                 raise ValueError(f"obs key {key!r} is not allowed (empty, contains '.', or reserved)")
             shapes[str(key)] = shape
         self.obs = shapes
         self.action_dim, self.goal_dim = int(self.action_dim), int(self.goal_dim)
         if self.action_dim <= 0 or self.goal_dim < 0:
-            raise ValueError(f"action_dim must be > 0 and goal_dim >= 0, got {self.action_dim}, {self.goal_dim}")
+            raise ValueError(
+                f"action_dim must be > 0 and goal_dim >= 0, got {self.action_dim}, {self.goal_dim}"
+            )
         lowdim = sorted(k for k, s in shapes.items() if len(s) == 1)
         images = sorted(k for k, s in shapes.items() if len(s) == 3)
         self._keys = (lowdim, images)
@@ -68,16 +72,22 @@ class ShapeMeta:
         return sum(self.obs[k][0] for k in self.lowdim_keys)
 
     def to_dict(self) -> dict:
-        return {"obs": {k: list(s) for k, s in self.obs.items()}, "action_dim": self.action_dim,
-                "goal_dim": self.goal_dim}
+        return {
+            "obs": {k: list(s) for k, s in self.obs.items()},
+            "action_dim": self.action_dim,
+            "goal_dim": self.goal_dim,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> ShapeMeta:
         if isinstance(data, ShapeMeta):
             return data
         try:
-            return cls(obs={k: tuple(v) for k, v in dict(data["obs"]).items()},
-                       action_dim=data["action_dim"], goal_dim=data.get("goal_dim", 0))
+            return cls(
+                obs={k: tuple(v) for k, v in dict(data["obs"]).items()},
+                action_dim=data["action_dim"],
+                goal_dim=data.get("goal_dim", 0),
+            )
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"bad shape meta {data!r}: {err}") from None
 
@@ -97,9 +107,13 @@ class _ResBlock2d(nn.Module):
         self.norm1 = nn.GroupNorm(_groups(c_out), c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
-        self.shortcut = (nn.Identity() if stride == 1 and c_in == c_out else
-                         nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
-                                       nn.GroupNorm(_groups(c_out), c_out)))
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.GroupNorm(_groups(c_out), c_out)
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.norm1(self.conv1(x)))
@@ -117,9 +131,9 @@ class SpatialSoftmax(nn.Module):
         self.register_buffer("grid", torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self.keypoints(x).flatten(2)                      # (N, K, H*W)
+        maps = self.keypoints(x).flatten(2)  # (N, K, H*W)
         attention = torch.softmax(maps, dim=-1)
-        return (attention @ self.grid).flatten(1)                # (N, K*2)
+        return (attention @ self.grid).flatten(1)  # (N, K*2)
 
 
 class ImageEncoder(nn.Module):
@@ -133,8 +147,11 @@ class ImageEncoder(nn.Module):
         self.crop = (max(8, round(height * config.crop_ratio)), max(8, round(width * config.crop_ratio)))
         self.crop = (min(self.crop[0], height), min(self.crop[1], width))
         self.in_shape = (height, width, in_ch)
-        layers: list[nn.Module] = [nn.Conv2d(in_ch, channels[0], 3, stride=2, padding=1, bias=False),
-                                   nn.GroupNorm(_groups(channels[0]), channels[0]), nn.ReLU()]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_ch, channels[0], 3, stride=2, padding=1, bias=False),
+            nn.GroupNorm(_groups(channels[0]), channels[0]),
+            nn.ReLU(),
+        ]
         c_prev = channels[0]
         for stage, c in enumerate(channels):
             for block in range(blocks_per_stage):
@@ -156,7 +173,7 @@ class ImageEncoder(nn.Module):
             return x
         if not self.training:
             top, left = (h - ch) // 2, (w - cw) // 2
-            return x[:, top:top + ch, left:left + cw]
+            return x[:, top : top + ch, left : left + cw]
         top = torch.randint(0, h - ch + 1, (n, 1, 1), device=x.device)
         left = torch.randint(0, w - cw + 1, (n, 1, 1), device=x.device)
         rows = top + torch.arange(ch, device=x.device).view(1, ch, 1)
@@ -166,7 +183,9 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1:] != self.in_shape:
-            raise ValueError(f"image batch has shape {tuple(images.shape[1:])}, encoder expects {self.in_shape}")
+            raise ValueError(
+                f"image batch has shape {tuple(images.shape[1:])}, encoder expects {self.in_shape}"
+            )
         x = self.crop_images(images)
         x = x.permute(0, 3, 1, 2).float()
         if images.dtype == torch.uint8:
@@ -182,7 +201,9 @@ class ObsEncoder(nn.Module):
         config = config or EncoderConfig()
         self.lowdim_keys = shape_meta.lowdim_keys
         self.image_keys = shape_meta.image_keys
-        self.images = nn.ModuleDict({key: ImageEncoder(shape_meta.obs[key], config) for key in self.image_keys})
+        self.images = nn.ModuleDict(
+            {key: ImageEncoder(shape_meta.obs[key], config) for key in self.image_keys}
+        )
         self.feature_dim = shape_meta.lowdim_dim + config.feature_dim * len(self.image_keys)
 
     def forward(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -205,13 +226,19 @@ class PolicyBase(Policy):
         super().__init__()
         config = self.config_class() if config is None else config
         if type(config) is not self.config_class:
-            raise ValueError(f"{type(self).__name__} is built from a {self.config_class.__name__}, "
-                             f"got {type(config).__name__}")
+            raise ValueError(
+                f"{type(self).__name__} is built from a {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
         self.config = copy.deepcopy(config)  # the policy's own: inference settings changed later update it
         self.shape_meta = ShapeMeta.from_dict(shape_meta) if isinstance(shape_meta, dict) else shape_meta
         if not isinstance(self.shape_meta, ShapeMeta):
             raise ValueError(f"shape_meta must be a ShapeMeta or its dict, got {type(shape_meta).__name__}")
-        self.n_obs_steps, self.horizon, self.n_action_steps = config.n_obs_steps, config.horizon, config.n_action_steps
+        self.n_obs_steps, self.horizon, self.n_action_steps = (
+            config.n_obs_steps,
+            config.horizon,
+            config.n_action_steps,
+        )
         self.action_dim, self.goal_dim = self.shape_meta.action_dim, self.shape_meta.goal_dim
         dims = {key: self.shape_meta.obs[key][0] for key in self.shape_meta.lowdim_keys}
         dims["action"] = self.action_dim
@@ -230,7 +257,9 @@ class PolicyBase(Policy):
             x = obs[key]
             expected = (self.n_obs_steps, *shape)
             if tuple(x.shape[1:]) != expected:
-                raise ValueError(f"obs[{key!r}] has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, expected))})")
+                raise ValueError(
+                    f"obs[{key!r}] has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, expected))})"
+                )
             if batch is None:
                 batch = x.shape[0]
             elif x.shape[0] != batch:
@@ -241,7 +270,9 @@ class PolicyBase(Policy):
         if not self.goal_dim:
             return None
         if goal is None:
-            raise ValueError(f"{self.kind} policy was built with goal_dim={self.goal_dim}; a goal is required")
+            raise ValueError(
+                f"{self.kind} policy was built with goal_dim={self.goal_dim}; a goal is required"
+            )
         if tuple(goal.shape) != (batch, self.goal_dim):
             raise ValueError(f"goal has shape {tuple(goal.shape)}, expected ({batch}, {self.goal_dim})")
         return self.normalizer.normalize("goal", goal)
@@ -255,8 +286,10 @@ class PolicyBase(Policy):
 
     def _check_action(self, action: torch.Tensor, batch: int) -> None:
         if tuple(action.shape) != (batch, self.horizon, self.action_dim):
-            raise ValueError(f"batch['action'] has shape {tuple(action.shape)}, "
-                             f"expected ({batch}, {self.horizon}, {self.action_dim})")
+            raise ValueError(
+                f"batch['action'] has shape {tuple(action.shape)}, "
+                f"expected ({batch}, {self.horizon}, {self.action_dim})"
+            )
 
 
 def chunk_loss(squared_error: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -270,4 +303,6 @@ def chunk_loss(squared_error: torch.Tensor, batch: dict) -> torch.Tensor:
     if mask is None:
         return squared_error.mean(dim=(1, 2))
     mask = mask.to(squared_error.dtype)
-    return (squared_error * mask[..., None]).sum(dim=(1, 2)) / (mask.sum(dim=1) * squared_error.shape[-1]).clamp_min(1)
+    return (squared_error * mask[..., None]).sum(dim=(1, 2)) / (
+        mask.sum(dim=1) * squared_error.shape[-1]
+    ).clamp_min(1)

@@ -54,8 +54,10 @@ _MASK64 = (1 << 64) - 1
 def ensemble_size(value, key: str = "ensemble") -> int:
     """``value`` as an ensemble size (an int >= 1; 1 = a single policy), else ValueError naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{key} must be an integer >= 1 (1 = a single policy, E >= 2 = an ensemble of E members), "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{key} must be an integer >= 1 (1 = a single policy, E >= 2 = an ensemble of E members), "
+            f"got {value!r}"
+        )
     return int(value)
 
 
@@ -86,11 +88,19 @@ class PolicyEnsemble(Policy):
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         first = members[0]
         for i, member in enumerate(members[1:], 1):
-            if member.kind != first.kind or member.config != first.config or member.shape_meta != first.shape_meta:
+            if (
+                member.kind != first.kind
+                or member.config != first.config
+                or member.shape_meta != first.shape_meta
+            ):
                 raise ValueError(f"ensemble member {i} differs from member 0 (kind, config or shape meta)")
         self.kind = first.kind
         self.shape_meta = first.shape_meta
-        self.n_obs_steps, self.horizon, self.n_action_steps = first.n_obs_steps, first.horizon, first.n_action_steps
+        self.n_obs_steps, self.horizon, self.n_action_steps = (
+            first.n_obs_steps,
+            first.horizon,
+            first.n_action_steps,
+        )
         self.action_dim, self.goal_dim = first.action_dim, first.goal_dim
         self.bootstrap_seed = int(bootstrap_seed)
         self.normalizer: LinearNormalizer = first.normalizer
@@ -125,16 +135,22 @@ class PolicyEnsemble(Policy):
         counts = np.stack([bootstrap_counts(self.bootstrap_seed, i, index) for i in range(len(self.members))])
         return torch.from_numpy(counts).to(device=losses.device, dtype=losses.dtype)
 
-    def predict_action(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None = None, num_samples: int = 1,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_action(
+        self,
+        obs: dict[str, torch.Tensor],
+        goal: torch.Tensor | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """(B, num_samples, Tp, action_dim) unnormalized; sample k from member k mod E (sample 0: member 0)."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         size = len(self.members)
         out = None
         for i, member in enumerate(self.members[:num_samples]):
-            samples = member.predict_action(obs, goal, num_samples=len(range(i, num_samples, size)),
-                                            generator=generator)
+            samples = member.predict_action(
+                obs, goal, num_samples=len(range(i, num_samples, size)), generator=generator
+            )
             if out is None:
                 out = samples.new_empty((samples.shape[0], num_samples, *samples.shape[2:]))
             out[:, i::size] = samples

@@ -29,8 +29,13 @@ def policy_kwargs(kind: str) -> list[str]:
     return [f.name for f in dataclasses.fields(POLICY_CONFIGS[kind]) if f.name != "kind"]
 
 
-def build_policy(config: PolicyConfig | str, shape_meta: ShapeMeta | dict, ensemble: int = 1,
-                 bootstrap_seed: int = 0, **settings) -> Policy:
+def build_policy(
+    config: PolicyConfig | str,
+    shape_meta: ShapeMeta | dict,
+    ensemble: int = 1,
+    bootstrap_seed: int = 0,
+    **settings,
+) -> Policy:
     """A freshly initialized policy (normalizer unfitted). ValueError for an unknown kind or setting, a
     value the config rejects (ConfigError, naming the key) or a bad ``ensemble`` size.
 

@@ -63,14 +63,26 @@ class GCDiffusionPolicy(PolicyBase):
     def __init__(self, shape_meta: ShapeMeta, config: GCDiffusionConfig | None = None):
         meta = ShapeMeta.from_dict(shape_meta) if isinstance(shape_meta, dict) else shape_meta
         if getattr(meta, "goal_dim", 0) <= 0:
-            raise ValueError("gc_diffusion needs a goal: build it with shape_meta.goal_dim > 0 "
-                             "(use kind 'diffusion' for a policy without a goal)")
+            raise ValueError(
+                "gc_diffusion needs a goal: build it with shape_meta.goal_dim > 0 "
+                "(use kind 'diffusion' for a policy without a goal)"
+            )
         super().__init__(meta, config)
         config = self.config
-        self.model = ConditionalUnet1D(self.action_dim, self.obs_feature_dim + self.goal_dim, tuple(config.down_dims),
-                                       config.kernel_size, config.n_groups, config.step_embed_dim)
+        self.model = ConditionalUnet1D(
+            self.action_dim,
+            self.obs_feature_dim + self.goal_dim,
+            tuple(config.down_dims),
+            config.kernel_size,
+            config.n_groups,
+            config.step_embed_dim,
+        )
         self.null_goal = nn.Parameter(torch.zeros(self.goal_dim))
-        self.sigma_data, self.sigma_min, self.sigma_max = config.sigma_data, config.sigma_min, config.sigma_max
+        self.sigma_data, self.sigma_min, self.sigma_max = (
+            config.sigma_data,
+            config.sigma_min,
+            config.sigma_max,
+        )
         self.rho, self.noise_distribution = config.rho, config.noise_distribution
         self.goal_dropout = config.goal_dropout
         self.cfg_weight = config.cfg_weight
@@ -118,14 +130,16 @@ class GCDiffusionPolicy(PolicyBase):
     # ------------------------------------------------------------------------------ denoiser
     def _preconditioning(self, sigma):
         """c_skip, c_out, c_in, network time input for sigma (float or tensor)."""
-        sd2 = self.sigma_data ** 2
+        sd2 = self.sigma_data**2
         if torch.is_tensor(sigma):
-            root = (sigma ** 2 + sd2).sqrt()
-            return sd2 / root ** 2, sigma * self.sigma_data / root, 1.0 / root, _TIME_SCALE * sigma.log() / 4.0
-        root = math.sqrt(sigma ** 2 + sd2)
-        return sd2 / root ** 2, sigma * self.sigma_data / root, 1.0 / root, _TIME_SCALE * math.log(sigma) / 4.0
+            root = (sigma**2 + sd2).sqrt()
+            return sd2 / root**2, sigma * self.sigma_data / root, 1.0 / root, _TIME_SCALE * sigma.log() / 4.0
+        root = math.sqrt(sigma**2 + sd2)
+        return sd2 / root**2, sigma * self.sigma_data / root, 1.0 / root, _TIME_SCALE * math.log(sigma) / 4.0
 
-    def _features(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(
+        self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encode_obs(obs)
         ngoal = self._normalized_goal(goal, features.shape[0])
         return features, ngoal
@@ -133,7 +147,9 @@ class GCDiffusionPolicy(PolicyBase):
     def _sample_sigmas(self, n: int, device) -> torch.Tensor:
         if self.noise_distribution == "loguniform":
             u = torch.rand(n, device=device)
-            return torch.exp(math.log(self.sigma_min) + u * (math.log(self.sigma_max) - math.log(self.sigma_min)))
+            return torch.exp(
+                math.log(self.sigma_min) + u * (math.log(self.sigma_max) - math.log(self.sigma_min))
+            )
         log_sigma = _LOGNORMAL_MEAN + _LOGNORMAL_STD * torch.randn(n, device=device)
         return log_sigma.exp().clamp(self.sigma_min, self.sigma_max)
 
@@ -167,8 +183,13 @@ class GCDiffusionPolicy(PolicyBase):
         d_cond, d_uncond = (c_skip * pair + c_out * self.model(pair * c_in, t_in, cond)).chunk(2, dim=0)
         return d_uncond + (1.0 + self._cfg_weight) * (d_cond - d_uncond)
 
-    def predict_action(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None = None, num_samples: int = 1,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_action(
+        self,
+        obs: dict[str, torch.Tensor],
+        goal: torch.Tensor | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """(B, num_samples, Tp, action_dim) unnormalized actions; samples (and the guidance pair) batched."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -183,8 +204,12 @@ class GCDiffusionPolicy(PolicyBase):
             cond = cond.repeat_interleave(num_samples, dim=0)
         n = batch * num_samples
         sigmas = self._sigmas
-        x = torch.randn((n, self.horizon, self.action_dim), device=cond.device, dtype=cond.dtype,
-                        generator=generator) * sigmas[0]
+        x = (
+            torch.randn(
+                (n, self.horizon, self.action_dim), device=cond.device, dtype=cond.dtype, generator=generator
+            )
+            * sigmas[0]
+        )
         previous = None
         for i in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -198,4 +223,6 @@ class GCDiffusionPolicy(PolicyBase):
             ratio = sigma_next / sigma
             x = ratio * x + (1.0 - ratio) * corrected
             previous = denoised
-        return self.normalizer.unnormalize("action", x).reshape(batch, num_samples, self.horizon, self.action_dim)
+        return self.normalizer.unnormalize("action", x).reshape(
+            batch, num_samples, self.horizon, self.action_dim
+        )

@@ -41,8 +41,13 @@ class MLPPolicy(PolicyBase):
         target = self.normalizer.normalize("action", batch["action"])
         return chunk_loss(F.mse_loss(pred, target, reduction="none"), batch)
 
-    def predict_action(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None = None, num_samples: int = 1,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_action(
+        self,
+        obs: dict[str, torch.Tensor],
+        goal: torch.Tensor | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """(B, num_samples, Tp, action_dim): the one deterministic chunk repeated num_samples times."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")

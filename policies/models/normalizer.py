@@ -94,14 +94,21 @@ class LinearNormalizer(nn.Module):
     def _get(self, key: str) -> _KeyStats:
         if key not in self._fitted:
             known = self.fitted_keys()
-            raise KeyError(f"normalizer has no fitted statistics for {key!r} (fitted keys: {known}); "
-                           "call fit() or set_normalizer() first")
+            raise KeyError(
+                f"normalizer has no fitted statistics for {key!r} (fitted keys: {known}); "
+                "call fit() or set_normalizer() first"
+            )
         return self.stats[key]
 
     # ----------------------------------------------------------------------------------- fit
     @torch.no_grad()
-    def fit(self, data: Mapping[str, np.ndarray | torch.Tensor], mode: str = "limits", eps: float = 1e-4,
-            exclude: Iterable[str] = ()) -> LinearNormalizer:
+    def fit(
+        self,
+        data: Mapping[str, np.ndarray | torch.Tensor],
+        mode: str = "limits",
+        eps: float = 1e-4,
+        exclude: Iterable[str] = (),
+    ) -> LinearNormalizer:
         """Fit each key of ``data`` (shape (..., D); statistics are per last dimension, over all the
         leading dimensions). uint8 arrays (images) and keys in ``exclude`` are skipped."""
         if mode not in _MODES:
@@ -131,13 +138,17 @@ class LinearNormalizer(nn.Module):
         scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
         offset = torch.as_tensor(offset, dtype=torch.float64).reshape(-1)
         if scale.shape != offset.shape:
-            raise ValueError(f"normalizer {key!r}: scale {tuple(scale.shape)} and offset {tuple(offset.shape)} differ")
+            raise ValueError(
+                f"normalizer {key!r}: scale {tuple(scale.shape)} and offset {tuple(offset.shape)} differ"
+            )
         if (scale == 0).any() or not torch.isfinite(scale).all() or not torch.isfinite(offset).all():
             raise ValueError(f"normalizer {key!r}: scale must be finite and non-zero, offset finite")
         stats = self.stats[key] if key in self.stats else self._add_key(key, scale.numel())
         if stats.scale.numel() != scale.numel():
-            raise ValueError(f"normalizer {key!r}: registered with dimension {stats.scale.numel()}, "
-                             f"data has dimension {scale.numel()}")
+            raise ValueError(
+                f"normalizer {key!r}: registered with dimension {stats.scale.numel()}, "
+                f"data has dimension {scale.numel()}"
+            )
         stats.scale.copy_(scale.to(stats.scale))
         stats.offset.copy_(offset.to(stats.offset))
         stats.fitted.fill_(1.0)
@@ -146,7 +157,7 @@ class LinearNormalizer(nn.Module):
     @torch.no_grad()
     def load_from(self, other: LinearNormalizer, keys: Iterable[str] | None = None) -> None:
         """Copy fitted statistics from another normalizer (all its fitted keys, or ``keys``)."""
-        for key in (other.fitted_keys() if keys is None else keys):
+        for key in other.fitted_keys() if keys is None else keys:
             stats = other._get(key)
             self.set_stats(key, stats.scale.detach().cpu(), stats.offset.detach().cpu())
 
@@ -162,8 +173,10 @@ class LinearNormalizer(nn.Module):
     # ----------------------------------------------------------------------------------- (de)serialize
     def to_dict(self) -> dict[str, dict[str, list[float]]]:
         """JSON-friendly fitted statistics: {key: {"scale": [...], "offset": [...]}}."""
-        return {key: {"scale": self.stats[key].scale.tolist(), "offset": self.stats[key].offset.tolist()}
-                for key in self.fitted_keys()}
+        return {
+            key: {"scale": self.stats[key].scale.tolist(), "offset": self.stats[key].offset.tolist()}
+            for key in self.fitted_keys()
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Mapping[str, list[float]]]) -> LinearNormalizer:
@@ -172,22 +185,26 @@ class LinearNormalizer(nn.Module):
             normalizer.set_stats(key, stats["scale"], stats["offset"])
         return normalizer
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Create statistics for keys present in the incoming state dict but not registered here, so a
         # bare LinearNormalizer() can load a saved one; then refresh the fitted set from the flags.
         head = prefix + "stats."
         for name, tensor in state_dict.items():
             if name.startswith(head) and name.endswith(".scale"):
-                key = name[len(head):-len(".scale")]
+                key = name[len(head) : -len(".scale")]
                 if "." not in key and key not in self.stats:
                     self._add_key(key, tensor.numel())
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _refresh_fitted(self) -> None:
         self._fitted = {key for key, stats in self.stats.items() if float(stats.fitted) > 0.5}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{key}: {self.stats[key].scale.numel()}{'' if key in self._fitted else ' (unfitted)'}"
-                         for key in self.stats)
+        return ", ".join(
+            f"{key}: {self.stats[key].scale.numel()}{'' if key in self._fitted else ' (unfitted)'}"
+            for key in self.stats
+        )

@@ -42,12 +42,17 @@ class Conv1d(nn.Conv1d):
     weights and the same result (up to float rounding), differentiable, just dispatched differently.
     """
 
-    _MAX_ROWS = 32          # batch * output length at or below which the matmul path is used
-    _MIN_REDUCTION = 256    # in_channels * kernel_size at or above which it pays off
+    _MAX_ROWS = 32  # batch * output length at or below which the matmul path is used
+    _MIN_REDUCTION = 256  # in_channels * kernel_size at or above which it pays off
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.groups != 1 or self.dilation != (1,) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if (
+            self.groups != 1
+            or self.dilation != (1,)
+            or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
+        ):
             raise ValueError("Conv1d here supports only zero padding, no dilation and groups=1")
         self._use_matmul = self.in_channels * self.kernel_size[0] >= self._MIN_REDUCTION
 
@@ -66,8 +71,11 @@ class Conv1d(nn.Conv1d):
 
 class ConvNormMish(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel_size: int, n_groups: int):
-        super().__init__(Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
-                         nn.GroupNorm(n_groups, c_out), nn.Mish())
+        super().__init__(
+            Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+            nn.GroupNorm(n_groups, c_out),
+            nn.Mish(),
+        )
 
 
 class FiLMResBlock(nn.Module):
@@ -85,8 +93,15 @@ class FiLMResBlock(nn.Module):
 
 
 class ConditionalUnet1D(nn.Module):
-    def __init__(self, input_dim: int, global_cond_dim: int, down_dims: tuple[int, ...] = (64, 128, 256),
-                 kernel_size: int = 5, n_groups: int = 8, step_embed_dim: int = 64):
+    def __init__(
+        self,
+        input_dim: int,
+        global_cond_dim: int,
+        down_dims: tuple[int, ...] = (64, 128, 256),
+        kernel_size: int = 5,
+        n_groups: int = 8,
+        step_embed_dim: int = 64,
+    ):
         super().__init__()
         down_dims = tuple(int(d) for d in down_dims)
         if not down_dims:
@@ -97,9 +112,12 @@ class ConditionalUnet1D(nn.Module):
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.down_dims = down_dims
-        self.step_embed = nn.Sequential(SinusoidalEmbedding(step_embed_dim),
-                                        nn.Linear(step_embed_dim, 4 * step_embed_dim), nn.Mish(),
-                                        nn.Linear(4 * step_embed_dim, step_embed_dim))
+        self.step_embed = nn.Sequential(
+            SinusoidalEmbedding(step_embed_dim),
+            nn.Linear(step_embed_dim, 4 * step_embed_dim),
+            nn.Mish(),
+            nn.Linear(4 * step_embed_dim, step_embed_dim),
+        )
         cond_dim = step_embed_dim + global_cond_dim
         chans = (input_dim, *down_dims)
         levels = len(down_dims)
@@ -110,25 +128,45 @@ class ConditionalUnet1D(nn.Module):
         self.down = nn.ModuleList()
         for i in range(levels):
             last = i == levels - 1
-            self.down.append(nn.ModuleList([
-                block(chans[i], chans[i + 1]), block(chans[i + 1], chans[i + 1]),
-                nn.Identity() if last else Conv1d(chans[i + 1], chans[i + 1], 3, stride=2, padding=1)]))
+            self.down.append(
+                nn.ModuleList(
+                    [
+                        block(chans[i], chans[i + 1]),
+                        block(chans[i + 1], chans[i + 1]),
+                        nn.Identity() if last else Conv1d(chans[i + 1], chans[i + 1], 3, stride=2, padding=1),
+                    ]
+                )
+            )
         self.mid = nn.ModuleList([block(down_dims[-1], down_dims[-1]), block(down_dims[-1], down_dims[-1])])
         self.up = nn.ModuleList()
         for i in reversed(range(1, levels)):  # each up level undoes one downsampling
-            self.up.append(nn.ModuleList([
-                block(2 * chans[i + 1], chans[i]), block(chans[i], chans[i]),
-                nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                              Conv1d(chans[i], chans[i], 3, padding=1))]))
-        self.final = nn.Sequential(ConvNormMish(down_dims[0], down_dims[0], kernel_size, n_groups),
-                                   Conv1d(down_dims[0], input_dim, 1))
+            self.up.append(
+                nn.ModuleList(
+                    [
+                        block(2 * chans[i + 1], chans[i]),
+                        block(chans[i], chans[i]),
+                        nn.Sequential(
+                            nn.Upsample(scale_factor=2, mode="nearest"),
+                            Conv1d(chans[i], chans[i], 3, padding=1),
+                        ),
+                    ]
+                )
+            )
+        self.final = nn.Sequential(
+            ConvNormMish(down_dims[0], down_dims[0], kernel_size, n_groups),
+            Conv1d(down_dims[0], input_dim, 1),
+        )
 
     @property
     def length_multiple(self) -> int:
         return 2 ** (len(self.down_dims) - 1)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                global_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        global_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """sample (B, T, A), timestep scalar or (B,), global_cond (B, C) -> (B, T, A)."""
         batch = sample.shape[0]
         if not torch.is_tensor(timestep):

@@ -537,4 +537,3 @@ class PandaEnv(TaskEnv):
             j = int(at_limit[0])
             return f"arm joint {j + 1} at its limit ({q[j]:.3f} rad, range {_IK_LOWER[j]}..{_IK_UPPER[j]})"
         return ""
-

@@ -382,3 +382,25 @@ def test_sigkill_at_random_moments_never_loses_a_committed_episode(tmp_path):
     assert not list(path.rglob("*.partial"))
     assert zarr.open_group(str(path), mode="r")["data/action"].shape[0] == record_count
     assert count == EpisodeStore.open(path).num_episodes
+
+
+def test_append_checked_takes_its_schema_from_the_first_step_and_commit_still_checks_it(tmp_path):
+    """The fleet writer's fast append (its steps were decoded against the robot's spec) skips the per-key
+    checks, but a step with other keys is refused and an episode that does not fit is never committed."""
+
+    store = EpisodeStore.create(tmp_path / "s.zarr")
+
+    def step(width: int) -> dict:
+        return {"state": np.zeros(width, np.float32), "action": np.zeros(2, np.float32), "label": np.uint8(1)}
+
+    first = store.begin_episode("r", "push")
+    first.append_checked(step(3))
+    with pytest.raises(StepError, match="differ from the episode's"):
+        first.append_checked({"action": np.zeros(2, np.float32), "label": np.uint8(1)})
+    first.commit(success=True)
+    other = store.begin_episode("r", "push")
+    other.append_checked(step(5))  # another spec: its own schema, refused at commit
+    assert "state" in store.schema_mismatch(other)
+    with pytest.raises(StepError):
+        other.commit(success=True)
+    assert store.num_episodes == 1 and store.episode(0)["state"].shape == (1, 3)

@@ -181,14 +181,14 @@ def test_a_store_that_cannot_be_written_refuses_steps_and_loses_nothing(server, 
 def test_an_exception_in_the_writer_fails_one_episode_not_the_writer(server, clients, monkeypatch):
     from fleet.store.episode_store import OpenEpisode
 
-    real_append = OpenEpisode.append_flat
+    real_append = OpenEpisode.append_checked
 
     def append(self, step):
         if self.robot_id == "doomed":
             raise RuntimeError("zarr said no")
         return real_append(self, step)
 
-    monkeypatch.setattr(OpenEpisode, "append_flat", append)
+    monkeypatch.setattr(OpenEpisode, "append_checked", append)
     doomed, good = clients(robot_client(server, "doomed")), clients(robot_client(server, "good"))
     for robot in (doomed, good):
         robot.start_episode(1)

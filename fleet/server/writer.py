@@ -277,7 +277,7 @@ class EpisodeWriter:
             return None  # its episode already failed (reported then) or was never begun
         try:
             if work.op == "step":
-                episode.append_flat(work.args["step"])
+                episode.append_checked(work.args["step"])  # decode_step checked it
             elif work.op == "relabel":
                 episode.relabel_last(work.args["count"], work.args["label"])
             elif work.op == "end":

@@ -318,6 +318,19 @@ class OpenEpisode:
         self._steps.append(validate_step(schema, step))
         self.schema = schema
 
+    def append_checked(self, step: Mapping[str, np.ndarray]) -> None:
+        """Add a step its caller has already checked, key by key, against one fixed spec: the fleet server
+        decodes every robot step against the robot's declared spec (fleet/server/robots.py), so checking
+        it again here would double the writer's cost per step. The episode's schema comes from its first
+        step (check_schema applies), later steps must have the same keys, and a commit still refuses an
+        episode whose schema differs from the store's (schema_mismatch)."""
+        self._check_open()
+        if self.schema is None:
+            self.schema = schema_from_example(step)
+        elif step.keys() != self.schema.keys():
+            raise StepError(f"step keys {sorted(step)} differ from the episode's {sorted(self.schema)}")
+        self._steps.append(dict(step))
+
     def labels(self) -> np.ndarray:
         return np.array([step["label"] for step in self._steps], dtype=np.uint8)
 

@@ -27,14 +27,7 @@ class DiffusionPolicy(PolicyBase):
     def __init__(self, shape_meta: ShapeMeta, config: DiffusionConfig | None = None):
         super().__init__(shape_meta, config)
         config = self.config
-        self.model = ConditionalUnet1D(
-            self.action_dim,
-            self.obs_feature_dim + self.goal_dim,
-            tuple(config.down_dims),
-            config.kernel_size,
-            config.n_groups,
-            config.step_embed_dim,
-        )
+        self.model = ConditionalUnet1D.for_policy(self)
         self.prediction_type = config.prediction_type
         scheduler_args = dict(
             num_train_timesteps=config.num_train_timesteps,

@@ -69,14 +69,7 @@ class GCDiffusionPolicy(PolicyBase):
             )
         super().__init__(meta, config)
         config = self.config
-        self.model = ConditionalUnet1D(
-            self.action_dim,
-            self.obs_feature_dim + self.goal_dim,
-            tuple(config.down_dims),
-            config.kernel_size,
-            config.n_groups,
-            config.step_embed_dim,
-        )
+        self.model = ConditionalUnet1D.for_policy(self)
         self.null_goal = nn.Parameter(torch.zeros(self.goal_dim))
         self.sigma_data, self.sigma_min, self.sigma_max = (
             config.sigma_data,

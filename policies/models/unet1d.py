@@ -161,6 +161,20 @@ class ConditionalUnet1D(nn.Module):
     def length_multiple(self) -> int:
         return 2 ** (len(self.down_dims) - 1)
 
+    @classmethod
+    def for_policy(cls, policy) -> ConditionalUnet1D:
+        """The denoiser of a diffusion-style policy: actions conditioned on its observation features and
+        goal, shaped by its config (down_dims, kernel_size, n_groups, step_embed_dim)."""
+        config = policy.config
+        return cls(
+            policy.action_dim,
+            policy.obs_feature_dim + policy.goal_dim,
+            tuple(config.down_dims),
+            config.kernel_size,
+            config.n_groups,
+            config.step_embed_dim,
+        )
+
     def forward(
         self,
         sample: torch.Tensor,

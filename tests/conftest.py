@@ -37,3 +37,14 @@ def clients():
     yield start
     for client in started:
         client.close(timeout=2)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest (and reproducibly) on one thread, even more so on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -41,12 +41,14 @@ from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tokens every fleet test's server accepts (role -> tokens, the ServerConfig shape); TOKEN is one per role.
 TOKENS = {
     "robot": ["robot-token"],
     "operator": ["operator-token"],
     "trainer": ["trainer-token"],
     "admin": ["admin-token"],
 }
+TOKEN = {role: tokens[0] for role, tokens in TOKENS.items()}
 # What the robots of these scenarios send: (robot index, episode, t) in float32, and a float64 vector.
 SPEC = {"state": ((3,), "float32"), "joints": ((4,), "float64")}
 ACTION_DIM = 2

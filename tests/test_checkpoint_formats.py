@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from policies.checkpoint import FORMAT_VERSION, load_checkpoint, read_config, save_checkpoint
 from policies.models.configs import EncoderConfig, GCDiffusionConfig, MLPConfig
@@ -20,12 +19,7 @@ RECORD = json.loads((V1 / "expected.json").read_text())
 CASES = sorted(RECORD["expected"])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def observation(frame: dict) -> dict[str, np.ndarray]:

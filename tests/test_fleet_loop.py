@@ -26,13 +26,8 @@ from policies.checkpoint import save_checkpoint
 from policies.fleet_policies import RegistryPolicies
 from policies.models.factory import ShapeMeta, build_policy
 from sim.fleet_sim import SimFleet, lockstep_tick
+from tests.fleet_harness import TOKEN, TOKENS
 
-TOKENS = {
-    "robot": "robot-token",
-    "operator": "operator-token",
-    "trainer": "trainer-token",
-    "admin": "admin-token",
-}
 T_T, T_R, PRE = 6, 4, 3
 HZ = 20
 ROBOT, PRE_INTERVENTION, INTERVENTION = (
@@ -42,12 +37,7 @@ ROBOT, PRE_INTERVENTION, INTERVENTION = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: more threads than free cores stall every plan
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def server_config(tmp_path, port: int = 0) -> ServerConfig:
@@ -55,7 +45,7 @@ def server_config(tmp_path, port: int = 0) -> ServerConfig:
     return ServerConfig(
         port=port,
         metrics_port=None,
-        tokens={role: [token] for role, token in TOKENS.items()},
+        tokens=TOKENS,
         store=str(tmp_path / "fleet.zarr"),
         registry_dir=str(tmp_path / "registry"),
         pre_intervention_steps=PRE,
@@ -114,7 +104,7 @@ DIVE = ScriptedPolicy([0.0, 0.0, -1.0, -1.0], 0.0, "dive")  # straight into the 
 def make_fleet(server, n_robots, n_operators, policy, **kwargs) -> SimFleet:
     fleet = SimFleet(
         server.address,
-        TOKENS,
+        TOKEN,
         "reach",
         n_robots,
         n_operators,
@@ -171,9 +161,9 @@ def fleet_run(tmp_path_factory):
     server = start_server(tmp)
     for version, seed in (("tiny-v1", 1), ("tiny-v2", 2)):
         tiny_checkpoint(tmp / "checkpoints", version, seed)
-    publish_checkpoint(server.address, TOKENS["trainer"], tmp / "checkpoints" / "tiny-v1", "tiny-v1")
+    publish_checkpoint(server.address, TOKEN["trainer"], tmp / "checkpoints" / "tiny-v1", "tiny-v1")
 
-    loader = RegistryPolicies(server.address, TOKENS["robot"], tmp / "cache", num_samples=4)
+    loader = RegistryPolicies(server.address, TOKEN["robot"], tmp / "cache", num_samples=4)
 
     def policy(robot_id):
         return DIVE if robot_id == "sim-robot-0" else loader("tiny-v1")
@@ -182,11 +172,11 @@ def fleet_run(tmp_path_factory):
     try:
         fleet = make_fleet(server, 4, 2, policy, load_policy=loader)
         first = fleet.run_round(2, max_steps=600)
-        publish_checkpoint(server.address, TOKENS["trainer"], tmp / "checkpoints" / "tiny-v2", "tiny-v2")
+        publish_checkpoint(server.address, TOKEN["trainer"], tmp / "checkpoints" / "tiny-v2", "tiny-v2")
         assert fleet.wait_for_policy("tiny-v2", timeout=60)
         second = fleet.run_round(1, max_steps=600)
         assert fleet.flush(30)
-        status = fleet_status(server.address, TOKENS["admin"])
+        status = fleet_status(server.address, TOKEN["admin"])
     finally:
         if fleet is not None:
             fleet.close()
@@ -299,7 +289,7 @@ def test_robot_disconnect_mid_intervention_frees_the_operator(tmp_path):
             assert time.monotonic() < deadline, "the operator was never released"
             server.call(server.server.fleet.tick)
             time.sleep(0.05)
-        status = fleet_status(server.address, TOKENS["admin"])
+        status = fleet_status(server.address, TOKEN["admin"])
         assert not status.robots[0].connected and status.robots[0].operator_id == ""
     finally:
         fleet.close()
@@ -323,7 +313,7 @@ def test_operator_disconnect_holds_the_robot_and_requeues_it(tmp_path):
         )
         # Nobody moves it meanwhile, and it waits at the head of the queue for the next human.
         assert not any(s.control == OPERATOR for s in fleet.steps[held_from + 2 :])
-        watcher = OperatorClient(server.address, TOKENS["operator"], "watcher").start()
+        watcher = OperatorClient(server.address, TOKEN["operator"], "watcher").start()
         try:
             queue = watcher.next_update(5, kind="queue")
             assert queue is not None and queue.queue.entries[0].robot_id == robot.robot_id
@@ -353,7 +343,7 @@ def test_unreachable_server_makes_the_robot_hold_and_loses_no_step(tmp_path):
     obs = {"state": np.zeros(3, np.float32)}
     client = RobotClient(
         f"127.0.0.1:{port}",
-        TOKENS["robot"],
+        TOKEN["robot"],
         "lonely",
         "reach",
         observation_spec(obs),

@@ -30,15 +30,10 @@ from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from fleet.server import AllocationConfig, ServerConfig, ServerThread
 from fleet.store import EpisodeStore
+from tests.fleet_harness import TOKENS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TOKENS = {
-    "robot": ["robot-token"],
-    "operator": ["operator-token"],
-    "trainer": ["trainer-token"],
-    "admin": ["admin-token"],
-}
 SPEC = {"state": ((3,), "float32"), "rgb": ((8, 8, 3), "uint8")}
 FAST = (0.05, 0.2)  # client reconnect backoff in tests
 ROBOT, PRE, INTERVENTION = (

@@ -28,13 +28,7 @@ TINY_IMAGE = {"encoder": {"channels": [8, 16], "feature_dim": 16, "num_keypoints
 KINDS = ("diffusion", "gc_diffusion", "mlp")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and reproducibly) on one thread, even more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_kwargs(kind: str, image: bool) -> dict:

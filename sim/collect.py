@@ -14,6 +14,7 @@ from configs.schema import MISSING, ConfigError, TaskConfig, check, check_int, r
 from fleet.labels import ControlLabel
 from fleet.store import EpisodeStore, StepError, StoreError
 from sim.experts import make_expert
+from sim.experts.base import imperfection_knobs
 from sim.tasks import make_env
 
 
@@ -38,9 +39,7 @@ class CollectConfig:
     progress: bool = True
     # The scripted operator's knobs (sim/experts/base.py: human-like imperfection; zero is a perfect
     # operator); +operator.approach=around goes round the block (push).
-    operator: dict[str, Any] = field(
-        default_factory=lambda: {"reaction_delay": 0, "action_noise": 0.0, "detour_prob": 0.0}
-    )
+    operator: dict[str, Any] = field(default_factory=imperfection_knobs)
 
     def __post_init__(self):
         check_int(self.episodes, "episodes", 1)

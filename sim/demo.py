@@ -48,6 +48,7 @@ from policies.fleet_policies import RegistryPolicies
 from policies.models.configs import PolicyConfig
 from policies.threads import set_torch_threads
 from sim.collect import collect_demos
+from sim.experts.base import imperfection_knobs
 from sim.fleet_sim import SimFleet, lockstep_tick
 from sim.metrics import RoundMetrics, cumulative, table_header, table_row, totals_line
 
@@ -67,9 +68,7 @@ class DemosConfig:
     # Few demos on purpose: a weak first policy leaves the humans something to fix (10 reach demos: ~35%
     # success alone; the same model reaches ~70% on 200 demos).
     episodes: int = 10
-    operator: dict[str, Any] = field(  # the scripted operator's knobs (sim/experts/base.py)
-        default_factory=lambda: {"reaction_delay": 0, "action_noise": 0.0, "detour_prob": 0.0}
-    )
+    operator: dict[str, Any] = field(default_factory=imperfection_knobs)  # sim/experts/base.py
     train_steps: int = 1000  # the initial policy's training steps: 10 demos are 70 steps (~900 epochs)
 
     def __post_init__(self):
@@ -87,9 +86,7 @@ class FleetOperatorConfig:
     # delay more pairs the logged observation with an action meant for an older one. Retraining on
     # such labels (reach, delta actions) gave 34% success with delay 1, 72% with 0, 90% with the
     # labels re-paired to the frames they answered.
-    expert: dict[str, Any] = field(
-        default_factory=lambda: {"reaction_delay": 0, "action_noise": 0.05, "detour_prob": 0.0}
-    )
+    expert: dict[str, Any] = field(default_factory=lambda: imperfection_knobs(action_noise=0.05))
 
     def __post_init__(self):
         check_int(self.extra_steps, "extra_steps", 0)

@@ -12,6 +12,7 @@ mid-episode. This base adds the imperfections a real teleoperator has:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import numpy as np
@@ -22,15 +23,37 @@ from sim.conventions import ACTION_DIM, GRIPPER_CLOSED, GRIPPER_OPEN
 _OPEN_WIDTH_M = 0.04
 
 
+@dataclasses.dataclass(frozen=True)
+class Imperfection:
+    """A scripted operator's human-like imperfection (see the module docstring); all zero is a perfect
+    operator. The one place these defaults are written: jobs take `imperfection_knobs()` as theirs."""
+
+    reaction_delay: int = 0
+    action_noise: float = 0.0
+    detour_prob: float = 0.0
+    detour_steps: int = 5
+    detour_scale: float = 0.6
+
+
+def imperfection_knobs(**changes) -> dict:
+    """The knobs jobs expose (`operator.<knob>=...`), at their defaults unless changed."""
+    knobs = dataclasses.asdict(Imperfection())
+    del knobs["detour_steps"], knobs["detour_scale"]  # fine detail, not job-level settings
+    return {**knobs, **changes}
+
+
+_DEFAULT = Imperfection()
+
+
 class ScriptedOperator:
     def __init__(
         self,
         seed: int | None = None,
-        reaction_delay: int = 0,
-        action_noise: float = 0.0,
-        detour_prob: float = 0.0,
-        detour_steps: int = 5,
-        detour_scale: float = 0.6,
+        reaction_delay: int = _DEFAULT.reaction_delay,
+        action_noise: float = _DEFAULT.action_noise,
+        detour_prob: float = _DEFAULT.detour_prob,
+        detour_steps: int = _DEFAULT.detour_steps,
+        detour_scale: float = _DEFAULT.detour_scale,
     ):
         if reaction_delay < 0 or action_noise < 0 or not 0.0 <= detour_prob <= 1.0 or detour_steps < 1:
             raise ValueError(

@@ -20,7 +20,7 @@ from policies.models import MLPPolicy, PolicyEnsemble, ShapeMeta, build_policy
 from policies.models.ensemble import bootstrap_counts
 from policies.runner import PolicyRunner
 from policies.train import train
-from tests import test_policy_models, test_trainer
+from tests import test_trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TINY_MLP = [
@@ -38,8 +38,8 @@ TINY_MLP = [
     "threads=1",
 ]
 META = ShapeMeta(obs={"ee_pos": (3,)}, action_dim=4, goal_dim=3)
-# Fixtures shared with the other policy tests: tiny models on one thread (autouse), six scripted push demos.
-one_thread = test_policy_models.one_thread
+# Tiny models on one thread (tests/conftest.py), and the six scripted push demos of the trainer tests.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 demos = test_trainer.push_demos
 
 

@@ -56,9 +56,10 @@ from fleet.proto import flotilla_pb2 as pb
 from fleet.server.auth import Identity, check_id
 from fleet.server.config import ServerConfig
 from fleet.server.metrics import Metrics
-from fleet.server.robots import RobotSpec, decode_step, decode_vector, schema_difference, step_time
+from fleet.server.robots import RobotSpec, decode_step, decode_vector, step_time
 from fleet.server.streams import FleetError, Outbox, RateLimitedLog
 from fleet.server.writer import EpisodeWriter
+from fleet.store.episode_store import schema_difference
 
 log = logging.getLogger(__name__)
 

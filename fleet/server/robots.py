@@ -110,20 +110,6 @@ class RobotSpec:
         )
 
 
-def schema_difference(expected: Schema, got: Schema) -> str:
-    """One line naming how two store schemas differ ('' when equal)."""
-    problems = [
-        f"missing {sorted(set(expected) - set(got))}" if set(expected) - set(got) else "",
-        f"unexpected {sorted(set(got) - set(expected))}" if set(got) - set(expected) else "",
-    ]
-    problems += [
-        f"{key}: {got[key].shape} {got[key].dtype} instead of {spec.shape} {spec.dtype}"
-        for key, spec in expected.items()
-        if key in got and got[key] != spec
-    ]
-    return "; ".join(p for p in problems if p)
-
-
 def decode_vector(tensor: pb.Tensor, size: int, what: str) -> np.ndarray:
     """A finite float32 vector of `size` numbers (actions, goals), or INVALID_ARGUMENT naming the problem."""
     try:

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from fleet.proto import flotilla_pb2 as pb
-from fleet.wire import clip
+from fleet.text import clip
 
 # Numeric kinds only: bool, signed/unsigned int, float. No objects, strings, void or complex.
 ALLOWED_KINDS = "biuf"

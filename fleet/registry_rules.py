@@ -9,7 +9,7 @@ import re
 
 import grpc
 
-from fleet.wire import clip
+from fleet.text import clip
 
 ALLOWED_SUFFIXES = (".json", ".yaml", ".yml", ".safetensors")
 MAX_FILENAME_BYTES = 128  # well under every file system's limit (255), with room for temporary suffixes

@@ -35,12 +35,6 @@ _RELEASE_REASONS = {
 }
 
 
-def clip(text: str, limit: int = 48) -> str:
-    """A client-supplied string safe to echo in an error: never longer than `limit` characters (a whole
-    20 kB id in a status message would overflow gRPC's metadata limit and hide the real error)."""
-    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
-
-
 def label_to_wire(label: ControlLabel | str | int) -> int:
     """A store label (or its name) as the wire's ControlLabel value."""
     return _LABEL_TO_WIRE[ControlLabel.parse(label)]

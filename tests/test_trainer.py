@@ -16,6 +16,7 @@ from policies.checkpoint import CheckpointError, load_checkpoint, read_config
 from policies.models.factory import ShapeMeta
 from policies.runner import PolicyRunner
 from sim.collect import collect_demos
+from tests.test_cli import flotilla  # the real CLI in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -28,17 +29,6 @@ TINY = [
     "tensorboard=false",
     "threads=1",
 ]
-
-
-def flotilla(*args, check=True):
-    return subprocess.run(
-        [sys.executable, "-m", "flotilla.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

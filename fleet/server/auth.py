@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import hmac
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,9 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fleet.server.streams import FleetError, Undecodable, check_decoded
-from fleet.wire import clip
-
-log = logging.getLogger(__name__)
+from fleet.text import clip
 
 ROLES = ("robot", "operator", "trainer", "admin")
 ANY_ROLE = frozenset(ROLES)

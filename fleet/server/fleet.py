@@ -60,6 +60,7 @@ from fleet.server.robots import RobotSpec, decode_step, decode_vector, step_time
 from fleet.server.streams import FleetError, Outbox, RateLimitedLog
 from fleet.server.writer import EpisodeWriter
 from fleet.store.episode_store import schema_difference
+from fleet.text import clip
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,10 @@ class Robot:
     def committed_seq(self) -> int:
         """What the robot may forget: everything before its oldest episode not yet committed, and before
         its open episode even when that is not logged (so a resend always starts at an episode_start)."""
-        holds = [
-            *self.uncommitted.values(),
-            *([self.episode_start_seq] if self.episode_id is not None else []),
-        ]
-        return min(holds) - 1 if holds else self.last_seq
+        oldest = min(self.uncommitted.values(), default=None)  # read for every step: no allocation
+        if self.episode_id is not None and (oldest is None or self.episode_start_seq < oldest):
+            oldest = self.episode_start_seq
+        return self.last_seq if oldest is None else oldest - 1
 
 
 @dataclass
@@ -181,10 +181,7 @@ class Fleet:
             raise FleetError(
                 grpc.StatusCode.PERMISSION_DENIED, f"robot id {robot_id!r} is not in this fleet's robot_ids"
             )
-        if not hello.boot_id or len(hello.boot_id) > 64:
-            raise FleetError(
-                INVALID, "hello: boot_id must be 1-64 characters (a random id per robot process)"
-            )
+        check_boot_id(hello.boot_id, "robot process")
         for name in ("task", "policy_version"):
             check_text(getattr(hello, name), f"hello: {name}")
         spec = RobotSpec.from_hello(hello, self.config.max_step_bytes)
@@ -235,7 +232,7 @@ class Fleet:
         log.info(
             "robot %s connected (boot %s, resuming after seq %d)",
             robot_id,
-            wire.clip(hello.boot_id, 12),
+            clip(hello.boot_id, 12),
             robot.last_seq,
         )
         self._push(robot, "hello")
@@ -417,7 +414,7 @@ class Fleet:
             (robot.robot_id,),
             "robot %s claimed an intervention by %r that the server did not assign; logged as a robot step",
             robot.robot_id,
-            wire.clip(operator),
+            clip(operator),
         )
         return ROBOT_LABEL
 
@@ -537,10 +534,7 @@ class Fleet:
             raise FleetError(
                 grpc.StatusCode.PERMISSION_DENIED, f"this token may not speak for operator {operator_id!r}"
             )
-        if not hello.boot_id or len(hello.boot_id) > 64:
-            raise FleetError(
-                INVALID, "hello: boot_id must be 1-64 characters (a random id per operator client)"
-            )
+        check_boot_id(hello.boot_id, "operator client")
         old = self.operators.get(operator_id)
         if old is not None and old.boot_id != hello.boot_id:
             raise FleetError(
@@ -606,7 +600,7 @@ class Fleet:
                     error=pb.OperatorError(
                         code=wire.error_code_to_wire(err.code.name),
                         message=err.message,
-                        robot_id=wire.clip(body.robot_id, 64),
+                        robot_id=clip(body.robot_id, 64),
                         request=kind,
                     )
                 )
@@ -615,7 +609,7 @@ class Fleet:
     def _controlled_robot(self, operator: Operator, robot_id: str, kind: str) -> Robot:
         robot = self.robots.get(robot_id)
         if robot is None:
-            raise FleetError(grpc.StatusCode.NOT_FOUND, f"{kind}: unknown robot {wire.clip(robot_id)!r}")
+            raise FleetError(grpc.StatusCode.NOT_FOUND, f"{kind}: unknown robot {clip(robot_id)!r}")
         if robot.operator_id != operator.operator_id:
             holder = f"it is controlled by {robot.operator_id}" if robot.operator_id else "nobody controls it"
             raise FleetError(
@@ -644,7 +638,7 @@ class Fleet:
         by = operator.operator_id
         robot = self.robots.get(robot_id) if robot_id else None
         if robot_id and robot is None:
-            raise FleetError(grpc.StatusCode.NOT_FOUND, f"estop: unknown robot {wire.clip(robot_id)!r}")
+            raise FleetError(grpc.StatusCode.NOT_FOUND, f"estop: unknown robot {clip(robot_id)!r}")
         if robot is not None:
             if not engage and not operator.is_admin and robot.estop and by not in robot.estop_by:
                 raise FleetError(
@@ -705,8 +699,10 @@ class Fleet:
         """One allocation round: drop silent sessions, expire abandoned episodes, forget departed robots,
         ask the allocator, apply its decisions."""
         now = time.monotonic()
-        self._drop_silent(now)
+        self._drop_silent_operators(now)
         for robot in list(self.robots.values()):
+            if robot.outbox is not None and now - robot.last_heard > self.config.robot_silence_s:
+                self._drop_silent_robot(robot, now)
             if robot.outbox is None and robot.disconnected_at is not None:
                 away = now - robot.disconnected_at
                 if robot.episode_key is not None and away > self.config.resume_grace_s:
@@ -731,18 +727,17 @@ class Fleet:
             )
         self._publish_queue()
 
-    def _drop_silent(self, now: float) -> None:
-        """End sessions that went silent (a frozen or cut-off peer): see ServerConfig.*_silence_s."""
-        for robot in list(self.robots.values()):
-            if robot.outbox is not None and now - robot.last_heard > self.config.robot_silence_s:
-                log.warning(
-                    "robot %s silent for %.1f s: ending its session", robot.robot_id, now - robot.last_heard
-                )
-                robot.outbox.fail(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"silent for over {self.config.robot_silence_s:g} s; reconnect and resend",
-                )
-                self._robot_gone(robot)
+    def _drop_silent_robot(self, robot: Robot, now: float) -> None:
+        """End a robot session that went silent (a frozen or cut-off robot; see robot_silence_s)."""
+        log.warning("robot %s silent for %.1f s: ending its session", robot.robot_id, now - robot.last_heard)
+        robot.outbox.fail(
+            grpc.StatusCode.UNAVAILABLE,
+            f"silent for over {self.config.robot_silence_s:g} s; reconnect and resend",
+        )
+        self._robot_gone(robot)
+
+    def _drop_silent_operators(self, now: float) -> None:
+        """End operator sessions that went silent (see operator_silence_s): their robots hold and are re-queued."""
         for operator in list(self.operators.values()):
             if now - operator.last_heard > self.config.operator_silence_s:
                 log.warning(
@@ -901,6 +896,11 @@ class Fleet:
                 robot.outbox.close()
         for operator in self.operators.values():
             operator.outbox.close()
+
+
+def check_boot_id(boot_id: str, whose: str) -> None:
+    if not 0 < len(boot_id) <= 64:
+        raise FleetError(INVALID, f"hello: boot_id must be 1-64 characters (a random id per {whose})")
 
 
 def check_text(value: str, what: str) -> str:

@@ -78,6 +78,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from fleet.labels import ControlLabel
+from fleet.text import clip
 
 FORMAT_VERSION = 2  # 2: every array checksummed, every chunk written
 READABLE_FORMATS = (1, 2)
@@ -171,22 +172,22 @@ def check_schema(schema: Schema) -> None:
     dimensions and MAX_STEP_BYTES per key and step, and an `action` and a uint8 scalar `label`."""
     for key, spec in schema.items():
         if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
-            raise StepError(f"step key {key!r}: a key must match {KEY_PATTERN.pattern}")
+            raise StepError(f"step key {clip(str(key))!r}: a key must match {KEY_PATTERN.pattern}")
         if not isinstance(spec, FieldSpec):
-            raise StepError(f"step key {key!r}: {spec!r} is not a FieldSpec")
+            raise StepError(f"step key {clip(str(key))!r}: {spec!r} is not a FieldSpec")
         if spec.dtype.name not in STEP_DTYPES or spec.dtype.byteorder == ">":
             raise StepError(
-                f"step key {key!r}: dtype {spec.dtype.str} ({spec.dtype}) cannot be stored; use one "
+                f"step key {clip(str(key))!r}: dtype {spec.dtype.str} ({spec.dtype}) cannot be stored; use one "
                 f"of {', '.join(sorted(STEP_DTYPES))} (native or little-endian)"
             )
         if len(spec.shape) > MAX_STEP_DIMS or any(d < 1 for d in spec.shape):
             raise StepError(
-                f"step key {key!r}: shape {spec.shape}; a step may have at most {MAX_STEP_DIMS} "
+                f"step key {clip(str(key))!r}: shape {spec.shape}; a step may have at most {MAX_STEP_DIMS} "
                 f"dimensions, each at least 1"
             )
         if math.prod(spec.shape) * spec.dtype.itemsize > MAX_STEP_BYTES:
             raise StepError(
-                f"step key {key!r}: {spec.shape} {spec.dtype} is over {MAX_STEP_BYTES} bytes per step"
+                f"step key {clip(str(key))!r}: {spec.shape} {spec.dtype} is over {MAX_STEP_BYTES} bytes per step"
             )
     missing = [key for key in ("action", "label") if key not in schema]
     if missing:
@@ -329,7 +330,7 @@ class OpenEpisode:
             self.schema = schema_from_example(step)
         elif step.keys() != self.schema.keys():
             raise StepError(f"step keys {sorted(step)} differ from the episode's {sorted(self.schema)}")
-        self._steps.append(dict(step))
+        self._steps.append(step)  # the caller hands it over (the writer's decoded step, used once)
 
     def labels(self) -> np.ndarray:
         return np.array([step["label"] for step in self._steps], dtype=np.uint8)

@@ -146,7 +146,7 @@ class TensorSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("seq", "episode_id", "t", "timestamp", "observation", "goal", "action", "label", "signals", "policy_version", "camera", "operator_id")
+    __slots__ = ("seq", "episode_id", "t", "timestamp", "observation", "goal", "action", "label", "signals", "policy_version", "camera", "operator_id", "operator_action_seq")
     class ObservationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,7 @@ class Step(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     CAMERA_FIELD_NUMBER: _ClassVar[int]
     OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_ACTION_SEQ_FIELD_NUMBER: _ClassVar[int]
     seq: int
     episode_id: int
     t: int
@@ -178,7 +179,8 @@ class Step(_message.Message):
     policy_version: str
     camera: Image
     operator_id: str
-    def __init__(self, seq: _Optional[int] = ..., episode_id: _Optional[int] = ..., t: _Optional[int] = ..., timestamp: _Optional[float] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., label: _Optional[_Union[ControlLabel, str]] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., policy_version: _Optional[str] = ..., camera: _Optional[_Union[Image, _Mapping]] = ..., operator_id: _Optional[str] = ...) -> None: ...
+    operator_action_seq: int
+    def __init__(self, seq: _Optional[int] = ..., episode_id: _Optional[int] = ..., t: _Optional[int] = ..., timestamp: _Optional[float] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., label: _Optional[_Union[ControlLabel, str]] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., policy_version: _Optional[str] = ..., camera: _Optional[_Union[Image, _Mapping]] = ..., operator_id: _Optional[str] = ..., operator_action_seq: _Optional[int] = ...) -> None: ...
 
 class EpisodeStart(_message.Message):
     __slots__ = ("episode_id", "goal", "policy_version", "timestamp", "seq")
@@ -227,7 +229,7 @@ class RobotMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[RobotHello, _Mapping]] = ..., episode_start: _Optional[_Union[EpisodeStart, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("ack_seq", "mode", "action", "operator_id", "reset", "policy_version", "estop", "message", "committed_seq")
+    __slots__ = ("ack_seq", "mode", "action", "operator_id", "reset", "policy_version", "estop", "message", "committed_seq", "action_seq")
     ACK_SEQ_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +239,7 @@ class Command(_message.Message):
     ESTOP_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    ACTION_SEQ_FIELD_NUMBER: _ClassVar[int]
     ack_seq: int
     mode: Mode
     action: Tensor
@@ -246,7 +249,8 @@ class Command(_message.Message):
     estop: bool
     message: str
     committed_seq: int
-    def __init__(self, ack_seq: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., operator_id: _Optional[str] = ..., reset: _Optional[bool] = ..., policy_version: _Optional[str] = ..., estop: _Optional[bool] = ..., message: _Optional[str] = ..., committed_seq: _Optional[int] = ...) -> None: ...
+    action_seq: int
+    def __init__(self, ack_seq: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., operator_id: _Optional[str] = ..., reset: _Optional[bool] = ..., policy_version: _Optional[str] = ..., estop: _Optional[bool] = ..., message: _Optional[str] = ..., committed_seq: _Optional[int] = ..., action_seq: _Optional[int] = ...) -> None: ...
 
 class OperatorHello(_message.Message):
     __slots__ = ("operator_id", "boot_id")
@@ -257,32 +261,60 @@ class OperatorHello(_message.Message):
     def __init__(self, operator_id: _Optional[str] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class OperatorAction(_message.Message):
-    __slots__ = ("robot_id", "action", "seq", "frame_seq")
+    __slots__ = ("robot_id", "action", "seq", "frame_seq", "frame_age_ms")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     FRAME_SEQ_FIELD_NUMBER: _ClassVar[int]
+    FRAME_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     action: Tensor
     seq: int
     frame_seq: int
-    def __init__(self, robot_id: _Optional[str] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., seq: _Optional[int] = ..., frame_seq: _Optional[int] = ...) -> None: ...
+    frame_age_ms: float
+    def __init__(self, robot_id: _Optional[str] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., seq: _Optional[int] = ..., frame_seq: _Optional[int] = ..., frame_age_ms: _Optional[float] = ...) -> None: ...
 
 class OperatorMessage(_message.Message):
-    __slots__ = ("hello", "action", "release", "estop", "reset", "heartbeat")
+    __slots__ = ("hello", "action", "release", "estop", "reset", "heartbeat", "discard", "note", "pick")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     ESTOP_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    DISCARD_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    PICK_FIELD_NUMBER: _ClassVar[int]
     hello: OperatorHello
     action: OperatorAction
     release: Release
     estop: EStop
     reset: ResetRobot
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[OperatorHello, _Mapping]] = ..., action: _Optional[_Union[OperatorAction, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., estop: _Optional[_Union[EStop, _Mapping]] = ..., reset: _Optional[_Union[ResetRobot, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    discard: DiscardCorrection
+    note: InterventionNote
+    pick: PickRobot
+    def __init__(self, hello: _Optional[_Union[OperatorHello, _Mapping]] = ..., action: _Optional[_Union[OperatorAction, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., estop: _Optional[_Union[EStop, _Mapping]] = ..., reset: _Optional[_Union[ResetRobot, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., discard: _Optional[_Union[DiscardCorrection, _Mapping]] = ..., note: _Optional[_Union[InterventionNote, _Mapping]] = ..., pick: _Optional[_Union[PickRobot, _Mapping]] = ...) -> None: ...
+
+class DiscardCorrection(_message.Message):
+    __slots__ = ("robot_id",)
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    def __init__(self, robot_id: _Optional[str] = ...) -> None: ...
+
+class InterventionNote(_message.Message):
+    __slots__ = ("robot_id", "text")
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    text: str
+    def __init__(self, robot_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class PickRobot(_message.Message):
+    __slots__ = ("robot_id",)
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    def __init__(self, robot_id: _Optional[str] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("robot_id", "reason")
@@ -321,7 +353,7 @@ class Assignment(_message.Message):
     def __init__(self, robot_id: _Optional[str] = ..., min_steps: _Optional[int] = ..., needs_reset: _Optional[bool] = ..., reset_steps: _Optional[int] = ..., reason: _Optional[_Union[AssignmentReason, str]] = ...) -> None: ...
 
 class RobotFrame(_message.Message):
-    __slots__ = ("robot_id", "seq", "camera", "observation", "signals", "mode", "goal", "timestamp")
+    __slots__ = ("robot_id", "seq", "camera", "observation", "signals", "mode", "goal", "timestamp", "action_seq")
     class ObservationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +369,7 @@ class RobotFrame(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    ACTION_SEQ_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     seq: int
     camera: Image
@@ -345,7 +378,8 @@ class RobotFrame(_message.Message):
     mode: Mode
     goal: Tensor
     timestamp: float
-    def __init__(self, robot_id: _Optional[str] = ..., seq: _Optional[int] = ..., camera: _Optional[_Union[Image, _Mapping]] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., timestamp: _Optional[float] = ...) -> None: ...
+    action_seq: int
+    def __init__(self, robot_id: _Optional[str] = ..., seq: _Optional[int] = ..., camera: _Optional[_Union[Image, _Mapping]] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., timestamp: _Optional[float] = ..., action_seq: _Optional[int] = ...) -> None: ...
 
 class QueueEntry(_message.Message):
     __slots__ = ("robot_id", "priority", "assigned_to", "reason", "score", "waited_s")
@@ -381,19 +415,31 @@ class OperatorError(_message.Message):
     request: str
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., robot_id: _Optional[str] = ..., request: _Optional[str] = ...) -> None: ...
 
+class OperatorNotice(_message.Message):
+    __slots__ = ("request", "robot_id", "message")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request: str
+    robot_id: str
+    message: str
+    def __init__(self, request: _Optional[str] = ..., robot_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
 class OperatorUpdate(_message.Message):
-    __slots__ = ("assignment", "released", "frame", "queue", "error")
+    __slots__ = ("assignment", "released", "frame", "queue", "error", "notice")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
     assignment: Assignment
     released: Release
     frame: RobotFrame
     queue: Queue
     error: OperatorError
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., released: _Optional[_Union[Release, _Mapping]] = ..., frame: _Optional[_Union[RobotFrame, _Mapping]] = ..., queue: _Optional[_Union[Queue, _Mapping]] = ..., error: _Optional[_Union[OperatorError, _Mapping]] = ...) -> None: ...
+    notice: OperatorNotice
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., released: _Optional[_Union[Release, _Mapping]] = ..., frame: _Optional[_Union[RobotFrame, _Mapping]] = ..., queue: _Optional[_Union[Queue, _Mapping]] = ..., error: _Optional[_Union[OperatorError, _Mapping]] = ..., notice: _Optional[_Union[OperatorNotice, _Mapping]] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
     __slots__ = ("version", "filename", "data", "offset", "last", "sha256")
@@ -444,7 +490,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RobotStatus(_message.Message):
-    __slots__ = ("robot_id", "mode", "operator_id", "policy_version", "steps", "episodes", "signals", "connected", "estop", "blocked", "task")
+    __slots__ = ("robot_id", "mode", "operator_id", "policy_version", "steps", "episodes", "signals", "connected", "estop", "blocked", "task", "goal")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
@@ -456,6 +502,7 @@ class RobotStatus(_message.Message):
     ESTOP_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    GOAL_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     mode: Mode
     operator_id: str
@@ -467,10 +514,43 @@ class RobotStatus(_message.Message):
     estop: bool
     blocked: bool
     task: str
-    def __init__(self, robot_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., operator_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., steps: _Optional[int] = ..., episodes: _Optional[int] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., connected: _Optional[bool] = ..., estop: _Optional[bool] = ..., blocked: _Optional[bool] = ..., task: _Optional[str] = ...) -> None: ...
+    goal: Tensor
+    def __init__(self, robot_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., operator_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., steps: _Optional[int] = ..., episodes: _Optional[int] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., connected: _Optional[bool] = ..., estop: _Optional[bool] = ..., blocked: _Optional[bool] = ..., task: _Optional[str] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class OperatorTally(_message.Message):
+    __slots__ = ("operator_id", "interventions", "control_s", "intervention_steps", "discarded")
+    OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_S_FIELD_NUMBER: _ClassVar[int]
+    INTERVENTION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_FIELD_NUMBER: _ClassVar[int]
+    operator_id: str
+    interventions: int
+    control_s: float
+    intervention_steps: int
+    discarded: int
+    def __init__(self, operator_id: _Optional[str] = ..., interventions: _Optional[int] = ..., control_s: _Optional[float] = ..., intervention_steps: _Optional[int] = ..., discarded: _Optional[int] = ...) -> None: ...
+
+class PolicyRound(_message.Message):
+    __slots__ = ("policy_version", "episodes", "successes", "autonomous_successes", "steps", "human_steps", "human_s")
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    SUCCESSES_FIELD_NUMBER: _ClassVar[int]
+    AUTONOMOUS_SUCCESSES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    HUMAN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    HUMAN_S_FIELD_NUMBER: _ClassVar[int]
+    policy_version: str
+    episodes: int
+    successes: int
+    autonomous_successes: int
+    steps: int
+    human_steps: int
+    human_s: float
+    def __init__(self, policy_version: _Optional[str] = ..., episodes: _Optional[int] = ..., successes: _Optional[int] = ..., autonomous_successes: _Optional[int] = ..., steps: _Optional[int] = ..., human_steps: _Optional[int] = ..., human_s: _Optional[float] = ...) -> None: ...
 
 class FleetStatus(_message.Message):
-    __slots__ = ("robots", "operators", "episodes_committed", "steps_logged", "writer_queue_depth", "fleet_estop", "writer_healthy", "writer_error")
+    __slots__ = ("robots", "operators", "episodes_committed", "steps_logged", "writer_queue_depth", "fleet_estop", "writer_healthy", "writer_error", "tallies", "rounds")
     ROBOTS_FIELD_NUMBER: _ClassVar[int]
     OPERATORS_FIELD_NUMBER: _ClassVar[int]
     EPISODES_COMMITTED_FIELD_NUMBER: _ClassVar[int]
@@ -479,6 +559,8 @@ class FleetStatus(_message.Message):
     FLEET_ESTOP_FIELD_NUMBER: _ClassVar[int]
     WRITER_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     WRITER_ERROR_FIELD_NUMBER: _ClassVar[int]
+    TALLIES_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
     robots: _containers.RepeatedCompositeFieldContainer[RobotStatus]
     operators: _containers.RepeatedScalarFieldContainer[str]
     episodes_committed: int
@@ -487,4 +569,6 @@ class FleetStatus(_message.Message):
     fleet_estop: bool
     writer_healthy: bool
     writer_error: str
-    def __init__(self, robots: _Optional[_Iterable[_Union[RobotStatus, _Mapping]]] = ..., operators: _Optional[_Iterable[str]] = ..., episodes_committed: _Optional[int] = ..., steps_logged: _Optional[int] = ..., writer_queue_depth: _Optional[int] = ..., fleet_estop: _Optional[bool] = ..., writer_healthy: _Optional[bool] = ..., writer_error: _Optional[str] = ...) -> None: ...
+    tallies: _containers.RepeatedCompositeFieldContainer[OperatorTally]
+    rounds: _containers.RepeatedCompositeFieldContainer[PolicyRound]
+    def __init__(self, robots: _Optional[_Iterable[_Union[RobotStatus, _Mapping]]] = ..., operators: _Optional[_Iterable[str]] = ..., episodes_committed: _Optional[int] = ..., steps_logged: _Optional[int] = ..., writer_queue_depth: _Optional[int] = ..., fleet_estop: _Optional[bool] = ..., writer_healthy: _Optional[bool] = ..., writer_error: _Optional[str] = ..., tallies: _Optional[_Iterable[_Union[OperatorTally, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[PolicyRound, _Mapping]]] = ...) -> None: ...

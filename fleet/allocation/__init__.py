@@ -1,8 +1,8 @@
 """Who gets a human: the fleet server's allocation of teleoperators to robots (Fleet-DAgger style).
 
     core.py      the allocator (t_T, t_R, calibrated thresholds, queue), its config, the rule registry
-    random.py    rule "random": the random baseline
-    cur.py       rule "cur": C.U.R., constraint violations, then uncertainty, then risk
+    random.py    rule "random": the random baselines (among robots in need, all robots, or budget-matched)
+    cur.py       rule "cur": C.U.R., constraint violations, then uncertainty, then risk (IFL's settings)
     flotilla.py  rule "flotilla": Flotilla's default, one combined score with hysteresis
 
 A rule is one module here: a settings dataclass (the YAML block ``allocation.<name>``) and a class
@@ -19,6 +19,7 @@ from fleet.allocation.core import (
     NO_NEED,
     OPERATOR_DISCONNECTED,
     OPERATOR_RELEASE,
+    PREEMPTED,
     RANDOM,
     RESET_DONE,
     RISK,
@@ -39,6 +40,7 @@ from fleet.allocation.core import (
     Signals,
     Threshold,
     Thresholds,
+    TickView,
     make_allocator,
     register_rule,
 )
@@ -56,6 +58,7 @@ __all__ = [
     "NO_NEED",
     "OPERATOR_DISCONNECTED",
     "OPERATOR_RELEASE",
+    "PREEMPTED",
     "RANDOM",
     "RESET_DONE",
     "RISK",
@@ -82,6 +85,7 @@ __all__ = [
     "Signals",
     "Threshold",
     "Thresholds",
+    "TickView",
     "make_allocator",
     "register_rule",
 ]

@@ -20,6 +20,30 @@ Everything here is synchronous and free of I/O: the server calls :meth:`Allocato
 allocation tick with the robots' slots and the operators on duty, applies the returned decisions (sends
 assignments, teleop/hold/reset commands) and tells the allocator about disconnects and explicit releases.
 Time is counted in ticks; the server ticks at the fleet's control rate, so one tick is one robot step.
+
+Against the IFL benchmark's own allocation code (github.com/BerkeleyAutomation/ifl_benchmark,
+``assign_humans`` and ``CURAllocation``), what matches and what differs:
+
+- Pre-emption after t_T (``preempt``, on for the C.U.R. baseline): IFL re-ranks every human whose t_T has
+  passed each step, so a human leaves a robot that still asks for help when a robot ranked above it
+  waits. Without it a robot in constraint violation can stay blocked until a helped robot stops
+  needing help. Off by default here: an operator at a console is not moved mid-correction unless the
+  deployment asks for it.
+- C.U.R.'s ``warmup_penalty`` and its cap on the share of humans that go to violating robots
+  (``cv_thresh``), and orders that are any permutation of any subset of C, U, R ("UC", "CU", "C"): the
+  ``cur`` rule's settings, with IFL's meaning.
+- The random baseline is IFL's budget-matched one with ``random.scope=budget`` (a number of busy humans
+  drawn each tick around a share of robot-steps); ``scope=all`` keeps every human busy every tick.
+
+Known differences kept by design:
+
+- Reset hand-off: a human who finishes a reset (t_R) is free at once. IFL keeps them until t_T has
+  passed since the assignment, on a robot that no longer needs anyone; here that time goes to the next
+  robot in line, and a reset is never counted as part of a teleop t_T.
+- Ties among violating robots (and any equal priorities) go to the robot that has waited longest, then
+  to the robot id; IFL breaks them at random. Waiting order is fair, reproducible and what the console
+  shows; the cap on violating robots counts the ones under a reset first, then by wait (IFL: by index).
+- Time is the allocator's ticks since it started (IFL: the experiment's step), for the warmup.
 """
 
 from __future__ import annotations
@@ -43,6 +67,7 @@ CATEGORY_REASON = {"c": CONSTRAINT, "u": UNCERTAINTY, "r": RISK}
 NO_LONGER_NEEDED = "no_longer_needed"
 RESET_DONE = "reset_done"
 OPERATOR_RELEASE = "operator_release"
+PREEMPTED = "preempted"  # moved to a robot ranked above, t_T served (not on the wire yet: unspecified)
 OPERATOR_DISCONNECTED = "operator_disconnected"
 ROBOT_DISCONNECTED = "robot_disconnected"
 
@@ -238,9 +263,22 @@ class Rule(Protocol):
     """An allocation rule: maps a robot (connected, not idle) and the current thresholds to its priority.
 
     Called once per robot per tick, also for robots under a human (their need decides their release).
+    A rule that needs the whole fleet's view (a cap on violating robots, a budget of busy humans) may
+    also define ``begin_tick(view: TickView)``, called once per tick before the robots are ranked.
     """
 
     def __call__(self, robot: RobotSlot, thresholds: Thresholds) -> Priority: ...
+
+
+@dataclass(frozen=True)
+class TickView:
+    """What a rule's optional ``begin_tick`` sees: the tick, the operators on duty, and the robots the rule
+    will rank this tick (connected, not idle), with the allocator's t_T."""
+
+    tick: int
+    operators: int
+    robots: list[RobotSlot]
+    t_T: int
 
 
 @dataclass(frozen=True)
@@ -318,6 +356,9 @@ class AllocatorConfig:
     window: int = 5000  # recent robot-steps the quantile is taken over
     min_samples: int = 100  # values needed before a calibrated threshold (or the typical value) is used
     seed: int | None = 0  # seeds the allocator's numpy Generator (the rules draw from it, e.g. random)
+    # Pre-emption after t_T (IFL's assign_humans): a human who has served t_T on a robot (not resetting it)
+    # moves to a waiting robot ranked above that robot. Off: a human stays while the robot needs help.
+    preempt: bool = False
     # Rule name -> its settings (its config dataclass, or a mapping of its fields); a rule left out gets
     # its defaults. Once built this holds every registered rule's config.
     rule_configs: Mapping[str, Any] = field(default_factory=dict)
@@ -328,6 +369,8 @@ class AllocatorConfig:
                 f"allocation.rule: unknown rule {self.rule!r}; rules: {', '.join(sorted(RULES))}"
             )
         check_int("allocation.t_T", self.t_T, minimum=0)
+        if not isinstance(self.preempt, bool):
+            raise ValueError(f"allocation.preempt must be true or false, got {self.preempt!r}")
         check_int("allocation.t_R", self.t_R, minimum=0)
         check_int("allocation.window", self.window, minimum=1)
         check_int("allocation.min_samples", self.min_samples, minimum=1)
@@ -449,6 +492,10 @@ class Allocator:
         self._advance_time(robots, on_duty, decisions)
         active = [robot for robot in robots if robot.connected]
         self._calibrate(active)
+        begin_tick = getattr(self.rule, "begin_tick", None)
+        if begin_tick is not None:
+            ranked = [robot for robot in active if not robot.idle]
+            begin_tick(TickView(self.ticks, len(on_duty), ranked, self.config.t_T))
         priorities = self._prioritize(active)
         released_now = set()
         for robot in active:
@@ -493,6 +540,22 @@ class Allocator:
             )
         robot.release_requested = True
 
+    def pick(self, robot: RobotSlot, operator_id: str, robots: Iterable[RobotSlot]) -> Assignment:
+        """The operator takes a robot waiting in the queue themself (the console's pick) instead of the one
+        the rule would give them, where the rule allows it (a rule whose class sets ``allows_pick = False``
+        refuses). The robot must be waiting for help in the last tick's queue and the operator must hold no
+        robot. Returns the assignment to apply; raises ValueError saying why not."""
+        if not getattr(self.rule, "allows_pick", True):
+            raise ValueError(f"the {self.config.rule!r} allocation rule does not let operators pick robots")
+        if any(other.controller == operator_id for other in robots):
+            raise ValueError(f"operator {operator_id!r} already controls a robot: hand it back first")
+        if robot.controller is not None:
+            raise ValueError(f"robot {robot.robot_id!r} is already taken by {robot.controller!r}")
+        entry = next((e for e in self._queue if e.robot_id == robot.robot_id and e.assigned_to is None), None)
+        if entry is None or not robot.connected or robot.idle:
+            raise ValueError(f"robot {robot.robot_id!r} is not waiting for help")
+        return self._pair(robot, operator_id, Priority(entry.reason, entry.level, entry.score))
+
     # ------------------------------------------------------------------------------------ internals
 
     def _advance_time(self, robots: list[RobotSlot], on_duty: set[str], decisions: Decisions) -> None:
@@ -527,15 +590,41 @@ class Allocator:
         free: set[str],
         decisions: Decisions,
     ) -> None:
-        """Free operators (in id order, for determinism) take the best-ranked robots needing help."""
+        """Free operators (in id order, for determinism) take the best-ranked robots needing help.
+
+        With ``preempt``, humans who have served t_T (and are not resetting) are free too, unless the
+        robot they hold ranks among the best as many robots as there are such humans and free ones.
+        """
+
+        def rank(robot: RobotSlot) -> tuple:
+            return _rank(robot, priorities[robot.robot_id])
+
         waiting = sorted(
             (
                 robot
                 for robot in candidates
                 if robot.controller is None and priorities[robot.robot_id].needs_help
             ),
-            key=lambda robot: _rank(robot, priorities[robot.robot_id]),
+            key=rank,
         )
+        free = set(free)
+        if self.config.preempt and waiting:
+            movable = [
+                robot
+                for robot in candidates
+                if robot.controller is not None
+                and not robot.resetting
+                and robot.human_steps >= self.config.t_T
+            ]
+            # The waiting robots among the best are a prefix of `waiting`, as long as the humans freed.
+            best = {
+                robot.robot_id for robot in sorted(waiting + movable, key=rank)[: len(free) + len(movable)]
+            }
+            for robot in movable:
+                if robot.robot_id not in best:
+                    free.add(robot.controller)
+                    decisions.releases.append(self._unpair(robot, PREEMPTED))
+                    robot.flagged = True  # it still needs help: it keeps its place in the queue
         for operator_id, robot in zip(sorted(free), waiting, strict=False):
             decisions.assignments.append(self._pair(robot, operator_id, priorities[robot.robot_id]))
         for robot in waiting[len(free) :]:

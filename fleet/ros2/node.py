@@ -1,0 +1,535 @@
+"""The ROS 2 robot node's logic, without ROS: parameters, sensors, safety and the lifecycle around RobotAgent.
+
+The rclpy node (ros_ws/src/flotilla_ros/flotilla_ros/robot_node.py) and the DDS transport (fleet/ros2/dds.py)
+only move messages in and out of a `RobotNodeLogic`; everything that decides what the robot does is here
+and unit-tested (tests/test_ros_node.py).
+
+A control tick (`tick()`, on the node's timer):
+    not active                        -> nothing
+    a sensor missing or stale (deadman, older than `max_sensor_age_s` by arrival time) -> hold
+    otherwise the agent decides (policy / operator / its own holds; a latched protective stop is
+    reported to it as a constraint violation, so the fleet sends a human), then
+    hold when the agent holds or the protective stop is latched, and the limits are applied last
+    (action box, joint position and velocity limits, workspace box) whatever produced the action.
+Dry-run (the default) computes and logs every command but publishes nothing and logs no episode to the
+fleet (the robot's session is open, so it shows up in the fleet): a new robot is checked before it moves.
+
+A hold in "delta" action mode (the sim's convention: actions are motions) is zero motion with the gripper
+unchanged (the agent's hold); in "absolute" mode (actions are joint positions) it is the measured joints.
+
+Lifecycle (ROS 2 managed node states): unconfigured -configure-> inactive -activate-> active
+-deactivate-> inactive -cleanup-> unconfigured; shutdown from any state -> finalized. Configure loads the
+policy and opens the fleet session; activate begins an episode; deactivate publishes one hold and ends
+the episode ("stopped"); cleanup and shutdown flush and close the session (a clean stop).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from configs.schema import ConfigError, check, check_choice, check_int, check_number
+from fleet.ros2 import messages as m
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("float64_multi_array", "joint_trajectory", "twist_stamped")
+ACTION_MODES = ("delta", "absolute")
+EE_POSE_SOURCES = ("none", "fk", "tf")
+
+
+@dataclass
+class RosRobotConfig:
+    """One robot node's parameters (config/*.yaml in the ROS package documents each)."""
+
+    robot_id: str = "robot_0"
+    task: str = "reach"  # the fleet's task name (episodes are grouped and trained by it)
+    fleet: str = "127.0.0.1:50051"  # the fleet server's address
+    token_file: str = ""  # a file holding this robot's token (never the token itself in a parameter)
+    root_cert_file: str = ""  # PEM of the server's CA: TLS (required beyond loopback)
+    checkpoint: str = "latest"  # "latest" (the registry's, sha256-verified) or a local checkpoint folder
+    cache_dir: str = "~/.cache/flotilla/checkpoints"
+    action_dim: int = 4
+    goal: list[float] = field(default_factory=list)  # the task goal sent with every episode ([]: none)
+    joint_names: list[str] = field(default_factory=list)  # observation "joint_pos", in this order
+    gripper_joints: list[str] = field(
+        default_factory=list
+    )  # observation "gripper": their sum (finger opening)
+    joint_states_topic: str = "/joint_states"
+    camera_names: list[str] = field(default_factory=list)  # observation "<name>_rgb"
+    camera_topics: list[str] = field(
+        default_factory=list
+    )  # one per camera; ".../compressed": CompressedImage
+    image_size: int = 96  # images are resized to image_size x image_size (the policy's input)
+    ee_pose: str = "none"  # "fk" (fk_dh below) or "tf" (a TF lookup) -> observations "ee_pos", "ee_quat"
+    fk_dh: list[float] = field(default_factory=list)  # Craig DH rows [a, d, alpha, theta_offset] per joint
+    fk_tcp: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # TCP in the last DH frame, m
+    base_frame: str = "base_link"  # TF: target frame; TwistStamped's frame
+    ee_frame: str = "tcp"  # TF: the end effector's frame
+    output: str = "float64_multi_array"  # or "joint_trajectory", "twist_stamped"
+    command_topic: str = "/forward_position_controller/commands"
+    gripper_topic: str = ""  # Float64MultiArray [gripper command] ("" : none)
+    action_mode: str = "delta"  # "delta": actions are motions (hold = zero); "absolute": joint positions
+    gripper_index: int = -1  # the action's gripper dimension (kept during holds); -1: the last one
+    ee_step_m: float = 0.03  # delta mode: metres per action unit per tick (sim/conventions MAX_EE_STEP_M)
+    rate_hz: float = 10.0
+    max_sensor_age_s: float = 0.25  # deadman: hold when a sensor's latest message is older than this
+    dry_run: bool = True  # compute and log, publish nothing: set false to let the robot move
+    protective_stop_topic: str = "~/protective_stop"  # std_msgs/Bool, latched; true stops
+    max_episode_steps: int = 0  # end an episode ("timeout") after this many ticks (0: never)
+    trajectory_time_s: float = 0.0  # JointTrajectory: time_from_start (0: one control period)
+    action_low: list[float] = field(default_factory=list)  # per-dimension action box ([]: none)
+    action_high: list[float] = field(default_factory=list)
+    joint_lower: list[float] = field(default_factory=list)  # absolute mode: joint position limits
+    joint_upper: list[float] = field(default_factory=list)
+    max_joint_velocity: float = 0.0  # absolute mode: rad/s from the measured joints (0: none)
+    workspace_low: list[float] = field(default_factory=list)  # delta mode: TCP box, m ([]: none)
+    workspace_high: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        check(bool(self.robot_id), "robot_id", "must not be empty")
+        check_int(self.action_dim, "action_dim", 1)
+        check(
+            bool(self.joint_names), "joint_names", "must list the robot's joints (the policy observes them)"
+        )
+        check(
+            len(self.camera_topics) == len(self.camera_names),
+            "camera_topics",
+            f"needs one topic per camera name ({len(self.camera_names)}), got {len(self.camera_topics)}",
+        )
+        check_int(self.image_size, "image_size", 8)
+        check_choice(self.ee_pose, EE_POSE_SOURCES, "ee_pose")
+        if self.ee_pose == "fk":
+            check(
+                len(self.fk_dh) == 4 * len(self.joint_names),
+                "fk_dh",
+                f"needs 4 numbers [a, d, alpha, theta_offset] per joint ({4 * len(self.joint_names)}), got {len(self.fk_dh)}",
+            )
+        check(len(self.fk_tcp) == 3, "fk_tcp", f"needs 3 numbers, got {len(self.fk_tcp)}")
+        check_choice(self.output, OUTPUTS, "output")
+        check_choice(self.action_mode, ACTION_MODES, "action_mode")
+        if self.output == "joint_trajectory":
+            check(self.action_mode == "absolute", "output", "joint_trajectory needs action_mode absolute")
+        if self.output == "twist_stamped":
+            check(self.action_mode == "delta", "output", "twist_stamped needs action_mode delta")
+        if self.action_mode == "absolute":
+            check(
+                self.action_dim >= len(self.joint_names),
+                "action_dim",
+                f"absolute actions need one value per joint ({len(self.joint_names)}), got {self.action_dim}",
+            )
+        check(-self.action_dim <= self.gripper_index < self.action_dim, "gripper_index", "outside the action")
+        check_number(self.ee_step_m, "ee_step_m", 0.0, low_open=True)
+        check_number(self.rate_hz, "rate_hz", 0.0, 1000.0, low_open=True)
+        check_number(self.max_sensor_age_s, "max_sensor_age_s", 0.0, low_open=True)
+        check(isinstance(self.dry_run, bool), "dry_run", f"must be true or false, got {self.dry_run!r}")
+        check_int(self.max_episode_steps, "max_episode_steps", 0)
+        check_number(self.trajectory_time_s, "trajectory_time_s", 0.0)
+        check_number(self.max_joint_velocity, "max_joint_velocity", 0.0)
+        for low, high, size in (
+            ("action_low", "action_high", self.action_dim),
+            ("joint_lower", "joint_upper", len(self.joint_names)),
+            ("workspace_low", "workspace_high", 3),
+        ):
+            lows, highs = getattr(self, low), getattr(self, high)
+            check(len(lows) == len(highs), high, f"has {len(highs)} values, {low} has {len(lows)}")
+            check(not lows or len(lows) == size, low, f"needs {size} values (or none), got {len(lows)}")
+            check(all(a <= b for a, b in zip(lows, highs, strict=True)), high, f"is below {low} somewhere")
+        if self.workspace_low:
+            check(self.ee_pose != "none", "workspace_low", "a workspace box needs ee_pose (fk or tf)")
+
+    @property
+    def period_s(self) -> float:
+        return 1.0 / self.rate_hz
+
+    def observation_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """What the robot's steps hold (the fleet hello's spec), in the sim tasks' names and dtypes."""
+        spec = {"joint_pos": ((len(self.joint_names),), "float32")}
+        if self.gripper_joints:
+            spec["gripper"] = ((1,), "float32")
+        if self.ee_pose != "none":
+            spec["ee_pos"], spec["ee_quat"] = ((3,), "float32"), ((4,), "float32")
+        for name in self.camera_names:
+            spec[f"{name}_rgb"] = ((self.image_size, self.image_size, 3), "uint8")
+        return spec
+
+
+def config_from_params(params: Mapping[str, Any]) -> RosRobotConfig:
+    """A config from ROS parameters (or a YAML's ros__parameters); ConfigError names an unknown key."""
+    known = {f.name for f in fields(RosRobotConfig)}
+    for key in params:
+        if key not in known:
+            raise ConfigError(key, f"unknown parameter (known: {', '.join(sorted(known))})")
+    values = {key: list(value) if isinstance(value, tuple) else value for key, value in params.items()}
+    return RosRobotConfig(**values)
+
+
+def read_token(path: str) -> str:
+    """The robot's token from its file (one line); a clear error when it is missing or empty."""
+    if not path:
+        raise ConfigError("token_file", "must name a file holding this robot's token")
+    file = Path(path).expanduser()
+    try:
+        token = file.read_text().strip()
+    except OSError as err:
+        raise ConfigError("token_file", f"cannot read {file}: {err.strerror}") from None
+    check(bool(token), "token_file", f"{file} is empty")
+    return token
+
+
+# -- forward kinematics (the "fk" end-effector pose) ----------------------------------------------------
+
+
+def dh_forward_kinematics(q, dh, tcp=(0.0, 0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """TCP position (m) and orientation (xyzw) from joint angles and Craig (modified) DH rows
+    [a_{i-1}, d_i, alpha_{i-1}, theta_offset_i], as robot makers publish them (Franka's Panda docs)."""
+    transform = np.eye(4)
+    for angle, (a, d, alpha, offset) in zip(
+        np.asarray(q, float), np.asarray(dh, float).reshape(-1, 4), strict=True
+    ):
+        theta = angle + offset
+        ca, sa, ct, st = math.cos(alpha), math.sin(alpha), math.cos(theta), math.sin(theta)
+        transform = transform @ np.array(
+            [[ct, -st, 0, a], [st * ca, ct * ca, -sa, -sa * d], [st * sa, ct * sa, ca, ca * d], [0, 0, 0, 1]]
+        )
+    position = transform[:3, :3] @ np.asarray(tcp, float) + transform[:3, 3]
+    return position, rotation_to_quaternion(transform[:3, :3])
+
+
+def rotation_to_quaternion(r: np.ndarray) -> np.ndarray:
+    """xyzw, w >= 0."""
+    w = math.sqrt(max(0.0, 1 + r[0, 0] + r[1, 1] + r[2, 2])) / 2
+    x = math.copysign(math.sqrt(max(0.0, 1 + r[0, 0] - r[1, 1] - r[2, 2])) / 2, r[2, 1] - r[1, 2])
+    y = math.copysign(math.sqrt(max(0.0, 1 - r[0, 0] + r[1, 1] - r[2, 2])) / 2, r[0, 2] - r[2, 0])
+    z = math.copysign(math.sqrt(max(0.0, 1 - r[0, 0] - r[1, 1] + r[2, 2])) / 2, r[1, 0] - r[0, 1])
+    return np.array([x, y, z, w])
+
+
+# -- sensors ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Latest:
+    value: Any
+    received: float  # the node's clock (monotonic) when it arrived: the deadman judges this, not the stamp
+    stamp: float
+
+
+class Sensors:
+    """The latest joint state and camera frames (converted on arrival, on the subscription's thread)."""
+
+    def __init__(self, config: RosRobotConfig, clock: Callable[[], float] = time.monotonic):
+        self.config, self.clock = config, clock
+        self._lock = threading.Lock()
+        self._latest: dict[str, _Latest] = {}
+        self._cameras = {
+            topic: name for name, topic in zip(config.camera_names, config.camera_topics, strict=True)
+        }
+
+    def on_joint_state(self, msg) -> None:
+        positions = m.joint_positions(msg, self.config.joint_names)
+        gripper = m.joint_positions(msg, self.config.gripper_joints) if self.config.gripper_joints else None
+        self._put("joints", (positions, gripper), m.stamp_seconds(msg))
+
+    def on_image(self, camera: str, msg) -> None:
+        """A camera's Image or CompressedImage (told apart by CompressedImage's `format`)."""
+        rgb = m.compressed_image_to_rgb(msg) if hasattr(msg, "format") else m.image_to_rgb(msg)
+        size = self.config.image_size
+        if rgb.shape[:2] != (size, size):
+            rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+        self._put(f"{camera}_rgb", rgb, m.stamp_seconds(msg))
+
+    def _put(self, key: str, value, stamp: float) -> None:
+        with self._lock:
+            self._latest[key] = _Latest(value, self.clock(), stamp)
+
+    def latest(self, key: str) -> _Latest | None:
+        with self._lock:
+            return self._latest.get(key)
+
+    def assemble(self, ee_pose=None) -> tuple[dict[str, np.ndarray] | None, str]:
+        """(observation, "") or (None, why not): a sensor missing or older than max_sensor_age_s."""
+        now = self.clock()
+        keys = ["joints"] + [f"{name}_rgb" for name in self.config.camera_names]
+        with self._lock:
+            latest = {key: self._latest.get(key) for key in keys}
+        for key, item in latest.items():
+            if item is None:
+                return None, f"no {key} yet"
+            age = now - item.received
+            if age > self.config.max_sensor_age_s:
+                return None, f"{key} is stale ({age:.3f} s old, limit {self.config.max_sensor_age_s} s)"
+        positions, gripper = latest["joints"].value
+        obs = {"joint_pos": positions.astype(np.float32)}
+        if gripper is not None:
+            obs["gripper"] = np.array([gripper.sum()], np.float32)
+        if self.config.ee_pose == "fk":
+            ee_pose = dh_forward_kinematics(positions, self.config.fk_dh, self.config.fk_tcp)
+        if self.config.ee_pose != "none":
+            if ee_pose is None:
+                return None, "no end-effector pose (TF lookup failed)"
+            obs["ee_pos"] = np.asarray(ee_pose[0], np.float32)
+            obs["ee_quat"] = np.asarray(ee_pose[1], np.float32)
+        for name in self.config.camera_names:
+            obs[f"{name}_rgb"] = latest[f"{name}_rgb"].value
+        return obs, ""
+
+
+# -- limits (applied last) ----------------------------------------------------------------------------------
+
+
+def apply_limits(action: np.ndarray, obs: Mapping[str, np.ndarray], config: RosRobotConfig) -> np.ndarray:
+    """The action box, then (absolute) joint limits and the velocity limit from the measured joints, or
+    (delta) the TCP workspace box: whoever produced the action (policy, operator), nothing leaves beyond them."""
+    action = np.asarray(action, np.float64).copy()
+    if config.action_low:
+        action = np.clip(action, config.action_low, config.action_high)
+    n = len(config.joint_names)
+    if config.action_mode == "absolute":
+        if config.joint_lower:
+            action[:n] = np.clip(action[:n], config.joint_lower, config.joint_upper)
+        if config.max_joint_velocity > 0:
+            reach = config.max_joint_velocity * config.period_s
+            measured = np.asarray(obs["joint_pos"], np.float64)
+            action[:n] = np.clip(action[:n], measured - reach, measured + reach)
+    elif config.workspace_low:
+        ee = np.asarray(obs["ee_pos"], np.float64)
+        target = np.clip(ee + action[:3] * config.ee_step_m, config.workspace_low, config.workspace_high)
+        action[:3] = (target - ee) / config.ee_step_m
+    return action
+
+
+# -- outputs (a small plugin table: name -> builder) ---------------------------------------------------------
+
+
+def _float64_multi_array(action, obs, config, kit, now):
+    return m.float64_multi_array(
+        action[: len(config.joint_names)] if config.action_mode == "absolute" else action, kit
+    )
+
+
+def _joint_trajectory(action, obs, config, kit, now):
+    seconds = config.trajectory_time_s or config.period_s
+    return m.joint_trajectory(config.joint_names, action[: len(config.joint_names)], seconds, kit=kit)
+
+
+def _twist_stamped(action, obs, config, kit, now):
+    linear = np.asarray(action[:3]) * config.ee_step_m * config.rate_hz  # metres per tick -> m/s
+    return m.twist_stamped(linear, np.zeros(3), now, config.base_frame, kit)
+
+
+OUTPUT_BUILDERS: dict[str, Callable] = {
+    "float64_multi_array": _float64_multi_array,
+    "joint_trajectory": _joint_trajectory,
+    "twist_stamped": _twist_stamped,
+}
+
+
+# -- the node -----------------------------------------------------------------------------------------------
+
+UNCONFIGURED, INACTIVE, ACTIVE, FINALIZED = "unconfigured", "inactive", "active", "finalized"
+TRANSITIONS = {
+    "configure": (UNCONFIGURED, INACTIVE),
+    "activate": (INACTIVE, ACTIVE),
+    "deactivate": (ACTIVE, INACTIVE),
+    "cleanup": (INACTIVE, UNCONFIGURED),
+}
+
+
+class TransitionError(RuntimeError):
+    """A lifecycle transition asked for in a state that does not allow it."""
+
+
+@dataclass(frozen=True)
+class Tick:
+    """What one control tick did: the commands (topic, message) computed, whether they went out, and why."""
+
+    commands: tuple[tuple[str, Any], ...] = ()
+    published: bool = False
+    control: str = ""  # the agent's reason (fleet.agent POLICY, OPERATOR, HOLD_*), or "stale", "stopped"
+    reason: str = ""
+    action: np.ndarray | None = None  # after the limits
+
+
+def default_agent(config: RosRobotConfig, policy=None):
+    """The fleet agent for `config`: its token from token_file, the policy from the registry ("latest",
+    fetched and sha256-verified by the client SDK before loading) or a local checkpoint, later versions
+    hot-swapped by the agent between episodes. `policy` overrides the checkpoint (tests, scripted robots)."""
+    from fleet.agent import RobotAgent
+    from fleet.client import RobotClient
+    from policies.fleet_policies import RegistryPolicies  # torch is imported when a policy is loaded
+
+    token = read_token(config.token_file)
+    certificates = Path(config.root_cert_file).expanduser().read_bytes() if config.root_cert_file else None
+    registry = RegistryPolicies(
+        config.fleet, token, Path(config.cache_dir).expanduser(), root_certificates=certificates
+    )
+    if policy is None:
+        if config.checkpoint == "latest":
+            policy = registry("")
+        else:
+            from policies.runner import PolicyRunner
+
+            policy = PolicyRunner.from_checkpoint(Path(config.checkpoint).expanduser())
+    client = RobotClient(
+        config.fleet,
+        token,
+        config.robot_id,
+        config.task,
+        config.observation_spec(),
+        config.action_dim,
+        goal_dim=len(config.goal),
+        policy_version=str(getattr(policy, "version", "")),
+        root_certificates=certificates,
+    )
+    camera = f"{config.camera_names[0]}_rgb" if config.camera_names else None
+    return RobotAgent(
+        client, policy, load_policy=registry, gripper_index=config.gripper_index, camera_key=camera
+    )
+
+
+class RobotNodeLogic:
+    """One robot node without ROS (see the module docstring). Sensor callbacks may come from any thread;
+    `tick` and the lifecycle methods from the node's control thread (the rclpy layer serializes them)."""
+
+    def __init__(
+        self,
+        config: RosRobotConfig,
+        make_agent: Callable[[RosRobotConfig], Any] = default_agent,
+        kit: m.MessageKit = m.ROSBAGS,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        ee_pose: Callable[[], tuple | None] | None = None,
+    ):
+        self.config, self.kit, self.clock, self.wall_clock = config, kit, clock, wall_clock
+        self._make_agent, self._ee_pose = make_agent, ee_pose
+        self.sensors = Sensors(config, clock)
+        self.state = UNCONFIGURED
+        self.agent = None
+        self.stopped = ""  # why the protective stop is latched ("" when it is not)
+        self._episode_steps = 0
+        self._last_action: np.ndarray | None = None
+        self._output = OUTPUT_BUILDERS[config.output]
+
+    # -- lifecycle
+    def _check(self, name: str) -> str:
+        """The state `name` leads to; TransitionError when the current state does not allow it."""
+        source, target = TRANSITIONS[name]
+        if self.state != source:
+            raise TransitionError(f"cannot {name} a node that is {self.state} (only from {source})")
+        return target
+
+    def configure(self) -> None:
+        """Load the policy and open the fleet session (the state changes only if that worked)."""
+        target = self._check("configure")
+        self.agent = self._make_agent(self.config).start()
+        self.state = target
+
+    def activate(self) -> None:
+        self.state = self._check("activate")
+        self._episode_steps = 0
+
+    def deactivate(self) -> Tick:
+        """Hold once (a controller keeps its last command otherwise) and end the episode ("stopped")."""
+        self.state = self._check("deactivate")
+        tick = self._hold_tick("deactivated")
+        if self.agent.in_episode:
+            self.agent.end_episode(False, "stopped")
+        return tick
+
+    def cleanup(self, timeout: float = 5.0) -> None:
+        self.state = self._check("cleanup")
+        agent, self.agent = self.agent, None
+        agent.close(timeout)
+
+    def shutdown(self, timeout: float = 5.0) -> Tick | None:
+        """From any state: hold if moving, end the episode, flush the fleet session; then finalized."""
+        tick = self.deactivate() if self.state == ACTIVE else None
+        if self.state == INACTIVE:
+            self.cleanup(timeout)
+        self.state = FINALIZED
+        return tick
+
+    # -- inputs
+    def on_protective_stop(self, msg) -> None:
+        """std_msgs/Bool: true latches the stop; false does not clear it (clear_protective_stop does)."""
+        if bool(msg.data) and not self.stopped:
+            self.stopped = "protective stop"
+            log.warning("robot %s: protective stop latched", self.config.robot_id)
+
+    def clear_protective_stop(self) -> None:
+        self.stopped = ""
+        log.info("robot %s: protective stop cleared", self.config.robot_id)
+
+    # -- the control tick
+    def tick(self) -> Tick:
+        if self.state != ACTIVE:
+            return Tick(reason=f"node is {self.state}")
+        obs, problem = self.sensors.assemble(
+            self._ee_pose() if self.config.ee_pose == "tf" and self._ee_pose else None
+        )
+        if obs is None:
+            return self._hold_tick(problem, "stale")
+        agent = self.agent
+        if self.config.dry_run:
+            action = np.asarray(agent.policy.act(obs, self._goal()), np.float64)
+            return self._command(apply_limits(action, obs, self.config), obs, "dry_run", "dry run")
+        if not agent.in_episode:
+            agent.begin_episode(self._goal())
+            self._episode_steps = 0
+        step = agent.step(obs, {"constraint_violation": bool(self.stopped)})
+        if step.reset:  # a human reset the robot: the next tick begins the next episode
+            return self._hold_tick("reset by the fleet", step.control, obs)
+        self._episode_steps += 1
+        if self.config.max_episode_steps and self._episode_steps >= self.config.max_episode_steps:
+            agent.end_episode(False, "timeout")
+        if self.stopped or step.holding:
+            return self._hold_tick(self.stopped or step.control, step.control, obs, step.action)
+        return self._command(apply_limits(step.action, obs, self.config), obs, step.control)
+
+    def _goal(self):
+        return np.asarray(self.config.goal, np.float32) if self.config.goal else None
+
+    def _hold_tick(self, reason: str, control: str = "hold", obs=None, agent_hold=None) -> Tick:
+        """Zero motion (delta, keeping the gripper's last command when the agent gave one) or the measured
+        joints (absolute); nothing at all when the joints were never seen (absolute mode has no safe value)."""
+        if self.config.action_mode == "absolute":
+            latest = self.sensors.latest("joints")
+            if latest is None:
+                return Tick(control=control, reason=reason)
+            action = np.zeros(self.config.action_dim)
+            action[: len(self.config.joint_names)] = latest.value[0]
+        else:
+            action = np.zeros(self.config.action_dim)
+            if agent_hold is not None:
+                action = np.asarray(agent_hold, np.float64)
+            elif self._last_action is not None:  # the gripper keeps its command (opening could drop a load)
+                action[self.config.gripper_index] = self._last_action[self.config.gripper_index]
+        return self._command(action, obs, control, reason)
+
+    def _command(self, action, obs, control: str, reason: str = "") -> Tick:
+        if not np.all(np.isfinite(action)):
+            return self._hold_tick(f"non-finite action from {control}: {action.tolist()}", "hold")
+        now = self.wall_clock()
+        commands = [(self.config.command_topic, self._output(action, obs, self.config, self.kit, now))]
+        if self.config.gripper_topic:
+            commands.append(
+                (
+                    self.config.gripper_topic,
+                    m.float64_multi_array([action[self.config.gripper_index]], self.kit),
+                )
+            )
+        self._last_action = action
+        publish = not self.config.dry_run
+        if not publish:
+            log.debug("robot %s dry run: %s %s", self.config.robot_id, control, np.round(action, 4).tolist())
+        return Tick(tuple(commands), publish, control, reason, action)

@@ -207,7 +207,7 @@ class RobotAgent:
         goal = self._goal if self._goal is not None else obs.get(self._goal_key)
         violation = bool(info.get("constraint_violation", False))
         label, operator_id = ControlLabel.ROBOT, ""
-        autonomous = False
+        autonomous, action_seq = False, 0
         if not self.client.connected or state.mode == pb.MODE_UNSPECIFIED:
             action, control = self._hold(), HOLD_OFFLINE
         elif state.estop:
@@ -219,6 +219,7 @@ class RobotAgent:
             self._shadow(obs, goal)  # keeps the uncertainty signal current, so the allocator can hand back
             if state.action is not None and time.monotonic() - state.action_time <= self.teleop_timeout_s:
                 action, control = np.asarray(state.action, np.float32).reshape(self._action_dim), OPERATOR
+                action_seq = state.action_seq
             else:
                 action, control = self._hold(), HOLD_TELEOP
         elif state.mode == pb.MODE_AUTONOMOUS:
@@ -248,6 +249,7 @@ class RobotAgent:
             goal=goal,
             camera=camera,
             operator_id=operator_id,
+            operator_action_seq=action_seq,
         )
         self.t += 1
         self._last_action = action

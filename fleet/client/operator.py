@@ -46,15 +46,32 @@ class OperatorClient(_StreamClient):
     def _stream(self, channel):
         return pb_grpc.OperatorServiceStub(channel).Session
 
-    def act(self, robot_id: str, action, seq: int = 0, frame_seq: int = 0) -> None:
-        """Send a teleop action; `frame_seq`: the RobotFrame.seq the operator was looking at."""
+    def act(self, robot_id: str, action, seq: int = 0, frame_seq: int = 0, frame_age_ms: float = 0.0) -> None:
+        """Send a teleop action; `frame_seq`: the RobotFrame.seq the operator was looking at, `frame_age_ms`:
+        how old that frame was when the operator acted."""
         self._send(
             pb.OperatorMessage(
                 action=pb.OperatorAction(
-                    robot_id=robot_id, action=codec.to_tensor(action), seq=seq, frame_seq=frame_seq
+                    robot_id=robot_id,
+                    action=codec.to_tensor(action),
+                    seq=seq,
+                    frame_seq=frame_seq,
+                    frame_age_ms=frame_age_ms,
                 )
             )
         )
+
+    def discard(self, robot_id: str) -> None:
+        """Discard this operator's last correction of the robot (kept in the store, left out of training)."""
+        self._send(pb.OperatorMessage(discard=pb.DiscardCorrection(robot_id=robot_id)))
+
+    def note(self, robot_id: str, text: str) -> None:
+        """A note on this operator's current or last intervention on the robot."""
+        self._send(pb.OperatorMessage(note=pb.InterventionNote(robot_id=robot_id, text=text)))
+
+    def pick(self, robot_id: str) -> None:
+        """Take a robot waiting in the queue (where the allocation rule allows it)."""
+        self._send(pb.OperatorMessage(pick=pb.PickRobot(robot_id=robot_id)))
 
     def release(self, robot_id: str) -> None:
         self._send(pb.OperatorMessage(release=pb.Release(robot_id=robot_id)))
@@ -67,7 +84,7 @@ class OperatorClient(_StreamClient):
         self._send(pb.OperatorMessage(estop=pb.EStop(robot_id=robot_id, engage=engage)))
 
     def next_update(self, timeout: float | None = None, kind: str | None = None) -> pb.OperatorUpdate | None:
-        """The next update (of `kind`: "assignment", "released", "frame", "queue", "error", skipping others)."""
+        """The next update (of `kind`: "assignment", "released", "frame", "queue", "error", "notice"; others skipped)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._updates_ready:
             while True:

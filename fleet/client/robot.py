@@ -31,6 +31,7 @@ class RobotState:
     operator_id: str = ""
     action: np.ndarray | None = None  # the operator's latest action (TELEOP), and when it arrived:
     action_time: float = 0.0  # time.monotonic(); judge freshness with it, hold when it is stale
+    action_seq: int = 0  # that action's OperatorAction.seq (echo it in the step that applies it)
     policy_version: str = ""  # the registry's latest version: swap to it between episodes
     message: str = ""
     acked_seq: int = 0  # received and checked by the server
@@ -119,8 +120,10 @@ class RobotClient(_StreamClient):
         camera: np.ndarray | pb.Image | None = None,
         operator_id: str = "",
         timestamp: float | None = None,
+        operator_action_seq: int = 0,
     ) -> int:
-        """Queue one step (the action applied at it) for the server; returns its sequence number."""
+        """Queue one step (the action applied at it) for the server; returns its sequence number.
+        `operator_action_seq`: the operator action applied (RobotState.action_seq), with INTERVENTION."""
         step = pb.Step(
             episode_id=episode_id,
             t=t,
@@ -130,6 +133,7 @@ class RobotClient(_StreamClient):
             signals=pb.Signals(**dict(signals or {})),
             policy_version=self.policy_version,
             operator_id=operator_id,
+            operator_action_seq=operator_action_seq,
         )
         for key, value in observation.items():
             step.observation[key].CopyFrom(codec.to_tensor(value))
@@ -257,11 +261,12 @@ class RobotClient(_StreamClient):
         while self._kept and self._kept[0][0] <= committed:
             self._kept.popleft()
             self._sent = max(0, self._sent - 1)
-        action, action_time = self.state.action, self.state.action_time
+        action, action_time, action_seq = self.state.action, self.state.action_time, self.state.action_seq
         if command.HasField("action"):
             action, action_time = codec.from_tensor(command.action), time.monotonic()
-        if command.mode != pb.MODE_TELEOP:
-            action = None
+            action_seq = command.action_seq
+        if command.mode != pb.MODE_TELEOP or command.input_stopped:
+            action = None  # the operator's input stopped (server watchdog): hold, never repeat it
         if command.reset:
             with self._seq_lock:
                 self._resets += 1
@@ -271,6 +276,7 @@ class RobotClient(_StreamClient):
             operator_id=command.operator_id,
             action=action,
             action_time=action_time,
+            action_seq=action_seq if action is not None else 0,
             policy_version=command.policy_version,
             message=command.message,
             acked_seq=max(self.state.acked_seq, command.ack_seq),

@@ -35,7 +35,8 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "/flotilla.v1.RegistryService/Publish": frozenset({"trainer"}),
     "/flotilla.v1.RegistryService/Fetch": ANY_ROLE,
     "/flotilla.v1.RegistryService/List": ANY_ROLE,
-    "/flotilla.v1.AdminService/Status": frozenset({"admin"}),
+    # Operators see the fleet's state (the console's fleet view); they change it only through their session.
+    "/flotilla.v1.AdminService/Status": frozenset({"operator", "admin"}),
 }
 
 # Robot and operator ids: short, printable, safe in logs, metadata and file names.

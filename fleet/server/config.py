@@ -64,6 +64,10 @@ class ServerConfig:
     # robot holds and goes back to the queue, or its operator is freed.
     robot_silence_s: float = 1.0
     operator_silence_s: float = 1.0
+    # The teleop watchdog: a robot under an operator holds when no fresh action came for this long (the
+    # console sends 25 per second while the deadman is held), so it holds within this + one control tick
+    # of the operator's input stopping, however the page or its network failed.
+    teleop_watchdog_s: float = 0.12
     forget_robot_after_s: float = 300.0  # a departed robot's record (idle, not stopped) is dropped after this
     max_robots: int = 10_000  # robot records kept at once (connected or recently departed)
     # A step labelled intervention is logged as one only if that operator controls the robot, or did
@@ -98,7 +102,13 @@ class ServerConfig:
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("robot_silence_s", "operator_silence_s", "forget_robot_after_s", "label_grace_s"):
+        for name in (
+            "robot_silence_s",
+            "operator_silence_s",
+            "forget_robot_after_s",
+            "label_grace_s",
+            "teleop_watchdog_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 

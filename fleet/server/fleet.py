@@ -50,11 +50,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fleet import allocation, wire
+from fleet import allocation, codec, wire
 from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 from fleet.server.auth import Identity, check_id
 from fleet.server.config import ServerConfig
+from fleet.server.ledger import Ledger
 from fleet.server.metrics import Metrics
 from fleet.server.robots import RobotSpec, decode_step, decode_vector, step_time
 from fleet.server.streams import FleetError, Outbox, RateLimitedLog
@@ -104,6 +105,10 @@ class Robot:
     last_heard: float = field(default_factory=time.monotonic)
     disconnected_at: float | None = None
     released_by: dict[str, float] = field(default_factory=dict)  # operator -> when they last let go
+    # The teleop watchdog: no fresh action from the controlling operator within teleop_watchdog_s, and
+    # the robot is told to hold (Command.input_stopped) until one comes; the page is never trusted for it.
+    input_stopped: bool = False
+    watchdog: asyncio.TimerHandle | None = None
 
     @property
     def operator_id(self) -> str | None:
@@ -159,6 +164,7 @@ class Fleet:
         self.fleet_estop, self._robot_estops = load_estops(self._estop_file)
         self._estops_dirty = False
         self._estop_saver: asyncio.Task | None = None
+        self.ledger = Ledger(writer.annotate)  # interventions, discards, notes, tallies, rounds
 
     def spawn(self, coro) -> asyncio.Task:
         """A background task the fleet keeps a reference to (the event loop holds tasks only weakly)."""
@@ -358,6 +364,9 @@ class Fleet:
                 f"step seq {step.seq} was NOT logged: back off, reconnect and resend it",
             )
         self.metrics.inc("steps_received")
+        self.ledger.step(
+            robot.robot_id, robot.episode_key, robot.episode_steps, step, label, INTERVENTION_LABEL
+        )
         robot.steps += 1
         robot.episode_steps += 1
         robot.signals.CopyFrom(step.signals)
@@ -427,7 +436,9 @@ class Fleet:
         check_text(end.outcome, f"episode_end {end.episode_id}: outcome")
         step_time(end.timestamp, f"episode_end {end.episode_id}")
         if robot.episode_key is not None:
+            self.ledger.episode_closed(robot.robot_id, robot.episode_key)
             self.writer.end(robot.episode_key, end.success, end.outcome)
+        self.ledger.episode_ended(robot.robot_id, robot.policy_version, end.success, ROBOT_LABEL)
         robot.episode_id, robot.episode_key = None, None
         robot.episodes += 1
 
@@ -435,6 +446,7 @@ class Fleet:
         """End the robot's episode on the server's initiative (commit what it has). With keep_open the
         robot still considers it open: its remaining steps are acknowledged and not logged."""
         if robot.episode_key is not None:
+            self.ledger.episode_closed(robot.robot_id, robot.episode_key)
             self.writer.end(robot.episode_key, False, outcome)
             robot.episode_key = None
         if not keep_open:
@@ -475,6 +487,7 @@ class Fleet:
             signals=step.signals,
             mode=self.mode_of(robot),
             timestamp=step.timestamp,
+            action_seq=step.operator_action_seq,
         )
         if step.HasField("camera"):
             frame.camera.CopyFrom(step.camera)
@@ -522,6 +535,7 @@ class Fleet:
         )
         if mode == pb.MODE_TELEOP:
             command.operator_id = robot.operator_id
+            command.input_stopped = robot.input_stopped
         robot.outbox.send(command, received_at)
 
     # -- operators --------------------------------------------------------------------------------
@@ -582,6 +596,14 @@ class Fleet:
             if kind == "estop":
                 self.set_estop(body.robot_id, body.engage, operator)
                 return
+            if kind in ("discard", "note", "pick"):
+                done = self._console_request(operator, kind, body)
+                outbox.send(
+                    pb.OperatorUpdate(
+                        notice=pb.OperatorNotice(request=kind, robot_id=body.robot_id, message=done)
+                    )
+                )
+                return
             robot = self._controlled_robot(operator, body.robot_id, kind)
             if kind == "action":
                 self._teleop_action(operator, robot, body)
@@ -627,7 +649,52 @@ class Fleet:
             )
         value = decode_vector(action.action, robot.spec.action_dim, f"action for {robot.robot_id}")
         self.metrics.inc("teleop_actions")
-        self._push(robot, action=pb.Tensor(shape=[value.size], dtype="float32", data=value.tobytes()))
+        self.ledger.action(robot.robot_id, action)
+        robot.input_stopped = False
+        if robot.watchdog is not None:
+            robot.watchdog.cancel()
+        robot.watchdog = asyncio.get_running_loop().call_later(
+            self.config.teleop_watchdog_s, self._input_stopped, robot, operator.operator_id
+        )
+        self._push(
+            robot,
+            action=pb.Tensor(shape=[value.size], dtype="float32", data=value.tobytes()),
+            action_seq=action.seq,
+        )
+
+    def _input_stopped(self, robot: Robot, operator_id: str) -> None:
+        """The watchdog fired: the operator's input stopped (tab hidden or closed, network gone, deadman
+        released). The robot holds now, whatever the operator's page believes."""
+        robot.watchdog = None
+        if robot.operator_id == operator_id and not robot.input_stopped:
+            robot.input_stopped = True
+            self.metrics.inc("teleop_input_stopped")
+            self._push(robot, f"operator {operator_id}: input stopped, holding")
+
+    def _stop_watchdog(self, robot: Robot) -> None:
+        if robot.watchdog is not None:
+            robot.watchdog.cancel()
+        robot.watchdog, robot.input_stopped = None, False
+
+    def _console_request(self, operator: Operator, kind: str, body) -> str:
+        """discard, note, pick (see OperatorMessage): what was done, or FleetError saying why not."""
+        robot_id = check_id(body.robot_id, f"{kind}: robot_id")
+        robot = self.robots.get(robot_id)
+        try:
+            if kind == "discard":
+                return self.ledger.discard(operator.operator_id, robot_id)
+            if kind == "note":
+                return self.ledger.note(operator.operator_id, robot_id, body.text)
+            if robot is None:
+                raise LookupError(f"pick: unknown robot {robot_id!r}")
+            assignment = self.allocator.pick(robot.alloc, operator.operator_id, self._allocs())
+        except LookupError as err:
+            raise FleetError(grpc.StatusCode.NOT_FOUND, str(err).strip("'\"")) from None
+        except ValueError as err:
+            raise FleetError(PRECONDITION, f"{kind}: {err}") from None
+        self._apply_assignment(assignment, is_takeover=True)
+        self._publish_queue()
+        return f"you took {robot_id} from the queue"
 
     def set_estop(self, robot_id: str, engage: bool, operator: Operator) -> None:
         """Engage or release a protective stop on one robot, or on the whole fleet when robot_id is empty.
@@ -779,6 +846,8 @@ class Fleet:
                     robot.episode_key, self.config.pre_intervention_steps, ControlLabel.PRE_INTERVENTION
                 )
             self.metrics.inc("takeovers")
+            self._stop_watchdog(robot)
+            self.ledger.begin(robot.robot_id, assignment.operator_id, assignment.needs_reset)
             log.info(
                 "operator %s takes over robot %s (%s)",
                 assignment.operator_id,
@@ -821,7 +890,9 @@ class Fleet:
                 )
             )
         robot = self.robots.get(release.robot_id)
+        self.ledger.end(release.robot_id, robot.policy_version if robot is not None else "")
         if robot is not None:
+            self._stop_watchdog(robot)
             robot.released_by[release.operator_id] = time.monotonic()
             reset = release.reason == allocation.RESET_DONE
             robot.violation_cleared = robot.violation_cleared or reset
@@ -873,6 +944,7 @@ class Fleet:
                 estop=r.estop,
                 blocked=r.alloc.blocked,
                 task=r.task,
+                goal=codec.to_tensor(r.episode_goal) if r.episode_goal is not None else None,
             )
             for r in self.robots.values()
         ]
@@ -886,6 +958,8 @@ class Fleet:
             fleet_estop=self.fleet_estop,
             writer_healthy=self.writer.healthy,
             writer_error=self.writer.error,
+            tallies=self.ledger.tallies_pb(),
+            rounds=self.ledger.rounds_pb(),
         )
 
     def shutdown(self) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -44,6 +45,11 @@ RETRY_S = (0.2, 5.0)  # a failed commit is retried after this backoff (doubling 
 # The writer takes what is queued at most this often. Woken per step, its GIL handoffs with the event
 # loop cost more than the step itself; 20 ms of steps is far below any sensible max_pending_steps.
 PASS_INTERVAL_S = 0.02
+MAX_COMMITTED_KEYS = 10_000  # writer key -> store index of recent commits, for annotations after a commit
+
+
+def _append_to(extra: dict, name: str, item: Any) -> None:
+    extra.setdefault(name, []).append(item)
 
 
 @dataclass
@@ -94,6 +100,12 @@ class EpisodeWriter:
         self._finished: collections.deque[tuple] = collections.deque()
         self._applied_all = False  # the writer thread has ended: commit everything, then end
         self._commit_cond = threading.Condition()
+        # Annotations of episodes no longer open, for the committer: (key, name, item, when queued).
+        self._annotations: list[tuple[str, str, Any, float]] = []
+        self._annotations_waiting: list[
+            tuple[str, str, Any, float]
+        ] = []  # their episode is not committed yet
+        self._committed_index: collections.OrderedDict[str, int] = collections.OrderedDict()  # recent ones
         self._thread = threading.Thread(target=self._run, name="episode-writer", daemon=True)
         self._committer = threading.Thread(target=self._commit_loop, name="episode-committer", daemon=True)
         self._thread.start()
@@ -146,6 +158,11 @@ class EpisodeWriter:
 
     def relabel(self, key: str, count: int, label) -> None:
         self._put(_Work("relabel", key, {"count": count, "label": label}))
+
+    def annotate(self, key: str, name: str, item: Any) -> None:
+        """Append `item` to the list `extra[name]` of episode `key`'s metadata: the open episode's, or, once
+        it ended, the committed one's (EpisodeStore.update_extra). Applied in order with the other work."""
+        self._put(_Work("annotate", key, {"name": name, "item": item}))
 
     def end(self, key: str, success: bool, outcome: str) -> None:
         self._put(_Work("end", key, {"success": success, "outcome": outcome}))
@@ -231,13 +248,22 @@ class EpisodeWriter:
                 while True:
                     closing = self._applied_all
                     due = last_commit + self.commit_interval_s - time.monotonic()
-                    if closing or (
-                        self._finished and (due <= 0 or len(self._finished) >= self.batch_episodes)
+                    if (
+                        closing
+                        or self._annotations
+                        or (self._finished and (due <= 0 or len(self._finished) >= self.batch_episodes))
                     ):
                         break
                     self._commit_cond.wait(due if self._finished else None)
                 count = len(self._finished) if closing else min(len(self._finished), self.batch_episodes)
                 group = [self._finished.popleft() for _ in range(count)]
+                annotations = self._annotations_waiting + self._annotations
+                self._annotations, self._annotations_waiting = [], []
+            # Annotations of episodes in this group go into their metadata before the commit.
+            in_group = {key: episode for key, episode, _, _ in group}
+            for key, name, item, _ in annotations:
+                if key in in_group:
+                    _append_to(in_group[key].extra, name, item)
             last_commit = time.monotonic()
             for start in range(0, len(group), self.batch_episodes):
                 part = group[start : start + self.batch_episodes]
@@ -248,8 +274,31 @@ class EpisodeWriter:
                     for key, episode, _, _ in part:
                         episode.abort()
                         self._failed(key, f"committing failed: {type(err).__name__}: {err}")
+            self._annotate_committed([a for a in annotations if a[0] not in in_group])
             if closing:
                 return
+
+    def _annotate_committed(self, annotations: list) -> None:
+        """Annotations of committed episodes are written in place; those of episodes still waiting for the
+        committer wait with them (a minute at most: an episode that never commits takes none)."""
+        waiting = []
+        for key, name, item, queued in annotations:
+            index = self._committed_index.get(key)
+            if index is None:
+                if time.monotonic() - queued < 60.0:
+                    waiting.append((key, name, item, queued))
+                else:
+                    log.warning(
+                        "annotation %r of episode %s dropped: the episode was never committed", name, key
+                    )
+                continue
+            try:
+                self.store.update_extra(index, functools.partial(_append_to, name=name, item=item))
+            except Exception:  # the annotation is lost, the writer goes on
+                log.exception("could not annotate committed episode %s (%s)", key, name)
+        if waiting:
+            with self._commit_cond:
+                self._annotations_waiting[:0] = waiting
 
     def _apply_safely(self, work: _Work):
         try:
@@ -269,6 +318,17 @@ class EpisodeWriter:
 
     def _apply(self, work: _Work):
         """Apply one work item; an ended episode comes back as (key, episode, success, outcome)."""
+        if work.op == "annotate":
+            episode = self._open.get(work.key)
+            if episode is not None:
+                _append_to(episode.extra, **work.args)
+            else:  # ended: the committer applies it before or after the commit
+                with self._commit_cond:
+                    self._annotations.append(
+                        (work.key, work.args["name"], work.args["item"], time.monotonic())
+                    )
+                    self._commit_cond.notify()
+            return None
         if work.op == "begin":
             self._open[work.key] = self.store.begin_episode(**work.args)
             return None
@@ -327,7 +387,9 @@ class EpisodeWriter:
         while True:
             steps = sum(len(episode) for _, episode, _, _ in keep)  # commit_many empties the episodes
             try:
-                self.store.commit_many([(episode, success, outcome) for _, episode, success, outcome in keep])
+                indices = self.store.commit_many(
+                    [(episode, success, outcome) for _, episode, success, outcome in keep]
+                )
                 break
             except Exception as err:  # disk full, permissions, a damaged store: not this episode's fault
                 self.error = f"commit of {len(keep)} episode(s) failed: {type(err).__name__}: {err}"
@@ -345,6 +407,10 @@ class EpisodeWriter:
         if self.error:
             log.info("episode writer: commits succeed again")
             self.error = ""
+        for (key, _, _, _), index in zip(keep, indices, strict=True):
+            self._committed_index[key] = index
+        while len(self._committed_index) > MAX_COMMITTED_KEYS:
+            self._committed_index.popitem(last=False)
         with self._stats_lock:  # steps first: whoever sees the episode count sees its steps
             self.stats.steps_logged += steps
             self.stats.episodes_committed += len(keep)

@@ -637,6 +637,18 @@ class EpisodeStore:
             episode._close()
         return list(range(first_index, first_index + len(finished)))
 
+    def update_extra(self, index: int, update: Callable[[dict], None]) -> None:
+        """Change a committed episode's `extra` metadata in place: `update(extra)` edits the dict. For what
+        arrives after an episode may be committed (an operator's note, a discarded correction). The chunk
+        of meta/extra holding it is rewritten atomically: a crash leaves the old value or the new one."""
+        if not self.writable:
+            raise StoreError(f"{self.path} is not open for writing")
+        with self._commit_lock:
+            index = self._check_index(index)
+            extra = self.episode_meta(index).extra
+            update(extra)
+            self._array("meta/extra")[index] = json.dumps(extra)
+
     # -- reading ---------------------------------------------------------------------------------
 
     @property

@@ -8,11 +8,13 @@ ignores them (policies/models/encoders.py: chunk_loss). The sample's weight is i
 The zero-motion holds that open a human takeover (policies/data/weighting.py: takeover_holds) are
 found on the actions as the robot logged them, and left out: no window is anchored at one, and every
 window masks them out of its loss like padding. Steps whose label the weighting gives 0 (robot steps
-under hg_dagger) are left out the same way.
+under hg_dagger) are left out the same way, and so are corrections their operator discarded (the
+console's "discard my last correction": the episode's metadata lists them, `extra["discarded"]`).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +35,8 @@ class EpisodeData:
     steps: dict[str, np.ndarray]  # obs keys, "action", "goal" (if any), "label"
     episode_ends: np.ndarray
     sources: list[tuple[str, int]] = field(default_factory=list)  # (store path, episode index) per episode
-    holds: np.ndarray | None = None  # per step: a takeover's opening hold, left out of training
+    holds: np.ndarray | None = None  # per step: left out of training (takeover holds, discarded corrections)
+    discarded: int = 0  # steps of discarded corrections among the holds
 
     @property
     def num_episodes(self) -> int:
@@ -49,7 +52,8 @@ class EpisodeData:
             "episodes": self.num_episodes,
             "steps": int(self.episode_ends[-1]) if self.num_episodes else 0,
             "labels": dict(labels),
-            "takeover_holds": int(self.holds.sum()) if self.holds is not None else 0,
+            "takeover_holds": int(self.holds.sum()) - self.discarded if self.holds is not None else 0,
+            "discarded_steps": self.discarded,
         }
 
 
@@ -75,6 +79,7 @@ def load_episodes(
             )
         labels = store.labels()
         start_times = store.meta_column("start_time")
+        extras = store.meta_column("extra")
         for index, (start, end) in enumerate(
             zip(np.r_[0, store.episode_ends[:-1]], store.episode_ends, strict=True)
         ):
@@ -87,7 +92,7 @@ def load_episodes(
                     is_demo=bool(np.all(episode_labels == ControlLabel.DEMO)),
                 )
             )
-            where.append((store, index, float(start_times[index])))
+            where.append((store, index, float(start_times[index]), discarded_ranges(extras[index])))
     kept = select_episodes(records, memory, budget_steps, keep_demos)
     if not kept:
         raise ValueError(
@@ -97,7 +102,7 @@ def load_episodes(
     keys = wanted + (["goal"] if has_goal else [])
     chunks: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     for i in kept:
-        store, index, _ = where[i]
+        store, index, _, _ = where[i]
         episode = store.episode(index, keys=keys)
         for key in keys:
             chunks[key].append(episode[key])
@@ -106,12 +111,32 @@ def load_episodes(
     episode_ends = np.cumsum(lengths).astype(np.int64)
     # Before the trainer converts actions (e.g. to targets), while a hold is still a zero action.
     holds = takeover_holds(steps["label"], steps["action"], episode_ends)
+    discarded = np.zeros_like(holds)
+    for i, end in zip(kept, episode_ends, strict=True):
+        start = end - records[i].length
+        for first, last in where[i][3]:
+            discarded[start + max(first, 0) : start + min(last, records[i].length)] = True
+    holds |= discarded
     return EpisodeData(
         steps=steps,
         episode_ends=episode_ends,
         holds=holds,
+        discarded=int(discarded.sum()),
         sources=[(str(where[i][0].path), where[i][1]) for i in kept],
     )
+
+
+def discarded_ranges(extra: str) -> list[tuple[int, int]]:
+    """[first, end) step ranges of an episode's discarded corrections, from its `extra` metadata JSON."""
+    try:
+        meta = json.loads(str(extra) or "{}")
+    except ValueError:
+        return []  # not ours (the store checks its own metadata when reading episodes)
+    entries = meta.get("discarded", []) if isinstance(meta, dict) else []
+    try:
+        return [(int(entry["start"]), int(entry["end"])) for entry in entries]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"an episode's discarded corrections are malformed ({entries!r}): {err}") from None
 
 
 def split_episodes(num_episodes: int, val_ratio: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -229,7 +229,7 @@ class RobotMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[RobotHello, _Mapping]] = ..., episode_start: _Optional[_Union[EpisodeStart, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., episode_end: _Optional[_Union[EpisodeEnd, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("ack_seq", "mode", "action", "operator_id", "reset", "policy_version", "estop", "message", "committed_seq", "action_seq")
+    __slots__ = ("ack_seq", "mode", "action", "operator_id", "reset", "policy_version", "estop", "message", "committed_seq", "action_seq", "input_stopped")
     ACK_SEQ_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class Command(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_SEQ_FIELD_NUMBER: _ClassVar[int]
     ACTION_SEQ_FIELD_NUMBER: _ClassVar[int]
+    INPUT_STOPPED_FIELD_NUMBER: _ClassVar[int]
     ack_seq: int
     mode: Mode
     action: Tensor
@@ -250,7 +251,8 @@ class Command(_message.Message):
     message: str
     committed_seq: int
     action_seq: int
-    def __init__(self, ack_seq: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., operator_id: _Optional[str] = ..., reset: _Optional[bool] = ..., policy_version: _Optional[str] = ..., estop: _Optional[bool] = ..., message: _Optional[str] = ..., committed_seq: _Optional[int] = ..., action_seq: _Optional[int] = ...) -> None: ...
+    input_stopped: bool
+    def __init__(self, ack_seq: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., operator_id: _Optional[str] = ..., reset: _Optional[bool] = ..., policy_version: _Optional[str] = ..., estop: _Optional[bool] = ..., message: _Optional[str] = ..., committed_seq: _Optional[int] = ..., action_seq: _Optional[int] = ..., input_stopped: _Optional[bool] = ...) -> None: ...
 
 class OperatorHello(_message.Message):
     __slots__ = ("operator_id", "boot_id")

@@ -47,6 +47,24 @@ JOBS: dict[str, Job] = {
         "fleet.store.inspect:InfoConfig",
         positional="path",
     ),
+    "export": Job(
+        "fleet.io.jobs:export",
+        "export an episode store to Diffusion Policy (zarr format 2) or LeRobotDataset v3.0",
+        "fleet.io.jobs:ExportConfig",
+        positional="path",
+    ),
+    "import": Job(
+        "fleet.io.jobs:import_",
+        "import a Diffusion Policy or LeRobotDataset v3.0 dataset into a new episode store",
+        "fleet.io.jobs:ImportConfig",
+        positional="path",
+    ),
+    "view": Job(
+        "fleet.io.jobs:view",
+        "one episode as an mp4 and a plot, control labels coloured",
+        "fleet.io.jobs:ViewConfig",
+        positional="path",
+    ),
     "train": Job(
         "policies.train:run",
         "train a policy (diffusion, gc_diffusion, mlp) by weighted BC on episode stores",

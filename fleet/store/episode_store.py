@@ -1,6 +1,8 @@
 """The episode store: every step a robot or a human took, in one zarr (v3) group on disk.
 
-Layout (a superset of the Diffusion Policy replay buffer, so its readers work unchanged):
+Layout (Diffusion Policy's replay-buffer layout, plus per-episode metadata; but zarr format 3, which DP's
+readers cannot open: they use zarr-python 2. `flotilla export STORE format=diffusion_policy` writes the
+format-2 copy they read, fleet/io/diffusion_policy.py):
 
     data/<key>            all committed episodes concatenated along time, one array per step key
     meta/episode_ends     cumulative end index of each committed episode (int64)
@@ -448,6 +450,8 @@ class EpisodeStore:
             self._load()
 
     def _load(self) -> None:
+        if hint := _foreign_dataset_hint(self.path):
+            raise StoreError(hint)
         if not (self.path / "zarr.json").is_file():
             if (self.path / "meta").exists():
                 raise StoreCorruptError(
@@ -865,6 +869,29 @@ def _unit(name: str) -> str:
 
 def _schema_json(schema: Schema | None) -> dict | None:
     return None if schema is None else {key: spec.to_json() for key, spec in schema.items()}
+
+
+def _foreign_dataset_hint(path: Path) -> str:
+    """'' unless `path` holds another tool's dataset rather than an episode store; then one line saying
+    which and how to import it (fleet/io)."""
+    if (path / "meta" / "info.json").is_file() and not (path / "zarr.json").is_file():
+        kind = ("a LeRobot dataset", "lerobot")
+    elif (path / ".zgroup").is_file():
+        kind = ("a zarr format-2 group (a Diffusion Policy replay buffer?)", "diffusion_policy")
+    elif (path / "zarr.json").is_file() and (path / "meta" / "episode_ends" / "zarr.json").is_file():
+        try:
+            foreign = ATTRS_KEY not in json.loads((path / "zarr.json").read_bytes()).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            foreign = False
+        kind = ("a Diffusion Policy replay buffer", "diffusion_policy") if foreign else None
+    else:
+        kind = None
+    if kind is None:
+        return ""
+    return (
+        f"{path} is {kind[0]}, not a Flotilla episode store; import it first: "
+        f"flotilla import {path} format={kind[1]} out=STORE"
+    )
 
 
 def _has_entries(path: Path) -> bool:

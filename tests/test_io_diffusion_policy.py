@@ -1,0 +1,224 @@
+"""Diffusion Policy export and import: the export read by zarr-python 2 the way DP's ReplayBuffer and
+SequenceSampler read it (in a throwaway venv with zarr<3 from the package registry), round trips, and a
+Push-T-style dataset imported and trained on."""
+
+import json
+import subprocess
+import venv
+
+import numpy as np
+import pytest
+import zarr
+
+from fleet.labels import ControlLabel
+from fleet.store import EpisodeStore
+from tests.io_data import make_store
+from tests.test_cli import flotilla
+
+# What DP's ReplayBuffer.copy_from_path / create_from_path do with zarr 2 (zarr.open, zarr.MemoryStore,
+# zarr.copy_store, group.items(), the length assert), then SequenceSampler-style windows over episodes.
+DP_READER = r"""
+import json, sys
+import numpy as np
+import zarr
+
+path, keys = sys.argv[1], sys.argv[2].split(",")
+src = zarr.open(path, "r")                                   # create_from_path(mode="r")
+assert "data" in src and "meta" in src and "episode_ends" in src["meta"], "not a replay buffer"
+store = zarr.MemoryStore()                                   # copy_from_path(store=zarr.MemoryStore())
+root = zarr.group(store=store)
+zarr.copy_store(source=src.store, dest=store, source_path="/meta", dest_path="/meta")
+data = root.create_group("data", overwrite=True)
+for key in keys:
+    if key == "img":  # DP recompresses a key whose compressor differs from its config: zarr.copy
+        zarr.copy(source=src["data"][key], dest=data, name=key, chunks=src["data"][key].chunks)
+    else:
+        zarr.copy_store(source=src.store, dest=store, source_path="/data/" + key, dest_path="/data/" + key)
+ends = root["meta"]["episode_ends"][:]
+for key, value in root["data"].items():                      # ReplayBuffer.__init__'s check
+    assert value.shape[0] == ends[-1], (key, value.shape, ends[-1])
+windows, horizon = 0, 4                                      # SequenceSampler.create_indices + sample
+for start, end in zip(np.r_[0, ends[:-1]], ends):
+    for i in range(start, end - horizon + 1):
+        sample = {key: root["data"][key][i : i + horizon] for key in keys}
+        windows += 1
+out = {key: {"shape": list(root["data"][key].shape), "dtype": str(root["data"][key].dtype),
+             "sum": float(np.asarray(root["data"][key][:], dtype=np.float64).sum())} for key in keys}
+print(json.dumps({"zarr": zarr.__version__, "ends": ends.tolist(), "windows": windows, "arrays": out}))
+"""
+
+
+@pytest.fixture(scope="session")
+def zarr2_python(tmp_path_factory):
+    """A Python with zarr-python 2 (what DP pins), from the package registry; ~10 s with pip's cache."""
+    home = tmp_path_factory.mktemp("zarr2_venv")
+    venv.create(home, with_pip=True)
+    python = home / "bin" / "python"
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "zarr>=2.12,<3", "numcodecs"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return python
+
+
+def dp_read(python, path, keys) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [python, "-c", DP_READER, str(path), ",".join(keys)], capture_output=True, text=True, timeout=300
+    )
+
+
+def dp(job: str, src, out, *args: str, check: bool = True):
+    """`flotilla export|import SRC format=diffusion_policy out=OUT ...` in a subprocess."""
+    return flotilla(
+        job, str(src), "format=diffusion_policy", f"out={out}", "progress=false", *args, check=check
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    with make_store(tmp_path / "fleet.zarr", cameras=("front", "wrist")) as store:
+        yield store
+
+
+def test_zarr2_reads_the_export_as_diffusion_policy_does_but_not_the_store(zarr2_python, store, tmp_path):
+    out = tmp_path / "dp.zarr"
+    dp("export", store.path, out)
+    keys = ["action", "state", "img", "label", "goal", "wrist_rgb"]
+    result = dp_read(zarr2_python, out, keys)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got["zarr"].startswith("2.")
+    assert got["ends"] == store.episode_ends.tolist()
+    assert got["windows"] == sum(int(n) - 3 for n in np.diff(store.episode_ends, prepend=0))
+    steps = {key: np.concatenate([store.episode(i)[key] for i in range(len(store))]) for key in store.schema}
+    state = np.concatenate(
+        [steps[k].reshape(len(steps["action"]), -1) for k in ("ee_pos", "gripper", "object_to_goal")], 1
+    )
+    expected = {
+        "action": steps["action"],
+        "state": state,
+        "img": steps["front_rgb"],
+        "label": steps["label"],
+        "goal": steps["goal"],
+        "wrist_rgb": steps["wrist_rgb"],
+    }
+    for key, values in expected.items():
+        assert got["arrays"][key]["shape"] == list(values.shape), key
+        assert got["arrays"][key]["dtype"] == str(values.dtype), key
+        assert got["arrays"][key]["sum"] == pytest.approx(float(values.astype(np.float64).sum()), rel=1e-6), (
+            key
+        )
+    # The episode store itself (zarr format 3) is what DP's zarr-2 readers cannot open: the issue's bug.
+    result = dp_read(zarr2_python, store.path, ["action"])
+    assert result.returncode != 0
+
+
+def test_export_then_import_gives_the_store_back(store, tmp_path):
+    dp("export", store.path, tmp_path / "dp.zarr")
+    dp("import", tmp_path / "dp.zarr", tmp_path / "back.zarr")
+    with EpisodeStore.open(tmp_path / "back.zarr") as back:
+        assert back.schema == store.schema
+        assert back.episode_ends.tolist() == store.episode_ends.tolist()
+        for i in range(len(store)):
+            original, restored = store.episode(i), back.episode(i)
+            for key in store.schema:
+                np.testing.assert_array_equal(restored[key], original[key], err_msg=key)
+            a, b = store.episode_meta(i), back.episode_meta(i)
+            assert (b.task, b.robot_id, b.success, b.outcome, b.extra) == (
+                a.task,
+                a.robot_id,
+                a.success,
+                a.outcome,
+                a.extra,
+            )
+
+
+def test_export_state_keys_and_camera_choose_the_mapping(store, tmp_path):
+    out = tmp_path / "dp.zarr"
+    dp("export", store.path, out, "state_keys=[gripper,ee_pos]", "camera=wrist")
+    root = zarr.open_group(str(out), mode="r", zarr_format=2)
+    first = store.episode(0)
+    np.testing.assert_array_equal(
+        root["data"]["state"][:3], np.concatenate([first["gripper"], first["ee_pos"]], 1)[:3]
+    )
+    np.testing.assert_array_equal(root["data"]["img"][:3], first["wrist_rgb"][:3])
+    assert "front_rgb" in root["data"] and "wrist_rgb" not in root["data"]
+    # Bad mappings and an existing output are one line naming the problem.
+    bad = dp("export", store.path, tmp_path / "x.zarr", "state_keys=[nope]", check=False)
+    assert bad.returncode == 2 and "nope" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    again = dp("export", store.path, out, check=False)
+    assert again.returncode == 2 and "overwrite=true" in again.stderr
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.partial").exists()
+
+
+def write_pusht(path, zarr_format: int, episodes=4, length=20, float_scale=255.0):
+    """A Push-T-style replay buffer as DP ships it: float32 img in [0, 255], state (5), keypoint (9, 2), action (2)."""
+    rng = np.random.default_rng(1)
+    total = episodes * length
+    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    data = root.create_group("data")
+    images = rng.integers(0, 256, size=(total, 16, 16, 3)).astype(np.float32)
+    arrays = {
+        "img": images / 255.0 * float_scale,
+        "state": rng.normal(size=(total, 5)).astype(np.float32),
+        "keypoint": rng.normal(size=(total, 9, 2)).astype(np.float32),
+        "action": rng.normal(size=(total, 2)).astype(np.float32),
+    }
+    for key, values in arrays.items():
+        data.create_array(key, shape=values.shape, dtype=values.dtype)[:] = values
+    root.create_group("meta").create_array("episode_ends", shape=(episodes,), dtype=np.int64)[:] = (
+        np.arange(1, episodes + 1) * length
+    )
+    return arrays, images.astype(np.uint8)
+
+
+@pytest.mark.parametrize("zarr_format,scale", [(2, 255.0), (3, 1.0)])
+def test_import_pusht_style(tmp_path, zarr_format, scale):
+    arrays, images = write_pusht(tmp_path / "pusht.zarr", zarr_format, float_scale=scale)
+    dp("import", tmp_path / "pusht.zarr", tmp_path / "s.zarr")
+    with EpisodeStore.open(tmp_path / "s.zarr") as store:
+        assert store.num_episodes == 4 and store.num_steps == 80
+        assert set(store.schema) == {"front_rgb", "state", "keypoint", "action", "label", "timestamp"}
+        steps = {key: np.concatenate([store.episode(i)[key] for i in range(4)]) for key in store.schema}
+        np.testing.assert_array_equal(steps["front_rgb"], images)
+        np.testing.assert_array_equal(steps["keypoint"], arrays["keypoint"])
+        assert np.all(steps["label"] == ControlLabel.DEMO)
+        np.testing.assert_allclose(np.diff(store.episode(0)["timestamp"]), 0.1)
+        assert store.episode_meta(0).extra["control_hz"] == 10
+
+
+def test_info_and_train_on_a_dp_dataset_point_at_import(tmp_path):
+    write_pusht(tmp_path / "pusht.zarr", 2)
+    for job, arg in (("info", str(tmp_path / "pusht.zarr")), ("train", f"data={tmp_path / 'pusht.zarr'}")):
+        result = flotilla(job, arg, check=False)
+        assert result.returncode == 2, result.stderr
+        assert "flotilla import" in result.stderr and "format=diffusion_policy" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_bad_dp_inputs_get_one_line_errors(tmp_path):
+    write_pusht(tmp_path / "pusht.zarr", 3)
+    root = zarr.open_group(str(tmp_path / "pusht.zarr"), mode="a")
+    root["data"].create_array("short", shape=(3,), dtype=np.float32)
+    result = dp("import", tmp_path / "pusht.zarr", tmp_path / "s.zarr", check=False)
+    assert result.returncode == 2 and "data/short has 3 steps" in result.stderr
+    assert not (tmp_path / "s.zarr").exists()
+    result = dp("import", tmp_path / "nothing", tmp_path / "s.zarr", check=False)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_on_an_imported_pusht_dataset(tmp_path):
+    """The two commands a DP user runs: import, then train (with the camera, on the imported state)."""
+    write_pusht(tmp_path / "pusht.zarr", 2, episodes=6)
+    dp("import", tmp_path / "pusht.zarr", tmp_path / "s.zarr")
+    out = tmp_path / "run"
+    result = flotilla(
+        "train", f"data={tmp_path / 's.zarr'}", f"out={out}", "task.obs_keys=[state]", "action_space.kind=delta",
+        "cameras=true", "policy.down_dims=[16,32,64]", "steps=4", "batch_size=4", "val_every=2",
+        "checkpoint_every=2", "progress=false", "tensorboard=false", "threads=1",
+    )  # fmt: skip
+    config = json.loads((out / "checkpoints" / "latest" / "config.json").read_text())
+    assert config["training"]["episodes"] == 6 and config["step"] == 4, result.stdout

@@ -1,0 +1,251 @@
+"""ROS 2 topics over DDS without a ROS install (cyclonedds' Python binding): what rmw_cyclonedds_cpp puts on
+the wire, so a robot computer without ROS runs the same agent, and ROS 2 nodes see its topics.
+
+What ROS 2 (Jazzy) does, reproduced here:
+- topic `/a/b` is the DDS topic `rt/a/b`; message `pkg/msg/T` is the DDS type `pkg::msg::dds_::T_`;
+- samples are XCDR1 (plain CDR, little endian, 4-byte encapsulation header), structures as in the .msg;
+- QoS profiles: default (reliable, volatile, keep last 10), sensor data (best effort, volatile, keep last
+  5), latched (reliable, transient local, keep last 1);
+- each reader and writer carries `typehash=RIHS01_<sha256>;` in its USER_DATA (Jazzy's type hash, which
+  rosbags computes from the message definition): Jazzy nodes compare it when matching.
+
+The IDL types are generated from rosbags' ROS 2 Jazzy message definitions (one source of the message
+layouts for the rosbag2 import, the tests and this wire). Received samples keep their wire bytes
+(`wire_bytes(sample)`); a test compares them with rosbags' serialization.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from cyclonedds.core import Listener, Qos
+from cyclonedds.domain import Domain, DomainParticipant
+from cyclonedds.idl import IdlStruct, make_idl_struct
+from cyclonedds.idl import types as t
+from cyclonedds.pub import DataWriter
+from cyclonedds.qos import Policy
+from cyclonedds.sub import DataReader
+from cyclonedds.topic import Topic
+
+log = logging.getLogger(__name__)
+
+# rosbags base type -> cyclonedds IDL type (string is handled apart: bounded or not).
+_BASE = {
+    "bool": bool,
+    "byte": t.byte,
+    "char": t.uint8,  # ROS 2 `char` is uint8
+    "int8": t.int8,
+    "uint8": t.uint8,
+    "int16": t.int16,
+    "uint16": t.uint16,
+    "int32": t.int32,
+    "uint32": t.uint32,
+    "int64": t.int64,
+    "uint64": t.uint64,
+    "float32": t.float32,
+    "float64": t.float64,
+}
+
+# One loopback-only domain configuration (tests, benchmarks, a robot computer talking to itself):
+# no multicast, unicast discovery to 127.0.0.1.
+LOOPBACK_CONFIG = """<CycloneDDS><Domain id="any"><General>
+<Interfaces><NetworkInterface address="127.0.0.1"/></Interfaces><AllowMulticast>false</AllowMulticast>
+</General><Discovery><ParticipantIndex>auto</ParticipantIndex><MaxAutoParticipantIndex>30</MaxAutoParticipantIndex>
+<Peers><Peer address="127.0.0.1"/></Peers></Discovery></Domain></CycloneDDS>"""
+
+
+def _deserialize_keeping_bytes(cls, data: bytes, has_header: bool = True, use_version_2=None):
+    """IdlStruct.deserialize, remembering the serialized bytes the sample was decoded from."""
+    sample = cls.__idl__.deserialize(data, has_header=has_header, use_version_2=use_version_2)
+    sample._wire_bytes = data
+    return sample
+
+
+def wire_bytes(sample) -> bytes:
+    """The bytes a received sample arrived as (encapsulation header + CDR)."""
+    return sample._wire_bytes
+
+
+@functools.cache
+def _typestore():
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.ROS2_JAZZY)
+
+
+def dds_type_name(ros_type: str) -> str:
+    """ "sensor_msgs/msg/Image" -> "sensor_msgs::msg::dds_::Image_" (rmw's naming)."""
+    package, kind, name = ros_type.split("/")
+    return f"{package}::{kind}::dds_::{name}_"
+
+
+def type_hash(ros_type: str) -> str:
+    """Jazzy's RIHS01 type hash of a message type."""
+    return _typestore().hash_rihs01(ros_type)
+
+
+@functools.cache
+def idl_type(ros_type: str) -> type[IdlStruct]:
+    """The cyclonedds struct for a ROS 2 message type, built from its Jazzy definition."""
+    _constants, fielddefs = _typestore().fielddefs[ros_type]
+    cls = make_idl_struct(
+        ros_type.rsplit("/", 1)[1] + "_",
+        dds_type_name(ros_type),
+        {name: _idl_field(desc) for name, desc in fielddefs},
+    )
+    cls.deserialize = classmethod(_deserialize_keeping_bytes)  # (a base class would join the XTypes info)
+    return cls
+
+
+def _idl_field(desc) -> Any:
+    kind, rest = desc
+    if kind.name == "BASE":
+        name, bound = rest
+        if name == "string":
+            return t.bounded_str[bound] if bound else str
+        if name not in _BASE:
+            raise ValueError(f"ROS base type {name!r} is not supported on the DDS transport")
+        return _BASE[name]
+    if kind.name == "NAME":
+        return idl_type(rest)
+    element, size = rest
+    if kind.name == "ARRAY":
+        return t.array[_idl_field(element), size]
+    return t.sequence[_idl_field(element), size] if size else t.sequence[_idl_field(element)]
+
+
+def to_idl(msg, ros_type: str):
+    """Any message with the ROS field names (a rosbags dataclass, one built by fleet.ros2.messages) ->
+    the cyclonedds struct; numpy arrays become the sequences cyclonedds serializes (bytes for uint8[])."""
+    cls = idl_type(ros_type)
+    _constants, fielddefs = _typestore().fielddefs[ros_type]
+    values = {}
+    for name, (kind, rest) in fielddefs:
+        value = getattr(msg, name)
+        if kind.name == "NAME":
+            value = to_idl(value, rest)
+        elif kind.name in ("ARRAY", "SEQUENCE"):
+            element_kind, element = rest[0]
+            if element_kind.name == "NAME":
+                value = [to_idl(item, element) for item in value]
+            elif element[0] in ("uint8", "byte", "char"):
+                value = bytes(np.asarray(value, np.uint8)) if isinstance(value, np.ndarray) else bytes(value)
+            elif isinstance(value, np.ndarray):
+                value = value.tolist()
+            else:
+                value = list(value)
+        values[name] = value
+    return cls(**values)
+
+
+# -- QoS (rclpy's profiles) --------------------------------------------------------------------------------
+
+QOS_PROFILES = ("default", "sensor_data", "latched")
+
+
+def ros_qos(profile: str, ros_type: str) -> Qos:
+    if profile not in QOS_PROFILES:
+        raise ValueError(f"QoS profile {profile!r}: use one of {', '.join(QOS_PROFILES)}")
+    policies = {
+        "default": [Policy.Reliability.Reliable(max_blocking_time=100_000_000), Policy.Durability.Volatile],
+        "sensor_data": [Policy.Reliability.BestEffort, Policy.Durability.Volatile],
+        "latched": [
+            Policy.Reliability.Reliable(max_blocking_time=100_000_000),
+            Policy.Durability.TransientLocal,
+        ],
+    }[profile]
+    depth = {"default": 10, "sensor_data": 5, "latched": 1}[profile]
+    return Qos(
+        *policies,
+        Policy.History.KeepLast(depth),
+        Policy.DataRepresentation(use_cdrv0_representation=True),  # XCDR1, as rmw_cyclonedds
+        Policy.Userdata(f"typehash={type_hash(ros_type)};".encode()),
+    )
+
+
+def dds_topic_name(topic: str) -> str:
+    """ "/joint_states" -> "rt/joint_states"; a relative name is taken from the root namespace."""
+    if not topic or topic.startswith("~"):
+        raise ValueError(f"topic {topic!r}: resolve private names (~/...) before asking for DDS names")
+    return "rt/" + topic.lstrip("/")
+
+
+def free_domain_id() -> int:
+    """A DDS domain id for this process's tests (1..200): parallel runs on one machine do not meet."""
+    return 1 + os.getpid() % 200
+
+
+_DOMAINS: dict[int, tuple[Domain, str]] = {}
+_DOMAINS_LOCK = threading.Lock()
+
+
+def _configured_domain(domain_id: int, config: str) -> None:
+    """Create domain `domain_id` with `config` (instead of $CYCLONEDDS_URI's), once per process: cyclonedds
+    refuses a second one; a different config for the same domain is an error."""
+    with _DOMAINS_LOCK:
+        if domain_id in _DOMAINS:
+            if _DOMAINS[domain_id][1] != config:
+                raise ValueError(f"DDS domain {domain_id} already runs with another configuration here")
+            return
+        _DOMAINS[domain_id] = (Domain(domain_id, config), config)
+
+
+class DdsTransport:
+    """One DDS participant: publishers and subscriptions on ROS 2 topics. Callbacks run on cyclonedds'
+    listener threads; keep them short (the node's logic converts and stores, the timer does the rest)."""
+
+    def __init__(self, domain_id: int = 0, config: str | None = None):
+        if config:
+            _configured_domain(domain_id, config)
+        self.participant = DomainParticipant(domain_id)
+        self._topics: dict[str, Topic] = {}
+        self._entities: list = []
+        self._lock = threading.Lock()
+
+    def _topic(self, topic: str, ros_type: str) -> Topic:
+        name = dds_topic_name(topic)
+        with self._lock:
+            if name not in self._topics:
+                self._topics[name] = Topic(self.participant, name, idl_type(ros_type))
+            return self._topics[name]
+
+    def publisher(self, topic: str, ros_type: str, qos: str = "default") -> Callable[[Any], None]:
+        """publish(msg) for `topic` (msg: any object with the ROS fields)."""
+        writer = DataWriter(self.participant, self._topic(topic, ros_type), qos=ros_qos(qos, ros_type))
+        self._entities.append(writer)
+
+        def publish(msg) -> None:
+            writer.write(msg if isinstance(msg, IdlStruct) else to_idl(msg, ros_type))
+
+        publish.writer = writer
+        return publish
+
+    def subscribe(self, topic: str, ros_type: str, callback: Callable[[Any], None], qos: str = "default"):
+        """callback(sample) for every sample (a cyclonedds struct with the ROS field names)."""
+
+        def on_data_available(reader) -> None:
+            for sample in reader.take(N=64):
+                try:
+                    callback(sample)
+                except Exception:  # a bad message must not kill the listener thread
+                    log.exception("DDS %s: callback failed", topic)
+
+        reader = DataReader(
+            self.participant,
+            self._topic(topic, ros_type),
+            qos=ros_qos(qos, ros_type),
+            listener=Listener(on_data_available=on_data_available),
+        )
+        self._entities.append(reader)
+        return reader
+
+    def close(self) -> None:
+        self._entities.clear()
+        self._topics.clear()
+        self.participant = None

@@ -1,0 +1,165 @@
+"""The robot node on DDS without ROS: RobotNodeLogic's topics through DdsTransport, its tick on a timer.
+
+    python -m fleet.ros2.runner ros_ws/src/flotilla_ros/config/robot.yaml [--domain 0] [--loopback]
+
+reads the same parameter file as `ros2 launch flotilla_ros robot.launch.py` (`<node>: ros__parameters:`),
+so a robot computer without ROS joins the fleet with the ROS package's configuration. The node's private
+names (`~/protective_stop`) resolve under `/<robot_id>/flotilla_robot`, as the launch file names the node.
+Runs until SIGINT/SIGTERM, then stops cleanly (hold published, episode ended, fleet session flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fleet.ros2 import dds
+from fleet.ros2.node import RobotNodeLogic, RosRobotConfig, config_from_params, default_agent
+
+log = logging.getLogger(__name__)
+
+NODE_NAME = "flotilla_robot"  # the launch files' node name (ros_ws/src/flotilla_ros/launch)
+OUTPUT_TYPES = {
+    "float64_multi_array": "std_msgs/msg/Float64MultiArray",
+    "joint_trajectory": "trajectory_msgs/msg/JointTrajectory",
+    "twist_stamped": "geometry_msgs/msg/TwistStamped",
+}
+
+
+def resolve(topic: str, robot_id: str) -> str:
+    """ROS name resolution for the node `/<robot_id>/flotilla_robot`: "~/x" is private, "x" is in the
+    robot's namespace, "/x" is absolute."""
+    if topic.startswith("~"):
+        return f"/{robot_id}/{NODE_NAME}{topic[1:]}"
+    return topic if topic.startswith("/") else f"/{robot_id}/{topic}"
+
+
+class DdsRobotNode:
+    """RobotNodeLogic on DDS. `timing` records each tick: (start on the monotonic clock, sensor -> command
+    latency in seconds: command published minus the stamp of the joint state it used)."""
+
+    def __init__(
+        self,
+        config: RosRobotConfig,
+        transport: dds.DdsTransport,
+        make_agent: Callable = default_agent,
+    ):
+        self.config, self.transport = config, transport
+        self.logic = RobotNodeLogic(config, make_agent)
+        self.timing: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        rid = config.robot_id
+        transport.subscribe(
+            resolve(config.joint_states_topic, rid),
+            "sensor_msgs/msg/JointState",
+            self.logic.sensors.on_joint_state,
+            "sensor_data",
+        )
+        for name, topic in zip(config.camera_names, config.camera_topics, strict=True):
+            kind = "CompressedImage" if topic.endswith("/compressed") else "Image"
+            transport.subscribe(
+                resolve(topic, rid),
+                f"sensor_msgs/msg/{kind}",
+                lambda msg, name=name: self.logic.sensors.on_image(name, msg),
+                "sensor_data",
+            )
+        transport.subscribe(
+            resolve(config.protective_stop_topic, rid),
+            "std_msgs/msg/Bool",
+            self.logic.on_protective_stop,
+            "latched",
+        )
+        self._publishers = {
+            config.command_topic: transport.publisher(
+                resolve(config.command_topic, rid), OUTPUT_TYPES[config.output]
+            )
+        }
+        if config.gripper_topic:
+            self._publishers[config.gripper_topic] = transport.publisher(
+                resolve(config.gripper_topic, rid), "std_msgs/msg/Float64MultiArray"
+            )
+
+    def start(self) -> DdsRobotNode:
+        """configure (policy, fleet session) + activate, then the control timer."""
+        self.logic.configure()
+        self.logic.activate()
+        self._thread = threading.Thread(target=self._loop, name=f"tick-{self.config.robot_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _publish(self, tick) -> None:
+        if tick is not None and tick.published:
+            for topic, msg in tick.commands:
+                self._publishers[topic](msg)
+
+    def _loop(self) -> None:
+        period = self.config.period_s
+        deadline = time.monotonic()
+        while not self._stop.is_set():
+            wait = deadline - time.monotonic()
+            if wait > 0:
+                self._stop.wait(wait)
+                continue
+            started = time.monotonic()
+            try:
+                tick = self.logic.tick()
+                self._publish(tick)
+            except Exception:
+                log.exception("robot %s: control tick failed", self.config.robot_id)
+                tick = None
+            joints = self.logic.sensors.latest("joints")
+            latency = time.time() - joints.stamp if joints is not None and tick and tick.published else np.nan
+            self.timing.append((started, latency))
+            deadline += period
+            if deadline < time.monotonic():  # overran: skip the missed ticks rather than burst
+                deadline = time.monotonic()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._publish(self.logic.shutdown(timeout))
+
+
+def load_params(path: str | Path) -> dict:
+    """The first node's `ros__parameters` of a ROS 2 parameter file."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for node in data.values():
+        if isinstance(node, dict) and "ros__parameters" in node:
+            return dict(node["ros__parameters"])
+    raise ValueError(f"{path}: no '<node>: ros__parameters:' section")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("params", help="a ROS 2 parameter file (the ROS package's config/*.yaml)")
+    parser.add_argument("--domain", type=int, default=0, help="DDS domain id (ROS_DOMAIN_ID)")
+    parser.add_argument("--loopback", action="store_true", help="DDS on 127.0.0.1 only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        config = config_from_params(load_params(args.params))
+    except ValueError as err:
+        parser.exit(2, f"flotilla ros: {err}\n")
+    transport = dds.DdsTransport(args.domain, dds.LOOPBACK_CONFIG if args.loopback else None)
+    node = DdsRobotNode(config, transport).start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    node.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""ROS 2's wire without ROS (fleet/ros2/dds.py): the DDS types, names and QoS rmw_cyclonedds uses, bytes
+equal to rosbags' CDR, and end to end on loopback: a pybullet Panda in its own process publishing
+JointState (100 Hz) and Image (30 Hz) as ROS 2 topics, the robot node subscribed through DDS, its
+Float64MultiArray commands moving the simulated robot, and the fleet server logging the episode."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from rosbags.typesys import Stores, get_typestore
+
+from fleet.ros2 import dds
+from fleet.ros2 import messages as m
+from fleet.ros2.node import config_from_params, default_agent
+from fleet.ros2.runner import DdsRobotNode, load_params, resolve
+from fleet.store import EpisodeStore
+from tests.fleet_harness import ROOT, wait_until
+from tests.ros_harness import CAMERA, COMMANDS, JOINT_STATES, panda_params
+
+TS = get_typestore(Stores.ROS2_JAZZY)
+DOMAIN = dds.free_domain_id()
+
+
+def cdr(msg) -> bytes:
+    return bytes(TS.serialize_cdr(msg, msg.__msgtype__))
+
+
+def padded(raw: bytes) -> bytes:
+    """RTPS carries a serialized payload padded to a multiple of 4 bytes."""
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def test_names_qos_and_type_hash():
+    assert dds.dds_type_name("sensor_msgs/msg/Image") == "sensor_msgs::msg::dds_::Image_"
+    assert dds.idl_type("sensor_msgs/msg/Image").__idl_typename__ == "sensor_msgs::msg::dds_::Image_"
+    assert dds.dds_topic_name("/joint_states") == "rt/joint_states"
+    assert resolve("~/protective_stop", "r1") == "/r1/flotilla_robot/protective_stop"
+    assert resolve("joint_states", "r1") == "/r1/joint_states" and resolve("/a", "r1") == "/a"
+    # Jazzy's published hash of sensor_msgs/msg/Image (rosidl, sensor_msgs/msg/Image.json).
+    assert dds.type_hash("sensor_msgs/msg/Image") == (
+        "RIHS01_d31d41a9a4c4bc8eae9be757b0beed306564f7526c88ea6a4588fb9582527d47"
+    )
+    qos = dds.ros_qos("sensor_data", "sensor_msgs/msg/Image")
+    assert b"typehash=RIHS01_d31d41a9" in bytes(qos[dds.Policy.Userdata].data)
+    with pytest.raises(ValueError, match="QoS profile 'fast'"):
+        dds.ros_qos("fast", "std_msgs/msg/Bool")
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        m.joint_state(["a", "b"], [1.0, 2.0], 3.5, velocities=[0.1, 0.2]),
+        m.rgb_to_image(np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3), 1.25, "cam"),
+        m.rgb_to_compressed_image(np.zeros((8, 8, 3), np.uint8), 1.0, fmt="png"),
+        m.float64_multi_array([0.5, -1.0]),
+        m.joint_trajectory(["a", "b"], [0.1, 0.2], 0.1),
+        m.twist_stamped([1, 2, 3], [4, 5, 6], 2.0, "base"),
+        TS.types["std_msgs/msg/Bool"](data=True),
+    ],
+    ids=lambda msg: msg.__msgtype__,
+)
+def test_idl_serialization_equals_rosbags(msg):
+    idl = dds.to_idl(msg, msg.__msgtype__)
+    assert idl.serialize() == cdr(msg)
+    assert type(idl).deserialize(cdr(msg)).serialize() == cdr(msg)
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("robot-token\n")
+    return str(path)
+
+
+class ReachPolicy:
+    """Scripted: move the TCP straight to the goal (a stand-in for a trained policy)."""
+
+    version = "scripted-reach"
+    uncertainty = 0.0
+
+    def reset(self):
+        pass
+
+    def act(self, obs, goal=None):
+        step = np.clip((np.asarray(goal) - obs["ee_pos"]) / 0.03, -1, 1)
+        return np.append(step, -1.0).astype(np.float32)
+
+
+def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
+    goal = [0.55, 0.12, 0.15]
+    robot = subprocess.Popen(
+        [sys.executable, "-m", "tests.ros_harness", "--domain", str(DOMAIN), "--seconds", "7"]
+        + ["--goal", *map(str, goal)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert json.loads(robot.stdout.readline()) == {"ready": True}
+        transport = dds.DdsTransport(DOMAIN, dds.LOOPBACK_CONFIG)
+        seen: dict[str, list] = {JOINT_STATES: [], CAMERA: [], COMMANDS: []}
+        for topic, kind in [
+            (JOINT_STATES, "sensor_msgs/msg/JointState"),
+            (CAMERA, "sensor_msgs/msg/Image"),
+            (COMMANDS, "std_msgs/msg/Float64MultiArray"),
+        ]:
+            transport.subscribe(topic, kind, seen[topic].append, "sensor_data")
+        config = config_from_params(
+            panda_params(
+                fleet=server.address, token_file=token_file, robot_id="panda_1", goal=goal, dry_run=False
+            )
+        )
+        node = DdsRobotNode(config, transport, make_agent=lambda c: default_agent(c, ReachPolicy())).start()
+        wait_until(lambda: len(seen[COMMANDS]) >= 30, 20, "30 commands on the wire")
+        node.close()
+        result = json.loads(robot.communicate(timeout=30)[0].strip().splitlines()[-1])
+    finally:
+        robot.kill()
+        robot.wait()
+
+    # The robot moved where the policy sent it, by the node's commands.
+    start = np.linalg.norm(np.subtract(result["start_ee"], goal))
+    end = np.linalg.norm(np.subtract(result["end_ee"], goal))
+    assert start > 0.15 and end < 0.05, result
+    assert result["applied"] >= 20
+    # Sensors at their rates: ~100 Hz joint states, ~30 Hz images over the run (a loaded machine lags).
+    assert len(seen[JOINT_STATES]) > 3 * len(seen[CAMERA]) > 0
+
+    # Bytes on the wire are rosbags' CDR of the same message (plus RTPS's padding to 4 bytes).
+    for samples in seen.values():
+        for sample in samples[:20]:
+            raw = dds.wire_bytes(sample)
+            name = type(sample).__idl_typename__.replace("::dds_::", "/").replace("::", "/").rstrip("_")
+            decoded = TS.deserialize_cdr(raw, name)
+            assert padded(cdr(decoded)) == bytes(raw)
+    js = TS.deserialize_cdr(dds.wire_bytes(seen[JOINT_STATES][-1]), "sensor_msgs/msg/JointState")
+    assert js.name[:2] == ["panda_joint1", "panda_joint2"] and len(js.position) == 9
+    image = m.image_to_rgb(seen[CAMERA][-1])
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    commands = [m.float_array(s) for s in seen[COMMANDS]]
+    assert all(c.shape == (4,) for c in commands) and any(np.abs(c[:3]).max() > 0.5 for c in commands)
+
+    # The fleet server logged the episode: observations from the topics, the policy's actions.
+    server.stop()
+    store = EpisodeStore.open(server.config.store)
+    assert store.num_episodes == 1
+    meta = store.episode_meta(0)
+    assert (meta.robot_id, meta.task, meta.outcome) == ("panda_1", "reach", "stopped")
+    steps = store.episode(0)
+    assert steps["joint_pos"].shape[1:] == (7,) and steps["front_rgb"].shape[1:] == (96, 96, 3)
+    assert np.abs(np.diff(steps["ee_pos"], axis=0)).max() > 0.005  # the logged pose followed the robot
+    assert len(steps["action"]) >= 20
+    ticks = [latency for _, latency in node.timing if not np.isnan(latency)]
+    assert ticks and all(0 <= latency < 2.0 for latency in ticks)
+
+
+def test_runner_reads_the_ros_packages_parameter_file():
+    params = load_params(ROOT / "ros_ws/src/flotilla_ros/config/robot.yaml")
+    config = config_from_params(params)
+    assert config.dry_run is True  # dry-run by default: a new robot is checked before it moves

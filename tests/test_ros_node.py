@@ -1,0 +1,307 @@
+"""The ROS 2 robot node's logic without ROS (fleet/ros2/node.py): parameters, forward kinematics, sensors
+and the deadman, limits, dry-run, protective stop and the lifecycle, around the real RobotAgent talking to a
+real fleet server on 127.0.0.1. Messages are rosbags' Jazzy dataclasses after a CDR round trip."""
+
+import numpy as np
+import pytest
+from rosbags.typesys import Stores, get_typestore
+
+from configs.schema import ConfigError
+from fleet.agent import POLICY
+from fleet.proto import flotilla_pb2 as pb
+from fleet.ros2 import messages as m
+from fleet.ros2.node import (
+    ACTIVE,
+    FINALIZED,
+    INACTIVE,
+    UNCONFIGURED,
+    RobotNodeLogic,
+    RosRobotConfig,
+    TransitionError,
+    apply_limits,
+    config_from_params,
+    default_agent,
+    dh_forward_kinematics,
+)
+from fleet.store import EpisodeStore
+from tests.fleet_harness import wait_until
+
+TS = get_typestore(Stores.ROS2_JAZZY)
+JOINTS = ["j1", "j2", "j3"]
+# Franka Panda, Craig DH [a, d, alpha, theta_offset] per joint (Franka's robot documentation).
+PANDA_DH = [
+    *(0.0, 0.333, 0.0, 0.0),
+    *(0.0, 0.0, -np.pi / 2, 0.0),
+    *(0.0, 0.316, np.pi / 2, 0.0),
+    *(0.0825, 0.0, np.pi / 2, 0.0),
+    *(-0.0825, 0.384, -np.pi / 2, 0.0),
+    *(0.0, 0.0, np.pi / 2, 0.0),
+    *(0.088, 0.0, np.pi / 2, 0.0),
+]
+PANDA_FLANGE = [0.0, 0.0, 0.107]
+
+
+def wire(msg):
+    return TS.deserialize_cdr(TS.serialize_cdr(msg, msg.__msgtype__), msg.__msgtype__)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class ConstantPolicy:
+    """A policy that always wants the same motion (the agent takes any object with this interface)."""
+
+    version = "constant"
+    uncertainty = 0.0
+
+    def __init__(self, action):
+        self.action = np.asarray(action, np.float32)
+
+    def reset(self):
+        pass
+
+    def act(self, obs, goal=None):
+        return self.action
+
+
+def config(**overrides):
+    values = dict(joint_names=JOINTS, action_dim=4, goal=[0.1, 0.2, 0.3], rate_hz=10.0)
+    values.update(overrides)
+    return RosRobotConfig(**values)
+
+
+# -- parameters -----------------------------------------------------------------------------------------------
+
+
+def test_parameters_are_checked_with_one_line_errors():
+    assert config_from_params({"joint_names": ("a", "b"), "action_dim": 2}).joint_names == ["a", "b"]
+    cases = [
+        ({"joint_names": ["a"], "rate": 10}, "rate: unknown parameter"),
+        ({}, "joint_names: must list"),
+        ({"joint_names": ["a"], "output": "twist"}, "output: must be one of"),
+        ({"joint_names": ["a"], "output": "joint_trajectory"}, "needs action_mode absolute"),
+        ({"joint_names": ["a"], "camera_names": ["front"]}, "camera_topics: needs one topic per camera"),
+        ({"joint_names": ["a"], "ee_pose": "fk", "fk_dh": [0, 0, 0]}, "fk_dh: needs 4 numbers"),
+        ({"joint_names": ["a"], "action_low": [0] * 4, "action_high": [1] * 3}, "action_high: has 3 values"),
+        ({"joint_names": ["a"], "workspace_low": [0] * 3, "workspace_high": [1] * 3}, "needs ee_pose"),
+        ({"joint_names": ["a"], "dry_run": "no"}, "dry_run: must be true or false"),
+    ]
+    for params, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            config_from_params(params)
+
+
+def test_observation_spec_follows_the_sim_names():
+    spec = config(
+        gripper_joints=["f1", "f2"], camera_names=["wrist"], camera_topics=["/c"], image_size=32
+    ).observation_spec()
+    assert spec == {
+        "joint_pos": ((3,), "float32"),
+        "gripper": ((1,), "float32"),
+        "wrist_rgb": ((32, 32, 3), "uint8"),
+    }
+
+
+def test_token_file_errors(tmp_path):
+    from fleet.ros2.node import read_token
+
+    with pytest.raises(ConfigError, match="token_file: must name"):
+        read_token("")
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_token(str(tmp_path / "none"))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_token(str(tmp_path / "empty"))
+
+
+# -- forward kinematics ----------------------------------------------------------------------------------------
+
+
+def test_dh_forward_kinematics_matches_pybullets_panda():
+    """Franka's published DH parameters against pybullet_data's Panda URDF: the flange (panda_link8) agrees."""
+    from sim.tasks.bullet import PhysicsClient, pybullet, pybullet_data
+
+    p = PhysicsClient(pybullet.DIRECT)
+    try:
+        robot = p.loadURDF(f"{pybullet_data.getDataPath()}/franka_panda/panda.urdf", useFixedBase=True)
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            q = rng.uniform(-1.5, 1.5, 7)
+            q[3] = rng.uniform(-3.0, -0.1)  # joint 4's range is negative
+            for joint, angle in enumerate(q):
+                p.resetJointState(robot, joint, angle)
+            link = p.getLinkState(robot, 7, computeForwardKinematics=True)  # panda_link8 (the flange)
+            position, quat = dh_forward_kinematics(q, PANDA_DH, PANDA_FLANGE)
+            assert np.allclose(position, link[4], atol=1e-5)
+            assert abs(abs(np.dot(quat, link[5])) - 1) < 1e-6  # the same rotation (q or -q)
+    finally:
+        p.disconnect()
+
+
+# -- sensors, deadman, limits ------------------------------------------------------------------------------------
+
+
+def test_sensors_assemble_convert_and_go_stale():
+    clock = Clock()
+    cfg = config(
+        gripper_joints=["f1", "f2"],
+        camera_names=["front", "wrist"],
+        camera_topics=["/front/image_raw", "/wrist/image_raw/compressed"],
+        image_size=16,
+        max_sensor_age_s=0.2,
+    )
+    node = RobotNodeLogic(cfg, clock=clock)
+    rgb = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert node.sensors.assemble() == (None, "no joints yet")
+    node.sensors.on_joint_state(
+        wire(m.joint_state(["f2", "j3", "j1", "f1", "j2"], [0.01, 3, 1, 0.02, 2], 5.0))
+    )
+    node.sensors.on_image("front", wire(m.rgb_to_image(rgb, 5.0, encoding="bgr8")))
+    assert node.sensors.assemble()[1] == "no wrist_rgb yet"
+    node.sensors.on_image("wrist", wire(m.rgb_to_compressed_image(rgb, 5.0, fmt="png")))
+    obs, problem = node.sensors.assemble()
+    assert problem == ""
+    assert obs["joint_pos"].tolist() == [1, 2, 3] and obs["gripper"] == pytest.approx([0.03])
+    assert obs["front_rgb"].shape == (16, 16, 3) and np.array_equal(obs["front_rgb"], obs["wrist_rgb"])
+    assert np.abs(obs["front_rgb"].astype(int) - rgb[::2, ::2]).mean() < 80  # resized, in RGB order
+    clock.now += 0.15
+    node.sensors.on_joint_state(wire(m.joint_state(cfg.joint_names + ["f1", "f2"], [1, 2, 3, 0, 0], 5.1)))
+    clock.now += 0.1  # the cameras are 0.25 s old, the joints 0.1 s
+    obs, problem = node.sensors.assemble()
+    assert obs is None and problem.startswith("front_rgb is stale (0.250 s old")
+
+
+def test_limits_box_joints_velocity_and_workspace():
+    box = config(action_low=[-1] * 4, action_high=[1] * 4)
+    assert apply_limits(np.array([2.0, -3.0, 0.5, 9.0]), {}, box).tolist() == [1, -1, 0.5, 1]
+    absolute = config(
+        action_mode="absolute", joint_lower=[-1, -1, -1], joint_upper=[1, 1, 1], max_joint_velocity=1.0
+    )
+    obs = {"joint_pos": np.array([0.0, 0.95, -0.5])}
+    limited = apply_limits(np.array([0.5, 2.0, -0.52, 0.7]), obs, absolute)
+    assert limited == pytest.approx([0.1, 1.0, -0.52, 0.7])  # 1 rad/s at 10 Hz: 0.1 rad per tick
+    cartesian = config(ee_pose="fk", fk_dh=[0.0] * 12, workspace_low=[0, 0, 0.1], workspace_high=[1, 1, 1])
+    limited = apply_limits(np.array([1.0, 0.0, -1.0, 1.0]), {"ee_pos": np.array([0.5, 0.5, 0.11])}, cartesian)
+    assert limited == pytest.approx([1.0, 0.0, -1 / 3, 1.0])  # 3 cm down would leave the box: 1 cm
+
+
+# -- the node with a real agent and fleet server --------------------------------------------------------------
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("robot-token\n")
+    return str(path)
+
+
+def make_node(server, token_file, clock, policy, **overrides):
+    cfg = config(fleet=server.address, token_file=token_file, **overrides)
+    return RobotNodeLogic(
+        cfg, make_agent=lambda c: default_agent(c, policy), clock=clock, wall_clock=lambda: 42.5
+    )
+
+
+def feed(node, positions=(0.1, 0.2, 0.3)):
+    node.sensors.on_joint_state(wire(m.joint_state(JOINTS, positions, 1.0)))
+
+
+def test_lifecycle_dry_run_stop_deadman_and_episodes(server, token_file):
+    clock = Clock()
+    node = make_node(server, token_file, clock, ConstantPolicy([0.5, 0, 0, 1.0]), max_sensor_age_s=0.5)
+    assert node.tick().reason == "node is unconfigured"
+    with pytest.raises(TransitionError, match="cannot activate a node that is unconfigured"):
+        node.activate()
+    node.configure()
+    assert node.state == INACTIVE
+    wait_until(lambda: node.agent.client.state.mode == pb.MODE_AUTONOMOUS, 10, "the server's first command")
+    node.activate()
+    assert node.state == ACTIVE and node.tick().control == "stale"  # no joint state yet: hold
+
+    # Dry run (the default): the command is computed but not published, nothing is logged to the fleet.
+    feed(node)
+    tick = node.tick()
+    assert tick.control == "dry_run" and not tick.published
+    assert m.float_array(wire(tick.commands[0][1])).tolist() == [0.5, 0, 0, 1.0]
+    assert not node.agent.in_episode
+
+    node.config.dry_run = False
+    tick = node.tick()
+    assert tick.published and tick.control == POLICY and tick.commands[0][0] == node.config.command_topic
+    assert node.agent.in_episode
+
+    clock.now += 0.6  # the deadman: joints older than max_sensor_age_s -> zero motion, gripper kept
+    tick = node.tick()
+    assert tick.control == "stale" and tick.action.tolist() == [0, 0, 0, 1.0] and tick.published
+
+    feed(node)
+    node.on_protective_stop(TS.types["std_msgs/msg/Bool"](data=True))
+    node.on_protective_stop(TS.types["std_msgs/msg/Bool"](data=False))  # latched: false does not clear it
+    tick = node.tick()
+    assert tick.reason == "protective stop" and tick.action.tolist() == [0, 0, 0, 1.0]
+    node.clear_protective_stop()
+    assert node.tick().control == POLICY
+
+    tick = node.deactivate()
+    assert tick.published and tick.action.tolist() == [0, 0, 0, 1.0] and node.state == INACTIVE
+    assert not node.agent.in_episode
+    node.shutdown()
+    assert node.state == FINALIZED and node.agent is None
+    server.stop()
+    store = EpisodeStore.open(server.config.store)
+    assert store.num_episodes == 1
+    meta = store.episode_meta(0)
+    assert (meta.robot_id, meta.outcome) == ("robot_0", "stopped")
+    steps = store.episode(0)
+    # 4 ticks reached the agent: policy, (stale: none), stop (a violation hold), policy
+    assert len(steps["action"]) == 3 and steps["action"][0].tolist() == [0.5, 0, 0, 1.0]
+    assert steps["joint_pos"][0] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_absolute_mode_trajectory_output_holds_measured_joints(server, token_file):
+    clock = Clock()
+    node = make_node(
+        server,
+        token_file,
+        clock,
+        ConstantPolicy([1.0, 1.0, 1.0, 0.0]),
+        action_dim=4,
+        action_mode="absolute",
+        output="joint_trajectory",
+        max_joint_velocity=0.5,
+        dry_run=False,
+        max_episode_steps=2,
+    )
+    node.configure()
+    wait_until(lambda: node.agent.client.state.mode == pb.MODE_AUTONOMOUS, 10, "the server's first command")
+    node.activate()
+    feed(node)
+    traj = wire(node.tick().commands[0][1])
+    assert traj.joint_names == JOINTS and traj.points[0].positions == pytest.approx([0.15, 0.25, 0.35])
+    assert traj.points[0].time_from_start.nanosec == 100_000_000  # one control period
+    node.tick()
+    assert not node.agent.in_episode  # max_episode_steps: ended as a timeout, the next tick begins another
+    node.tick()
+    assert node.agent.in_episode
+    clock.now += 1.0
+    hold = wire(node.tick().commands[0][1])
+    assert hold.points[0].positions == pytest.approx([0.1, 0.2, 0.3])  # stale: hold where the joints are
+    node.shutdown()
+    server.stop()
+    store = EpisodeStore.open(server.config.store)
+    assert [store.episode_meta(i).outcome for i in range(store.num_episodes)] == ["timeout", "stopped"]
+
+
+def test_twist_output_and_unconfigured_shutdown():
+    cfg = config(output="twist_stamped", dry_run=False)
+    node = RobotNodeLogic(cfg, wall_clock=lambda: 3.5)
+    twist = wire(node._command(np.array([1.0, -0.5, 0.0, 0.0]), None, POLICY).commands[0][1])
+    assert (twist.twist.linear.x, twist.twist.linear.y) == pytest.approx((0.3, -0.15))  # 3 cm x 10 Hz
+    assert twist.header.frame_id == "base_link" and m.stamp_seconds(twist) == 3.5
+    assert node.shutdown() is None and node.state == FINALIZED
+    assert UNCONFIGURED != FINALIZED

@@ -1,22 +1,34 @@
-"""Allocation rules compared in the fleet learning loop: random, C.U.R. and Flotilla (Fleet-DAgger's IFL
-benchmark on push).
+"""Allocation rules compared in the fleet learning loop: budget-matched random, C.U.R. and Flotilla
+(Fleet-DAgger's IFL benchmark on push).
 
-    python -m benchmarks.fleet [--rules random cur flotilla] [--seeds 0 1 2] [--override key=value ...]
+    python -m benchmarks.fleet [--arms cur random_budget flotilla] [--seeds 0 1 2 3 4] [--override k=v ...]
+    python -m benchmarks.fleet --reuse --arms random      # add an arm, reusing each seed's initial policy
     python -m benchmarks.fleet --report runs/bench_fleet/results.json     # table and plot again, no runs
     python -m benchmarks.fleet --report runs/bench_fleet/results.json --evaluate 100   # + held-out evals
 
 Each seed s (the demo's seed 1000 * s: its demos, fleet episodes and training seed share nothing with
 another's) collects scripted demos and trains the initial policy once (sim.demo.initial_policy); every
-allocation rule then starts from that same policy and runs `flotilla demo`'s loop (sim.demo.fleet_rounds:
-an embedded server, the sim fleet, retraining between rounds) with `server.allocation.rule` set to it.
-The human budget is the same for all: the same operators, robots, rounds and episodes per round (and the
-same t_T, t_R and request rate alpha); what differs is whom the humans go to. The random baseline is
-Fleet-DAgger's: humans go to random robots, whether they ask for help or not (random.scope=all).
+arm then starts from that same policy and runs `flotilla demo`'s loop (sim.demo.fleet_rounds: an
+embedded server, the sim fleet, retraining between rounds) with its allocation settings. The operators,
+robots, rounds, episodes per round, t_T and t_R are the same for all; what differs is whom the humans
+go to and when they are asked. The arms:
 
-Reported per rule, mean +- std over seeds: ROHE over all rounds ((M / N) * autonomous successes /
-(1 + human action steps), sim/metrics.py), the last round's autonomous success rate, and human action
-steps over all rounds. Writes results.json into --out, benchmarks/figures/fleet_allocation.png, and
-prints the markdown table.
+- cur: C.U.R. as the IFL benchmark runs it (section 3 of issue 14): constraint, uncertainty, risk;
+  pre-emption after t_T; at most as many violating robots ranked as violations as there are operators
+  (cv_thresh 1); thresholds recalibrated within the round to the request rate alpha (ThriftyDAgger).
+- random_budget: Fleet-DAgger's random baseline, budget-matched: each tick a random number of busy
+  humans around C.U.R.'s share of robot-steps with a human in the same seed (run after cur).
+- random: the always-busy random (every human on a random robot every tick), a costlier baseline.
+- flotilla: Flotilla's rule, with the uncertainty threshold fixed each round from the deployed policy's
+  held-out calibration rollouts (sim/round_thresholds.py), so requests fall as the policy improves.
+
+Reported per arm, mean +- std over seeds: ROHE over all rounds as Flotilla defines it ((M / N) *
+autonomous successes / (1 + human action steps), sim/metrics.py) and as the IFL repository's plots
+compute it (successes - 0.01 * human actions, every robot-step with a human counted, resets included),
+the last round's autonomous success rate, human action steps, and with --evaluate the held-out success
+of the initial and final policies. Then Flotilla against C.U.R.: the ROHE ratio and the difference in
+standard errors. Writes results.json into --out, benchmarks/figures/fleet_allocation.png, and prints
+the markdown table.
 
 A round's success rate comes from the fleet's own episodes (16 at the defaults: +-12 points), with
 humans cutting in. `--evaluate N` also runs every seed's initial policy and every run's final policy
@@ -43,10 +55,17 @@ from policies.train import final_checkpoint
 from sim.demo import fleet_rounds, fresh_folder, initial_policy, version_dir
 from sim.metrics import cumulative, table_header, table_row
 
-RULES = ("random", "cur", "flotilla")
+ARMS = ("cur", "random_budget", "random", "flotilla")  # cur first: random_budget takes its budget
+DEFAULT_ARMS = ("cur", "random_budget", "flotilla")
 # The demo seeds its demos, fleet episodes and training from `seed` on: seeds this far apart share none.
 SEED_STRIDE = 1000
-LABELS = {"random": "random", "cur": "C.U.R.", "flotilla": "Flotilla"}
+LABELS = {
+    "random": "random (always busy)",
+    "random_budget": "random (budget-matched)",
+    "cur": "C.U.R.",
+    "flotilla": "Flotilla",
+}
+IFL_LAMBDA = 0.01  # the IFL repository's plots: successes - 0.01 * human actions
 FIGURE = Path(__file__).resolve().parent / "figures" / "fleet_allocation.png"
 # Overrides of configs/demo.yaml (the rest, e.g. hg_dagger weighting and the allocation settings, as the
 # demo has them): push with a small diffusion model, sized so that 3 seeds x 3 rules finish within an
@@ -78,15 +97,36 @@ def demo_config(overrides: list[str]):
         return compose(config_name="demo", overrides=overrides)
 
 
-def rule_overrides(rule: str, seed: int) -> list[str]:
+def arm_overrides(arm: str, seed: int, budget: float | None = None) -> list[str]:
+    """The demo's overrides for an arm; `budget` (random_budget): C.U.R.'s share of robot-steps with a human."""
+    rule = "random" if arm.startswith("random") else arm
     extra = [f"server.allocation.rule={rule}", f"server.allocation.seed={seed}"]
-    if rule == "random":
+    if arm != "flotilla":
+        extra.append("calibration.episodes=0")  # the baselines keep the rate-calibrated thresholds
+    if arm == "cur":
+        extra += ["+server.allocation.preempt=true", "+server.allocation.cur.violation_share=1.0"]
+    elif arm == "random":
         extra.append("+server.allocation.random.scope=all")
+    elif arm == "random_budget":
+        if budget is None:
+            raise SystemExit(
+                "benchmarks.fleet: random_budget needs the seed's cur run first (--arms cur ...)"
+            )
+        extra += [
+            "+server.allocation.preempt=true",
+            "+server.allocation.random.scope=budget",
+            f"+server.allocation.random.budget={budget:.6f}",
+        ]
     return extra
 
 
+def human_share(rounds: list[dict]) -> float:
+    """Human action steps per robot-step over a run's rounds (random_budget's budget)."""
+    return sum(r["human_action_steps"] for r in rounds) / max(sum(r["robot_steps"] for r in rounds), 1)
+
+
 def rule_of(record: dict) -> str:
-    """The allocation rule of a run (results written before rules were named so call it "policy")."""
+    """The arm of a run (results written before rules were named so call it "policy")."""
     return record.get("rule", record.get("policy", ""))
 
 
@@ -94,32 +134,50 @@ def show_round(tag: str, metrics) -> None:
     print(f"{tag}:", table_header(), table_row(metrics), sep="\n", flush=True)
 
 
-def run_benchmark(overrides: list[str], seeds: list[int], rules: list[str], out: Path) -> list[dict]:
-    """Every (seed, rule) run's rounds, written to out/results.json as each run ends."""
-    records: list[dict] = []
+def seed_policy(base: list[str], seed_dir: Path, reuse: bool) -> tuple[Path, Path, dict]:
+    """The seed's demos and initial policy: trained afresh, or with `reuse` the ones already in seed_dir."""
+    cfg = demo_config(base)
+    demos, initial = seed_dir / "demos.zarr", version_dir(seed_dir, f"{cfg.task.name}-r0")
+    if reuse and demos.exists() and initial.exists():
+        print(f"reusing {demos} and {initial}", flush=True)
+        return demos, final_checkpoint(initial), {}
+    return initial_policy(cfg, fresh_folder(seed_dir, overwrite=True))
+
+
+def run_benchmark(
+    overrides: list[str], seeds: list[int], arms: list[str], out: Path, reuse: bool = False
+) -> list[dict]:
+    """Every (seed, arm) run's rounds, written to out/results.json as each run ends (with `reuse`, added
+    to the runs already there, replacing those of the same seed and arm)."""
+    results = out / "results.json"
+    records: list[dict] = json.loads(results.read_text())["runs"] if reuse and results.exists() else []
     for seed in seeds:
         base = [*overrides, f"seed={SEED_STRIDE * seed}"]
-        seed_dir = fresh_folder(out / f"seed{seed}", overwrite=True)
-        demos, initial, timings = initial_policy(demo_config(base), seed_dir)
-        for rule in rules:
-            cfg = demo_config([*base, *rule_overrides(rule, seed)])
+        seed_dir = out / f"seed{seed}"
+        demos, initial, timings = seed_policy(base, seed_dir, reuse)
+        for arm in sorted(arms, key=ARMS.index):
+            cur = [r for r in records if r["seed"] == seed and rule_of(r) == "cur"]
+            budget = human_share(cur[-1]["rounds"]) if cur else None
+            cfg = demo_config([*base, *arm_overrides(arm, seed, budget)])
             started = time.monotonic()
             rounds, more = fleet_rounds(
                 cfg,
-                fresh_folder(seed_dir / rule, overwrite=True),
+                fresh_folder(seed_dir / arm, overwrite=True),
                 demos,
                 initial,
-                on_round=functools.partial(show_round, f"seed {seed} {rule}"),
+                on_round=functools.partial(show_round, f"seed {seed} {arm}"),
             )
+            records = [r for r in records if (r["seed"], rule_of(r)) != (seed, arm)]
             records.append(
                 {
                     "seed": seed,
-                    "rule": rule,
+                    "rule": arm,
+                    "budget": budget if arm == "random_budget" else None,
                     "rounds": [m.to_dict() for m in rounds],
                     "timings": {**timings, **more, "wall_s": time.monotonic() - started},
                 }
             )
-            (out / "results.json").write_text(json.dumps({"overrides": overrides, "runs": records}, indent=2))
+            results.write_text(json.dumps({"overrides": overrides, "runs": records}, indent=2))
     return records
 
 
@@ -161,6 +219,7 @@ def run_totals(rounds: list[dict]) -> dict:
     totals = cumulative(rounds)
     return {
         "rohe": totals["rohe"],
+        "ifl_rohe": totals["successes"] - IFL_LAMBDA * totals["human_action_steps"],
         "final_success": totals["final_autonomous_success_rate"],
         "human_steps": totals["human_action_steps"],
         "interventions": totals["interventions"],
@@ -171,6 +230,7 @@ def run_totals(rounds: list[dict]) -> dict:
 def summary_table(records: list[dict]) -> str:
     columns = [
         ("ROHE (all rounds)", "rohe", "{:.4f}"),
+        ("IFL ROHE (succ. - 0.01 x human)", "ifl_rohe", "{:.1f}"),
         ("final auto success", "final_success", "{:.0%}"),
         ("human action steps", "human_steps", "{:.0f}"),
         ("interventions", "interventions", "{:.0f}"),
@@ -201,6 +261,29 @@ def summary_table(records: list[dict]) -> str:
             cells.append(f"{spec.format(values.mean())} +- {spec.format(values.std())}")
         lines.append(f"| {LABELS.get(rule, rule)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def comparison(records: list[dict], arm: str, baseline: str) -> str:
+    """`arm` against `baseline` on ROHE: the ratio of means, and the difference in standard errors, both
+    unpaired (the difference of means over sqrt(se_a^2 + se_b^2)) and paired by seed (the seeds share
+    their initial policy)."""
+    values = {
+        name: {r["seed"]: run_totals(r["rounds"])["rohe"] for r in records if rule_of(r) == name}
+        for name in (arm, baseline)
+    }
+    seeds = sorted(set(values[arm]) & set(values[baseline]))
+    if len(seeds) < 2:
+        return f"{arm} vs {baseline}: fewer than 2 seeds with both"
+    a = np.array([values[arm][s] for s in seeds])
+    b = np.array([values[baseline][s] for s in seeds])
+    se = np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    diff = a - b
+    paired_se = diff.std(ddof=1) / np.sqrt(diff.size)
+    return (
+        f"{LABELS.get(arm, arm)} vs {LABELS.get(baseline, baseline)} over seeds {seeds}: ROHE ratio "
+        f"{a.mean() / b.mean():.2f}x, difference {diff.mean():+.4f} = {diff.mean() / se:.1f} standard errors "
+        f"(unpaired), {diff.mean() / paired_se:.1f} (paired by seed)"
+    )
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -240,8 +323,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=ARMS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse each seed's initial policy and the runs already in --out (replacing same seed and arm)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_fleet"))
     parser.add_argument("--figure", type=Path, default=FIGURE)
     parser.add_argument(
@@ -263,7 +351,7 @@ def main() -> None:
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        records = run_benchmark([*DEFAULTS, *args.override], args.seeds, args.rules, args.out)
+        records = run_benchmark([*DEFAULTS, *args.override], args.seeds, args.arms, args.out, args.reuse)
         print(f"benchmark done in {time.monotonic() - started:.0f} s; runs in {args.out}")
         results_path = args.out / "results.json"
         results = {"overrides": [*DEFAULTS, *args.override], "runs": records}
@@ -275,6 +363,7 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=2))
     plot(records, args.figure)
     print(summary_table(records))
+    print(comparison(records, "flotilla", "cur"))
     print(f"figure: {args.figure}")
 
 

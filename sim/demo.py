@@ -51,6 +51,7 @@ from sim.collect import collect_demos
 from sim.experts.base import imperfection_knobs
 from sim.fleet_sim import SimFleet, lockstep_tick
 from sim.metrics import RoundMetrics, cumulative, table_header, table_row, totals_line
+from sim.round_thresholds import RoundThresholdsConfig, round_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,10 @@ class DemoConfig:
     # The embedded server: settings of fleet/server/config.py:ServerConfig (host, port, tokens, store and
     # registry are set by the demo; the fleet ticks the allocator once per robot step).
     server: dict[str, Any] = field(default_factory=_demo_server)
+    # Each round's uncertainty threshold, fixed from the deployed policy's held-out rollouts
+    # (sim/round_thresholds.py), so the fleet asks for less help as the policy improves; episodes=0
+    # leaves the allocator's own thresholds (rate-calibrated: the C.U.R. baseline's).
+    calibration: RoundThresholdsConfig = field(default_factory=RoundThresholdsConfig)
     # Retrain each round by fine-tuning the deployed policy on all the data (train.steps more steps), rather
     # than from scratch: a fixed step budget over data that grows each round otherwise trains every new
     # policy less than the last (push: the initial policy's ~260 epochs of demos fell to ~130 by round 3).
@@ -352,6 +357,8 @@ def fleet_rounds(
             if not fleet.wait_connected():
                 raise RuntimeError("the embedded fleet server did not answer the robots")
             for index in range(cfg.rounds):
+                if cfg.calibration.episodes:
+                    timings.setdefault("thresholds", []).append(fix_round_thresholds(cfg, server, checkpoint, index))
                 metrics = fleet.run_round(cfg.fleet.episodes_per_robot, max_steps=cfg.fleet.max_round_steps)
                 rounds.append(metrics)
                 if on_round is not None:
@@ -374,6 +381,28 @@ def fleet_rounds(
                     raise RuntimeError(f"robots did not load {version}")
             fleet.flush()
     return rounds, timings
+
+
+def fix_round_thresholds(cfg: DemoConfig, server: ServerThread, checkpoint: Path, index: int) -> dict:
+    """Calibrate the deployed policy on held-out rollouts and fix the allocator's uncertainty threshold
+    for the round (sim/round_thresholds.py); returns what was fixed, with the calibration time."""
+    started = time.monotonic()
+    fixed = round_thresholds(
+        cfg.calibration,
+        checkpoint,
+        cfg.task.name,
+        cfg.seed,
+        index,
+        cfg.fleet.num_samples,
+        env_kwargs(cfg),
+    )
+    server.call(server.server.fleet.allocator.fix_thresholds, fixed.uncertainty, None)
+    print(
+        f"round {index + 1} threshold: uncertainty {fixed.uncertainty:.4f} from {fixed.nominal_episodes} "
+        f"nominal of {fixed.episodes} held-out rollouts",
+        flush=True,
+    )
+    return {**fixed.to_dict(), "calibration_s": time.monotonic() - started}
 
 
 def run_demo(cfg: DemoConfig) -> list[RoundMetrics]:

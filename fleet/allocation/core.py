@@ -478,6 +478,19 @@ class Allocator:
     def thresholds(self) -> Thresholds:
         return Thresholds(self.uncertainty.current(), self.risk.current())
 
+    def fix_thresholds(self, uncertainty: float | None, risk: float | None) -> None:
+        """Fix the request thresholds from now on (None: back to the configured fixed value, or to the
+        calibrated rate). Used once per deployed policy with that policy's held-out calibration, so that
+        requests fall as the policy gets better (a rate-calibrated threshold asks for help at the same
+        rate however good the policy is)."""
+        for key, value in (("uncertainty", uncertainty), ("risk", risk)):
+            if value is not None:
+                check_number(f"{key} threshold", value)
+        self.uncertainty.fixed = (
+            self.config.uncertainty_threshold if uncertainty is None else float(uncertainty)
+        )
+        self.risk.fixed = self.config.risk_threshold if risk is None else float(risk)
+
     def tick(self, robots: Iterable[RobotSlot], operators: Iterable[str]) -> Decisions:
         """Advance one tick: count time, release robots that are done, give free operators robots.
 
@@ -539,22 +552,6 @@ class Allocator:
                 f"(controller: {robot.controller!r})"
             )
         robot.release_requested = True
-
-    def pick(self, robot: RobotSlot, operator_id: str, robots: Iterable[RobotSlot]) -> Assignment:
-        """The operator takes a robot waiting in the queue themself (the console's pick) instead of the one
-        the rule would give them, where the rule allows it (a rule whose class sets ``allows_pick = False``
-        refuses). The robot must be waiting for help in the last tick's queue and the operator must hold no
-        robot. Returns the assignment to apply; raises ValueError saying why not."""
-        if not getattr(self.rule, "allows_pick", True):
-            raise ValueError(f"the {self.config.rule!r} allocation rule does not let operators pick robots")
-        if any(other.controller == operator_id for other in robots):
-            raise ValueError(f"operator {operator_id!r} already controls a robot: hand it back first")
-        if robot.controller is not None:
-            raise ValueError(f"robot {robot.robot_id!r} is already taken by {robot.controller!r}")
-        entry = next((e for e in self._queue if e.robot_id == robot.robot_id and e.assigned_to is None), None)
-        if entry is None or not robot.connected or robot.idle:
-            raise ValueError(f"robot {robot.robot_id!r} is not waiting for help")
-        return self._pair(robot, operator_id, Priority(entry.reason, entry.level, entry.score))
 
     def pick(self, robot: RobotSlot, operator_id: str, robots: Iterable[RobotSlot]) -> Assignment:
         """The operator takes a robot waiting in the queue themself (the console's pick) instead of the one

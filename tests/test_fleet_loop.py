@@ -398,6 +398,7 @@ def test_flotilla_demo_runs_two_tiny_rounds(tmp_path):
             "fleet.episodes_per_robot=1",
             "fleet.control_hz=40",
             "policy.down_dims=[8,16]",
+            "calibration.episodes=2",
             "progress=false",
             "train.progress=false",
         ],
@@ -413,6 +414,8 @@ def test_flotilla_demo_runs_two_tiny_rounds(tmp_path):
     assert [r["episodes"] for r in report["rounds"]] == [2, 2]
     assert [r["policy_version"] for r in report["rounds"]] == ["reach-r0", "reach-r1"]  # hot-swapped
     assert report["totals"]["episodes"] == 4
+    # Each round's uncertainty threshold was fixed from its deployed policy's 2 held-out rollouts.
+    assert [t["episodes"] for t in report["timings"]["thresholds"]] == [2, 2]
     assert report["totals"]["human_action_steps"] == sum(r["human_action_steps"] for r in report["rounds"])
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert EpisodeStore.open(out / "fleet.zarr").num_episodes == 4
@@ -458,7 +461,9 @@ def test_fleet_benchmark_summarizes_runs_over_seeds(tmp_path):
     assert totals["final_success"] == 0.4 and totals["human_steps"] == 19 and totals["hard_resets"] == 2
     table = summary_table(records).splitlines()
     assert table[2].startswith("| C.U.R. | ") and "50% +- 10%" in table[2] and "19 +- 0" in table[2]
-    assert table[3].startswith("| random | ")
+    assert table[3].startswith("| random (always busy) | ")
+    # The IFL repository's ROHE: successes - 0.01 * human actions (seed 0's C.U.R.: 8 - 0.19).
+    assert totals["ifl_rohe"] == pytest.approx(8 - 0.19)
     plot(records, tmp_path / "allocation.png")
     assert (tmp_path / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

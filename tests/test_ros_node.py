@@ -25,19 +25,10 @@ from fleet.ros2.node import (
 )
 from fleet.store import EpisodeStore
 from tests.fleet_harness import wait_until
+from tests.ros_harness import PANDA_DH
 
 TS = get_typestore(Stores.ROS2_JAZZY)
 JOINTS = ["j1", "j2", "j3"]
-# Franka Panda, Craig DH [a, d, alpha, theta_offset] per joint (Franka's robot documentation).
-PANDA_DH = [
-    *(0.0, 0.333, 0.0, 0.0),
-    *(0.0, 0.0, -np.pi / 2, 0.0),
-    *(0.0, 0.316, np.pi / 2, 0.0),
-    *(0.0825, 0.0, np.pi / 2, 0.0),
-    *(-0.0825, 0.384, -np.pi / 2, 0.0),
-    *(0.0, 0.0, np.pi / 2, 0.0),
-    *(0.088, 0.0, np.pi / 2, 0.0),
-]
 PANDA_FLANGE = [0.0, 0.0, 0.107]
 
 

@@ -163,6 +163,16 @@ class RosRobotConfig:
         return spec
 
 
+PARAMETER_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool"}
+PARAMETER_TYPES |= {"list[str]": "string_array", "list[float]": "double_array"}
+
+
+def parameter_types() -> dict[str, str]:
+    """Each parameter's ROS type ("string", "double_array", ...), declared by the rclpy node: an empty list
+    default cannot tell ROS its type, and a typed declaration refuses a wrong value in the YAML."""
+    return {f.name: PARAMETER_TYPES[str(f.type)] for f in fields(RosRobotConfig)}
+
+
 def config_from_params(params: Mapping[str, Any]) -> RosRobotConfig:
     """A config from ROS parameters (or a YAML's ros__parameters); ConfigError names an unknown key."""
     known = {f.name for f in fields(RosRobotConfig)}

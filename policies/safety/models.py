@@ -45,7 +45,8 @@ from policies.safety.calibration import ConformalThreshold
 SAFETY_FILE = "safety.safetensors"
 SAFETY_JSON = "safety.json"
 SAFETY_FORMAT = 1
-SIGNALS = ("novelty", "rnd", "risk", "ldm")  # what a suite scores; each higher = more likely to fail
+# The signal each model gives; every signal is higher = more likely to fail.
+MODEL_SIGNAL = {"flow": "novelty", "rnd": "rnd", "risk": "risk", "ldm": "ldm"}
 
 
 @dataclass
@@ -102,6 +103,12 @@ def chunk_summary(policy: nn.Module, executed: torch.Tensor, action_steps: int) 
 
 
 # ============================================================================================ models
+STD_FLOOR = 0.05
+# The flow is fitted to data blurred by this much noise (in standardized units): without it a flow on
+# a few thousand points puts spikes on them and its log-density off the data is meaningless.
+FLOW_NOISE = 0.05
+
+
 class Standardize(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -110,7 +117,9 @@ class Standardize(nn.Module):
 
     def fit(self, x: torch.Tensor) -> Standardize:
         self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0).clamp_min(1e-3))
+        # Inputs live in the policy's normalized space (about [-1, 1]): a floor keeps a dimension that is
+        # constant in the data (push never opens the gripper) from turning any change into a huge score.
+        self.std.copy_(x.std(0).clamp_min(STD_FLOOR))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +198,12 @@ def fit_flow(x: torch.Tensor, cfg: SafetyConfig) -> FlowDensity:
     torch.manual_seed(cfg.seed)
     flow = FlowDensity(x.shape[1], cfg.hidden, cfg.flow_transforms)
     flow.scale.fit(x)
-    _train(flow, lambda i: -flow.log_prob(x[i]).mean(), len(x), cfg.flow_steps, cfg)
+    noise = FLOW_NOISE * flow.scale.std
+
+    def loss(i: torch.Tensor) -> torch.Tensor:
+        return -flow.log_prob(x[i] + noise * torch.randn_like(x[i])).mean()
+
+    _train(flow, loss, len(x), cfg.flow_steps, cfg)
     return flow
 
 
@@ -292,7 +306,8 @@ class SafetySuite:
     ldm: ScoreNet | None = None
     violation_energy: float = 0.0
     thresholds: dict[str, ConformalThreshold] = field(default_factory=dict)  # signal -> threshold
-    filter_threshold: float | None = None  # the LDM filter's bound on G (None: no filter)
+    # The safety filter's bound per signal it can filter on ("novelty", "ldm"), calibrated on nominal data.
+    filter_thresholds: dict[str, float] = field(default_factory=dict)
 
     def modules(self) -> dict[str, nn.Module]:
         return {
@@ -305,6 +320,10 @@ class SafetySuite:
             )
             if module is not None
         }
+
+    def score_names(self) -> list[str]:
+        """The signals ``score`` returns."""
+        return [signal for name, signal in MODEL_SIGNAL.items() if name in self.modules()]
 
     @torch.no_grad()
     def score(self, state: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -340,7 +359,7 @@ class SafetySuite:
             "models": sorted(self.modules()),
             "violation_energy": self.violation_energy,
             "thresholds": {name: t.to_dict() for name, t in self.thresholds.items()},
-            "filter_threshold": self.filter_threshold,
+            "filter_thresholds": self.filter_thresholds,
         }
         save_file(tensors, str(directory / SAFETY_FILE))
         (directory / SAFETY_JSON).write_text(json.dumps(meta, indent=2))
@@ -377,7 +396,7 @@ def load_safety(directory: str | Path) -> SafetySuite | None:
         config = SafetyConfig(**meta["config"])
         modules = build_modules(config, int(meta["state_dim"]), int(meta["action_dim"]), meta["models"])
         thresholds = {name: ConformalThreshold.from_dict(t) for name, t in meta.get("thresholds", {}).items()}
-        filter_threshold = meta.get("filter_threshold")
+        filter_thresholds = {str(k): float(v) for k, v in meta.get("filter_thresholds", {}).items()}
         violation_energy = float(meta.get("violation_energy", 0.0))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
         if isinstance(err, CheckpointError):
@@ -402,7 +421,7 @@ def load_safety(directory: str | Path) -> SafetySuite | None:
         int(meta["action_dim"]),
         violation_energy=violation_energy,
         thresholds=thresholds,
-        filter_threshold=None if filter_threshold is None else float(filter_threshold),
+        filter_thresholds=filter_thresholds,
         **modules,
     )
 

@@ -1,0 +1,299 @@
+"""Which failure signal predicts that an episode will fail: AUROC and lead time, push and pick_place.
+
+    python -m benchmarks.signals [--tasks push pick_place] [--train 20] [--calib 40] [--test 30]
+
+For each task: collect scripted demos and train a small low-dim diffusion policy (cached under --out,
+like benchmarks.policy_results), then roll it out with K sampled chunks per plan from three kinds of
+start: normal (the training distribution), perturbed (random arm motion before the policy takes over)
+and ood_goal (goals outside the box demos were collected in, near the table's edges). Three disjoint
+seed ranges: --train rollouts per condition train the risk classifier and the LDM (the flow and RND
+learn from the demos alone), --calib normal rollouts give the conformal thresholds (their successful
+episodes are the nominal data), --test rollouts per condition are scored. The safety models are saved
+into the checkpoint (safety.safetensors + safety.json), which benchmarks.safety_filter then uses.
+
+Per signal (higher = more likely to fail): AUROC of the episode's highest score before its failure
+(the violation, or the end of a failed episode) for "the episode fails"; at the calibrated 5% episode
+false-alarm rate (time-varying conformal thresholds): the share of failures caught, the false-alarm rate
+achieved on the test successes, and the median lead time (steps from the first alarm to the failure).
+Rollouts are cached (safetensors + JSON) in --out; delete them to roll out again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file, save_file
+
+from benchmarks.common import machine_line, print_table
+from benchmarks.policy_results import demos_store, trained_checkpoint
+from flotilla.cli import CONFIG_DIR
+from policies.runner import PolicyRunner
+from policies.safety.filter import FilterConfig
+from policies.safety.fit import Rollout, calibrate, demo_data, fit_suite, rollout_scores
+from policies.safety.models import SafetyConfig
+from policies.threads import set_torch_threads
+from policies.train import train
+from sim.tasks import make_env
+from sim.tasks.panda_env import OBJECT_GOAL_XY
+
+CONDITIONS = ("normal", "perturbed", "ood_goal")
+SEED_BASE = {"train": 20_000, "calib": 30_000, "test": 40_000}
+CONDITION_OFFSET = {"normal": 0, "perturbed": 1000, "ood_goal": 2000}
+PERTURB_STEPS = 6
+# OOD goals lie in this box but outside the demos' goal box (OBJECT_GOAL_XY).
+OOD_GOAL_BOX = (np.array([0.30, -0.33]), np.array([0.70, 0.33]))
+PICK_PLACE_GOAL_Z = 0.02
+SIGNAL_NAMES = ("uncertainty", "novelty", "rnd", "risk", "ldm")
+TARGET_FALSE_ALARM = 0.05
+
+
+# ============================================================================================ rollouts
+def ood_goal(rng: np.random.Generator, goal_dim: int) -> np.ndarray:
+    low, high = OBJECT_GOAL_XY
+    while True:
+        xy = rng.uniform(*OOD_GOAL_BOX)
+        if not (np.all(xy >= low) and np.all(xy <= high)):
+            return xy if goal_dim == 2 else np.r_[xy, PICK_PLACE_GOAL_Z]
+
+
+def start_episode(env, condition: str, seed: int):
+    """Reset for `condition`; returns (obs, info, steps spent before the policy takes over)."""
+    rng = np.random.default_rng(seed)
+    for attempt in range(20):
+        options = {"goal": ood_goal(rng, env.goal_dim)} if condition == "ood_goal" else None
+        try:
+            obs, info = env.reset(seed=seed + 100_000 * attempt, options=options)
+        except ValueError:  # no object start suits this goal: draw another
+            continue
+        if condition != "perturbed":
+            return obs, info, 0
+        direction = np.r_[rng.uniform(-1, 1, 2), rng.uniform(0, 0.6), -1.0].astype(np.float32)
+        for _ in range(PERTURB_STEPS):
+            obs, _, _, _, info = env.step(direction)
+        if not info["constraint_violation"]:
+            return obs, info, PERTURB_STEPS
+    raise RuntimeError(f"no usable {condition} start for seed {seed}")
+
+
+def rollout(env, runner: PolicyRunner, condition: str, seed: int) -> Rollout:
+    obs, info, offset = start_episode(env, condition, seed)
+    runner.reset()
+    record, seen, t = Rollout(condition=condition), runner.safety.last, 0
+    while True:
+        action = runner.act(obs)
+        plan = runner.safety.last
+        if plan is not seen:  # a new plan was made for this step
+            seen = plan
+            record.plan_steps.append(t)
+            record.states.append(plan.state.cpu())
+            record.candidates.append(plan.candidates.cpu())
+            record.choices.append(-1 if plan.choice is None else plan.choice)
+            record.uncertainty.append(runner.uncertainty)
+        obs, _, terminated, truncated, info = env.step(action)
+        t += 1
+        if info["constraint_violation"]:
+            record.violation_step = t - 1
+            break
+        if terminated or truncated:
+            break
+    record.length, record.success = t, bool(info["success"])
+    return record
+
+
+def run_rollouts(checkpoint, task, condition, seeds, num_samples, safety_filter=None) -> list[Rollout]:
+    runner = PolicyRunner.from_checkpoint(
+        checkpoint, num_samples=num_samples, device="cpu", safety_filter=safety_filter or FilterConfig()
+    )
+    env = make_env(task, seed=int(seeds[0]))
+    try:
+        return [rollout(env, runner, condition, int(seed)) for seed in seeds]
+    finally:
+        env.close()
+
+
+def save_rollouts(path: Path, rollouts: list[Rollout]) -> None:
+    tensors, meta = {}, []
+    for i, r in enumerate(rollouts):
+        tensors[f"{i}.states"] = torch.stack(r.states).contiguous()
+        tensors[f"{i}.candidates"] = torch.stack(r.candidates).contiguous()
+        meta.append(
+            {
+                key: getattr(r, key)
+                for key in (
+                    "plan_steps",
+                    "choices",
+                    "uncertainty",
+                    "length",
+                    "success",
+                    "violation_step",
+                    "condition",
+                )
+            }
+        )
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def load_rollouts(path: Path) -> list[Rollout] | None:
+    if not path.with_suffix(".json").exists():
+        return None
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    return [
+        Rollout(states=list(tensors[f"{i}.states"]), candidates=list(tensors[f"{i}.candidates"]), **fields)
+        for i, fields in enumerate(json.loads(path.with_suffix(".json").read_text()))
+    ]
+
+
+def cached_rollouts(out: Path, name: str, make) -> list[Rollout]:
+    path = out / f"rollouts_{name}"
+    rollouts = load_rollouts(path)
+    if rollouts is None:
+        started = time.perf_counter()
+        rollouts = make()
+        save_rollouts(path, rollouts)
+        print(f"  {name}: {len(rollouts)} rollouts in {time.perf_counter() - started:.0f} s", flush=True)
+    return rollouts
+
+
+# ============================================================================================ metrics
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half): P(score of a positive > score of a negative)."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    pos, neg = scores[positive], scores[~positive]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def until_failure(r: Rollout, per_step: np.ndarray) -> np.ndarray:
+    """The scores a detector could have used: up to and including the failure step."""
+    end = r.length if np.isinf(r.failure_step) else int(r.failure_step) + 1
+    return per_step[: max(end, 1)]
+
+
+def signal_row(name: str, rollouts: list[Rollout], scores: list[dict], threshold) -> dict:
+    per_step = [until_failure(r, r.per_step(s[name])) for r, s in zip(rollouts, scores, strict=True)]
+    failed = np.array([r.failed for r in rollouts])
+    row = {"signal": name, "auroc": auroc([p.max() for p in per_step], failed)}
+    alarms = [threshold.first_alarm(p) for p in per_step]
+    caught = [
+        (r.failure_step - a) for r, a in zip(rollouts, alarms, strict=True) if r.failed and a is not None
+    ]
+    row["caught"] = len(caught) / max(int(failed.sum()), 1)
+    row["false_alarms"] = float(
+        np.mean([a is not None for a, f in zip(alarms, failed, strict=True) if not f])
+    )
+    row["lead_steps"] = float(np.median(caught)) if caught else float("nan")
+    return row
+
+
+# ============================================================================================ main
+def prepare_checkpoint(out: Path, task: str, demos: int, steps: int) -> Path:
+    data = demos_store(out, task, demos, {})
+    run_dir = out / f"{task}_{demos}_diffusion"
+    checkpoint = trained_checkpoint(run_dir, steps, data)
+    if checkpoint is None:
+        overrides = [
+            f"task={task}",
+            "policy=diffusion",
+            f"data=[{data}]",
+            f"out={run_dir}",
+            f"steps={steps}",
+            "threads=1",
+            "progress=false",
+            "tensorboard=false",
+        ]
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            checkpoint = train(compose(config_name="train", overrides=overrides))
+    return checkpoint
+
+
+def seeds(split: str, condition: str, count: int) -> np.ndarray:
+    return SEED_BASE[split] + CONDITION_OFFSET[condition] + np.arange(count)
+
+
+def evaluate_task(args, task: str) -> list[dict]:
+    checkpoint = prepare_checkpoint(args.out, task, args.demos, args.steps)
+    print(f"{task}: checkpoint {checkpoint}", flush=True)
+    out = args.out / f"{task}_signals"
+    out.mkdir(parents=True, exist_ok=True)
+    K = args.num_samples
+    roll = {}
+    for split, conditions, count in (
+        ("train", CONDITIONS, args.train),
+        ("calib", ("normal",), args.calib),
+        ("test", CONDITIONS, args.test),
+    ):
+        roll[split] = []
+        for condition in conditions:
+            roll[split] += cached_rollouts(
+                out,
+                f"{split}_{condition}",
+                lambda c=condition, s=split, n=count: run_rollouts(checkpoint, task, c, seeds(s, c, n), K),
+            )
+    runner = PolicyRunner.from_checkpoint(checkpoint, device="cpu")
+    cfg = SafetyConfig(**args.safety)
+    started = time.perf_counter()
+    demos = demo_data(runner.policy, checkpoint, cfg, num_samples=K)
+    suite = fit_suite(runner.policy, demos, roll["train"], cfg)
+    nominal = [r for r in roll["calib"] if r.success]
+    calibrate(suite, nominal, TARGET_FALSE_ALARM, args.filter_false_alarm)
+    suite.save(checkpoint)
+    print(f"  safety models trained and calibrated in {time.perf_counter() - started:.0f} s", flush=True)
+    rows = []
+    for condition in ("all", *CONDITIONS):
+        test = [r for r in roll["test"] if condition in ("all", r.condition)]
+        scores = [rollout_scores(suite, r) for r in test]
+        failures = sum(r.failed for r in test)
+        for name in SIGNAL_NAMES:
+            row = signal_row(name, test, scores, suite.thresholds[name])
+            rows.append(
+                {"task": task, "condition": condition, "episodes": len(test), "failures": failures, **row}
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", nargs="+", default=["push", "pick_place"])
+    parser.add_argument("--demos", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=4000, help="policy training steps")
+    parser.add_argument("--train", type=int, default=20, help="rollouts per condition for risk and LDM")
+    parser.add_argument("--calib", type=int, default=40, help="normal rollouts for calibration")
+    parser.add_argument("--test", type=int, default=30, help="rollouts per condition scored")
+    parser.add_argument("--num-samples", type=int, default=8, help="K candidate chunks per plan")
+    parser.add_argument("--filter-false-alarm", type=float, default=0.02)
+    parser.add_argument("--safety", nargs="*", default=[], help="SafetyConfig overrides KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("runs/safety"))
+    args = parser.parse_args()
+    args.safety = {k: (float(v) if "." in v else int(v)) for k, v in (p.split("=", 1) for p in args.safety)}
+    set_torch_threads(1)
+    print(machine_line(), flush=True)
+    rows = []
+    for task in args.tasks:
+        rows += evaluate_task(args, task)
+        (args.out / "signals.json").write_text(json.dumps(rows, indent=2))
+    headers = [
+        "task",
+        "condition",
+        "episodes",
+        "failures",
+        "signal",
+        "auroc",
+        "caught",
+        "false_alarms",
+        "lead_steps",
+    ]
+    print()
+    print_table(headers, [[row[h] for h in headers] for row in rows])
+
+
+if __name__ == "__main__":
+    main()

@@ -67,3 +67,26 @@ def make_store(
             )
         episode.commit(success=index % 2 == 0, outcome="" if index % 2 == 0 else "timeout")
     return store
+
+
+def all_steps(store: EpisodeStore) -> dict[str, np.ndarray]:
+    return {key: np.concatenate([store.episode(i)[key] for i in range(len(store))]) for key in store.schema}
+
+
+def assert_same_store(back: EpisodeStore, store: EpisodeStore, lossy_images: bool = False) -> None:
+    """`back` holds `store`'s episodes: every key equal (images within video codec error with
+    `lossy_images`: small on average, and no frame off, which a shifted frame would be), and the metadata."""
+    assert back.schema == store.schema
+    assert back.episode_ends.tolist() == store.episode_ends.tolist()
+    for i in range(len(store)):
+        original, restored = store.episode(i), back.episode(i)
+        for key, spec in store.schema.items():
+            if lossy_images and spec.is_image:
+                error = np.abs(restored[key].astype(float) - original[key].astype(float))
+                assert error.mean() < 8, (key, error.mean())
+                assert np.all(error.mean(axis=(1, 2, 3)) < 12), key
+            else:
+                np.testing.assert_array_equal(restored[key], original[key], err_msg=key)
+        fields = ("task", "robot_id", "success", "outcome", "policy_version", "start_time", "extra")
+        a, b = store.episode_meta(i), back.episode_meta(i)
+        assert [getattr(b, f) for f in fields] == [getattr(a, f) for f in fields], i

@@ -12,7 +12,7 @@ import zarr
 
 from fleet.labels import ControlLabel
 from fleet.store import EpisodeStore
-from tests.io_data import make_store
+from tests.io_data import all_steps, assert_same_store, make_store
 from tests.test_cli import flotilla
 
 # What DP's ReplayBuffer.copy_from_path / create_from_path do with zarr 2 (zarr.open, zarr.MemoryStore,
@@ -92,7 +92,7 @@ def test_zarr2_reads_the_export_as_diffusion_policy_does_but_not_the_store(zarr2
     assert got["zarr"].startswith("2.")
     assert got["ends"] == store.episode_ends.tolist()
     assert got["windows"] == sum(int(n) - 3 for n in np.diff(store.episode_ends, prepend=0))
-    steps = {key: np.concatenate([store.episode(i)[key] for i in range(len(store))]) for key in store.schema}
+    steps = all_steps(store)
     state = np.concatenate(
         [steps[k].reshape(len(steps["action"]), -1) for k in ("ee_pos", "gripper", "object_to_goal")], 1
     )
@@ -119,20 +119,7 @@ def test_export_then_import_gives_the_store_back(store, tmp_path):
     dp("export", store.path, tmp_path / "dp.zarr")
     dp("import", tmp_path / "dp.zarr", tmp_path / "back.zarr")
     with EpisodeStore.open(tmp_path / "back.zarr") as back:
-        assert back.schema == store.schema
-        assert back.episode_ends.tolist() == store.episode_ends.tolist()
-        for i in range(len(store)):
-            original, restored = store.episode(i), back.episode(i)
-            for key in store.schema:
-                np.testing.assert_array_equal(restored[key], original[key], err_msg=key)
-            a, b = store.episode_meta(i), back.episode_meta(i)
-            assert (b.task, b.robot_id, b.success, b.outcome, b.extra) == (
-                a.task,
-                a.robot_id,
-                a.success,
-                a.outcome,
-                a.extra,
-            )
+        assert_same_store(back, store)
 
 
 def test_export_state_keys_and_camera_choose_the_mapping(store, tmp_path):
@@ -181,7 +168,7 @@ def test_import_pusht_style(tmp_path, zarr_format, scale):
     with EpisodeStore.open(tmp_path / "s.zarr") as store:
         assert store.num_episodes == 4 and store.num_steps == 80
         assert set(store.schema) == {"front_rgb", "state", "keypoint", "action", "label", "timestamp"}
-        steps = {key: np.concatenate([store.episode(i)[key] for i in range(4)]) for key in store.schema}
+        steps = all_steps(store)
         np.testing.assert_array_equal(steps["front_rgb"], images)
         np.testing.assert_array_equal(steps["keypoint"], arrays["keypoint"])
         assert np.all(steps["label"] == ControlLabel.DEMO)

@@ -5,21 +5,8 @@ baseline matched to C.U.R.'s human budget."""
 import numpy as np
 import pytest
 
-from fleet.allocation import PREEMPTED, RESET_DONE, RobotSlot, Signals, make_allocator
-
-FIXED = dict(uncertainty_threshold=0.5, risk_threshold=0.5)
-
-
-def fleet(n: int) -> dict[str, RobotSlot]:
-    return {f"r{i}": RobotSlot(f"r{i}") for i in range(n)}
-
-
-def signal(robots, robot_id, uncertainty=0.0, risk=0.0, violation=False):
-    robots[robot_id].signals = Signals(uncertainty=uncertainty, risk=risk, constraint_violation=violation)
-
-
-def assigned(decisions) -> dict[str, str]:
-    return {a.operator_id: a.robot_id for a in decisions.assignments}
+from fleet.allocation import PREEMPTED, RESET_DONE, Signals, make_allocator
+from tests.test_allocation import FIXED, assigned, fleet, serve_order, signal
 
 
 def first_served(preempt: bool, t_T: int = 5, ticks: int = 30) -> tuple[int, list]:
@@ -108,19 +95,6 @@ def test_violation_share_caps_the_humans_sent_to_violating_robots():
     assert violators_served({"violation_share": 1.0}, ticks=1) == [(1, "r0"), (1, "r1")]
     # Capped violating robots rank by their other signals: with none they get no human at all.
     assert violators_served({"violation_share": 0.0}, ticks=1) == [(1, "r3")]
-
-
-def serve_order(order: str) -> list[str]:
-    robots = fleet(4)
-    signal(robots, "r0", uncertainty=0.6)
-    signal(robots, "r1", risk=0.95)
-    signal(robots, "r2", violation=True)
-    signal(robots, "r3", uncertainty=0.8)
-    allocator = make_allocator("cur", cur={"order": order}, t_T=100, **FIXED)
-    served = []
-    for k in range(4):  # one more operator each tick: each takes the best robot left
-        served += assigned(allocator.tick(robots.values(), [f"op{i}" for i in range(k + 1)])).values()
-    return served
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,11 @@ class FlotillaRule:
        ``hysteresis`` units below (max z < -hysteresis). Signals hovering at the threshold therefore do not
        make the robot flap in and out of the queue or bounce between a human and its policy.
     4. Ties (equal scores, e.g. among constraint violations) go to the robot that has waited longest.
+
+    The thresholds it measures against are the deployed policy's: `flotilla demo` (and the fleet
+    benchmark) fixes them for each round from the policy's held-out calibration rollouts
+    (sim/round_thresholds.py, ``Allocator.fix_thresholds``), so a better policy asks for less help.
+    Left to the allocator's rate calibration it would ask at the rate alpha whatever the policy.
     """
 
     def __init__(self, config: FlotillaConfig, rng: np.random.Generator):

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from policies.action_space import DELTA, ActionSpace
+from policies.device import INFER_BYTES_PER_PARAM, DeviceError, check_fits, parameter_count
 from policies.models.configs import PolicyConfig, policy_config_from_dict
 from policies.models.factory import ShapeMeta, build_policy, ensemble_size
 
@@ -183,18 +184,23 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: damaged safetensors file ({err})") from None
 
 
-def load_checkpoint(directory: str | os.PathLike, map_location: str = "cpu") -> Checkpoint:
-    """Rebuild the policy a checkpoint describes and load its weights (no pickle, no code)."""
+def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the policy a checkpoint describes and load its weights (no pickle, no code) onto
+    ``map_location`` (weights are stored device-free). A policy whose weights cannot fit in what that
+    device has free is refused before anything is allocated."""
     directory = Path(directory)
     config = read_config(directory)
     size = config_ensemble_size(config, directory / CONFIG_FILE)
     kind = config["policy"]["kind"]
+    device = torch.device(map_location)
     try:
-        policy = build_policy(
-            policy_config_from_dict(config["policy"]),
-            ShapeMeta.from_dict(config["shape_meta"]),
-            ensemble=size,
-        )
+        policy_config = policy_config_from_dict(config["policy"])
+        shape_meta = ShapeMeta.from_dict(config["shape_meta"])
+        params = size * parameter_count(lambda: build_policy(policy_config, shape_meta))
+        check_fits(params * INFER_BYTES_PER_PARAM, device, f"its policy ({params / 1e6:,.1f}M parameters)")
+        policy = build_policy(policy_config, shape_meta, ensemble=size)
+    except DeviceError as err:
+        raise CheckpointError(f"{directory}: {err.problem}") from None
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{directory}: cannot rebuild policy {kind!r} ({err})") from None
     state = load_tensors(directory / MODEL_FILE)
@@ -208,7 +214,7 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str = "cpu") -> 
         {_NORMALIZER_PREFIX + name: torch.tensor(values) for name, values in config["normalizer"].items()}
     )
     load_state_strict(policy, state, directory / MODEL_FILE)
-    policy.to(map_location).eval()
+    policy.to(device).eval()
     return Checkpoint(policy=policy, version=str(config["version"]), config=config)
 
 

@@ -27,6 +27,7 @@ from configs.schema import (
 from policies.action_space import ActionSpace
 from policies.data.memory import STRATEGIES
 from policies.data.weighting import SCHEMES
+from policies.device import check_device, check_precision
 from policies.models.configs import POLICY_CONFIGS, PolicyConfig
 
 __all__ = ["EvalConfig", "MemoryConfig", "TrainConfig"]
@@ -84,6 +85,14 @@ class TrainConfig:
     version: str | None = None
     seed: int = 0
     threads: int = 2  # torch threads (policies/threads.py)
+    # Where to train (policies/device.py): auto (CUDA when present) | cpu | cuda | cuda:N. Under torchrun
+    # on CUDA each process takes cuda:LOCAL_RANK (NCCL); on the CPU the processes use gloo.
+    device: str = "auto"
+    # Forward-pass precision: auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16. Weights,
+    # gradients, optimizer state and the EMA stay fp32 whatever this says.
+    precision: str = "auto"
+    # torch.compile the training step's model (its first steps compile for a while; see README, GPUs).
+    compile: bool = False
     tensorboard: bool = True
     progress: bool = True
     # What the policy predicts (policies/action_space.py): `target` = absolute end-effector positions,
@@ -114,6 +123,9 @@ class TrainConfig:
             check_int(getattr(self, key), key, 1)
         check_int(self.warmup_steps, "warmup_steps", 0)
         check_int(self.threads, "threads", 0)
+        check_device(self.device)
+        check_precision(self.precision)
+        check(isinstance(self.compile, bool), "compile", f"must be true or false, got {self.compile!r}")
         check_number(self.lr, "lr", 0.0)
         check_number(self.weight_decay, "weight_decay", 0.0)
         check_number(self.grad_clip, "grad_clip", 0.0, low_open=True)
@@ -144,6 +156,8 @@ class EvalConfig:
     video: bool = False
     video_path: str = "eval_${task.name}.mp4"
     threads: int = 2
+    device: str = "auto"  # where the policy runs: auto | cpu | cuda | cuda:N (policies/device.py)
+    cuda_graphs: bool = False  # replay each plan from a CUDA graph (policies/cuda_graphs.py; CUDA only)
     progress: bool = True
 
     def __post_init__(self):
@@ -155,6 +169,7 @@ class EvalConfig:
         check_int(self.episodes, "episodes", 1)
         check_int(self.num_samples, "num_samples", 1)
         check_int(self.threads, "threads", 0)
+        check_device(self.device)
 
 
 register_job("train", TrainConfig)

@@ -11,6 +11,11 @@ action chunks in one batched pass; their spread, the standard deviation across s
 normalized executed actions averaged over steps and dimensions and divided by the normalized action
 range (2), is reported for every action of that chunk.
 
+Device: ``device`` (auto | cpu | cuda | cuda:N, policies/device.py) moves the policy there (None: leave it
+where it is, e.g. weights several runners share); observations go in as numpy and actions come out as
+numpy whatever the device. ``cuda_graphs=True`` on a CUDA device replays each plan from a CUDA graph
+(policies/cuda_graphs.py: one launch instead of hundreds at batch 1); elsewhere it changes nothing.
+
 Ensembles (ThriftyDAgger / Fleet-DAgger style; `ensemble=E` in configs/train.yaml, see
 policies/models/ensemble.py): sample k comes from member k mod E, and with K > 1 the runner draws at
 least E samples so every member contributes. The uncertainty is the same normalized spread, now of
@@ -30,6 +35,8 @@ from torch import nn
 
 from policies.action_space import DELTA, ActionSpace
 from policies.checkpoint import load_checkpoint
+from policies.cuda_graphs import GraphedPlanner
+from policies.device import resolve_device
 
 
 class PolicyRunner:
@@ -41,10 +48,18 @@ class PolicyRunner:
         n_action_steps: int | None = None,
         action_space: ActionSpace = DELTA,
         noise_seed: int | None = None,
+        device: str | torch.device | None = None,
+        cuda_graphs: bool = False,
     ):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if device is not None:
+            policy = policy.to(resolve_device(device))
         self.policy = policy.eval()
+        weight = next(iter(policy.parameters()), None)  # (a stand-in policy may have none: the CPU)
+        self.device = weight.device if weight is not None else torch.device("cpu")
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graph = None  # built at the first plan
         self.version = version
         self.action_space = action_space
         # The same initial noise for every plan makes consecutive chunks agree with each other
@@ -66,9 +81,15 @@ class PolicyRunner:
 
     @classmethod
     def from_checkpoint(
-        cls, directory, num_samples: int = 1, n_action_steps: int | None = None, noise_seed: int | None = None
+        cls,
+        directory,
+        num_samples: int = 1,
+        n_action_steps: int | None = None,
+        noise_seed: int | None = None,
+        device: str | torch.device = "auto",
+        cuda_graphs: bool = False,
     ) -> PolicyRunner:
-        checkpoint = load_checkpoint(directory)
+        checkpoint = load_checkpoint(directory, map_location=resolve_device(device))
         return cls(
             checkpoint.policy,
             checkpoint.version,
@@ -76,7 +97,13 @@ class PolicyRunner:
             n_action_steps,
             checkpoint.action_space,
             noise_seed,
+            cuda_graphs=cuda_graphs,
         )
+
+    @property
+    def graph_replays(self) -> int:
+        """Plans served by the CUDA graph so far (0 without one)."""
+        return self._graph.replays if self._graph is not None else 0
 
     def reset(self) -> None:
         self._history: deque = deque(maxlen=self.n_obs_steps)
@@ -100,7 +127,7 @@ class PolicyRunner:
     @torch.inference_mode()
     def _plan(self, goal: np.ndarray | None) -> None:
         obs = {
-            key: torch.from_numpy(np.stack([frame[key] for frame in self._history]))[None]
+            key: torch.from_numpy(np.stack([frame[key] for frame in self._history]))[None].to(self.device)
             for key in self.obs_keys
         }
         goal_tensor = None
@@ -109,16 +136,21 @@ class PolicyRunner:
                 raise ValueError(
                     "this policy is goal-conditioned: pass a goal (or an observation with 'goal')"
                 )
-            goal_tensor = torch.as_tensor(np.asarray(goal, dtype=np.float32))[None]
-        noise = (
-            {} if self.noise_seed is None else {"generator": torch.Generator().manual_seed(self.noise_seed)}
-        )
-        samples = self.policy.predict_action(obs, goal_tensor, num_samples=self.num_samples, **noise)[
-            0
-        ]  # (K, Tp, A)
+            goal_tensor = torch.as_tensor(np.asarray(goal, dtype=np.float32))[None].to(self.device)
+        if self.cuda_graphs:
+            if self._graph is None:
+                self._graph = GraphedPlanner(self.policy, self.num_samples, self.device)
+            samples = self._graph(obs, goal_tensor, self.noise_seed)[0]  # (K, Tp, A)
+        else:
+            noise = (
+                {}
+                if self.noise_seed is None
+                else {"generator": torch.Generator(self.device).manual_seed(self.noise_seed)}
+            )
+            samples = self.policy.predict_action(obs, goal_tensor, num_samples=self.num_samples, **noise)[0]
         start = self.n_obs_steps - 1
         executed = samples[:, start : start + self.n_action_steps]
         if self.num_samples > 1:
             normalized = self.policy.normalizer.normalize("action", executed)
             self.uncertainty = float(normalized.std(dim=0).mean() / 2.0)
-        self._actions.extend(executed[0].float().numpy().astype(np.float32))
+        self._actions.extend(executed[0].float().cpu().numpy().astype(np.float32))

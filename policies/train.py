@@ -1,7 +1,7 @@
 """`flotilla train`: weighted behavior cloning of a policy on one or more episode stores.
 
     flotilla train data=[runs/demos.zarr,runs/round1.zarr] policy=diffusion task=push
-    torchrun --nproc_per_node=2 -m policies.train data=[...]     # DDP on CPU (gloo)
+    torchrun --nproc_per_node=2 -m policies.train data=[...]     # DDP: NCCL on GPUs, gloo on the CPU
 
 Samples are weighted by control label (policies/data/weighting.py, Sirius by default); the data can
 be cut to a step budget by a memory strategy (policies/data/memory.py). Held-out episodes give a
@@ -14,6 +14,12 @@ Settings: ``TrainConfig`` (policies/config.py; configs/train.yaml holds what dif
 each member on its own bootstrap of the training windows (every batch carries each window's index),
 so their disagreement can serve as the uncertainty signal. The trainer drives any ``Policy``
 (policies/models/base.py) alike: its forward is its per-sample loss, ensemble or not.
+
+Devices (policies/device.py): `device=auto|cpu|cuda|cuda:N`; the training windows are gathered on that
+device a batch at a time (policies/data/batches.py, no per-sample Python); bf16 autocast on CUDA
+(`precision`), fp32 weights, optimizer and EMA; TF32 on CUDA; `compile=true` for torch.compile. Under
+torchrun every process trains on `batch_size` samples, so the effective batch is batch_size x processes
+and `lr` applies to that effective batch as given (scale it yourself if you scale the processes).
 """
 
 from __future__ import annotations
@@ -46,7 +52,18 @@ from policies.checkpoint import (
     save_checkpoint,
 )
 from policies.config import TrainConfig
+from policies.data.batches import DeviceBatches, DeviceSteps
 from policies.data.windows import EpisodeData, WindowDataset, load_episodes, split_episodes
+from policies.device import (
+    TRAIN_BYTES_PER_PARAM,
+    autocast,
+    check_fits,
+    enable_tf32,
+    is_out_of_memory,
+    out_of_memory,
+    resolve_device,
+    resolve_precision,
+)
 from policies.models.base import Policy
 from policies.models.factory import ShapeMeta, build_policy
 from policies.threads import set_torch_threads
@@ -68,8 +85,10 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         decay = min(self.max_decay, 1 - (1 + self.updates) ** -self.power)
-        for ema_param, param in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_param.lerp_(param.detach(), 1 - decay)
+        # One multi-tensor op instead of a kernel per parameter (hundreds on a GPU); the same numbers.
+        torch._foreach_lerp_(
+            list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay
+        )
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_buffer.copy_(buffer)
 
@@ -89,20 +108,6 @@ def normalizer_data(data: EpisodeData, episodes: np.ndarray, shape_meta: ShapeMe
     keys = [k for k, shape in shape_meta.obs.items() if len(shape) != 3] + ["action"]
     keys += ["goal"] if shape_meta.goal_dim else []
     return {key: data.steps[key][rows] for key in keys}
-
-
-class IndexedDataset(torch.utils.data.Dataset):
-    """A dataset whose samples also carry their index ("index"), so an ensemble can give every member a
-    fixed bootstrap of the samples (other policies ignore it)."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        return {**self.dataset[i], "index": i}
 
 
 def weighted_loss(loss_fn, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,18 +138,27 @@ def restore_optimizer(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device). Under torchrun on CUDA each process takes
+    cuda:LOCAL_RANK (unless device names one) and NCCL; on the CPU gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if world > 1 and device_name in ("auto", "cuda"):
+            device = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return (torch.distributed.get_rank() if world > 1 else 0), world
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world, device
 
 
 def train(cfg: TrainConfig) -> Path:
     """Train per `cfg` (a TrainConfig, or the composed configs/train.yaml); returns the final checkpoint folder."""
     if not isinstance(cfg, TrainConfig):
         cfg = typed(cfg)
-    rank, world = _distributed()
+    rank, world, device = _distributed(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    enable_tf32(device)
     torch.manual_seed(cfg.seed + rank)
     set_torch_threads(cfg.threads)
     out = Path(cfg.out)
@@ -168,10 +182,16 @@ def train(cfg: TrainConfig) -> Path:
         )
     train_eps, val_eps = split_episodes(data.num_episodes, cfg.val_ratio, cfg.seed)
     horizons = dict(n_obs_steps=cfg.policy.n_obs_steps, horizon=cfg.policy.horizon)
-    # Every sample carries its index: an ensemble draws its members' bootstraps from it.
-    train_set = IndexedDataset(WindowDataset(data, train_eps, obs_keys, weighting=cfg.weighting, **horizons))
-    val_set = (
-        WindowDataset(data, val_eps, obs_keys, weighting=cfg.weighting, **horizons) if len(val_eps) else None
+    train_set = WindowDataset(data, train_eps, obs_keys, weighting=cfg.weighting, **horizons)
+    steps_on_device = DeviceSteps(data, [*obs_keys, "action", "goal"], device)
+    # Every batch carries its samples' indices: an ensemble draws its members' bootstraps from them.
+    train_batches = DeviceBatches(train_set, steps_on_device, with_index=True)
+    val_batches = (
+        DeviceBatches(
+            WindowDataset(data, val_eps, obs_keys, weighting=cfg.weighting, **horizons), steps_on_device
+        )
+        if len(val_eps)
+        else None
     )
     shape_meta = shape_meta_for(data, obs_keys)
 
@@ -180,24 +200,30 @@ def train(cfg: TrainConfig) -> Path:
         _init_from(Path(cfg.init_from), policy)
     else:
         policy.normalizer.fit(normalizer_data(data, train_eps, shape_meta))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = sum(p.numel() for p in policy.parameters())
+    check_fits(
+        params * TRAIN_BYTES_PER_PARAM,
+        device,
+        f"training {cfg.policy.kind} ({params / 1e6:,.1f}M parameters: weights, gradients, AdamW, EMA)",
+        hint="train a smaller policy (policy.down_dims) or on another device",
+    )
+    policy.to(device)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
     ema = EMA(policy, max_decay=cfg.ema_decay) if cfg.ema else None
     step = 0
     if cfg.resume:
         step = _resume(Path(cfg.resume), policy, ema, optimizer)
 
-    model = nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
-    sampler = (
-        torch.utils.data.DistributedSampler(train_set, world, rank, seed=cfg.seed) if world > 1 else None
-    )
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(train_set) >= cfg.batch_size * world,
-        num_workers=0,
-    )
+    model = policy
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            policy, device_ids=[device.index] if device.index is not None else None
+        )
+    if cfg.compile:
+        model = torch.compile(model)
+    drop_last = len(train_set) >= cfg.batch_size * world
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps)
     )
@@ -212,6 +238,9 @@ def train(cfg: TrainConfig) -> Path:
         "memory": dataclasses.asdict(cfg.memory),
         "train_episodes": len(train_eps),
         "val_episodes": len(val_eps),
+        "device": str(device),
+        "precision": precision,
+        "processes": world,
     }
     bar = tqdm(
         total=cfg.steps,
@@ -224,11 +253,12 @@ def train(cfg: TrainConfig) -> Path:
     started, samples, epoch = time.perf_counter(), 0, 0
     final = final_checkpoint(out)
     while step < cfg.steps:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for batch in loader:
+        for batch in train_batches.epoch(
+            cfg.batch_size, epoch, drop_last=drop_last, seed=cfg.seed, rank=rank, world=world
+        ):
             model.train()
-            loss, raw = weighted_loss(model, batch)
+            with autocast(device, precision):
+                loss, raw = weighted_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -247,8 +277,9 @@ def train(cfg: TrainConfig) -> Path:
                     writer.add_scalar("train/loss", raw.item(), step)
                     writer.add_scalar("train/lr", schedule.get_last_lr()[0], step)
                     writer.add_scalar("train/samples_per_s", rate, step)
-            if rank == 0 and val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-                val = validation_loss(ema.model if ema else policy, val_set, cfg.batch_size)
+            if rank == 0 and val_batches is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                with autocast(device, precision):
+                    val = validation_loss(ema.model if ema else policy, val_batches, cfg.batch_size)
                 bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{val:.4f}")
                 if writer:
                     writer.add_scalar("val/loss", val, step)
@@ -284,17 +315,17 @@ def train(cfg: TrainConfig) -> Path:
 
 
 @torch.no_grad()
-def validation_loss(policy: nn.Module, dataset: WindowDataset, batch_size: int) -> float:
+def validation_loss(policy: nn.Module, batches: DeviceBatches, batch_size: int) -> float:
     policy.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    total, count = 0.0, 0
-    with torch.random.fork_rng():
+    device = batches.steps.device
+    total, count = torch.zeros((), device=device), 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # the same diffusion noise every time, so validation losses compare
-        for batch in loader:
+        for batch in batches.epoch(batch_size, shuffle=False):
             loss, _ = weighted_loss(policy.compute_loss, batch)
-            total += loss.item() * len(batch["action"])
+            total += loss.float() * len(batch["action"])
             count += len(batch["action"])
-    return total / max(count, 1)
+    return total.item() / max(count, 1)
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -378,6 +409,15 @@ def run(cfg: TrainConfig) -> None:
         train(cfg)
     except CheckpointError as err:
         raise ConfigError("resume" if cfg.resume else "init_from", str(err)) from None
+    except RuntimeError as err:  # CUDA out of memory: one line saying what to change
+        if not is_out_of_memory(err):
+            raise
+        raise out_of_memory(
+            err,
+            resolve_device(cfg.device),
+            f"training at batch_size={cfg.batch_size}",
+            hint="lower batch_size",
+        ) from None
 
 
 if __name__ == "__main__":  # torchrun -m policies.train key=value ...

@@ -183,8 +183,8 @@ class ConditionalUnet1D(nn.Module):
     ) -> torch.Tensor:
         """sample (B, T, A), timestep scalar or (B,), global_cond (B, C) -> (B, T, A)."""
         batch = sample.shape[0]
-        if not torch.is_tensor(timestep):
-            timestep = torch.tensor(timestep, device=sample.device, dtype=torch.float32)
+        if not torch.is_tensor(timestep):  # a fill, not a host-to-device copy: CUDA graphs can capture it
+            timestep = torch.full((batch,), float(timestep), device=sample.device, dtype=torch.float32)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
         cond = self.step_embed(timestep)

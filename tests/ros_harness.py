@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +43,7 @@ PANDA_DH = [
 ]
 PANDA_TCP = [0.0, 0.0, 0.212]
 COMMAND_TIMEOUT_S = 0.3
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def panda_params(**overrides) -> dict:
@@ -110,6 +115,38 @@ class SimRosRobot:
                 self._camera(m.rgb_to_image(self.obs["front_rgb"], time.time(), "front_camera"))
                 next_camera += 1.0 / self.camera_hz
             time.sleep(max(0.0, min(next_joint, next_camera, next_control) - time.monotonic()))
+
+
+class ReachPolicy:
+    """Scripted: move the TCP straight to the goal (a stand-in for a trained policy, without torch)."""
+
+    version = "scripted-reach"
+    uncertainty = 0.0
+
+    def reset(self):
+        pass
+
+    def act(self, obs, goal=None):
+        step = np.clip((np.asarray(goal) - obs["ee_pos"]) / 0.03, -1, 1)
+        return np.append(step, -1.0).astype(np.float32)
+
+
+def start_sim_robot(domain: int, seconds: float, goal, **rates) -> subprocess.Popen:
+    """This module as a process (rates: joint_hz, camera_hz), returned once its publishers exist; its last
+    stdout line is the JSON result."""
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in rates.items()]
+    robot = subprocess.Popen(
+        [sys.executable, "-m", "tests.ros_harness", f"--domain={domain}", f"--seconds={seconds}", *flags]
+        + ["--goal", *map(str, goal)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    if json.loads(robot.stdout.readline() or "{}") != {"ready": True}:
+        robot.kill()
+        raise RuntimeError(f"the simulated ROS robot did not start (exit code {robot.wait()})")
+    return robot
 
 
 def main(argv=None) -> None:

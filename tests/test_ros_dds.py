@@ -4,9 +4,6 @@ JointState (100 Hz) and Image (30 Hz) as ROS 2 topics, the robot node subscribed
 Float64MultiArray commands moving the simulated robot, and the fleet server logging the episode."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ from fleet.ros2.node import config_from_params, default_agent
 from fleet.ros2.runner import DdsRobotNode, load_params, resolve
 from fleet.store import EpisodeStore
 from tests.fleet_harness import ROOT, wait_until
-from tests.ros_harness import CAMERA, COMMANDS, JOINT_STATES, panda_params
+from tests.ros_harness import CAMERA, COMMANDS, JOINT_STATES, ReachPolicy, panda_params, start_sim_robot
 
 TS = get_typestore(Stores.ROS2_JAZZY)
 DOMAIN = dds.free_domain_id()
@@ -75,32 +72,10 @@ def token_file(tmp_path):
     return str(path)
 
 
-class ReachPolicy:
-    """Scripted: move the TCP straight to the goal (a stand-in for a trained policy)."""
-
-    version = "scripted-reach"
-    uncertainty = 0.0
-
-    def reset(self):
-        pass
-
-    def act(self, obs, goal=None):
-        step = np.clip((np.asarray(goal) - obs["ee_pos"]) / 0.03, -1, 1)
-        return np.append(step, -1.0).astype(np.float32)
-
-
 def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
     goal = [0.55, 0.12, 0.15]
-    robot = subprocess.Popen(
-        [sys.executable, "-m", "tests.ros_harness", "--domain", str(DOMAIN), "--seconds", "7"]
-        + ["--goal", *map(str, goal)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    robot = start_sim_robot(DOMAIN, 7.0, goal)
     try:
-        assert json.loads(robot.stdout.readline()) == {"ready": True}
         transport = dds.DdsTransport(DOMAIN, dds.LOOPBACK_CONFIG)
         seen: dict[str, list] = {JOINT_STATES: [], CAMERA: [], COMMANDS: []}
         for topic, kind in [
@@ -154,7 +129,7 @@ def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
     assert steps["joint_pos"].shape[1:] == (7,) and steps["front_rgb"].shape[1:] == (96, 96, 3)
     assert np.abs(np.diff(steps["ee_pos"], axis=0)).max() > 0.005  # the logged pose followed the robot
     assert len(steps["action"]) >= 20
-    ticks = [latency for _, latency in node.timing if not np.isnan(latency)]
+    ticks = [latency for _, _, latency in node.timing if not np.isnan(latency)]
     assert ticks and all(0 <= latency < 2.0 for latency in ticks)
 
 

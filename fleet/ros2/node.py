@@ -42,7 +42,14 @@ from fleet.ros2 import messages as m
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("float64_multi_array", "joint_trajectory", "twist_stamped")
+NODE_NAME = "flotilla_robot"  # the node's name in the launch files; private topics (~/...) live under it
+# output -> the ROS message type published on command_topic
+OUTPUT_TYPES = {
+    "float64_multi_array": "std_msgs/msg/Float64MultiArray",  # a ros2_control forward command controller
+    "joint_trajectory": "trajectory_msgs/msg/JointTrajectory",  # a joint_trajectory_controller
+    "twist_stamped": "geometry_msgs/msg/TwistStamped",  # MoveIt Servo (Cartesian policies)
+}
+OUTPUTS = tuple(OUTPUT_TYPES)
 ACTION_MODES = ("delta", "absolute")
 EE_POSE_SOURCES = ("none", "fk", "tf")
 
@@ -84,7 +91,7 @@ class RosRobotConfig:
     rate_hz: float = 10.0
     max_sensor_age_s: float = 0.25  # deadman: hold when a sensor's latest message is older than this
     dry_run: bool = True  # compute and log, publish nothing: set false to let the robot move
-    protective_stop_topic: str = "~/protective_stop"  # std_msgs/Bool, latched; true stops
+    protective_stop_topic: str = "~/protective_stop"  # std_msgs/Bool: true stops, and the node latches it
     max_episode_steps: int = 0  # end an episode ("timeout") after this many ticks (0: never)
     trajectory_time_s: float = 0.0  # JointTrajectory: time_from_start (0: one control period)
     action_low: list[float] = field(default_factory=list)  # per-dimension action box ([]: none)

@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from fleet.ros2 import dds
-from fleet.ros2.node import RobotNodeLogic, RosRobotConfig, config_from_params, default_agent
+from fleet.ros2.node import (
+    NODE_NAME,
+    OUTPUT_TYPES,
+    RobotNodeLogic,
+    RosRobotConfig,
+    config_from_params,
+    default_agent,
+)
 
 log = logging.getLogger(__name__)
-
-NODE_NAME = "flotilla_robot"  # the launch files' node name (ros_ws/src/flotilla_ros/launch)
-OUTPUT_TYPES = {
-    "float64_multi_array": "std_msgs/msg/Float64MultiArray",
-    "joint_trajectory": "trajectory_msgs/msg/JointTrajectory",
-    "twist_stamped": "geometry_msgs/msg/TwistStamped",
-}
 
 
 def resolve(topic: str, robot_id: str) -> str:
@@ -42,8 +42,10 @@ def resolve(topic: str, robot_id: str) -> str:
 
 
 class DdsRobotNode:
-    """RobotNodeLogic on DDS. `timing` records each tick: (start on the monotonic clock, sensor -> command
-    latency in seconds: command published minus the stamp of the joint state it used)."""
+    """RobotNodeLogic on DDS. `timing` records each tick: (start on the monotonic clock, seconds the tick
+    took, sensor -> command latency: command published minus the stamp of the joint state it used, NaN when
+    nothing was published); stamps are the publisher's wall clock, so the latency needs one clock (one
+    machine, or PTP-synchronized ones)."""
 
     def __init__(
         self,
@@ -75,7 +77,7 @@ class DdsRobotNode:
             resolve(config.protective_stop_topic, rid),
             "std_msgs/msg/Bool",
             self.logic.on_protective_stop,
-            "latched",
+            "default",  # matches volatile and transient-local publishers; the node latches the stop
         )
         self._publishers = {
             config.command_topic: transport.publisher(
@@ -117,7 +119,7 @@ class DdsRobotNode:
                 tick = None
             joints = self.logic.sensors.latest("joints")
             latency = time.time() - joints.stamp if joints is not None and tick and tick.published else np.nan
-            self.timing.append((started, latency))
+            self.timing.append((started, time.monotonic() - started, latency))
             deadline += period
             if deadline < time.monotonic():  # overran: skip the missed ticks rather than burst
                 deadline = time.monotonic()

@@ -28,9 +28,8 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
 
 from fleet.ros2 import messages as m
-from fleet.ros2.node import RobotNodeLogic, config_from_params, parameter_types
+from fleet.ros2.node import NODE_NAME, OUTPUT_TYPES, RobotNodeLogic, config_from_params, parameter_types
 
-NODE_NAME = "flotilla_robot"
 PARAMETER_TYPES = {
     "string": Parameter.Type.STRING,
     "integer": Parameter.Type.INTEGER,
@@ -39,14 +38,9 @@ PARAMETER_TYPES = {
     "string_array": Parameter.Type.STRING_ARRAY,
     "double_array": Parameter.Type.DOUBLE_ARRAY,
 }
-OUTPUT_TYPES = {
-    "float64_multi_array": "std_msgs/msg/Float64MultiArray",
-    "joint_trajectory": "trajectory_msgs/msg/JointTrajectory",
-    "twist_stamped": "geometry_msgs/msg/TwistStamped",
-}
-LATCHED = QoSProfile(
-    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-)
+# Reliable and volatile: it matches every publisher (a transient-local subscription would silently miss a
+# volatile publisher's stop); the node latches the stop itself.
+STOP_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
 
 
 def message_class(ros_type: str):
@@ -122,7 +116,7 @@ class FlotillaRobotNode(Node):
                 message_class("std_msgs/msg/Bool"),
                 config.protective_stop_topic,
                 self.logic.on_protective_stop,
-                LATCHED,
+                STOP_QOS,
                 callback_group=sensors,
             )
         )
@@ -199,6 +193,9 @@ class FlotillaRobotNode(Node):
             self._publish(tick)
         if tick.reason and tick.control in ("stale", "hold"):
             self.get_logger().warning(f"holding: {tick.reason}", throttle_duration_sec=2.0)
+        elif tick.control == "dry_run":
+            action = [round(float(a), 4) for a in tick.action]
+            self.get_logger().info(f"dry run, not published: {action}", throttle_duration_sec=1.0)
 
     def _publish(self, tick) -> None:
         if tick is not None and tick.published:

@@ -20,6 +20,7 @@ import threading
 
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node, State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -72,9 +73,11 @@ class FlotillaRobotNode(Node):
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         params = {}
         for name in parameter_types():
-            value = self.get_parameter(name).value
-            if value is not None:
-                params[name] = list(value) if isinstance(value, list | tuple | array.array) else value
+            try:
+                value = self.get_parameter(name).value
+            except ParameterUninitializedException:  # typed, not given: RosRobotConfig's default
+                continue
+            params[name] = list(value) if isinstance(value, list | tuple | array.array) else value
         try:
             config = config_from_params(params)
             ee_pose = self._tf_pose if config.ee_pose == "tf" else None
@@ -180,8 +183,8 @@ class FlotillaRobotNode(Node):
         def guarded(msg):
             try:
                 callback(msg)
-            except (ValueError, KeyError) as err:  # a bad message is logged, never fatal
-                self.get_logger().warning(str(err), throttle_duration_sec=5.0)
+            except Exception as err:  # a bad message (wrong encoding, missing joint) is logged, never fatal
+                self.get_logger().warning(f"{type(err).__name__}: {err}", throttle_duration_sec=5.0)
 
         return guarded
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,45 +41,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from policies.safety.calibration import ConformalThreshold
+from policies.safety.config import SafetyConfig
 
 SAFETY_FILE = "safety.safetensors"
 SAFETY_JSON = "safety.json"
 SAFETY_FORMAT = 1
 # The signal each model gives; every signal is higher = more likely to fail.
 MODEL_SIGNAL = {"flow": "novelty", "rnd": "rnd", "risk": "risk", "ldm": "ldm"}
-
-
-@dataclass
-class SafetyConfig:
-    """How the safety models are built and trained (saved with them in safety.json)."""
-
-    action_steps: int = 4  # executed actions of a chunk that the action-scoring models see
-    hidden: int = 128
-    flow_transforms: int = 3
-    flow_steps: int = 3000
-    rnd_features: int = 32
-    rnd_steps: int = 2000
-    risk_horizon: int = 40  # env steps: "violation or failure within k steps"
-    risk_steps: int = 2000
-    ldm_steps: int = 3000
-    ldm_gamma: float = 0.9
-    ldm_tau: float = 0.01  # Polyak rate of the LDM's target network
-    batch_size: int = 256
-    lr: float = 1.0e-3
-    weight_decay: float = 1.0e-4
-    seed: int = 0
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("ldm_gamma", "ldm_tau"):
-                if not 0.0 < value <= 1.0:
-                    raise ValueError(f"{f.name} must be in (0, 1], got {value!r}")
-            elif f.name in ("lr", "weight_decay"):
-                if not value >= 0.0:
-                    raise ValueError(f"{f.name} must be >= 0, got {value!r}")
-            elif f.name != "seed" and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{f.name} must be an integer >= 1, got {value!r}")
 
 
 # ============================================================================================ inputs

@@ -1,0 +1,122 @@
+"""`flotilla safety`: safety models from a checkpoint's demos and logged episodes, saved into it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleet.labels import ControlLabel
+from fleet.store import EpisodeStore
+from policies.checkpoint import load_checkpoint
+from policies.runner import PolicyRunner
+from policies.safety.filter import FilterConfig
+from policies.safety.models import SAFETY_JSON
+from policies.safety.train import logged_rollouts
+
+V1 = Path(__file__).resolve().parent / "fixtures" / "checkpoints_v1" / "diffusion"
+ROOT = Path(__file__).resolve().parent.parent
+LENGTH = 20
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def write_store(path: Path, episodes: list[dict]) -> Path:
+    """Reach-shaped episodes: each dict gives label, success and optionally takeover/violation steps."""
+    rng = np.random.default_rng(len(episodes))
+    with EpisodeStore.create(path, overwrite=True) as store:
+        for spec in episodes:
+            episode = store.begin_episode("arm-1", "reach")
+            goal = rng.uniform(0.3, 0.5, 3).astype(np.float32)
+            for t in range(LENGTH):
+                label = spec["label"]
+                if t >= spec.get("takeover", LENGTH):
+                    label = ControlLabel.INTERVENTION
+                violation = float(t >= spec.get("violation", LENGTH))
+                episode.append(
+                    {"ee_pos": rng.uniform(0.3, 0.5, 3).astype(np.float32)},
+                    rng.uniform(-1, 1, 4).astype(np.float32),
+                    label,
+                    goal=goal,
+                    signals={
+                        "uncertainty": 0.0,
+                        "risk": 0.0,
+                        "density": 0.0,
+                        "constraint_violation": violation,
+                    },
+                )
+            episode.commit(spec["success"])
+    return path
+
+
+@pytest.fixture
+def stores(tmp_path):
+    demos = write_store(tmp_path / "demos.zarr", [{"label": ControlLabel.DEMO, "success": True}] * 6)
+    logged = [{"label": ControlLabel.ROBOT, "success": i % 2 == 0} for i in range(10)]
+    logged[1]["takeover"] = 9  # a human took over at step 9
+    logged[3]["violation"] = 13
+    fleet = write_store(tmp_path / "fleet.zarr", logged + [{"label": ControlLabel.DEMO, "success": True}])
+    return demos, fleet
+
+
+def test_logged_episodes_become_the_policys_rollouts(stores):
+    policy = load_checkpoint(V1).policy
+    rollouts = logged_rollouts(policy, load_checkpoint(V1).action_space, [str(stores[1])], 4, num_samples=3)
+    assert len(rollouts) == 10  # the demo episode is left out
+    takeover, violation = rollouts[1], rollouts[3]
+    assert takeover.length == 9 and not takeover.success and takeover.failure_step == 9
+    assert violation.violation_step == 13 and violation.failure_step == 13
+    assert [r.success for r in rollouts] == [i % 2 == 0 for i in range(10)]
+    assert takeover.plan_steps == [0, 4, 8] and all(c.shape == (3, 16) for c in takeover.candidates)
+
+
+def test_flotilla_safety_trains_calibrates_and_saves_into_the_checkpoint(stores, tmp_path):
+    checkpoint = tmp_path / "diffusion"
+    shutil.copytree(V1, checkpoint)
+    demos, fleet = stores
+    steps = [f"model.{key}=30" for key in ("flow_steps", "rnd_steps", "risk_steps", "ldm_steps")]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flotilla.cli",
+            "safety",
+            f"checkpoint={checkpoint}",
+            f"data=[{fleet}]",
+            f"demos=[{demos}]",
+            "model.hidden=16",
+            "num_samples=3",
+            "calibration_ratio=0.5",
+            *steps,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "calibrated on 2" in result.stdout  # half of the 5 successful episodes, rounded
+    meta = json.loads((checkpoint / SAFETY_JSON).read_text())
+    assert meta["models"] == ["flow", "ldm", "risk", "rnd"]
+    assert set(meta["thresholds"]) == {"uncertainty", "novelty", "rnd", "risk", "ldm"}
+    assert set(meta["filter_thresholds"]) == {"novelty", "ldm"}
+    runner = PolicyRunner.from_checkpoint(checkpoint, num_samples=4, safety_filter=FilterConfig(mode="ldm"))
+    runner.act({"ee_pos": np.full(3, 0.4, np.float32), "goal": np.full(3, 0.4, np.float32)})
+    assert runner.signals["filter"] in ("pass", "switched", "hold")
+
+
+def test_a_bad_setting_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flotilla.cli", "safety", f"checkpoint={tmp_path}", "models=[flow,magic]"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("flotilla safety: models: must be one of")

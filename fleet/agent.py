@@ -49,6 +49,8 @@ class Policy(Protocol):
     # The signal the fleet allocates humans on, for the latest act() (0.0 when the policy cannot tell);
     # policies.runner.PolicyRunner reports its samples' spread.
     uncertainty: float
+    # Optional: a dict whose "risk" and "density" (floats) the agent reports too (the runner's safety
+    # models, policies/safety); absent or without them, both are 0.
 
     def reset(self) -> None: ...
 
@@ -77,6 +79,7 @@ class AgentStep:
     operator_id: str = ""
     reset: bool = False  # a human reset was ordered: the episode ended, reset the env and begin another
     seq: int = 0  # the logged step's sequence number (0 when nothing was logged)
+    operator_action_seq: int = 0  # with OPERATOR: the OperatorAction.seq applied
 
     @property
     def holding(self) -> bool:
@@ -236,6 +239,9 @@ class RobotAgent:
             "density": 0.0,
             "constraint_violation": violation,
         }
+        # A policy with safety models (policies/safety) also reports risk and density per plan.
+        reported = getattr(self.policy, "signals", None) or {}
+        signals.update({key: float(reported[key]) for key in ("risk", "density") if key in reported})
         if self._signals_fn is not None:
             signals.update(self._signals_fn(obs, info))
         camera = obs.get(self._camera_key) if self._camera_key else None
@@ -253,7 +259,7 @@ class RobotAgent:
         )
         self.t += 1
         self._last_action = action
-        return AgentStep(action, label, control, operator_id, seq=seq)
+        return AgentStep(action, label, control, operator_id, seq=seq, operator_action_seq=action_seq)
 
     def _hold(self) -> np.ndarray:
         """Zero motion; the gripper keeps its last command (opening it could drop what it holds)."""

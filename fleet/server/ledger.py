@@ -41,6 +41,11 @@ class Intervention:
     steps: int = 0
     segments: dict[str, list[int]] = field(default_factory=dict)  # writer key -> [first, end)
     summarized: set[str] = field(default_factory=set)  # keys whose summary went to the store already
+    # Per episode key, one entry per intervention step: the seq of the frame the operator was looking at
+    # when they chose the action applied there (OperatorAction.frame_seq; 0: none, a hold), and that frame's
+    # step index in the episode (-1: unknown), so a reader can pair each action with what the human saw.
+    frame_seqs: dict[str, list[int]] = field(default_factory=dict)
+    frame_steps: dict[str, list[int]] = field(default_factory=dict)
     frame_ages_ms: list[float] = field(default_factory=list)
     round_trips_ms: list[float] = field(default_factory=list)
     discarded: bool = False
@@ -89,6 +94,8 @@ class Ledger:
             collections.OrderedDict
         )
         self._last_label: dict[str, int] = {}  # robot -> label code of its latest logged step
+        # robot -> {"key": its open episode's writer key, step seq: step index in that episode}
+        self._step_index: dict[str, dict] = collections.defaultdict(dict)
         # robot -> [steps, intervention steps] logged in its open episode
         self._episode_counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
 
@@ -122,13 +129,18 @@ class Ledger:
             intervention.frame_ages_ms.append(float(action.frame_age_ms))
         if action.seq > 0:
             pending = self._actions[robot_id]
-            pending[action.seq] = time.monotonic()
+            pending[action.seq] = [time.monotonic(), action.frame_seq, False]  # received, frame, timed
             while len(pending) > MAX_PENDING_ACTIONS:
                 pending.popitem(last=False)
 
     def step(self, robot_id: str, key: str, index: int, step: pb.Step, label: int, intervention_code: int):
         """A step was queued for the store at `index` of episode `key` with the server's `label`."""
         self._last_label[robot_id] = label
+        indices = self._step_index[robot_id]
+        if indices.get("key") != key:
+            indices.clear()
+            indices["key"] = key
+        indices[step.seq] = index
         counts = self._episode_counts[robot_id]
         counts[0] += 1
         counts[1] += label == intervention_code
@@ -140,11 +152,13 @@ class Ledger:
         segment = intervention.segments.setdefault(key, [index, index + 1])
         segment[1] = index + 1
         intervention.last_key = key
-        sent = (
-            self._actions[robot_id].pop(step.operator_action_seq, None) if step.operator_action_seq else None
-        )
-        if sent is not None and len(intervention.round_trips_ms) < MAX_SAMPLES:
-            intervention.round_trips_ms.append(1000.0 * (time.monotonic() - sent))
+        sent = self._actions[robot_id].get(step.operator_action_seq) if step.operator_action_seq else None
+        frame_seq = sent[1] if sent is not None else 0
+        intervention.frame_seqs.setdefault(key, []).append(frame_seq)
+        intervention.frame_steps.setdefault(key, []).append(indices.get(frame_seq, -1) if frame_seq else -1)
+        if sent is not None and not sent[2] and len(intervention.round_trips_ms) < MAX_SAMPLES:
+            sent[2] = True  # the first step that applied it: an action may be applied at more than one
+            intervention.round_trips_ms.append(1000.0 * (time.monotonic() - sent[0]))
 
     def episode_closed(self, robot_id: str, key: str | None) -> None:
         """Episode `key` ends: summarize the interventions' parts in it while it can still take them."""
@@ -167,6 +181,8 @@ class Ledger:
                 "start": first,
                 "end": end,
                 "reset": intervention.reset,
+                "frame_seqs": intervention.frame_seqs.get(key, []),
+                "frame_steps": intervention.frame_steps.get(key, []),
                 "frame_age_ms": _stats(intervention.frame_ages_ms),
                 "round_trip_ms": _stats(intervention.round_trips_ms),
             },

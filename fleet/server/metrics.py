@@ -44,6 +44,7 @@ class Metrics:
         "teleop_actions": "operator actions forwarded to robots",
         "teleop_actions_refused": "operator actions refused (not assigned, e-stop, malformed)",
         "takeovers": "operator takeovers started",
+        "teleop_input_stopped": "robots told to hold because their operator's input stopped (teleop watchdog)",
     }
 
     def __init__(self, gauges: dict[str, tuple[str, Callable[[], float]]]):

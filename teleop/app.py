@@ -1,0 +1,665 @@
+"""The teleoperator web console: an ASGI app (Starlette, served by uvicorn) that is an operator client of
+the fleet server and serves the page operators work in.
+
+    app = ConsoleApp(ConsoleConfig(server="127.0.0.1:50051")).app   # any ASGI server can run it
+    ConsoleThread(config).start()                                    # uvicorn in a thread (tests, demo)
+
+Sign-in: the operator posts their operator id and token (a form, no script sees it); the console opens
+that operator's session with the fleet server (fleet.client.OperatorClient) and keeps the token on its
+side only. The browser gets a random session cookie (HttpOnly, SameSite=Strict). The page talks over one
+WebSocket (/ws): the upgrade is refused unless the Origin is the console's own (or listed in
+allowed_origins) and the cookie names a live session. Several operators at once, each in their own
+browser (one fleet session per operator; their tabs share it).
+
+Over the WebSocket the page gets JSON text messages (`{"t": "fleet" | "queue" | "assignment" |
+"released" | "error" | "notice" | "session", ...}`) and camera frames as binary messages: a 4-byte
+big-endian header length, a JSON header (robot, seq, timestamp, mode, action_seq, signals, observation)
+and the JPEG. Frames are latest-only per tab: a tab that falls behind skips frames, never lags. The
+page sends `{"t": "act" | "release" | "reset" | "estop" | "discard" | "note" | "pick", ...}`; every
+request is checked here for shape and then again by the fleet server, which accepts actions only from
+the robot's assigned operator and lets a protective stop win over everything.
+
+Safety does not rest on the page: while the deadman is held the page sends actions at 25 Hz; when they
+stop (deadman released, tab hidden or closed, network gone) the fleet server's teleop watchdog holds the
+robot (ServerConfig.teleop_watchdog_s). When an operator's last tab closes, their fleet session ends
+after session_grace_s and their robots go back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import logging
+import math
+import secrets
+import struct
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from fleet import codec, wire
+from fleet.client import OperatorClient
+from fleet.client._session import _credentials, _metadata
+from fleet.proto import flotilla_pb2 as pb
+from fleet.proto import flotilla_pb2_grpc as pb_grpc
+from teleop.config import ConsoleConfig
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+COOKIE = "flotilla_session"
+FATAL_SIGNIN = {"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "ALREADY_EXISTS"}
+MAX_ACTION_DIM = 64
+MAX_MESSAGE_BYTES = 4096  # a page message is a small JSON object
+MODE_NAMES = {pb.MODE_UNSPECIFIED: "unknown", pb.MODE_AUTONOMOUS: "autonomous", pb.MODE_TELEOP: "teleop"}
+MODE_NAMES[pb.MODE_HOLD] = "hold"
+# No inline script or style, nothing from elsewhere: the page's own files, its socket and decoded frames.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; script-src 'self'; "
+        "style-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",  # "no-referrer" makes Chromium send Origin: null on posts
+    "Cache-Control": "no-store",
+}
+
+
+class BadRequest(ValueError):
+    """A page message that is not what the console accepts (answered with an error, the socket stays)."""
+
+
+# ------------------------------------------------------------------------------------------- sessions
+
+
+@dataclass(eq=False)  # a tab is itself (hashable by identity)
+class Tab:
+    """One open page: control messages in order, camera frames latest-only."""
+
+    socket: WebSocket
+    messages: asyncio.Queue = field(default_factory=asyncio.Queue)
+    frame: bytes | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def send(self, message: dict) -> None:
+        self.messages.put_nowait(json.dumps(message))
+        self.wake.set()
+
+    def send_frame(self, frame: bytes) -> None:
+        self.frame = frame  # a newer frame replaces one not sent yet
+        self.wake.set()
+
+    async def pump(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while not self.messages.empty():
+                await self.socket.send_text(self.messages.get_nowait())
+            if self.frame is not None:
+                frame, self.frame = self.frame, None
+                await self.socket.send_bytes(frame)
+
+
+class OperatorSession:
+    """A signed-in operator: their fleet session (OperatorClient), their token (never sent to a page),
+    the latest of what the fleet server said, and their open tabs."""
+
+    def __init__(self, console: ConsoleApp, operator_id: str, token: str):
+        self.console = console
+        self.operator_id = operator_id
+        self.token = token
+        self.cookie = secrets.token_urlsafe(32)
+        self.created = time.monotonic()
+        self.loop = asyncio.get_running_loop()
+        self.tabs: set[Tab] = set()
+        self.assigned: dict[str, dict] = {}  # robot -> its assignment (JSON form)
+        self.queue: dict = {"t": "queue", "entries": []}
+        self.fleet: dict | None = None
+        self.first_update = asyncio.Event()
+        self.client: OperatorClient | None = None
+        self._closer: asyncio.TimerHandle | None = None
+        self._poller: asyncio.Task | None = None
+
+    # -- the fleet session ----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        config = self.console.config
+        self.client = OperatorClient(
+            config.server,
+            self.token,
+            self.operator_id,
+            root_certificates=config.root_certificates or None,
+            on_update=lambda update: self.loop.call_soon_threadsafe(self._update, update),
+            backoff=(0.1, 2.0),
+        ).start()
+        self._poller = self.loop.create_task(self._poll_status())
+
+    def refusal(self) -> str | None:
+        """Why the fleet server refused this session (None while it has not)."""
+        client = self.client
+        errors = [client.error] if client.error else list(client.recent_errors)
+        for error in errors:
+            if error.code.name in FATAL_SIGNIN:
+                return f"{error.code.name}: {error.details}"
+        return None
+
+    def close(self) -> threading.Thread | None:
+        """End the session (its tabs are told); returns the thread closing the fleet session, if any."""
+        if self._closer is not None:
+            self._closer.cancel()
+        for tab in list(self.tabs):
+            tab.send({"t": "session", "state": "ended"})
+        return self._end_fleet_session(force=True)
+
+    def _update(self, update: pb.OperatorUpdate) -> None:  # on the console's loop
+        self.first_update.set()
+        kind = update.WhichOneof("kind")
+        if kind == "frame":
+            data = frame_message(update.frame)
+            for tab in self.tabs:
+                tab.send_frame(data)
+            return
+        if kind == "assignment":
+            a = update.assignment
+            message = {
+                "t": "assignment",
+                "robot": a.robot_id,
+                "reason": wire.assignment_reason_name(a.reason),
+                "min_steps": a.min_steps,
+                "needs_reset": a.needs_reset,
+                "reset_steps": a.reset_steps,
+            }
+            self.assigned[a.robot_id] = message
+        elif kind == "released":
+            self.assigned.pop(update.released.robot_id, None)
+            message = {
+                "t": "released",
+                "robot": update.released.robot_id,
+                "reason": wire.release_reason_name(update.released.reason),
+            }
+        elif kind == "queue":
+            message = self.queue = queue_message(update.queue)
+        elif kind == "error":
+            e = update.error
+            message = {"t": "error", "request": e.request, "robot": e.robot_id, "message": e.message}
+        elif kind == "notice":
+            n = update.notice
+            message = {"t": "notice", "request": n.request, "robot": n.robot_id, "message": n.message}
+        else:
+            return
+        for tab in self.tabs:
+            tab.send(message)
+
+    async def _poll_status(self) -> None:
+        """The fleet view: AdminService.Status with this operator's token, status_hz times a second."""
+        config = self.console.config
+        credentials = _credentials(config.root_certificates or None)
+        channel = (
+            grpc.aio.secure_channel(config.server, credentials)
+            if credentials
+            else grpc.aio.insecure_channel(config.server)
+        )
+        async with channel:
+            stub = pb_grpc.AdminServiceStub(channel)
+            while True:
+                try:
+                    status = await stub.Status(pb.StatusRequest(), metadata=_metadata(self.token), timeout=5)
+                    self.fleet = fleet_message(status)
+                except grpc.aio.AioRpcError as err:
+                    self.fleet = {"t": "fleet", "error": f"{err.code().name}: {err.details()}"}
+                for tab in self.tabs:
+                    tab.send(self.fleet)
+                await asyncio.sleep(1.0 / config.status_hz)
+
+    # -- tabs -----------------------------------------------------------------------------------------
+
+    def opened(self, tab: Tab) -> None:
+        if self._closer is not None:
+            self._closer.cancel()
+            self._closer = None
+        if self.client is None:  # the fleet session ended after the last tab closed: open it again
+            self.connect()
+        self.tabs.add(tab)
+        tab.send({"t": "session", "state": "open", "operator": self.operator_id})
+        tab.send(self.queue)
+        for message in self.assigned.values():
+            tab.send(message)
+        if self.fleet is not None:
+            tab.send(self.fleet)
+
+    def closed(self, tab: Tab) -> None:
+        self.tabs.discard(tab)
+        if not self.tabs and self.client is not None:
+            self._closer = self.loop.call_later(self.console.config.session_grace_s, self._end_fleet_session)
+
+    def _end_fleet_session(self, force: bool = False) -> threading.Thread | None:
+        """Leave the fleet (the robots re-queue): when the last tab is gone (the cookie stays good for a
+        reload, which opens a new fleet session) or the console session ends (`force`)."""
+        self._closer = None
+        if self.tabs and not force:
+            return None
+        if self._poller is not None:
+            self._poller.cancel()
+        client, self.client = self.client, None
+        self.assigned.clear()
+        if client is None:
+            return None
+        log.info("operator %s: ending the fleet session", self.operator_id)
+        closing = threading.Thread(target=client.close, args=(2.0,), daemon=True)
+        closing.start()
+        return closing
+
+    # -- requests from the page -------------------------------------------------------------------------
+
+    def request(self, message: dict) -> None:
+        """A page message -> the fleet server (BadRequest when it is malformed)."""
+        client = self.client
+        if client is None:
+            raise BadRequest("not connected to the fleet server")
+        kind = message.get("t")
+        robot = message.get("robot", "")
+        if not isinstance(robot, str) or len(robot) > 64:
+            raise BadRequest("robot must be a robot id")
+        if kind == "act":
+            action = message.get("a")
+            if (
+                not isinstance(action, list)
+                or not 0 < len(action) <= MAX_ACTION_DIM
+                or not all(isinstance(v, int | float) and math.isfinite(v) for v in action)
+            ):
+                raise BadRequest(f"act: a must be a list of at most {MAX_ACTION_DIM} finite numbers")
+            client.act(
+                robot,
+                np.clip(np.asarray(action, np.float32), -1.0, 1.0),
+                seq=_int(message, "seq"),
+                frame_seq=_int(message, "frame_seq"),
+                frame_age_ms=_number(message, "frame_age_ms"),
+            )
+        elif kind == "release":
+            client.release(robot)
+        elif kind == "reset":
+            client.reset(robot)
+        elif kind == "estop":
+            engage = message.get("engage", True)
+            if not isinstance(engage, bool):
+                raise BadRequest("estop: engage must be true or false")
+            client.estop(robot, engage)  # robot "": the whole fleet
+        elif kind == "discard":
+            client.discard(robot)
+        elif kind == "note":
+            text = message.get("text")
+            if not isinstance(text, str):
+                raise BadRequest("note: text must be a string")
+            client.note(robot, text)
+        elif kind == "pick":
+            client.pick(robot)
+        else:
+            raise BadRequest(f"unknown request {str(kind)[:32]!r}")
+
+
+def _int(message: dict, key: str) -> int:
+    value = message.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**62:
+        raise BadRequest(f"{key} must be a non-negative integer")
+    return value
+
+
+def _number(message: dict, key: str) -> float:
+    value = message.get(key, 0.0)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise BadRequest(f"{key} must be a non-negative number")
+    return float(value)
+
+
+# ------------------------------------------------------------------------------------- wire -> JSON
+
+
+def _signals(signals: pb.Signals) -> dict:
+    return {
+        "uncertainty": round(signals.uncertainty, 4),
+        "risk": round(signals.risk, 4),
+        "density": round(signals.density, 4),
+        "constraint_violation": signals.constraint_violation,
+    }
+
+
+def _vector(tensor: pb.Tensor) -> list[float]:
+    try:
+        return [round(float(v), 4) for v in codec.from_tensor(tensor).ravel()[:16]]
+    except ValueError:
+        return []
+
+
+def frame_message(frame: pb.RobotFrame) -> bytes:
+    header = {
+        "robot": frame.robot_id,
+        "seq": frame.seq,
+        "timestamp": frame.timestamp,
+        "mode": MODE_NAMES.get(frame.mode, "unknown"),
+        "action_seq": frame.action_seq,
+        "signals": _signals(frame.signals),
+        "goal": _vector(frame.goal) if frame.HasField("goal") else [],
+        "obs": {key: _vector(tensor) for key, tensor in frame.observation.items()},
+        "encoding": frame.camera.encoding,
+    }
+    data = json.dumps(header).encode()
+    return struct.pack(">I", len(data)) + data + frame.camera.data
+
+
+def queue_message(queue: pb.Queue) -> dict:
+    return {
+        "t": "queue",
+        "entries": [
+            {
+                "robot": e.robot_id,
+                "reason": wire.assignment_reason_name(e.reason),
+                "score": round(e.score, 3),
+                "priority": round(e.priority, 3),
+                "waited_s": e.waited_s,
+                "assigned_to": e.assigned_to,
+            }
+            for e in queue.entries
+        ],
+    }
+
+
+def fleet_message(status: pb.FleetStatus) -> dict:
+    return {
+        "t": "fleet",
+        "time": time.time(),
+        "fleet_estop": status.fleet_estop,
+        "operators": list(status.operators),
+        "writer_healthy": status.writer_healthy,
+        "robots": [
+            {
+                "robot": r.robot_id,
+                "mode": MODE_NAMES.get(r.mode, "unknown"),
+                "operator": r.operator_id,
+                "task": r.task,
+                "goal": _vector(r.goal) if r.HasField("goal") else [],
+                "policy": r.policy_version,
+                "connected": r.connected,
+                "estop": r.estop,
+                "blocked": r.blocked,
+                "steps": r.steps,
+                "episodes": r.episodes,
+                "signals": _signals(r.signals),
+            }
+            for r in status.robots
+        ],
+        "tallies": [
+            {
+                "operator": t.operator_id,
+                "interventions": t.interventions,
+                "control_s": round(t.control_s, 1),
+                "steps": t.intervention_steps,
+                "discarded": t.discarded,
+            }
+            for t in status.tallies
+        ],
+        "rounds": [
+            {
+                "policy": r.policy_version,
+                "episodes": r.episodes,
+                "successes": r.successes,
+                "autonomous_successes": r.autonomous_successes,
+                "steps": r.steps,
+                "human_steps": r.human_steps,
+                "human_s": round(r.human_s, 1),
+            }
+            for r in status.rounds
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------------------------- app
+
+
+class ConsoleApp:
+    def __init__(self, config: ConsoleConfig):
+        self.config = config
+        self.sessions: dict[str, OperatorSession] = {}  # cookie -> session
+        self.app = Starlette(
+            routes=[
+                Route("/", self.index),
+                Route("/signin", self.signin, methods=["POST"]),
+                Route("/signout", self.signout, methods=["POST"]),
+                WebSocketRoute("/ws", self.socket),
+                Mount("/static", StaticFiles(directory=STATIC), name="static"),
+            ],
+            lifespan=self._lifespan,
+        )
+        self.app.add_middleware(_SecurityHeaders)
+
+    def session_of(self, cookies) -> OperatorSession | None:
+        session = self.sessions.get(cookies.get(COOKIE, ""))
+        if session is not None and time.monotonic() - session.created > self.config.session_ttl_s:
+            self.sessions.pop(session.cookie, None)
+            session.close()
+            return None
+        return session
+
+    def origin_ok(self, origin: str | None, host: str | None, secure: bool) -> bool:
+        """A browser names the page's origin; it must be this console's own (or an allowed one)."""
+        if not origin:
+            return False
+        own = f"{'https' if secure else 'http'}://{host}"
+        return origin == own or origin in self.config.allowed_origins
+
+    async def index(self, request: Request) -> Response:
+        if self.session_of(request.cookies) is None:
+            return signin_page()
+        return FileResponse(STATIC / "console.html")
+
+    async def signin(self, request: Request) -> Response:
+        if not self.origin_ok(request.headers.get("origin"), request.headers.get("host"), _secure(request)):
+            return signin_page("This sign-in did not come from the console's own page.", 403)
+        body = await request.body()
+        if len(body) > MAX_MESSAGE_BYTES:
+            return signin_page("That sign-in form is too large.", 413)
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
+        operator_id = form.get("operator", [""])[0].strip()
+        token = form.get("token", [""])[0]
+        if not operator_id or not token:
+            return signin_page("Give your operator id and your operator token.", 400)
+        # Signing in again with the same token replaces the operator's older console session (the fleet
+        # allows one session per operator). Anything else must not end it: the fleet server then refuses.
+        for cookie in [
+            cookie
+            for cookie, s in self.sessions.items()
+            if s.operator_id == operator_id and secrets.compare_digest(s.token.encode(), token.encode())
+        ]:
+            closing = self.sessions.pop(cookie).close()
+            if closing is not None:
+                await asyncio.to_thread(closing.join, 5.0)
+        session = OperatorSession(self, operator_id, token)
+        session.connect()
+        refused = await self._wait_accepted(session)
+        if refused:
+            session.close()
+            log.warning("console: sign-in of operator %r refused: %s", operator_id, refused)
+            return signin_page(f"Sign-in refused by the fleet server: {refused}", 401)
+        self.sessions[session.cookie] = session
+        log.info("console: operator %s signed in", operator_id)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(
+            COOKIE,
+            session.cookie,
+            max_age=int(self.config.session_ttl_s),
+            httponly=True,
+            samesite="strict",
+            secure=_secure(request),
+            path="/",
+        )
+        return response
+
+    async def _wait_accepted(self, session: OperatorSession) -> str | None:
+        """None once the fleet server answered the session; else why it refused (or did not answer)."""
+        deadline = time.monotonic() + self.config.signin_timeout_s
+        while time.monotonic() < deadline:
+            if session.first_update.is_set() and session.client.connected:
+                return None
+            refused = session.refusal()
+            if refused:
+                return refused
+            await asyncio.sleep(0.02)
+        return (
+            f"the fleet server at {self.config.server} did not answer in {self.config.signin_timeout_s:g} s"
+        )
+
+    async def signout(self, request: Request) -> Response:
+        if not self.origin_ok(request.headers.get("origin"), request.headers.get("host"), _secure(request)):
+            return Response("sign-out must come from the console's own page", 403)
+        session = self.sessions.pop(request.cookies.get(COOKIE, ""), None)
+        if session is not None:
+            session.close()
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    async def socket(self, websocket: WebSocket) -> None:
+        secure = websocket.url.scheme == "wss"
+        if not self.origin_ok(websocket.headers.get("origin"), websocket.headers.get("host"), secure):
+            await websocket.close(code=1008, reason="origin not allowed")
+            return
+        session = self.session_of(websocket.cookies)
+        if session is None:
+            await websocket.close(code=1008, reason="not signed in")
+            return
+        await websocket.accept()
+        tab = Tab(websocket)
+        session.opened(tab)
+        pump = asyncio.create_task(tab.pump())
+        try:
+            while True:
+                text = await websocket.receive_text()
+                try:
+                    if len(text) > MAX_MESSAGE_BYTES:
+                        raise BadRequest(f"message of {len(text)} bytes, at most {MAX_MESSAGE_BYTES}")
+                    try:
+                        message = json.loads(text)
+                    except ValueError:
+                        raise BadRequest("not JSON") from None
+                    if not isinstance(message, dict):
+                        raise BadRequest("a message is a JSON object")
+                    session.request(message)
+                except BadRequest as err:
+                    tab.send({"t": "error", "request": "page", "robot": "", "message": str(err)})
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            pump.cancel()
+            session.closed(tab)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        yield
+        for session in list(self.sessions.values()):
+            session.close()
+        self.sessions.clear()
+
+
+def _secure(request) -> bool:
+    return request.url.scheme in ("https", "wss")
+
+
+class _SecurityHeaders:
+    """The same strict headers on every HTTP response (ASGI middleware)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, with_headers)
+
+
+def signin_page(problem: str = "", status: int = 200) -> HTMLResponse:
+    page = (STATIC / "signin.html").read_text()
+    note = f'<p class="problem" role="alert">{html.escape(problem)}</p>' if problem else ""
+    return HTMLResponse(page.replace("<!--problem-->", note), status_code=status)
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+class ConsoleThread:
+    """The console under uvicorn in a daemon thread: `with ConsoleThread(config) as console: console.url`."""
+
+    def __init__(self, config: ConsoleConfig):
+        import uvicorn
+
+        self.config = config
+        self.console = ConsoleApp(config)
+        kwargs = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key} if config.tls_cert else {}
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.console.app,
+                host=config.host,
+                port=config.port,
+                log_level="warning",
+                ws="websockets-sansio",
+                ws_max_size=64 * 1024,
+                **kwargs,
+            )
+        )
+        self._thread = threading.Thread(target=self.server.run, name="console", daemon=True)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.tls_cert else "http"
+        socket = self.server.servers[0].sockets[0]
+        return f"{scheme}://{self.config.host}:{socket.getsockname()[1]}"
+
+    def start(self, timeout: float = 20.0) -> ConsoleThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the console did not start on {self.config.host}:{self.config.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> ConsoleThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run(config: ConsoleConfig) -> None:
+    """`flotilla console` (configs/console.yaml): serve the console until Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = ConsoleThread(config).start()
+    print(f"flotilla console: {console.url} (operators of the fleet server at {config.server}; Ctrl-C stops)")
+    try:
+        while console._thread.is_alive():
+            console._thread.join(0.5)
+    except KeyboardInterrupt:
+        console.stop()

@@ -1,0 +1,204 @@
+"""What the console's browser tests and its latency benchmark share: pybullet robots with cameras driving
+the real robot agent against a live fleet server, Debian's Chromium under Playwright, sign-in, and a
+stubbed gamepad (the browser's Gamepad API, replaced by one the test moves)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fleet.agent import OPERATOR, RobotAgent, observation_spec
+from fleet.client import RobotClient
+from sim.tasks import make_env
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+CONTROL_HZ = 10.0
+GRIPPER = 3
+
+# navigator.getGamepads() returns one pad the test sets through window.__pad (axes, pressed buttons).
+FAKE_GAMEPAD = """
+window.__pad = {axes: [0, 0, 0, 0], pressed: []};
+navigator.getGamepads = () => [{
+  id: "stub", index: 0, connected: true, mapping: "standard", timestamp: performance.now(),
+  axes: window.__pad.axes.slice(),
+  buttons: Array.from({length: 17}, (_, i) => ({pressed: window.__pad.pressed.includes(i),
+                                                value: window.__pad.pressed.includes(i) ? 1 : 0})),
+}];
+"""
+
+
+class StillPolicy:
+    """A robot policy that stays still (the test decides when it needs help, through `uncertainty`)."""
+
+    version = "console-test"
+
+    def __init__(self):
+        self.uncertainty = 0.0
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs, goal=None) -> np.ndarray:
+        return np.array([0.0, 0.0, 0.0, -1.0], np.float32)
+
+
+@dataclass
+class Applied:
+    """One control tick of a robot: when (time.time()), what controlled it, the operator action applied."""
+
+    at: float
+    control: str
+    operator_action_seq: int
+    ee_pos: np.ndarray
+
+
+@dataclass
+class LiveRobot:
+    robot_id: str
+    env: object
+    agent: RobotAgent
+    policy: StillPolicy
+    obs: dict | None = None
+    info: dict = field(default_factory=dict)
+    ticks: list[Applied] = field(default_factory=list)
+    end_requested: bool = False
+
+
+class LiveRobots:
+    """`count` reach robots with a front camera at CONTROL_HZ in a background thread (the real agent)."""
+
+    def __init__(self, address: str, token: str, count: int = 2, image_size: int = 96, max_steps: int = 3000):
+        self.robots: list[LiveRobot] = []
+        for index in range(count):
+            env = make_env("reach", cameras=["front"], image_size=image_size, max_steps=max_steps, seed=index)
+            obs, _ = env.reset(seed=index)
+            policy = StillPolicy()
+            client = RobotClient(
+                address,
+                token,
+                f"robot-{index}",
+                "reach",
+                observation_spec(obs),
+                action_dim=4,
+                goal_dim=int(np.asarray(obs["goal"]).size),
+                policy_version=policy.version,
+                backoff=(0.05, 0.5),
+            )
+            agent = RobotAgent(
+                client, policy, gripper_index=GRIPPER, camera_key="front_rgb", teleop_timeout_s=0.3
+            )
+            self.robots.append(LiveRobot(f"robot-{index}", env, agent, policy, obs))
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="live-robots", daemon=True)
+
+    def __getitem__(self, index: int) -> LiveRobot:
+        return self.robots[index]
+
+    def start(self) -> LiveRobots:
+        for robot in self.robots:
+            robot.agent.start()
+            robot.agent.begin_episode(robot.obs["goal"])
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        period, next_tick = 1.0 / CONTROL_HZ, time.monotonic()
+        while not self._stop.is_set():
+            with self._lock:
+                for robot in self.robots:
+                    self._tick(robot)
+            next_tick += period
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                next_tick = time.monotonic()
+
+    def _tick(self, robot: LiveRobot) -> None:
+        if robot.end_requested:
+            robot.end_requested = False
+            robot.agent.end_episode(False, "test_end")
+            robot.obs, robot.info = robot.env.reset()
+            robot.agent.begin_episode(robot.obs["goal"])
+        result = robot.agent.step(robot.obs, robot.info)
+        if result.reset:
+            robot.obs, robot.info = robot.env.reset()
+            robot.agent.begin_episode(robot.obs["goal"])
+            return
+        robot.obs, _, terminated, truncated, robot.info = robot.env.step(result.action)
+        robot.ticks.append(
+            Applied(
+                time.time(),
+                result.control,
+                result.operator_action_seq if result.control == OPERATOR else 0,
+                np.asarray(robot.obs["ee_pos"], np.float64).copy(),
+            )
+        )
+        if terminated or truncated:
+            robot.agent.end_episode(
+                bool(robot.info.get("success")), "success" if robot.info.get("success") else "timeout"
+            )
+            robot.obs, robot.info = robot.env.reset()
+            robot.agent.begin_episode(robot.obs["goal"])
+
+    def ee_pos(self, index: int) -> np.ndarray:
+        with self._lock:
+            return np.asarray(self.robots[index].obs["ee_pos"], np.float64).copy()
+
+    def end_episode(self, index: int) -> None:
+        """Have robot `index` end its episode at its next tick (so the store commits it)."""
+        self.robots[index].end_requested = True
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for robot in self.robots:
+            robot.agent.close(2)
+            robot.env.close()
+
+
+@contextlib.contextmanager
+def chromium():
+    """Playwright's Chromium API on Debian's Chromium (no browser download)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def sign_in(page, url: str, operator: str, token: str):
+    """Sign in through the form; returns the response of the form post."""
+    page.goto(url)
+    page.fill("#operator", operator)
+    page.fill("#token", token)
+    with page.expect_navigation() as navigation:
+        page.click("button[type=submit]")
+    return navigation.value
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

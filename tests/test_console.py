@@ -1,0 +1,262 @@
+"""The teleoperator console in a real browser (Debian's Chromium under Playwright) against a live fleet
+server with pybullet robots: sign-in, the fleet and the queue, takeover and driving (keyboard, a stubbed
+gamepad), hand-back, what the store records, discard, protective stops, a second operator, the watchdog
+when the tab closes. One fleet, one console and one browser for the module; each test its own tabs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleet.labels import ControlLabel
+from fleet.server import ServerThread
+from fleet.store import EpisodeStore
+from tests.console_harness import FAKE_GAMEPAD, LiveRobots, chromium, sign_in, wait_for
+from tests.test_fleet_server import make_config
+
+pytest.importorskip("playwright")
+pytest.importorskip("starlette")
+if not Path("/usr/bin/chromium").exists():
+    pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)", allow_module_level=True)
+
+from teleop.app import ConsoleThread  # noqa: E402
+from teleop.config import ConsoleConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "console.png"
+WATCHDOG_S = 0.12
+TICK_S = 0.1
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("console")
+    server = ServerThread(
+        make_config(
+            tmp,
+            t_T=5,
+            allocation={
+                "rule": "cur",
+                "tick_hz": 10,
+                "t_T": 5,
+                "t_R": 3,
+                "uncertainty_threshold": 0.5,
+                "risk_threshold": 0.5,
+            },
+            teleop_watchdog_s=WATCHDOG_S,
+        )
+    ).start()
+    robots = LiveRobots(server.address, "robot-token", count=2).start()
+    console = ConsoleThread(ConsoleConfig(server=server.address, port=0)).start()
+    with chromium() as browser:
+        yield {
+            "server": server,
+            "robots": robots,
+            "console": console,
+            "browser": browser,
+            "store": tmp / "fleet.zarr",
+        }
+    console.stop()
+    robots.close()
+    server.stop()
+
+
+def open_console(fleet, operator="alice", gamepad=False, viewport=(1280, 800)):
+    # bypass_csp: Playwright's wait_for_function evaluates strings, which the console's CSP forbids.
+    context = fleet["browser"].new_context(
+        viewport={"width": viewport[0], "height": viewport[1]}, bypass_csp=True
+    )
+    if gamepad:
+        context.add_init_script(FAKE_GAMEPAD)
+    page = context.new_page()
+    problems = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    response = sign_in(page, fleet["console"].url, operator, "operator-token")
+    assert response.status == 200
+    page.wait_for_selector("#link.ok")
+    return context, page, problems
+
+
+def stats(page, key):
+    return page.evaluate(f"window.flotillaStats.{key}")
+
+
+def assigned_to(page, robot):
+    page.wait_for_function(f"window.flotillaStats.assigned === {json.dumps(robot)}", timeout=10_000)
+
+
+def need_help(fleet, index, needed=True):
+    fleet["robots"][index].policy.uncertainty = 0.9 if needed else 0.0
+
+
+def test_sign_in_refuses_a_wrong_token_and_keeps_the_token_from_the_page(fleet):
+    context = fleet["browser"].new_context()
+    page = context.new_page()
+    refused = sign_in(page, fleet["console"].url, "mallory", "not-a-token")
+    assert refused.status == 401 and "UNAUTHENTICATED" in page.inner_text(".problem")
+    assert not context.cookies()
+    response = sign_in(page, fleet["console"].url, "carol", "operator-token")
+    assert response.status == 200 and page.title() == "Flotilla console"
+    (cookie,) = context.cookies()
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and "operator-token" not in cookie["value"]
+    page.wait_for_selector("#link.ok")
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: no script can read the session
+    assert "operator-token" not in page.content()
+    csp = response.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    context.close()
+
+
+def test_websocket_refuses_another_origin_and_no_session(fleet):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    context, page, _ = open_console(fleet, "dave")
+    cookie = context.cookies()[0]
+    url = fleet["console"].url.replace("http", "ws") + "/ws"
+    cookie_header = {"Cookie": f"{cookie['name']}={cookie['value']}"}
+    with pytest.raises(InvalidStatus) as foreign:
+        connect(url, origin="http://evil.example", additional_headers=cookie_header, open_timeout=5)
+    assert foreign.value.response.status_code == 403
+    with pytest.raises(InvalidStatus):
+        connect(url, origin=fleet["console"].url, open_timeout=5)  # right origin, no session
+    with connect(url, origin=fleet["console"].url, additional_headers=cookie_header, open_timeout=5) as ws:
+        assert json.loads(ws.recv(5))["t"] == "session"
+    context.close()
+
+
+def test_take_over_drive_with_keyboard_and_gamepad_hand_back_and_discard(fleet):
+    robots = fleet["robots"]
+    context, page, problems = open_console(fleet, "alice", gamepad=True)
+    need_help(fleet, 0)
+    page.wait_for_selector("#queue tbody tr[data-robot=robot-0]")
+    assert "uncertainty" in page.inner_text("#queue tbody tr[data-robot=robot-0]")
+    assigned_to(page, "robot-0")
+    page.wait_for_function("window.flotillaStats.frames > 3", timeout=10_000)  # the live camera
+
+    # Keyboard: hold the up arrow for a second -> +x (1.0 = 3 cm per 0.1 s step).
+    before = robots.ee_pos(0)
+    page.keyboard.down("ArrowUp")
+    time.sleep(1.0)
+    page.keyboard.up("ArrowUp")
+    time.sleep(0.4)
+    moved = robots.ee_pos(0) - before
+    assert moved[0] > 0.05 and abs(moved[1]) < 0.3 * moved[0], moved  # x, the way it was driven
+    # Let go: nothing more is sent and the robot holds (the server's watchdog).
+    still = robots.ee_pos(0)
+    time.sleep(0.5)
+    assert np.abs(robots.ee_pos(0) - still).max() < 0.005
+
+    # The stubbed gamepad: deadman (A) held, left stick to the left -> +y.
+    before = robots.ee_pos(0)
+    page.evaluate("window.__pad.pressed = [0]; window.__pad.axes = [-1, 0, 0, 0]")
+    time.sleep(1.0)
+    page.evaluate("window.__pad.pressed = []; window.__pad.axes = [0, 0, 0, 0]")
+    time.sleep(0.4)
+    moved = robots.ee_pos(0) - before
+    assert moved[1] > 0.05 and abs(moved[0]) < 0.3 * moved[1], moved
+
+    # The screenshot for the README: a takeover in progress, at 1280x800.
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+
+    page.click("#release")  # hand back (honoured at the next tick: t_T is served)
+    need_help(fleet, 0, False)
+    page.wait_for_function("window.flotillaStats.assigned === null", timeout=10_000)
+    page.click("#discard")
+    page.wait_for_function("window.flotillaStats.notices.some(n => n.request === 'discard')", timeout=5000)
+    page.fill("#note", "drove around the goal marker")
+    page.click("#note-form button")
+    page.wait_for_function("window.flotillaStats.notices.some(n => n.request === 'note')", timeout=5000)
+    assert not problems, problems
+
+    # The store: intervention steps by alice, each with the frame she was looking at; discarded and noted.
+    robots.end_episode(0)
+    store_path = fleet["store"]
+
+    def alice_episode():
+        if fleet["server"].server.writer.stats.episodes_committed == 0:
+            return None  # a reader racing the store's very first commit can see episodes before the schema
+        with EpisodeStore.open(store_path) as store:
+            for index in range(store.num_episodes):
+                meta = store.episode_meta(index)
+                if meta.robot_id == "robot-0" and meta.extra.get("notes"):
+                    return store.episode(index, ["label"])["label"], meta.extra
+        return None
+
+    labels, extra = wait_for(alice_episode, 15, "robot-0's episode with alice's intervention in the store")
+    (intervention,) = [i for i in extra["interventions"] if i["operator_id"] == "alice"]
+    steps = labels[intervention["start"] : intervention["end"]]
+    assert np.count_nonzero(steps == ControlLabel.INTERVENTION) >= 15
+    seqs = [s for s in intervention["frame_seqs"] if s]
+    assert len(seqs) >= 15 and seqs == sorted(seqs)  # frames the actions answered, in order
+    assert all(0 <= step < intervention["end"] for step in intervention["frame_steps"] if step >= 0)
+    assert intervention["frame_age_ms"]["n"] >= 15 and intervention["round_trip_ms"]["n"] >= 10
+    (discarded,) = extra["discarded"]
+    assert (discarded["operator_id"], discarded["start"], discarded["end"]) == (
+        "alice",
+        intervention["start"],
+        intervention["end"],
+    )
+    assert extra["notes"][0]["text"] == "drove around the goal marker"
+    context.close()
+
+
+def test_protective_stop_holds_within_a_tick_and_a_second_operator_cannot_move_the_robot(fleet):
+    robots = fleet["robots"]
+    alice, alice_page, _ = open_console(fleet, "alice")
+    need_help(fleet, 1)
+    assigned_to(alice_page, "robot-1")
+    bob, bob_page, _ = open_console(fleet, "bob")
+    bob_page.wait_for_selector("#fleet tbody tr[data-robot=robot-1]")
+    # bob is not assigned robot-1: a forged action from his page is refused by the fleet server.
+    before = robots.ee_pos(1)
+    for seq in range(1, 11):
+        bob_page.evaluate(
+            "seq => window.flotillaSend({t: 'act', robot: 'robot-1', a: [1, 0, 0, -1], seq})", seq
+        )
+        time.sleep(0.05)
+    bob_page.wait_for_function(
+        "window.flotillaStats.errors.some(e => e.request === 'action' && e.message.includes('not assigned'))",
+        timeout=5000,
+    )
+    assert np.abs(robots.ee_pos(1) - before).max() < 0.005
+
+    # alice drives; her protective stop (the robot's) holds it within one control tick.
+    alice_page.keyboard.down("ArrowLeft")
+    time.sleep(0.5)
+    stopped_at = time.time()
+    alice_page.click("#robot-stop")
+    alice_page.keyboard.up("ArrowLeft")
+    wait_for(lambda: robots[1].ticks[-1].control == "hold_estop", 5, "the stop")
+    held = next(t for t in robots[1].ticks if t.at >= stopped_at and t.control == "hold_estop")
+    assert held.at - stopped_at <= TICK_S + 0.25  # the click's own latency in a loaded browser included
+    assert all(t.control != "operator" for t in robots[1].ticks if t.at > held.at)
+    # Stopped, the robot needs no human: it leaves alice. She releases her stop from the fleet table.
+    need_help(fleet, 1, False)
+    alice_page.wait_for_function("window.flotillaStats.assigned === null", timeout=10_000)
+    alice_page.click("#fleet tbody tr[data-robot=robot-1] button.release-stop")
+    wait_for(lambda: robots[1].ticks[-1].control == "policy", 5, "robot-1 back under its policy")
+    alice.close()
+    bob.close()
+
+
+def test_closing_the_tab_mid_takeover_holds_the_robot_within_the_watchdog(fleet):
+    robots = fleet["robots"]
+    context, page, _ = open_console(fleet, "erin")
+    need_help(fleet, 0)
+    assigned_to(page, "robot-0")
+    page.keyboard.down("ArrowDown")
+    time.sleep(0.6)
+    assert robots[0].ticks[-1].control == "operator"
+    closed_at = time.time()
+    context.close()  # mid-takeover, the key still down
+    wait_for(lambda: robots[0].ticks[-1].control != "operator", 5, "the robot to hold")
+    first_hold = next(t for t in robots[0].ticks if t.at >= closed_at and t.control != "operator")
+    assert first_hold.at - closed_at <= WATCHDOG_S + TICK_S + 0.05
+    need_help(fleet, 0, False)

@@ -6,8 +6,10 @@ export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
 
 # Debian packages: Mesa's EGL for robosuite/MuJoCo cameras without a GPU (robosuite picks
-# MUJOCO_GL=egl itself). pybullet renders on the CPU and needs nothing.
-APT_PACKAGES=(libegl1 libegl-mesa0 libgl1-mesa-dri)
+# MUJOCO_GL=egl itself). pybullet renders on the CPU and needs nothing. chromium: the browser the
+# console's tests drive with Playwright (`playwright install` would download one; Debian's is used instead),
+# and a font for its pages.
+APT_PACKAGES=(libegl1 libegl-mesa0 libgl1-mesa-dri chromium fonts-dejavu-core)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

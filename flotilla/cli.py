@@ -81,6 +81,11 @@ JOBS: dict[str, Job] = {
         "the whole fleet learning loop in one process: train, deploy, intervene, retrain",
         "sim.demo:DemoConfig",
     ),
+    "console": Job(
+        "teleop.app:run",
+        "the teleoperator web console: an operator client of a fleet server, served to browsers",
+        "teleop.config:ConsoleConfig",
+    ),
     # ServerConfig (its allocation block per rule) is not an omegaconf schema: it is built from the composed
     # config to check it (ServerConfig.from_dict), and serve gets the DictConfig.
     "serve": Job(

@@ -189,10 +189,15 @@ class DemoConfig:
     # policy less than the last (push: the initial policy's ~260 epochs of demos fell to ~130 by round 3).
     warm_start: bool = True
     train: TrainConfig = field(default_factory=_demo_train)
+    # Serve the operator console (teleop/) beside the fleet and print its URL and this run's operator
+    # token, so a person can take over a robot while the scripted operators handle the rest.
+    console: bool = True
+    console_port: int = 0  # 0: a free port (printed)
 
     def __post_init__(self):
         check_int(self.rounds, "rounds", 1)
         check_int(self.threads, "threads", 0)
+        check_int(self.console_port, "console_port", 0)
         check_choice(self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "log_level")
         try:  # what the demo does not set itself must make a valid server
             ServerConfig.from_dict(self.server)
@@ -332,6 +337,7 @@ def fleet_rounds(
             f"allocation {config.allocation.rule})",
             flush=True,
         )
+        console = start_console(server.address, tokens["operator"], cfg.console_port) if cfg.console else None
         version = f"{task}-r0"
         publish_checkpoint(server.address, tokens["trainer"], initial, version)
         checkpoint = initial  # the deployed policy; with warm_start each retraining fine-tunes it
@@ -358,7 +364,9 @@ def fleet_rounds(
                 raise RuntimeError("the embedded fleet server did not answer the robots")
             for index in range(cfg.rounds):
                 if cfg.calibration.episodes:
-                    timings.setdefault("thresholds", []).append(fix_round_thresholds(cfg, server, checkpoint, index))
+                    timings.setdefault("thresholds", []).append(
+                        fix_round_thresholds(cfg, server, checkpoint, index)
+                    )
                 metrics = fleet.run_round(cfg.fleet.episodes_per_robot, max_steps=cfg.fleet.max_round_steps)
                 rounds.append(metrics)
                 if on_round is not None:
@@ -380,7 +388,27 @@ def fleet_rounds(
                 if not fleet.wait_for_policy(version):
                     raise RuntimeError(f"robots did not load {version}")
             fleet.flush()
+        if console is not None:
+            console.stop()
     return rounds, timings
+
+
+def start_console(address: str, operator_token: str, port: int):
+    """The operator console on 127.0.0.1 for this run (a daemon thread that ends with the demo)."""
+    # Imported here: sim/ does not depend on teleop/ otherwise (the console extra may be missing).
+    try:
+        from teleop.app import ConsoleThread
+        from teleop.config import ConsoleConfig
+    except ImportError as err:
+        print(f"no operator console ({err}; pip install '.[console]')", flush=True)
+        return None
+    console = ConsoleThread(ConsoleConfig(server=address, port=port)).start()
+    print(
+        f"operator console: {console.url}  (sign in with any operator id and this run's operator token "
+        f"{operator_token}; the scripted operators handle the robots you do not take)",
+        flush=True,
+    )
+    return console
 
 
 def fix_round_thresholds(cfg: DemoConfig, server: ServerThread, checkpoint: Path, index: int) -> dict:

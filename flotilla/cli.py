@@ -31,6 +31,7 @@ class Job:
     config: str | None = None
     # A bare (non key=value) argument is taken as this config key, e.g. `flotilla info PATH`.
     positional: str | None = None
+    positional_list: bool = False  # every bare argument goes into the list `positional` (PATH...)
     typed: bool = True  # whether `target` takes the dataclass (False: checked, then given the DictConfig)
     structured: bool = True  # `config` is registered as base_<job>; False: checked with config.from_dict
 
@@ -65,6 +66,13 @@ JOBS: dict[str, Job] = {
         "fleet.io.jobs:ViewConfig",
         positional="path",
     ),
+    "import-bag": Job(
+        "fleet.io.rosbag:run",
+        "import rosbag2 recordings (mcap, sqlite3) into a new episode store by a topic mapping",
+        "fleet.io.rosbag:ImportBagConfig",
+        positional="paths",
+        positional_list=True,
+    ),
     "train": Job(
         "policies.train:run",
         "train a policy (diffusion, gc_diffusion, mlp) by weighted BC on episode stores",
@@ -74,6 +82,11 @@ JOBS: dict[str, Job] = {
         "sim.evaluate:run",
         "evaluate a checkpoint in simulation: success rate, length, violations",
         "policies.config:EvalConfig",
+    ),
+    "safety": Job(
+        "policies.safety.train:run",
+        "train a checkpoint's safety models (density, RND, risk, LDM) and calibrate their thresholds",
+        "policies.safety.config:SafetyJobConfig",
     ),
     "fleet": Job("sim.fleet_sim:run", "run simulated robots and scripted operators against a fleet server"),
     "demo": Job(
@@ -132,14 +145,18 @@ _VALUE_FLAGS = {
 
 
 def _to_overrides(job: Job, args: list[str]) -> list[str]:
-    out = []
+    out, bare = [], []
     for i, arg in enumerate(args):
         flag_value = i > 0 and args[i - 1] in _VALUE_FLAGS
         if job.positional and "=" not in arg and not arg.startswith("-") and not flag_value:
             # Quote so hydra keeps paths with odd characters as one string.
-            out.append(f"{job.positional}='{arg}'")
+            bare.append(f"'{arg}'")
+            if not job.positional_list:
+                out.append(f"{job.positional}={bare[-1]}")
         else:
             out.append(arg)
+    if job.positional_list and bare:
+        out.append(f"{job.positional}=[{','.join(bare)}]")
     return out
 
 

@@ -48,8 +48,8 @@ def measure(rate_hz: float, seconds: float, domain: int, folder: Path) -> dict:
     token.write_text(TOKENS["robot"][0])
     goal = [0.55, 0.1, 0.15]
     robot = start_sim_robot(domain, seconds + 5, goal)
+    transport = dds.DdsTransport(domain, dds.LOOPBACK_CONFIG)
     try:
-        transport = dds.DdsTransport(domain, dds.LOOPBACK_CONFIG)
         params = panda_params(fleet=server.address, token_file=str(token), goal=goal, rate_hz=float(rate_hz))
         config = config_from_params({**params, "dry_run": False, "max_episode_steps": int(10 * rate_hz)})
         node = DdsRobotNode(config, transport, make_agent=lambda c: default_agent(c, ReachPolicy())).start()
@@ -61,6 +61,7 @@ def measure(rate_hz: float, seconds: float, domain: int, folder: Path) -> dict:
         node.close()
         robot.communicate(timeout=30)
     finally:
+        transport.close()
         robot.kill()
         robot.wait()
         server.stop()

@@ -157,11 +157,11 @@ def main(argv=None) -> None:
     parser.add_argument("--joint-hz", type=float, default=100.0)
     parser.add_argument("--camera-hz", type=float, default=30.0)
     args = parser.parse_args(argv)
-    transport = dds.DdsTransport(args.domain, dds.LOOPBACK_CONFIG)
-    robot = SimRosRobot(transport, args.goal, joint_hz=args.joint_hz, camera_hz=args.camera_hz)
-    start_ee = robot.obs["ee_pos"].tolist()
-    print(json.dumps({"ready": True}), flush=True)
-    robot.run(args.seconds)
+    with dds.DdsTransport(args.domain, dds.LOOPBACK_CONFIG) as transport:
+        robot = SimRosRobot(transport, args.goal, joint_hz=args.joint_hz, camera_hz=args.camera_hz)
+        start_ee = robot.obs["ee_pos"].tolist()
+        print(json.dumps({"ready": True}), flush=True)
+        robot.run(args.seconds)
     result = {
         "start_ee": start_ee,
         "end_ee": robot.obs["ee_pos"].tolist(),

@@ -75,8 +75,8 @@ def token_file(tmp_path):
 def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
     goal = [0.55, 0.12, 0.15]
     robot = start_sim_robot(DOMAIN, 7.0, goal)
+    transport = dds.DdsTransport(DOMAIN, dds.LOOPBACK_CONFIG)
     try:
-        transport = dds.DdsTransport(DOMAIN, dds.LOOPBACK_CONFIG)
         seen: dict[str, list] = {JOINT_STATES: [], CAMERA: [], COMMANDS: []}
         for topic, kind in [
             (JOINT_STATES, "sensor_msgs/msg/JointState"),
@@ -94,6 +94,7 @@ def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
         node.close()
         result = json.loads(robot.communicate(timeout=30)[0].strip().splitlines()[-1])
     finally:
+        transport.close()
         robot.kill()
         robot.wait()
 

@@ -206,6 +206,7 @@ class DdsTransport:
         self.participant = DomainParticipant(domain_id)
         self._topics: dict[str, Topic] = {}
         self._entities: list = []
+        self._listeners: list[Listener] = []
         self._lock = threading.Lock()
 
     def _topic(self, topic: str, ros_type: str) -> Topic:
@@ -230,22 +231,38 @@ class DdsTransport:
         """callback(sample) for every sample (a cyclonedds struct with the ROS field names)."""
 
         def on_data_available(reader) -> None:
+            if reader is None:  # fired while the reader is being deleted
+                return
             for sample in reader.take(N=64):
+                if not isinstance(sample, IdlStruct):  # an InvalidSample: a writer went away, no data
+                    continue
                 try:
                     callback(sample)
                 except Exception:  # a bad message must not kill the listener thread
                     log.exception("DDS %s: callback failed", topic)
 
+        listener = Listener(on_data_available=on_data_available)
         reader = DataReader(
-            self.participant,
-            self._topic(topic, ros_type),
-            qos=ros_qos(qos, ros_type),
-            listener=Listener(on_data_available=on_data_available),
+            self.participant, self._topic(topic, ros_type), qos=ros_qos(qos, ros_type), listener=listener
         )
         self._entities.append(reader)
+        self._listeners.append(listener)  # ctypes callbacks must outlive the reader
         return reader
 
     def close(self) -> None:
-        self._entities.clear()
-        self._topics.clear()
-        self.participant = None
+        """Delete readers (listeners detached first), writers, topics, then the participant, in that order:
+        left to the garbage collector, a listener's callback can fire into a freed reader (a crash)."""
+        if self.participant is None:
+            return
+        for entity in self._entities:
+            if isinstance(entity, DataReader):
+                entity.set_listener(None)
+        for entity in [*self._entities, *self._topics.values(), self.participant]:
+            entity.__del__()  # cyclonedds' Entity deletes once (later calls are no-ops)
+        self._entities, self._topics, self._listeners, self.participant = [], {}, [], None
+
+    def __enter__(self) -> DdsTransport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

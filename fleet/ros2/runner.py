@@ -153,13 +153,13 @@ def main(argv=None) -> int:
         config = config_from_params(load_params(args.params))
     except ValueError as err:
         parser.exit(2, f"flotilla ros: {err}\n")
-    transport = dds.DdsTransport(args.domain, dds.LOOPBACK_CONFIG if args.loopback else None)
-    node = DdsRobotNode(config, transport).start()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    node.close()
+    with dds.DdsTransport(args.domain, dds.LOOPBACK_CONFIG if args.loopback else None) as transport:
+        node = DdsRobotNode(config, transport).start()
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        node.close()
     return 0
 
 

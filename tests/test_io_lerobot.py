@@ -3,6 +3,8 @@ export checked field by field against ../shared/formats.md with pyarrow, pandas 
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from fleet.labels import ControlLabel
 from fleet.store import EpisodeStore
 from tests.io_data import CONTROL_HZ, all_steps, assert_same_store, make_store
-from tests.test_cli import flotilla
+from tests.test_cli import ROOT, flotilla
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -208,3 +210,20 @@ def test_fps_falls_back_to_the_timestamps(tmp_path):
     assert json.loads((tmp_path / "out" / "meta" / "info.json").read_text())["fps"] == CONTROL_HZ
     result = lerobot("export", tmp_path / "s.zarr", tmp_path / "out2", "fps=15")
     assert json.loads((tmp_path / "out2" / "meta" / "info.json").read_text())["fps"] == 15
+
+
+def test_without_the_data_extra_lerobot_names_it_and_dp_still_works(store, tmp_path):
+    """The base install (no pyarrow, PyAV, pandas): a LeRobot export is one line naming the extra; the
+    Diffusion Policy format needs only zarr."""
+    hide = "import sys; sys.modules.update(dict.fromkeys(['pyarrow', 'av', 'pandas', 'matplotlib'])); "
+    run = "from flotilla.cli import main; sys.exit(main(sys.argv[1:]))"
+    stderr = {}
+    for fmt, code in (("lerobot", 2), ("diffusion_policy", 0)):
+        result = subprocess.run(
+            [sys.executable, "-c", hide + run, "export", str(store.path), f"format={fmt}", f"out={tmp_path / fmt}", "progress=false"],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == code, result.stderr
+        stderr[fmt] = result.stderr.strip().splitlines()
+    assert len(stderr["lerobot"]) == 1 and "pip install 'flotilla[data]'" in stderr["lerobot"][0]
+    assert (tmp_path / "diffusion_policy" / ".zgroup").is_file()

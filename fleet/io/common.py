@@ -27,12 +27,16 @@ class DataIOError(ValueError):
     """A dataset cannot be exported or imported as asked (bad input, a missing dependency)."""
 
 
+class MissingExtraError(DataIOError):
+    """A module of the `data` extra is not installed."""
+
+
 def require(module: str) -> Any:
     """Import `module`, or raise DataIOError naming the extra that installs it."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise DataIOError(
+        raise MissingExtraError(
             f"{module} is not installed ({err}); install the data extra: pip install 'flotilla[{EXTRA}]'"
         ) from None
 
@@ -184,8 +188,7 @@ def write_episodes(
     """Commit `episodes` into a new episode store at `out`, a batch at a time; every step is checked
     against the store's schema (the first episode fixes it)."""
     out = Path(out)
-    existed = out.exists() and any(out.iterdir())
-    if existed and not overwrite:
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataIOError(f"{out} already exists; pass overwrite=true to replace it")
     store = EpisodeStore.create(out, overwrite=overwrite)
     try:
@@ -208,7 +211,6 @@ def write_episodes(
         store.commit_many(batch)
     except BaseException:
         store.close()
-        if not existed:  # a failed import leaves nothing behind (a replaced store is gone either way)
-            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)  # no half import (a store it replaced is gone either way)
         raise
     return store

@@ -8,12 +8,13 @@ flotilla view STORE [episode=N] [out=PREFIX]
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from configs.schema import MISSING, ConfigError, check, check_choice, check_int, register_job
-from fleet.io.common import DataIOError, finish_output, start_output
+from fleet.io.common import DataIOError, MissingExtraError, finish_output, start_output
 from fleet.store.episode_store import EpisodeStore, StepError, StoreError
 
 FORMATS = ("diffusion_policy", "lerobot")
@@ -123,13 +124,13 @@ def export(cfg: ExportConfig) -> None:
                     store, partial, cfg.state_keys, cfg.video, cfg.fps, cfg.robot_type, cfg.progress
                 )
         except BaseException:
-            import shutil
-
             shutil.rmtree(partial, ignore_errors=True)
             raise
         finish_output(partial, cfg.out)
+    except MissingExtraError as err:
+        raise ConfigError("format", str(err)) from None
     except (DataIOError, StoreError) as err:
-        raise ConfigError("format" if "extra" in str(err) else "path", str(err)) from None
+        raise ConfigError("path", str(err)) from None
     finally:
         store.close()
     seconds = time.perf_counter() - started
@@ -157,6 +158,8 @@ def import_(cfg: ImportConfig) -> None:
 
         with write_episodes(cfg.out, episodes, cfg.overwrite, count, cfg.progress) as store:
             episodes_done, steps = store.num_episodes, store.num_steps
+    except MissingExtraError as err:
+        raise ConfigError("format", str(err)) from None
     except (DataIOError, StepError) as err:
         raise ConfigError("path", f"{cfg.path}: {err}" if cfg.path not in str(err) else str(err)) from None
     except StoreError as err:

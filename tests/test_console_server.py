@@ -1,0 +1,207 @@
+"""What the fleet server does for the console, with real gRPC clients (no browser): the teleop watchdog,
+action round trips and frame seqs per intervention, discard and notes on open and committed episodes
+(and the trainer leaving discarded steps out), picking from the queue, tallies and rounds, the console
+job's config errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fleet import allocation
+from fleet.labels import ControlLabel
+from fleet.proto import flotilla_pb2 as pb
+from fleet.server.app import AdminService
+from tests.test_fleet_server import (
+    committed,
+    obs,
+    operator_client,
+    robot_client,
+    send,
+    take_over,
+    wait_until,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTERVENTION = ControlLabel.INTERVENTION
+
+
+def status(server) -> pb.FleetStatus:
+    return server.run(AdminService(server.server.fleet).Status(pb.StatusRequest(), None))
+
+
+def test_watchdog_holds_the_robot_when_the_operators_input_stops(make_server, clients):
+    server = make_server(t_T=10_000, teleop_watchdog_s=0.1)
+    commands = []
+    operator = clients(operator_client(server, "alice"))
+    robot = clients(
+        robot_client(server, on_command=lambda command, state: commands.append((time.monotonic(), command)))
+    )
+    take_over(robot, operator)
+    for seq in range(1, 6):  # a driving operator: actions every 40 ms, never held up by the watchdog
+        operator.act("r1", [0.5, 0.0], seq=seq)
+        last_sent = time.monotonic()
+        time.sleep(0.04)
+    wait_until(lambda: any(c.input_stopped for _, c in commands), 2, "the watchdog")
+    stopped_at = next(t for t, c in commands if c.input_stopped)
+    assert 0.1 - 0.02 <= stopped_at - last_sent <= 0.1 + 0.15  # the watchdog's time after the last action
+    assert robot.state.mode == pb.MODE_TELEOP and robot.state.action is None  # hold, never repeat it
+    operator.act("r1", [0.0, 0.5], seq=6)  # input again: driving resumes
+    wait_until(lambda: robot.state.action is not None and robot.state.action_seq == 6, 2, "the new action")
+    assert server.server.metrics.counters["teleop_input_stopped"] >= 1
+
+
+def test_round_trips_frame_seqs_discard_and_note_reach_the_episode_metadata(make_server, clients):
+    server = make_server(frame_hz=1000.0)  # a frame for every step
+    operator = clients(operator_client(server, "alice"))
+    robot = clients(robot_client(server))
+    take_over(robot, operator)  # steps t = 0..5 (seqs 2..7) logged before the takeover
+    robot.step(1, 6, obs(6), [0.0, 0.0], INTERVENTION, operator_id="alice")  # holds: no action yet
+    for t in range(7, 13):  # the action answering step t-1's frame is applied at step t
+        frame = operator.next_update(5, kind="frame").frame
+        operator.act("r1", [0.1 * t, 0.0], seq=t, frame_seq=frame.seq, frame_age_ms=12.5)
+        wait_until(lambda: robot.state.action_seq == t, 5, f"action {t}")  # noqa: B023
+        robot.step(1, t, obs(t), robot.state.action, INTERVENTION, operator_id="alice", operator_action_seq=t)
+    operator.release("r1")
+    operator.next_update(5, kind="released")
+    operator.discard("r1")
+    notice = operator.next_update(5, kind="notice").notice
+    assert notice.request == "discard" and "7 steps" in notice.message
+    robot.end_episode(1, success=False)
+    store = committed(server, 1)
+    extra = store.episode_meta(0).extra
+    (intervention,) = extra["interventions"]
+    assert (intervention["operator_id"], intervention["start"], intervention["end"]) == ("alice", 6, 13)
+    # Each action answered the frame of the step before it: that frame's seq and its step in the episode
+    # (seq 1 is the episode start, step t has seq t + 2); the first step held, answering nothing.
+    assert intervention["frame_seqs"] == [0] + [t + 1 for t in range(7, 13)]
+    assert intervention["frame_steps"] == [-1] + list(range(6, 12))
+    assert intervention["frame_age_ms"] == {"p50": 12.5, "max": 12.5, "n": 6}
+    assert intervention["round_trip_ms"]["n"] == 6 and intervention["round_trip_ms"]["max"] < 5000
+    assert extra["discarded"] == [{"operator_id": "alice", "start": 6, "end": 13}]
+
+    # A note after the episode was committed: written into the committed episode's metadata.
+    operator.note("r1", "knocked the cube, sorry")
+    assert operator.next_update(5, kind="notice").notice.request == "note"
+    wait_until(lambda: "notes" in store.episode_meta(0).extra, 5, "the note in the store")
+    assert store.episode_meta(0).extra["notes"][0]["text"] == "knocked the cube, sorry"
+    operator.note("r2", "no such robot")
+    assert "no intervention" in operator.next_update(5, kind="error").error.message
+
+    fleet = status(server)
+    (tally,) = fleet.tallies
+    assert (tally.operator_id, tally.interventions, tally.intervention_steps, tally.discarded) == (
+        "alice",
+        1,
+        7,
+        1,
+    )
+    (round_,) = fleet.rounds
+    assert (round_.episodes, round_.steps, round_.human_steps, round_.successes) == (1, 13, 7, 0)
+
+
+def test_the_trainer_leaves_discarded_corrections_out(server, clients):
+    from policies.data.windows import load_episodes
+
+    operator = clients(operator_client(server, "alice"))
+    robot = clients(robot_client(server))
+    take_over(robot, operator)
+    send(robot, 1, range(6, 10), label=INTERVENTION, operator_id="alice")
+    robot.wait_acked()
+    operator.release("r1")
+    operator.next_update(5, kind="released")
+    robot.end_episode(1, success=True)
+    committed(server, 1)
+    operator.discard("r1")  # after the commit: the committed episode's metadata is updated
+    assert operator.next_update(5, kind="notice").notice.request == "discard"
+    wait_until(
+        lambda: committed(server, 1).episode_meta(0).extra.get("discarded"), 5, "the discard in the store"
+    )
+    data = load_episodes([server.config.store], ["state"])
+    discarded = np.flatnonzero(data.holds)
+    assert discarded.tolist() == [6, 7, 8, 9] and data.summary()["discarded_steps"] == 4
+    assert data.steps["label"][6:10].tolist() == [INTERVENTION] * 4  # kept in the store, labels intact
+
+
+def test_operators_pick_from_the_queue_where_the_rule_allows_it():
+    allocator = allocation.make_allocator("cur", t_T=5, uncertainty_threshold=0.5, risk_threshold=0.5)
+    robots = [allocation.RobotSlot(f"r{i}") for i in range(3)]
+    for robot, uncertainty in zip(robots, (0.9, 0.7, 0.1), strict=True):
+        robot.signals.uncertainty = uncertainty
+    allocator.tick(robots, [])  # nobody on duty: r0 then r1 wait
+    assignment = allocator.pick(robots[1], "alice", robots)  # alice takes the second in line
+    assert (assignment.robot_id, assignment.operator_id, assignment.reason) == ("r1", "alice", "uncertainty")
+    assert robots[1].controller == "alice"
+    with pytest.raises(ValueError, match="already controls"):
+        allocator.pick(robots[0], "alice", robots)
+    with pytest.raises(ValueError, match="not waiting"):
+        allocator.pick(robots[2], "bob", robots)
+    randomized = allocation.make_allocator("random", uncertainty_threshold=0.5, risk_threshold=0.5)
+    randomized.tick(robots[:1], [])
+    with pytest.raises(ValueError, match="does not let operators pick"):
+        randomized.pick(robots[0], "bob", robots[:1])
+
+
+def test_a_pick_over_the_protocol(make_server, clients):
+    server = make_server(allocation={"rule": "cur", "tick_hz": 20, "t_T": 3, "uncertainty_threshold": 0.5})
+    first, second = clients(robot_client(server, "r1")), clients(robot_client(server, "r2"))
+    for robot in (first, second):
+        robot.start_episode(1)
+        send(robot, 1, [0], uncertainty=0.9)
+    wait_until(lambda: len(status(server).robots) == 2, 5, "two robots")
+    wait_until(lambda: len(server.server.fleet.allocator.queue()) == 2, 5, "two robots in the queue")
+    bob = clients(operator_client(server, "bob"))
+    bob.pick("r2")  # races the next tick's assignment: either way bob ends up with a robot
+    update = bob.next_update(5, kind="assignment")
+    assert update is not None and update.assignment.robot_id in ("r1", "r2")
+    bob.pick("r1" if update.assignment.robot_id == "r2" else "r2")
+    error = bob.next_update(5, kind="error").error
+    assert error.request == "pick" and "already controls" in error.message
+
+
+def test_console_job_refuses_bad_settings_in_one_line():
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    for override, expected in (
+        ("host=0.0.0.0", "flotilla console: host: 0.0.0.0 is beyond loopback"),
+        ("port=70000", "flotilla console: port: must be 0-65535"),
+        ("server=nohost", "flotilla console: server: must be HOST:PORT"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "flotilla.cli", "console", override],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert result.returncode == 2 and result.stderr.strip().startswith(expected), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_console_serves_sign_in_with_strict_headers(make_server):
+    import urllib.error
+    import urllib.request
+
+    from teleop.app import ConsoleThread
+    from teleop.config import ConsoleConfig
+
+    server = make_server()
+    with ConsoleThread(ConsoleConfig(server=server.address, port=0)) as console:
+        with urllib.request.urlopen(console.url + "/", timeout=5) as response:
+            page = response.read().decode()
+            assert 'action="/signin"' in page and response.headers["X-Content-Type-Options"] == "nosniff"
+        # A sign-in posted from another site's page (login CSRF) is refused.
+        request = urllib.request.Request(
+            console.url + "/signin",
+            data=b"operator=alice&token=operator-token",
+            headers={"Origin": "http://evil.example"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code == 403
+        with urllib.request.urlopen(console.url + "/static/console.js", timeout=5) as response:
+            assert b"flotillaStats" in response.read()

@@ -45,6 +45,7 @@ class ArmBag:
     frame: tuple[int, int] = (48, 64)  # the camera's height, width
     scene: bool = False  # frames look like a camera's (texture, a moving object, noise), not flat colour
     raw_camera: bool = False  # sensor_msgs/Image bgr8 instead of a JPEG CompressedImage
+    unstamped_camera: bool = False  # the camera driver leaves header.stamp at zero
 
     def image(self, k: int) -> np.ndarray:
         """Frame k, RGB."""
@@ -119,6 +120,8 @@ def write_arm_bag(path: Path, bag: ArmBag, storage: str = "mcap") -> Path:
     camera_type = "sensor_msgs/msg/Image" if bag.raw_camera else "sensor_msgs/msg/CompressedImage"
     for k, t in bag.frame_times():
         stamp = types["builtin_interfaces/msg/Time"](sec=(EPOCH_NS + t) // NS, nanosec=t % NS)
+        if bag.unstamped_camera:
+            stamp = types["builtin_interfaces/msg/Time"](sec=0, nanosec=0)
         if bag.raw_camera:
             msg = m.rgb_to_image(bag.image(k), 0.0, "wrist_camera", encoding="bgr8")
             msg.header.stamp = stamp
@@ -363,6 +366,20 @@ def test_raw_images_at_their_own_size_and_a_sub_message_field(tmp_path):
         # bgr8 rows become RGB, bit-exact: step i (0.1 i s) shows frame floor(1.5 i)
         for i in range(10):
             np.testing.assert_array_equal(steps["wrist_rgb"][i], bag.image(i * 15 // 10))
+
+
+def test_zero_header_stamps_are_refused_by_header_time_and_fine_by_receive_time(tmp_path):
+    path = write_arm_bag(
+        tmp_path / "unstamped", ArmBag(seconds=1.0, unstamped_camera=True, dropped_frames=set())
+    )
+    with pytest.raises(
+        ConfigError,
+        match="observation.wrist_rgb: topic /wrist_camera/image_raw/compressed .*"
+        "first time is 1700000000 s before .*try time: receive",
+    ):
+        import_bags(tmp_path, [path], arm_mapping())
+    with import_bags(tmp_path, [path], arm_mapping(time="receive"), "receive.zarr") as store:
+        assert store.num_steps == 9  # the first frame arrives at 0.035 s: steps 0.1 .. 0.9 s
 
 
 def test_several_bags_are_separate_episodes(arm_bags, tmp_path):

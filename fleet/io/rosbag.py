@@ -378,6 +378,23 @@ def _stamp_ns(msg: Any, receive_ns: int, use_header: bool) -> int:
     return receive_ns if stamp is None else int(stamp.sec) * NS + int(stamp.nanosec)
 
 
+MAX_CLOCK_SPREAD_S = 3600.0  # streams of one recording starting further apart are on different clocks
+
+
+def _check_clocks(streams: list[_Stream], mapping: BagMapping) -> None:
+    """Refuse streams whose times cannot share one grid: header stamps left at zero, or on simulated time
+    while others are on wall-clock time (the grid between them would be years of steps)."""
+    starts = [min(stream.times) for stream in streams]
+    early, late = streams[int(np.argmin(starts))], streams[int(np.argmax(starts))]
+    spread_s = (max(starts) - min(starts)) / NS
+    if spread_s > MAX_CLOCK_SPREAD_S:
+        hint = "; try time: receive" if mapping.time == "header" else ""
+        raise BagError(
+            f"{early.where()}: its first time is {spread_s:.0f} s before that of {late.source.topic} "
+            f"(a zero header stamp, or another clock?){hint}"
+        )
+
+
 def read_bag(path: Path, mapping: BagMapping, result: ImportResult, bar) -> Iterator[_Planned]:
     """The episodes of one bag, in time order, with their frames."""
     highlevel = require("rosbags.highlevel")
@@ -415,6 +432,7 @@ def read_bag(path: Path, mapping: BagMapping, result: ImportResult, bar) -> Iter
         for stream in streams:
             if not stream.times:
                 raise BagError(f"{stream.where()}: no messages in {path}")
+        _check_clocks(streams, mapping)
         planned = plan(mapping, streams, marker, result)
         yield from _with_frames(reader, streams, planned, bar)
     finally:

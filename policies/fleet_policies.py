@@ -1,7 +1,9 @@
 """Policies for fleet robots from the fleet server's registry: `RegistryPolicies` is the robot agent's
 `load_policy(version)` (fleet/agent.py), used by the simulated fleet (sim/fleet_sim.py) and meant for
 the ROS 2 node as well. Checkpoints are fetched with the client SDK (sha256-verified) and loaded once
-per version; torch is imported only when a policy is first needed."""
+per version; torch is imported only when a policy is first needed. ``device`` (auto | cpu | cuda | cuda:N)
+is where the weights are loaded and the robots' plans run; ``cuda_graphs`` replays plans from CUDA graphs
+(policies/runner.py)."""
 
 from __future__ import annotations
 
@@ -17,16 +19,27 @@ class RegistryPolicies:
     Version "" means the registry's latest."""
 
     def __init__(
-        self, address: str, token: str, cache_dir: str | Path, num_samples: int = 1, root_certificates=None
+        self,
+        address: str,
+        token: str,
+        cache_dir: str | Path,
+        num_samples: int = 1,
+        root_certificates=None,
+        device: str = "auto",
+        cuda_graphs: bool = False,
     ):
+        from policies.device import check_device
+
+        check_device(device)  # a bad name fails here, not at the first policy swap
         self.address, self.token, self.cache_dir = address, token, Path(cache_dir)
-        self.num_samples = num_samples
+        self.num_samples, self.device, self.cuda_graphs = num_samples, device, cuda_graphs
         self.root_certificates = root_certificates
         self._lock = threading.Lock()
         self._checkpoints: dict[str, object] = {}
 
     def __call__(self, version: str = ""):
         from policies.checkpoint import load_checkpoint  # torch is imported only when a policy is needed
+        from policies.device import resolve_device
         from policies.runner import PolicyRunner
 
         with self._lock:  # one download and one load per version, however many robots ask at once
@@ -43,7 +56,13 @@ class RegistryPolicies:
                         root_certificates=self.root_certificates,
                     )
                 version = folder.name
-                checkpoint = self._checkpoints[version] = load_checkpoint(folder)
+                checkpoint = self._checkpoints[version] = load_checkpoint(
+                    folder, map_location=resolve_device(self.device)
+                )
         return PolicyRunner(
-            checkpoint.policy, version, self.num_samples, action_space=checkpoint.action_space
+            checkpoint.policy,
+            version,
+            self.num_samples,
+            action_space=checkpoint.action_space,
+            cuda_graphs=self.cuda_graphs,
         )

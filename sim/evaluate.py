@@ -35,8 +35,12 @@ def evaluate(
     video_episodes: int = 3,
     progress: bool = True,
     noise_seed: int | None = None,
+    device: str = "auto",
+    cuda_graphs: bool = False,
 ) -> dict:
-    runner = PolicyRunner.from_checkpoint(checkpoint, num_samples=num_samples, noise_seed=noise_seed)
+    runner = PolicyRunner.from_checkpoint(
+        checkpoint, num_samples=num_samples, noise_seed=noise_seed, device=device, cuda_graphs=cuda_graphs
+    )
     cameras = [key[: -len("_rgb")] for key in runner.obs_keys if key.endswith("_rgb")]
     if video_path is not None and VIDEO_CAMERA not in cameras:
         cameras.append(VIDEO_CAMERA)
@@ -108,6 +112,8 @@ def run(cfg: EvalConfig) -> None:
             video_path=Path(cfg.video_path) if cfg.video else None,
             progress=cfg.progress,
             noise_seed=cfg.noise_seed,
+            device=cfg.device,
+            cuda_graphs=cfg.cuda_graphs,
         )
     except CheckpointError as err:
         raise ConfigError("checkpoint", str(err)) from None

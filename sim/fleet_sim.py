@@ -184,8 +184,8 @@ class SimFleet:
 
     `tokens`: {"robot": ..., "operator": ...}. `policy`: a registry version to start from ("" = latest)
     or a factory `(robot_id) -> policy` (each robot gets its own). `load_policy(version)`: how robots load
-    a newly published version (default: RegistryPolicies into `cache_dir`). `server_tick`: see the module
-    docstring.
+    a newly published version (default: RegistryPolicies into `cache_dir`, on `device`: auto | cpu | cuda |
+    cuda:N, one copy of the weights for every robot). `server_tick`: see the module docstring.
     """
 
     def __init__(
@@ -200,6 +200,7 @@ class SimFleet:
         load_policy: Callable[[str], object] | None = None,
         cache_dir: str | Path = "data/policy_cache",
         num_samples: int = 4,
+        device: str = "auto",
         control_hz: float = 10.0,
         env_kwargs: Mapping | None = None,
         expert_kwargs: Mapping | None = None,
@@ -223,7 +224,7 @@ class SimFleet:
         self._tokens = dict(tokens)
         self._policy = policy
         self._load_policy = load_policy or RegistryPolicies(
-            address, self._tokens["robot"], cache_dir, num_samples, root_certificates
+            address, self._tokens["robot"], cache_dir, num_samples, root_certificates, device=device
         )
         self._env_kwargs = dict(env_kwargs or {})
         self._expert_kwargs = dict(expert_kwargs or {})
@@ -546,6 +547,7 @@ def run(cfg) -> None:
         on_round=lambda metrics: print(table_row(metrics), flush=True),
         cache_dir=cfg.cache_dir,
         num_samples=cfg.num_samples,
+        device=cfg.device,
         control_hz=cfg.control_hz,
         env_kwargs={"max_steps": cfg.task.max_steps, **cfg.task.env},
         expert_kwargs=OmegaConf.to_container(cfg.operator.expert, resolve=True),

@@ -26,6 +26,7 @@ UR_JOINTS = [
     "wrist_2_joint",
     "wrist_3_joint",
 ]
+FINGER = "robotiq_85_left_knuckle_joint"
 EPOCH_NS = 1_700_000_000 * NS  # bags carry wall-clock ROS time
 
 
@@ -38,6 +39,7 @@ class ArmBag:
     camera_hz: float = 15.0
     command_hz: float = 50.0
     gripper_hz: float = 10.0
+    finger_hz: float = 20.0  # the gripper's driver publishes its finger joint on /joint_states too
     dropped_frames: set[int] = field(default_factory=lambda: {20, 21, *range(45, 60)})
     camera_latency_s: float = 0.035  # a frame arrives this long after its stamp
     still: tuple[float, float] | None = None  # commands are zero in [a, b) seconds (a pause)
@@ -118,6 +120,10 @@ def write_arm_bag(path: Path, bag: ArmBag, storage: str = "mcap") -> Path:
         msg.header.stamp = types["builtin_interfaces/msg/Time"](sec=(EPOCH_NS + t) // NS, nanosec=t % NS)
         messages.append((t + 1_000_000, "joints", msg))
     camera_type = "sensor_msgs/msg/Image" if bag.raw_camera else "sensor_msgs/msg/CompressedImage"
+    for t in _times(bag.seconds, bag.finger_hz):
+        msg = m.joint_state([FINGER], [t / NS], (EPOCH_NS + t) / NS)
+        msg.header.stamp = types["builtin_interfaces/msg/Time"](sec=(EPOCH_NS + t) // NS, nanosec=t % NS)
+        messages.append((t + 2_000_000, "joints", msg))
     for k, t in bag.frame_times():
         stamp = types["builtin_interfaces/msg/Time"](sec=(EPOCH_NS + t) // NS, nanosec=t % NS)
         if bag.unstamped_camera:
@@ -354,13 +360,17 @@ def test_cut_by_string_marker_and_by_pause(tmp_path):
         assert np.isclose(store.episode(1)["timestamp"][0] - EPOCH_NS / NS, 4.0)
 
 
-def test_raw_images_at_their_own_size_and_a_sub_message_field(tmp_path):
+def test_raw_images_at_their_own_size_a_sub_message_field_and_a_second_joint_publisher(tmp_path):
     bag = ArmBag(seconds=1.0, dropped_frames=set(), raw_camera=True, scene=True)
     path = write_arm_bag(tmp_path / "raw", bag, "sqlite3")
     mapping = arm_mapping(action={"topic": "/servo_node/delta_twist_cmds", "field": "twist.linear"})
     mapping["observation"]["wrist_rgb"]["size"] = None
+    mapping["observation"]["finger"] = {"topic": "/joint_states", "joints": [FINGER]}
     with import_bags(tmp_path, [path], mapping) as store:
         steps = store.episode(0)
+        # The arm's and the gripper's messages share /joint_states; each key holds its own publisher's.
+        np.testing.assert_array_equal(steps["finger"][:, 0], np.arange(10, dtype=np.float32) / 10)
+        np.testing.assert_array_equal(steps["joint_pos"][:, 0], np.arange(10, dtype=np.float32) / 10)
         assert len(steps["action"]) == 10 and steps["action"].shape[1] == 3  # linear x, y, z
         np.testing.assert_allclose(steps["action"][:, 1:], np.tile([0.1, -0.2], (10, 1)), atol=1e-7)
         # bgr8 rows become RGB, bit-exact: step i (0.1 i s) shows frame floor(1.5 i)
@@ -405,7 +415,8 @@ def test_several_bags_are_separate_episodes(arm_bags, tmp_path):
                     "joint_pos": {"topic": "/joint_states", "joints": ["shoulder_pan_joint", "wrist_4_joint"]}
                 }
             },
-            "mapping: observation.joint_pos: topic /joint_states (sensor_msgs/msg/JointState): JointState has no joint 'wrist_4_joint'",
+            "mapping: observation.joint_pos: topic /joint_states (sensor_msgs/msg/JointState): no JointState has "
+            "joint(s) ['wrist_4_joint'] together (the topic's joints: elbow_joint, robotiq_85_left_knuckle_joint, ",
         ),
         (
             {"observation": {"joint_pos": {"topic": "/joint_states", "joint": UR_JOINTS}}},

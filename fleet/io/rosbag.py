@@ -109,6 +109,9 @@ class _Stream:
     times: list[int] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)  # low-dim; images keep only their ordinals
     width: int | None = None
+    # JointState: joint names of the messages skipped for lacking some of the mapped joints (another
+    # publisher on the same topic, e.g. a gripper's driver beside the arm's)
+    other_joints: set[str] = field(default_factory=set)
 
     @property
     def is_image(self) -> bool:
@@ -119,6 +122,9 @@ class _Stream:
         return f"{setting}: topic {self.source.topic} ({self.msgtype})"
 
     def add(self, msg: Any, time_ns: int) -> None:
+        if self.msgtype == JOINT_STATE and not set(self.source.joints) <= set(msg.name):
+            self.other_joints.update(msg.name)
+            return
         self.times.append(time_ns)
         if self.is_image:
             return
@@ -138,8 +144,8 @@ class _Stream:
             values = getattr(msg, self.source.field or "position")
             try:  # joint_positions reads `position`; any of the JointState's per-joint arrays works the same
                 return joint_positions(_Named(msg.name, values), self.source.joints)
-            except (KeyError, ValueError) as err:
-                raise BagError(f"{self.where()}: {err.args[0]}") from None
+            except ValueError as err:  # as many names as values
+                raise BagError(f"{self.where()}: {self.source.field or 'position'}: {err.args[0]}") from None
         if self.source.field is not None:
             return _numbers(
                 _field(msg, self.source.field, self.where()), f"{self.where()} field {self.source.field}"
@@ -430,6 +436,12 @@ def read_bag(path: Path, mapping: BagMapping, result: ImportResult, bar) -> Iter
             result.messages += 1
             bar.update(1)
         for stream in streams:
+            if not stream.times and stream.other_joints:
+                missing = [name for name in stream.source.joints if name not in stream.other_joints]
+                raise BagError(
+                    f"{stream.where()}: no JointState has joint(s) {missing or stream.source.joints} together "
+                    f"(the topic's joints: {', '.join(sorted(stream.other_joints))})"
+                )
             if not stream.times:
                 raise BagError(f"{stream.where()}: no messages in {path}")
         _check_clocks(streams, mapping)

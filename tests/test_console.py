@@ -260,3 +260,36 @@ def test_closing_the_tab_mid_takeover_holds_the_robot_within_the_watchdog(fleet)
     first_hold = next(t for t in robots[0].ticks if t.at >= closed_at and t.control != "operator")
     assert first_hold.at - closed_at <= WATCHDOG_S + TICK_S + 0.05
     need_help(fleet, 0, False)
+
+
+def test_the_page_fits_a_tablet_and_works_from_the_keyboard(fleet):
+    context = fleet["browser"].new_context(
+        viewport={"width": 820, "height": 1180}, has_touch=True, is_mobile=True, bypass_csp=True
+    )
+    page = context.new_page()
+    sign_in(page, fleet["console"].url, "frank", "operator-token")
+    page.wait_for_selector("#link.ok")
+    page.wait_for_selector("#fleet tbody tr")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scroll
+    for selector in ("#camera", "#pad button[data-axis='0'][data-dir='1']", "#release", "#fleet-stop"):
+        assert page.is_visible(selector), selector
+    # Every control is a button or a form field: Tab reaches them in order, Enter presses them.
+    focused = set()
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        focused.add(page.evaluate("document.activeElement.id || document.activeElement.textContent.trim()"))
+    assert {"fleet-stop", "discard", "note"} <= focused, focused
+    page.focus("#fleet-stop")
+    page.keyboard.press("Enter")  # the whole fleet's protective stop, from the keyboard
+    wait_for(lambda: fleet["server"].server.fleet.fleet_estop, 5, "the fleet-wide stop")
+    assert page.evaluate("window.flotillaStats.errors.length") == 0
+    admin = fleet["browser"].new_context(bypass_csp=True)
+    admin_page = admin.new_page()
+    sign_in(admin_page, fleet["console"].url, "root", "admin-token")  # only an admin releases it
+    admin_page.wait_for_selector("#link.ok")
+    page.click("#fleet-release")
+    page.wait_for_function("window.flotillaStats.errors.some(e => e.message.includes('needs an admin'))")
+    admin_page.click("#fleet-release")
+    wait_for(lambda: not fleet["server"].server.fleet.fleet_estop, 5, "the release by an admin")
+    admin.close()
+    context.close()

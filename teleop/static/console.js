@@ -122,6 +122,10 @@ async function onFrame(buffer) {
   $("frame-age").textContent = age.toFixed(0);
   $("fps").textContent = (frameTimes.length / 2).toFixed(1);
   $("mode").textContent = header.mode;
+  // The robot's own state, for robots without a camera too (the end effector, the goal, the gripper).
+  const show = (name, values) => (values && values.length ? `${name} [${values.map((v) => v.toFixed(3)).join(", ")}]` : "");
+  $("state").textContent = [show("ee", header.obs.ee_pos), show("goal", header.goal), show("gripper", header.obs.gripper)]
+    .filter(Boolean).join(" · ");
 }
 
 // ------------------------------------------------------------------------------------------ driving

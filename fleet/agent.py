@@ -107,6 +107,8 @@ class RobotAgent:
     `camera_key`: observation image sent JPEG-encoded as the operators' live view (not logged).
     `signals_fn(obs, info) -> {"risk": .., "density": ..}`: extra signals (risk/density are 0 without it).
     `retry_load_s`: wait before trying a policy version again after its load failed.
+    `action_filter(obs, action) -> action`: the robot's limits (the ROS node's clamps), applied to the
+    policy's and the operator's actions before logging, so the episode holds what the robot was sent.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class RobotAgent:
         goal_key: str = "goal",
         signals_fn: Callable[[Mapping, Mapping], Mapping[str, float]] | None = None,
         retry_load_s: float = 5.0,
+        action_filter: Callable[[Mapping, np.ndarray], np.ndarray] | None = None,
     ):
         self.client = client
         self.policy = policy
@@ -132,6 +135,7 @@ class RobotAgent:
         self._goal_key = goal_key
         self._signals_fn = signals_fn
         self._retry_load_s = retry_load_s
+        self._action_filter = action_filter
         self._logged_keys = list(client.hello.observation_spec)
         self._action_dim = client.hello.action_dim
         self._last_action = np.zeros(self._action_dim, np.float32)
@@ -232,6 +236,8 @@ class RobotAgent:
         else:
             action, control = self._hold(), HOLD_SERVER
         self._was_autonomous = autonomous
+        if self._action_filter is not None and control in (POLICY, OPERATOR):
+            action = np.asarray(self._action_filter(obs, action), np.float32).reshape(self._action_dim)
 
         signals = {
             "uncertainty": float(self.policy.uncertainty),

@@ -286,6 +286,8 @@ def test_absolute_mode_trajectory_output_holds_measured_joints(server, token_fil
     server.stop()
     store = EpisodeStore.open(server.config.store)
     assert [store.episode_meta(i).outcome for i in range(store.num_episodes)] == ["timeout", "stopped"]
+    # The episode holds what the limits let through, not what the policy asked for.
+    assert store.episode(0)["action"][0] == pytest.approx([0.15, 0.25, 0.35, 0.0])
 
 
 def test_twist_output_and_unconfigured_shutdown():

@@ -410,7 +410,13 @@ def default_agent(config: RosRobotConfig, policy=None):
     )
     camera = f"{config.camera_names[0]}_rgb" if config.camera_names else None
     return RobotAgent(
-        client, policy, load_policy=registry, gripper_index=config.gripper_index, camera_key=camera
+        client,
+        policy,
+        load_policy=registry,
+        gripper_index=config.gripper_index,
+        camera_key=camera,
+        # the episode logs what the limits let through (the node applies them again, last: idempotent)
+        action_filter=lambda obs, action: apply_limits(action, obs, config),
     )
 
 

@@ -31,12 +31,12 @@ from typing import Any
 import yaml
 
 from configs.schema import ConfigError, check, check_choice, check_int, check_number
+from fleet.io.common import CAMERA_SUFFIX
 from fleet.store.episode_store import KEY_PATTERN, RESERVED_KEYS
 
 TIMES = ("header", "receive")
 CUTS = ("bag", "topic", "pause")
 JOINT_FIELDS = ("position", "velocity", "effort")
-IMAGE_SUFFIX = "_rgb"
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class BagMapping:
                 f"observation.{key}",
                 f"is reserved ({', '.join(RESERVED_KEYS)}, signal_*)",
             )
-            if key.endswith(IMAGE_SUFFIX):
+            if key.endswith(CAMERA_SUFFIX):
                 check(len(sources) == 1, f"observation.{key}", "an image key takes one topic")
 
     def keys(self) -> dict[str, list[Source]]:

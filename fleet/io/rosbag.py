@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from configs.schema import ConfigError, check, register_job
-from fleet.io.bag_mapping import IMAGE_SUFFIX, JOINT_FIELDS, BagMapping, Source, load_mapping
+from fleet.io.bag_mapping import JOINT_FIELDS, BagMapping, Source, load_mapping
 from fleet.io.common import (
+    CAMERA_SUFFIX,
     CONTROL_HZ_KEY,
     DataIOError,
     ImportedEpisode,
@@ -221,12 +222,12 @@ def _resolve(mapping: BagMapping, topics: dict, bag: Path) -> list[_Stream]:
                 raise BagError(f"{where}: topic {source.topic} is not in {bag} (it has {have})")
             msgtype = info.msgtype
             stream = _Stream(key, source, msgtype, round(mapping.staleness_s(source) * NS))
-            is_image_key = key.endswith(IMAGE_SUFFIX)
+            is_image_key = key.endswith(CAMERA_SUFFIX)
             if is_image_key != (msgtype in IMAGE_TYPES):
                 want = (
                     "a camera topic (" + " or ".join(IMAGE_TYPES) + ")"
                     if is_image_key
-                    else f"a key named <camera>{IMAGE_SUFFIX}"
+                    else f"a key named <camera>{CAMERA_SUFFIX}"
                 )
                 raise BagError(f"{where}: topic {source.topic} is {msgtype}; it needs {want}")
             if (msgtype == JOINT_STATE) != (source.joints is not None):

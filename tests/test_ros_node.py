@@ -2,6 +2,8 @@
 and the deadman, limits, dry-run, protective stop and the lifecycle, around the real RobotAgent talking to a
 real fleet server on 127.0.0.1. Messages are rosbags' Jazzy dataclasses after a CDR round trip."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from rosbags.typesys import Stores, get_typestore
@@ -298,3 +300,47 @@ def test_twist_output_and_unconfigured_shutdown():
     assert twist.header.frame_id == "base_link" and m.stamp_seconds(twist) == 3.5
     assert node.shutdown() is None and node.state == FINALIZED
     assert UNCONFIGURED != FINALIZED
+
+
+def test_latest_checkpoint_is_fetched_verified_and_drives_the_node(
+    server, token_file, tmp_path, one_torch_thread
+):
+    """checkpoint "latest": the registry's newest version is fetched (sha256-checked) and run; a damaged one
+    is never loaded, and the node stays unconfigured saying why."""
+    import grpc
+
+    from fleet.client import publish_checkpoint
+    from policies.checkpoint import save_checkpoint
+    from policies.models import ShapeMeta, build_policy
+    from tests.test_registry import tamper
+
+    meta = ShapeMeta(obs={"joint_pos": (3,)}, action_dim=4, goal_dim=3)
+    policy = build_policy("mlp", meta, horizon=8, n_action_steps=4, hidden_dims=(16,))
+    rng = np.random.default_rng(0)
+    policy.normalizer.fit(
+        {
+            "joint_pos": rng.uniform(-1, 1, (64, 3)),
+            "action": rng.uniform(-1, 1, (64, 4)),
+            "goal": rng.uniform(0, 1, (64, 3)),
+        }
+    )
+    folder = save_checkpoint(tmp_path / "ckpt", policy, meta, "v7")
+    publish_checkpoint(server.address, "trainer-token", folder, "v7")
+
+    cfg = config(
+        fleet=server.address, token_file=token_file, checkpoint="latest", cache_dir=str(tmp_path / "cache")
+    )
+    node = RobotNodeLogic(cfg)
+    node.configure()
+    node.activate()
+    feed(node)
+    tick = node.tick()
+    assert node.agent.version == "v7" and tick.control == "dry_run"
+    assert tick.action.shape == (4,) and np.all(np.isfinite(tick.action))
+    node.shutdown()
+
+    tamper(next(Path(server.config.registry_dir).rglob("*.safetensors")))
+    damaged = RobotNodeLogic(config(**{**vars(cfg), "cache_dir": str(tmp_path / "cache2")}))
+    with pytest.raises(grpc.RpcError, match="damaged"):
+        damaged.configure()
+    assert damaged.state == UNCONFIGURED and damaged.agent is None

@@ -36,9 +36,12 @@ def test_names_qos_and_type_hash():
     assert dds.dds_topic_name("/joint_states") == "rt/joint_states"
     assert resolve("~/protective_stop", "r1") == "/r1/flotilla_robot/protective_stop"
     assert resolve("joint_states", "r1") == "/r1/joint_states" and resolve("/a", "r1") == "/a"
-    # Jazzy's published hash of sensor_msgs/msg/Image (rosidl, sensor_msgs/msg/Image.json).
+    # The hashes `ros2 topic info -v` shows on Jazzy (rosidl's), from rosbags' copy of the definitions.
     assert dds.type_hash("sensor_msgs/msg/Image") == (
         "RIHS01_d31d41a9a4c4bc8eae9be757b0beed306564f7526c88ea6a4588fb9582527d47"
+    )
+    assert dds.type_hash("sensor_msgs/msg/JointState") == (
+        "RIHS01_a13ee3a330e346c9d87b5aa18d24e11690752bd33a0350f11c5882bc9179260e"
     )
     qos = dds.ros_qos("sensor_data", "sensor_msgs/msg/Image")
     assert b"typehash=RIHS01_d31d41a9" in bytes(qos[dds.Policy.Userdata].data)
@@ -92,6 +95,7 @@ def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
         node = DdsRobotNode(config, transport, make_agent=lambda c: default_agent(c, ReachPolicy())).start()
         wait_until(lambda: len(seen[COMMANDS]) >= 30, 20, "30 commands on the wire")
         node.close()
+        writers = {w.topic_name: w for w in transport.discovered_publications()}
         result = json.loads(robot.communicate(timeout=30)[0].strip().splitlines()[-1])
     finally:
         transport.close()
@@ -113,6 +117,17 @@ def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
             name = type(sample).__idl_typename__.replace("::dds_::", "/").replace("::", "/").rstrip("_")
             decoded = TS.deserialize_cdr(raw, name)
             assert padded(cdr(decoded)) == bytes(raw)
+    # What ROS 2 nodes discover of the robot's and the node's writers: ROS names, types and QoS, Jazzy's hash.
+    for topic, kind, reliability, depth in [
+        (JOINT_STATES, "sensor_msgs/msg/JointState", "BestEffort", 5),
+        (CAMERA, "sensor_msgs/msg/Image", "BestEffort", 5),
+        (COMMANDS, "std_msgs/msg/Float64MultiArray", "Reliable", 10),
+    ]:
+        qos = writers[dds.dds_topic_name(topic)].qos
+        assert writers[dds.dds_topic_name(topic)].type_name == dds.dds_type_name(kind)
+        assert bytes(qos[dds.Policy.Userdata].data) == f"typehash={dds.type_hash(kind)};".encode()
+        assert reliability in repr(qos[dds.Policy.Reliability]) and qos[dds.Policy.History].depth == depth
+        assert qos[dds.Policy.DataRepresentation].use_cdrv0_representation  # XCDR1
     js = TS.deserialize_cdr(dds.wire_bytes(seen[JOINT_STATES][-1]), "sensor_msgs/msg/JointState")
     assert js.name[:2] == ["panda_joint1", "panda_joint2"] and len(js.position) == 9
     image = m.image_to_rgb(seen[CAMERA][-1])

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from cyclonedds.builtin import BuiltinDataReader, BuiltinTopicDcpsPublication
 from cyclonedds.core import Listener, Qos
 from cyclonedds.domain import Domain, DomainParticipant
 from cyclonedds.idl import IdlStruct, make_idl_struct
@@ -207,6 +208,7 @@ class DdsTransport:
         self._topics: dict[str, Topic] = {}
         self._entities: list = []
         self._listeners: list[Listener] = []
+        self._publications = None
         self._lock = threading.Lock()
 
     def _topic(self, topic: str, ros_type: str) -> Topic:
@@ -249,6 +251,14 @@ class DdsTransport:
         self._listeners.append(listener)  # ctypes callbacks must outlive the reader
         return reader
 
+    def discovered_publications(self) -> list:
+        """The writers this participant has discovered (DCPSPublication samples: topic_name, type_name and
+        qos, USER_DATA included): what any ROS 2 node on the network sees of them."""
+        if self._publications is None:
+            self._publications = BuiltinDataReader(self.participant, BuiltinTopicDcpsPublication)
+            self._entities.append(self._publications)
+        return [s for s in self._publications.read(N=10_000) if hasattr(s, "topic_name")]
+
     def close(self) -> None:
         """Delete readers (listeners detached first), writers, topics, then the participant, in that order:
         left to the garbage collector, a listener's callback can fire into a freed reader (a crash)."""
@@ -260,6 +270,7 @@ class DdsTransport:
         for entity in [*self._entities, *self._topics.values(), self.participant]:
             entity.__del__()  # cyclonedds' Entity deletes once (later calls are no-ops)
         self._entities, self._topics, self._listeners, self.participant = [], {}, [], None
+        self._publications = None
 
     def __enter__(self) -> DdsTransport:
         return self

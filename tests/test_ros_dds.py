@@ -4,6 +4,8 @@ JointState (100 Hz) and Image (30 Hz) as ROS 2 topics, the robot node subscribed
 Float64MultiArray commands moving the simulated robot, and the fleet server logging the episode."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -153,3 +155,24 @@ def test_runner_reads_the_ros_packages_parameter_file():
     params = load_params(ROOT / "ros_ws/src/flotilla_ros/config/robot.yaml")
     config = config_from_params(params)
     assert config.dry_run is True  # dry-run by default: a new robot is checked before it moves
+
+
+def test_runner_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("/**/flotilla_robot:\n  ros__parameters:\n    joint_names: [a]\n    output: servo\n")
+    no_token = tmp_path / "no_token.yaml"
+    no_token.write_text("/**/flotilla_robot:\n  ros__parameters:\n    joint_names: [a]\n")
+    for path, message in [
+        (bad, "output: must be one of float64_multi_array"),
+        (tmp_path / "missing.yaml", "No such file"),
+        (no_token, "token_file: must name a file"),
+    ]:
+        run = subprocess.run(
+            [sys.executable, "-m", "fleet.ros2.runner", str(path), "--loopback", f"--domain={DOMAIN}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr

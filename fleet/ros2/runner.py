@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from fleet.ros2 import dds
 from fleet.ros2.node import (
@@ -133,8 +134,6 @@ class DdsRobotNode:
 
 def load_params(path: str | Path) -> dict:
     """The first node's `ros__parameters` of a ROS 2 parameter file."""
-    import yaml
-
     data = yaml.safe_load(Path(path).read_text()) or {}
     for node in data.values():
         if isinstance(node, dict) and "ros__parameters" in node:
@@ -151,10 +150,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         config = config_from_params(load_params(args.params))
-    except ValueError as err:
-        parser.exit(2, f"flotilla ros: {err}\n")
+    except (ValueError, OSError, yaml.YAMLError) as err:  # one line naming the problem
+        parser.exit(2, f"fleet.ros2.runner: {args.params}: {err}\n")
     with dds.DdsTransport(args.domain, dds.LOOPBACK_CONFIG if args.loopback else None) as transport:
-        node = DdsRobotNode(config, transport).start()
+        try:
+            node = DdsRobotNode(config, transport).start()
+        except (ValueError, OSError) as err:  # the token or certificate file
+            parser.exit(2, f"fleet.ros2.runner: {err}\n")
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

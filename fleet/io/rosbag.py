@@ -9,7 +9,7 @@ whole bag of images. Between the passes the streams are resampled to the mapping
 a step where some source's newest sample is older than its max staleness is a gap step, a gap of up to
 max_gap_s is bridged (its steps keep the held values), a longer one splits the episode and its steps
 are dropped; gaps at an episode's ends are trimmed. Times are integer nanoseconds (header stamps are
-sec + nanosec), so a sample exactly on a grid time is held there.
+sec + nanosec), so a sample exactly on a grid time is held there. Low-dim keys are stored as float32.
 
 Message conversion (images, joint states, arrays) is fleet/ros2/messages.py's, shared with the ROS node.
 """
@@ -47,11 +47,10 @@ NS = 1_000_000_000
 
 @dataclass
 class ImportBagConfig:
-    """`flotilla import-bag PATH... mapping=MAPPING.yaml out=STORE` (configs/import_bag.yaml)."""
+    """`flotilla import-bag PATH... mapping=MAPPING.yaml out=STORE` (configs/import-bag.yaml)."""
 
-    paths: list[str] = field(
-        default_factory=list
-    )  # rosbag2 folders (or their .mcap / .db3 file); bare arguments
+    # rosbag2 folders (or their .mcap / .db3 file): the command's bare arguments
+    paths: list[str] = field(default_factory=list)
     mapping: str | None = None  # the mapping YAML (fleet/io/bag_mapping.py)
     out: str | None = None  # the episode store to create
     overwrite: bool = False  # replace an existing episode store at `out`
@@ -130,6 +129,8 @@ class _Stream:
         if self.is_image:
             return
         value = self._lowdim(msg)
+        if value.size == 0:
+            raise BagError(f"{self.where()}: a message at {time_ns / NS:.3f} s holds no numbers")
         if self.width is None:
             self.width = value.size
         elif value.size != self.width:

@@ -65,7 +65,7 @@ class FlotillaRobotNode(Node):
             self.declare_parameter(name, PARAMETER_TYPES[kind])  # typed, unset: the config's default applies
         self.logic: RobotNodeLogic | None = None
         self._entities: list = []
-        self._publishers: dict = {}
+        self._command_publishers: dict = {}  # topic -> lifecycle publisher (rclpy's Node owns _publishers)
         self._lock = threading.Lock()  # ticks and transitions do not interleave
         self._tf = None
 
@@ -128,13 +128,13 @@ class FlotillaRobotNode(Node):
                 message_class("std_srvs/srv/Trigger"), "~/clear_protective_stop", self._clear_stop
             )
         )
-        self._publishers = {
+        self._command_publishers = {
             config.command_topic: self.create_lifecycle_publisher(
                 message_class(OUTPUT_TYPES[config.output]), config.command_topic, 10
             )
         }
         if config.gripper_topic:
-            self._publishers[config.gripper_topic] = self.create_lifecycle_publisher(
+            self._command_publishers[config.gripper_topic] = self.create_lifecycle_publisher(
                 message_class("std_msgs/msg/Float64MultiArray"), config.gripper_topic, 10
             )
         self._timer = self.create_timer(
@@ -174,9 +174,9 @@ class FlotillaRobotNode(Node):
             self._timer = None
         for entity in self._entities:
             (self.destroy_service if hasattr(entity, "srv_type") else self.destroy_subscription)(entity)
-        for publisher in self._publishers.values():
+        for publisher in self._command_publishers.values():
             self.destroy_lifecycle_publisher(publisher)
-        self._entities, self._publishers, self.logic = [], {}, None
+        self._entities, self._command_publishers, self.logic = [], {}, None
 
     # -- callbacks
     def _guard(self, callback):
@@ -203,7 +203,7 @@ class FlotillaRobotNode(Node):
     def _publish(self, tick) -> None:
         if tick is not None and tick.published:
             for topic, msg in tick.commands:
-                self._publishers[topic].publish(msg)
+                self._command_publishers[topic].publish(msg)
 
     def _clear_stop(self, request, response):
         self.logic.clear_protective_stop()

@@ -3,7 +3,7 @@
 the ROS 2 node as well. Checkpoints are fetched with the client SDK (sha256-verified) and loaded once
 per version; torch is imported only when a policy is first needed. ``device`` (auto | cpu | cuda | cuda:N)
 is where the weights are loaded and the robots' plans run; ``cuda_graphs`` replays plans from CUDA graphs
-(policies/runner.py)."""
+(policies/runner.py); with a ``planner`` (policies/batched.py) the robots' plans are batched per tick."""
 
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ class RegistryPolicies:
         root_certificates=None,
         device: str = "auto",
         cuda_graphs: bool = False,
+        planner=None,
     ):
         from policies.device import check_device
 
         check_device(device)  # a bad name fails here, not at the first policy swap
         self.address, self.token, self.cache_dir = address, token, Path(cache_dir)
         self.num_samples, self.device, self.cuda_graphs = num_samples, device, cuda_graphs
+        self.planner = planner  # a policies.batched.BatchedPlanner, or None: every robot plans alone
         self.root_certificates = root_certificates
         self._lock = threading.Lock()
         self._checkpoints: dict[str, object] = {}
@@ -56,9 +58,15 @@ class RegistryPolicies:
                         root_certificates=self.root_certificates,
                     )
                 version = folder.name
-                checkpoint = self._checkpoints[version] = load_checkpoint(
-                    folder, map_location=resolve_device(self.device)
-                )
+                if version not in self._checkpoints:  # "latest" may be a version loaded already
+                    self._checkpoints[version] = load_checkpoint(
+                        folder, map_location=resolve_device(self.device)
+                    )
+                checkpoint = self._checkpoints[version]
+        if self.planner is not None:
+            return self.planner.runner(
+                checkpoint.policy, version, num_samples=self.num_samples, action_space=checkpoint.action_space
+            )
         return PolicyRunner(
             checkpoint.policy,
             version,

@@ -185,7 +185,9 @@ class SimFleet:
     `tokens`: {"robot": ..., "operator": ...}. `policy`: a registry version to start from ("" = latest)
     or a factory `(robot_id) -> policy` (each robot gets its own). `load_policy(version)`: how robots load
     a newly published version (default: RegistryPolicies into `cache_dir`, on `device`: auto | cpu | cuda |
-    cuda:N, one copy of the weights for every robot). `server_tick`: see the module docstring.
+    cuda:N, one copy of the weights for every robot). `batched`: the robots share one BatchedPlanner
+    (policies/batched.py): each tick steps them in threads, and the plans due in it run as one batched call
+    (a GPU is not left idle between batch-1 calls). `server_tick`: see the module docstring.
     """
 
     def __init__(
@@ -201,6 +203,7 @@ class SimFleet:
         cache_dir: str | Path = "data/policy_cache",
         num_samples: int = 4,
         device: str = "auto",
+        batched: bool = False,
         control_hz: float = 10.0,
         env_kwargs: Mapping | None = None,
         expert_kwargs: Mapping | None = None,
@@ -223,8 +226,21 @@ class SimFleet:
         self.blocked_timeout_steps = blocked_timeout_steps
         self._tokens = dict(tokens)
         self._policy = policy
+        self.planner = None
+        if batched:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from policies.batched import BatchedPlanner  # torch only when asked for
+
+            self.planner, self._pool = BatchedPlanner(), ThreadPoolExecutor(n_robots, "sim-robot")
         self._load_policy = load_policy or RegistryPolicies(
-            address, self._tokens["robot"], cache_dir, num_samples, root_certificates, device=device
+            address,
+            self._tokens["robot"],
+            cache_dir,
+            num_samples,
+            root_certificates,
+            device=device,
+            planner=self.planner,
         )
         self._env_kwargs = dict(env_kwargs or {})
         self._expert_kwargs = dict(expert_kwargs or {})
@@ -378,17 +394,33 @@ class SimFleet:
     def step(self, quota: Mapping[str, int] | None = None) -> None:
         """One control tick of every robot (starting an episode where one is due)."""
         self.ticks += 1
-        for robot in self.robots:
-            if not robot.in_episode:
-                if quota is not None and robot.episodes_begun >= quota[robot.robot_id]:
-                    continue
-                if self._human_still_on(robot):
-                    continue
-                self._begin_episode(robot)
-            self._tick(robot)
+        if self.planner is None:
+            for robot in self.robots:
+                if self._due(robot, quota):
+                    self._tick(robot)
+        else:
+            due = [robot for robot in self.robots if self._due(robot, quota)]
+            with self.planner.tick(len(due)):
+                list(self._pool.map(self._tick_then_finish, due))
         if self._server_tick is not None:
             self.flush(timeout=5.0)  # the allocator must see this step of every robot before it ticks
             self._server_tick()
+
+    def _due(self, robot: SimRobot, quota: Mapping[str, int] | None) -> bool:
+        """Whether the robot steps in this tick (beginning its next episode if one is due)."""
+        if not robot.in_episode:
+            if quota is not None and robot.episodes_begun >= quota[robot.robot_id]:
+                return False
+            if self._human_still_on(robot):
+                return False
+            self._begin_episode(robot)
+        return True
+
+    def _tick_then_finish(self, robot: SimRobot) -> None:
+        try:
+            self._tick(robot)
+        finally:
+            self.planner.finish()
 
     def _human_still_on(self, robot: SimRobot) -> bool:
         """Between episodes, a robot whose episode a human finished waits for that human to hand it back
@@ -474,6 +506,8 @@ class SimFleet:
             robot.env.close()
         for operator in self.operators:
             operator.close()
+        if self.planner is not None:
+            self._pool.shutdown()
 
     def __enter__(self) -> SimFleet:
         return self.start()

@@ -34,7 +34,8 @@ TINY = {"down_dims": [16, 32], "encoder": {"channels": [8, 16], "feature_dim": 8
 
 
 def fitted(kind="diffusion", meta=META, ensemble=1, **settings):
-    policy = build_policy(kind, meta, ensemble=ensemble, **{**TINY, **settings})
+    tiny = TINY if kind != "mlp" else {"hidden_dims": [32], "encoder": TINY["encoder"]}
+    policy = build_policy(kind, meta, ensemble=ensemble, **{**tiny, **settings})
     rng = np.random.default_rng(0)
     data = {
         key: rng.normal(size=(50, *shape)).astype(np.float32)
@@ -327,3 +328,68 @@ def test_flotilla_train_in_bf16_on_the_cpu_and_device_errors_are_one_line(tmp_pa
         missing = flotilla("train", *args, "device=cuda:1", check=False)
         assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
         assert missing.stderr.startswith("flotilla train: device: cuda:1 requested but")
+
+
+# ------------------------------------------------------------------------------------------- batched plans
+
+
+def test_batched_planner_serves_a_ticks_plans_in_one_call_with_each_robots_own_result(one_torch_thread):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from policies.batched import BatchedPlanner
+
+    meta = ShapeMeta(obs={"state": (5,)}, action_dim=3, goal_dim=2)
+    policy = fitted("mlp", meta)  # deterministic: a batched plan must equal the robot's plan alone
+    planner, n = BatchedPlanner(), 4
+    runners = [planner.runner(policy, "v") for _ in range(n)]
+    alone = [PolicyRunner(policy, "v") for _ in range(n)]
+    obs = [
+        {"state": np.full(5, 0.3 * i, np.float32), "goal": np.full(2, -0.2 * i, np.float32)} for i in range(n)
+    ]
+
+    def robot(i):
+        try:
+            return runners[i].act(obs[i])
+        finally:
+            planner.finish()
+
+    with ThreadPoolExecutor(n) as pool:
+        for tick in range(3):
+            if tick == 2:
+                runners[1].reset()  # only robot 1 plans in this tick; the others finish without a plan
+                alone[1].reset()
+            with planner.tick(n):
+                actions = list(pool.map(robot, range(n)))
+            for i in range(n):
+                np.testing.assert_allclose(actions[i], alone[i].act(obs[i]), rtol=1e-5, atol=1e-6)
+    assert planner.batch_sizes == [4, 1]  # tick 0: every robot in one call; tick 1: queues still full
+    runners[2].reset()
+    runners[2].act(obs[2])  # outside a tick a runner plans alone
+    assert planner.batch_sizes == [4, 1, 1]
+    with pytest.raises(ValueError, match="noise_seed"):
+        planner.runner(policy, "v", noise_seed=3)
+
+
+def test_a_batched_sim_fleet_plans_its_robots_together(tmp_path, one_torch_thread):
+    from fleet.client import publish_checkpoint
+    from tests.fleet_harness import TOKEN
+    from tests.test_fleet_loop import make_fleet, start_server, tiny_checkpoint
+
+    server = start_server(tmp_path)
+    fleet = None
+    try:
+        tiny_checkpoint(tmp_path / "checkpoints", "tiny-v1", seed=1)
+        publish_checkpoint(server.address, TOKEN["trainer"], tmp_path / "checkpoints" / "tiny-v1", "tiny-v1")
+        fleet = make_fleet(server, 6, 0, "", batched=True, cache_dir=tmp_path / "cache", device="cpu")
+        metrics = fleet.run_round(1, max_steps=40)
+        assert fleet.flush(30)
+    finally:
+        if fleet is not None:
+            fleet.close()
+        server.stop()
+    assert metrics.episodes == 6
+    sizes = fleet.planner.batch_sizes
+    # Every robot stepped on its plans (Ta = 4: a plan every 4 steps), and robots whose plans fell due in
+    # the same tick (they start together) shared one batched call rather than planning one by one.
+    assert sum(sizes) >= 6 * 30 // 4 and max(sizes) >= 2
+    assert {step.policy_version for step in fleet.steps} == {"tiny-v1"}

@@ -228,3 +228,31 @@ def test_fleet_launch_includes_one_robot_launch_per_robot(monkeypatch):
     context["robots"] = " "
     with pytest.raises(RuntimeError, match="names no robot"):
         setup(context)
+
+
+# rclpy's Node and LifecycleNode attributes (rclpy/node.py Node.__init__, rclpy/lifecycle/node.py), which a
+# subclass must not overwrite: the executor and destroy_node read them.
+RCLPY_NODE_ATTRIBUTES = {
+    *("_context", "_parameters", "_publishers", "_subscriptions", "_clients", "_services", "_timers"),
+    *("_guards", "_default_callback_group", "_rate_group", "_allow_undeclared_parameters", "_descriptors"),
+    *("_parameter_overrides", "_logger", "_parameter_event_publisher", "_clock", "_time_source"),
+    *("_parameter_service", "_logger_service", "_type_description_service", "_pre_set_parameters_callbacks"),
+    *("_on_set_parameters_callbacks", "_post_set_parameters_callbacks", "_callbacks", "_managed_entities"),
+    *("_state_machine", "_service_change_state", "_service_get_state", "_service_get_available_states"),
+    *("_service_get_available_transitions", "_service_get_transition_graph", "handle", "executor", "context"),
+}
+
+
+def test_node_class_does_not_overwrite_rclpy_node_attributes():
+    tree = ast.parse((PACKAGE / "flotilla_ros/robot_node.py").read_text())
+    assigned = {
+        target.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        for target in (target.elts if isinstance(target, ast.Tuple) else [target])
+        if isinstance(target, ast.Attribute)
+        and isinstance(target.value, ast.Name)
+        and target.value.id == "self"
+    }
+    assert "_command_publishers" in assigned and not assigned & RCLPY_NODE_ATTRIBUTES

@@ -11,6 +11,12 @@ action chunks in one batched pass; their spread, the standard deviation across s
 normalized executed actions averaged over steps and dimensions and divided by the normalized action
 range (2), is reported for every action of that chunk.
 
+Safety (policies/safety/): a checkpoint with safety models (safety.json) gets them loaded; each plan
+then scores the K candidates, reports per-plan ``signals`` (novelty, rnd, risk, ldm, density and the
+filter's decision) and, with ``safety_filter=FilterConfig(mode="ldm" | "density")``, executes a
+candidate the filter allows instead of sample 0, or holds (zero motion, gripper kept) when none passes.
+A checkpoint without safety models runs exactly as before.
+
 Device: ``device`` (auto | cpu | cuda | cuda:N, policies/device.py) moves the policy there (None: leave it
 where it is, e.g. weights several runners share); observations go in as numpy and actions come out as
 numpy whatever the device. ``cuda_graphs=True`` on a CUDA device replays each plan from a CUDA graph
@@ -37,6 +43,8 @@ from policies.action_space import DELTA, ActionSpace
 from policies.checkpoint import load_checkpoint
 from policies.cuda_graphs import GraphedPlanner
 from policies.device import resolve_device
+from policies.safety.filter import FilterConfig, SafetyFilter
+from policies.safety.models import SafetySuite, load_safety
 
 
 class PolicyRunner:
@@ -50,6 +58,8 @@ class PolicyRunner:
         noise_seed: int | None = None,
         device: str | torch.device | None = None,
         cuda_graphs: bool = False,
+        safety: SafetySuite | None = None,
+        safety_filter: FilterConfig | None = None,
     ):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -77,6 +87,13 @@ class PolicyRunner:
         self.obs_keys = list(policy.shape_meta.obs)
         self.uses_goal = policy.shape_meta.goal_dim > 0
         self.uncertainty = 0.0
+        # Safety models (policies/safety/filter.py): per-plan signals, and the filter over the K candidates.
+        self.safety = (
+            SafetyFilter(policy, safety, safety_filter)
+            if safety is not None or safety_filter is not None
+            else None
+        )
+        self.signals: dict[str, float | str] = {}
         self.reset()
 
     @classmethod
@@ -88,6 +105,7 @@ class PolicyRunner:
         noise_seed: int | None = None,
         device: str | torch.device = "auto",
         cuda_graphs: bool = False,
+        safety_filter: FilterConfig | None = None,
     ) -> PolicyRunner:
         checkpoint = load_checkpoint(directory, map_location=resolve_device(device))
         return cls(
@@ -98,6 +116,8 @@ class PolicyRunner:
             checkpoint.action_space,
             noise_seed,
             cuda_graphs=cuda_graphs,
+            safety=load_safety(directory),  # None for a checkpoint without safety models
+            safety_filter=safety_filter,
         )
 
     @property
@@ -109,6 +129,7 @@ class PolicyRunner:
         self._history: deque = deque(maxlen=self.n_obs_steps)
         self._actions: deque = deque()
         self.uncertainty = 0.0
+        self._last_action: np.ndarray | None = None
 
     def act(self, obs: Mapping[str, np.ndarray], goal: np.ndarray | None = None) -> np.ndarray:
         """The action for this step (float32, unnormalized)."""
@@ -122,7 +143,19 @@ class PolicyRunner:
             self._history.append(frame)
         if not self._actions:
             self._plan(obs.get("goal") if goal is None else goal)
-        return self.action_space.to_robot(self._actions.popleft(), obs.get(self.action_space.position_key))
+            if not self._actions:  # the safety filter let no candidate through: hold, plan again next step
+                return self._held_action()
+        self._last_action = self.action_space.to_robot(
+            self._actions.popleft(), obs.get(self.action_space.position_key)
+        )
+        return self._last_action
+
+    def _held_action(self) -> np.ndarray:
+        """Zero motion; the gripper (the last action dimension) keeps its last command."""
+        held = np.zeros(self.policy.action_dim, np.float32)
+        if self._last_action is not None:
+            held[-1] = self._last_action[-1]
+        return held
 
     @torch.inference_mode()
     def _plan(self, goal: np.ndarray | None) -> None:
@@ -153,4 +186,10 @@ class PolicyRunner:
         if self.num_samples > 1:
             normalized = self.policy.normalizer.normalize("action", executed)
             self.uncertainty = float(normalized.std(dim=0).mean() / 2.0)
-        self._actions.extend(executed[0].float().cpu().numpy().astype(np.float32))
+        choice = 0
+        if self.safety is not None:
+            choice = self.safety.review(obs, goal_tensor, executed)
+            self.signals = self.safety.signals
+            if choice is None:
+                return
+        self._actions.extend(executed[choice].float().cpu().numpy().astype(np.float32))

@@ -75,6 +75,7 @@ def test_parameters_are_checked_with_one_line_errors():
     assert config_from_params({"joint_names": ("a", "b"), "action_dim": 2}).joint_names == ["a", "b"]
     cases = [
         ({"joint_names": ["a"], "rate": 10}, "rate: unknown parameter"),
+        ({"joint_names": ["a"], "robot_id": "arm-7"}, "robot_id: is the robot's ROS namespace too"),
         ({}, "joint_names: must list"),
         ({"joint_names": ["a"], "output": "twist"}, "output: must be one of"),
         ({"joint_names": ["a"], "output": "joint_trajectory"}, "needs action_mode absolute"),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -103,7 +104,11 @@ class RosRobotConfig:
     workspace_high: list[float] = field(default_factory=list)
 
     def __post_init__(self):
-        check(bool(self.robot_id), "robot_id", "must not be empty")
+        check(
+            re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", str(self.robot_id)) is not None,
+            "robot_id",
+            f"is the robot's ROS namespace too: a letter, then letters, digits or _ (got {self.robot_id!r})",
+        )
         check_int(self.action_dim, "action_dim", 1)
         check(
             bool(self.joint_names), "joint_names", "must list the robot's joints (the policy observes them)"

@@ -5,6 +5,7 @@ stubbed gamepad (the browser's Gamepad API, replaced by one the test moves)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class LiveRobot:
     info: dict = field(default_factory=dict)
     ticks: list[Applied] = field(default_factory=list)
     end_requested: bool = False
+    estop_at: float | None = None  # time.time() the robot first heard of a protective stop
 
 
 class LiveRobots:
@@ -82,6 +84,7 @@ class LiveRobots:
     def __init__(self, address: str, token: str, count: int = 2, image_size: int = 96, max_steps: int = 3000):
         self.robots: list[LiveRobot] = []
         for index in range(count):
+            on_command = functools.partial(self._heard, index)
             env = make_env("reach", cameras=["front"], image_size=image_size, max_steps=max_steps, seed=index)
             obs, _ = env.reset(seed=index)
             policy = StillPolicy()
@@ -95,6 +98,7 @@ class LiveRobots:
                 goal_dim=int(np.asarray(obs["goal"]).size),
                 policy_version=policy.version,
                 backoff=(0.05, 0.5),
+                on_command=on_command,
             )
             agent = RobotAgent(
                 client, policy, gripper_index=GRIPPER, camera_key="front_rgb", teleop_timeout_s=0.3
@@ -103,6 +107,11 @@ class LiveRobots:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="live-robots", daemon=True)
+
+    def _heard(self, index: int, command, state) -> None:  # on the robot client's thread
+        robot = self.robots[index] if index < len(self.robots) else None
+        if robot is not None and command.estop and robot.estop_at is None:
+            robot.estop_at = time.time()
 
     def __getitem__(self, index: int) -> LiveRobot:
         return self.robots[index]

@@ -94,6 +94,12 @@ JOBS: dict[str, Job] = {
         "the whole fleet learning loop in one process: train, deploy, intervene, retrain",
         "sim.demo:DemoConfig",
     ),
+    "robot": Job(
+        "fleet.ros2.runner:run",
+        "a robot on ROS 2 topics over DDS without a ROS install (the ROS package's parameter file)",
+        "fleet.ros2.runner:RobotJobConfig",
+        positional="params",
+    ),
     "console": Job(
         "teleop.app:run",
         "the teleoperator web console: an operator client of a fleet server, served to browsers",

@@ -4,6 +4,7 @@ JointState (100 Hz) and Image (30 Hz) as ROS 2 topics, the robot node subscribed
 Float64MultiArray commands moving the simulated robot, and the fleet server logging the episode."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -157,22 +158,27 @@ def test_runner_reads_the_ros_packages_parameter_file():
     assert config.dry_run is True  # dry-run by default: a new robot is checked before it moves
 
 
-def test_runner_config_errors_are_one_line(tmp_path):
+def test_robot_job_config_errors_are_one_line(tmp_path):
+    """`flotilla robot PARAMS`: a bad parameter, a missing file, no token file: one line, exit code 2."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("/**/flotilla_robot:\n  ros__parameters:\n    joint_names: [a]\n    output: servo\n")
-    no_token = tmp_path / "no_token.yaml"
-    no_token.write_text("/**/flotilla_robot:\n  ros__parameters:\n    joint_names: [a]\n")
-    for path, message in [
-        (bad, "output: must be one of float64_multi_array"),
-        (tmp_path / "missing.yaml", "No such file"),
-        (no_token, "token_file: must name a file"),
+    good = tmp_path / "good.yaml"
+    good.write_text("/**/flotilla_robot:\n  ros__parameters:\n    joint_names: [a]\n")
+    for args, message in [
+        ([bad], "flotilla robot: output: must be one of float64_multi_array"),
+        ([tmp_path / "missing.yaml"], "flotilla robot: params: "),
+        ([good], "flotilla robot: token_file: must name a file"),
+        ([good, "+node.rate_hz=0"], "flotilla robot: rate_hz: must be a number in (0.0, 1000.0]"),
+        ([good, "domain=300"], "flotilla robot: domain: must be 0..232"),
     ]:
+        domain = [] if any(str(arg).startswith("domain=") for arg in args) else [f"domain={DOMAIN}"]
         run = subprocess.run(
-            [sys.executable, "-m", "fleet.ros2.runner", str(path), "--loopback", f"--domain={DOMAIN}"],
-            cwd=ROOT,
+            [sys.executable, "-m", "flotilla.cli", "robot", *map(str, args), "loopback=true", *domain],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=120,
         )
         assert run.returncode == 2 and message in run.stderr, run.stderr
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr

@@ -391,7 +391,12 @@ def default_agent(config: RosRobotConfig, policy=None):
     from policies.fleet_policies import RegistryPolicies  # torch is imported when a policy is loaded
 
     token = read_token(config.token_file)
-    certificates = Path(config.root_cert_file).expanduser().read_bytes() if config.root_cert_file else None
+    try:
+        certificates = (
+            Path(config.root_cert_file).expanduser().read_bytes() if config.root_cert_file else None
+        )
+    except OSError as err:
+        raise ConfigError("root_cert_file", f"cannot read {config.root_cert_file}: {err.strerror}") from None
     registry = RegistryPolicies(
         config.fleet, token, Path(config.cache_dir).expanduser(), root_certificates=certificates
     )

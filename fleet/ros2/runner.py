@@ -1,6 +1,6 @@
 """The robot node on DDS without ROS: RobotNodeLogic's topics through DdsTransport, its tick on a timer.
 
-    python -m fleet.ros2.runner ros_ws/src/flotilla_ros/config/robot.yaml [--domain 0] [--loopback]
+    flotilla robot ros_ws/src/flotilla_ros/config/robot.yaml [domain=0] [loopback=true] [+node.dry_run=false]
 
 reads the same parameter file as `ros2 launch flotilla_ros robot.launch.py` (`<node>: ros__parameters:`),
 so a robot computer without ROS joins the fleet with the ROS package's configuration. The node's private
@@ -10,17 +10,19 @@ Runs until SIGINT/SIGTERM, then stops cleanly (hold published, episode ended, fl
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
+from configs.schema import ConfigError, check, check_int, register_job
 from fleet.ros2 import dds
 from fleet.ros2.node import (
     NODE_NAME,
@@ -141,29 +143,45 @@ def load_params(path: str | Path) -> dict:
     raise ValueError(f"{path}: no '<node>: ros__parameters:' section")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("params", help="a ROS 2 parameter file (the ROS package's config/*.yaml)")
-    parser.add_argument("--domain", type=int, default=0, help="DDS domain id (ROS_DOMAIN_ID)")
-    parser.add_argument("--loopback", action="store_true", help="DDS on 127.0.0.1 only")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+@dataclass
+class RobotJobConfig:
+    """`flotilla robot PARAMS` (configs/robot.yaml): the robot node on DDS, configured by a ROS 2 parameter file."""
+
+    params: str | None = None  # a ROS 2 parameter file (ros_ws/src/flotilla_ros/config/*.yaml)
+    domain: int = 0  # the DDS domain id (ROS_DOMAIN_ID of the ROS 2 nodes it talks to)
+    loopback: bool = False  # DDS on 127.0.0.1 only (no multicast): a robot talking to itself
+    node: dict[str, Any] = field(default_factory=dict)  # parameters over the file's: +node.dry_run=false
+
+    def __post_init__(self):
+        check(
+            bool(self.params),
+            "params",
+            "missing: give a ROS 2 parameter file, e.g. `flotilla robot arm_7.yaml`",
+        )
+        check_int(self.domain, "domain", 0)
+        check(self.domain <= 232, "domain", f"must be 0..232 (DDS ports), got {self.domain}")
+
+
+register_job("robot", RobotJobConfig)
+
+
+def run(job: RobotJobConfig) -> None:
+    """Run the node until SIGINT/SIGTERM, then stop it cleanly."""
     try:
-        config = config_from_params(load_params(args.params))
-    except (ValueError, OSError, yaml.YAMLError) as err:  # one line naming the problem
-        parser.exit(2, f"fleet.ros2.runner: {args.params}: {err}\n")
-    with dds.DdsTransport(args.domain, dds.LOOPBACK_CONFIG if args.loopback else None) as transport:
-        try:
-            node = DdsRobotNode(config, transport).start()
-        except (ValueError, OSError) as err:  # the token or certificate file
-            parser.exit(2, f"fleet.ros2.runner: {err}\n")
+        params = load_params(job.params)
+    except (OSError, yaml.YAMLError, ValueError) as err:
+        raise ConfigError("params", f"{job.params}: {err}") from None
+    config = config_from_params({**params, **job.node})
+    with dds.DdsTransport(job.domain, dds.LOOPBACK_CONFIG if job.loopback else None) as transport:
+        node = DdsRobotNode(config, transport).start()  # a token or certificate problem: ConfigError
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        log.info(
+            "robot %s on DDS domain %d (%s)",
+            config.robot_id,
+            job.domain,
+            "dry run" if config.dry_run else "live",
+        )
         stop.wait()
         node.close()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

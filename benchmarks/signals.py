@@ -36,7 +36,7 @@ from flotilla.cli import CONFIG_DIR
 from policies.runner import PolicyRunner
 from policies.safety.filter import FilterConfig
 from policies.safety.fit import Rollout, calibrate, demo_data, fit_suite, rollout_scores
-from policies.safety.models import SafetyConfig
+from policies.safety.models import SafetyConfig, load_safety
 from policies.threads import set_torch_threads
 from policies.train import train
 from sim.tasks import make_env
@@ -194,6 +194,38 @@ def signal_row(name: str, rollouts: list[Rollout], scores: list[dict], threshold
     return row
 
 
+def plot_roc(task: str, rollouts: list[Rollout], scores: list[dict], folder: Path) -> Path:
+    """ROC curves of every signal for episode failure (all test conditions together)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    failed = np.array([r.failed for r in rollouts])
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    for name in SIGNAL_NAMES:
+        top = np.array(
+            [until_failure(r, r.per_step(s[name])).max() for r, s in zip(rollouts, scores, strict=True)]
+        )
+        cuts = np.r_[np.inf, np.sort(np.unique(top))[::-1]]
+        tpr = [(top[failed] >= c).mean() for c in cuts]
+        fpr = [(top[~failed] >= c).mean() for c in cuts]
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc(top, failed):.2f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+    ax.set(
+        xlabel="false alarms (successful episodes)",
+        ylabel="failures caught",
+        title=f"{task}: episode failure",
+    )
+    ax.legend(fontsize=7, loc="lower right")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"signals_{task}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # ============================================================================================ main
 def prepare_checkpoint(out: Path, task: str, demos: int, steps: int) -> Path:
     data = demos_store(out, task, demos, {})
@@ -238,16 +270,20 @@ def evaluate_task(args, task: str) -> list[dict]:
                 f"{split}_{condition}",
                 lambda c=condition, s=split, n=count: run_rollouts(checkpoint, task, c, seeds(s, c, n), K),
             )
-    runner = PolicyRunner.from_checkpoint(checkpoint, device="cpu")
-    cfg = SafetyConfig(**args.safety)
-    started = time.perf_counter()
-    demos = demo_data(runner.policy, checkpoint, cfg, num_samples=K)
-    suite = fit_suite(runner.policy, demos, roll["train"], cfg)
+    suite = load_safety(checkpoint) if args.reuse_safety else None
+    if suite is None:
+        runner = PolicyRunner.from_checkpoint(checkpoint, device="cpu")
+        cfg = SafetyConfig(**args.safety)
+        started = time.perf_counter()
+        demos = demo_data(runner.policy, checkpoint, cfg, num_samples=K)
+        suite = fit_suite(runner.policy, demos, roll["train"], cfg)
+        print(f"  safety models trained in {time.perf_counter() - started:.0f} s", flush=True)
     nominal = [r for r in roll["calib"] if r.success]
     calibrate(suite, nominal, TARGET_FALSE_ALARM, args.filter_false_alarm)
     suite.save(checkpoint)
-    print(f"  safety models trained and calibrated in {time.perf_counter() - started:.0f} s", flush=True)
     rows = []
+    if args.figure:
+        plot_roc(task, roll["test"], [rollout_scores(suite, r) for r in roll["test"]], args.figure)
     for condition in ("all", *CONDITIONS):
         test = [r for r in roll["test"] if condition in ("all", r.condition)]
         scores = [rollout_scores(suite, r) for r in test]
@@ -272,6 +308,14 @@ def main() -> None:
     parser.add_argument("--filter-false-alarm", type=float, default=0.02)
     parser.add_argument("--safety", nargs="*", default=[], help="SafetyConfig overrides KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/safety"))
+    parser.add_argument(
+        "--reuse-safety",
+        action="store_true",
+        help="use the checkpoint's trained safety models (recalibrated)",
+    )
+    parser.add_argument(
+        "--figure", type=Path, default=None, help="folder for ROC figures (signals_<task>.png)"
+    )
     args = parser.parse_args()
     args.safety = {k: (float(v) if "." in v else int(v)) for k, v in (p.split("=", 1) for p in args.safety)}
     set_torch_threads(1)

@@ -29,6 +29,7 @@ from policies.data.memory import STRATEGIES
 from policies.data.weighting import SCHEMES
 from policies.device import check_device, check_precision
 from policies.models.configs import POLICY_CONFIGS, PolicyConfig
+from policies.safety.config import FilterConfig
 
 __all__ = ["EvalConfig", "MemoryConfig", "TrainConfig"]
 
@@ -158,6 +159,8 @@ class EvalConfig:
     threads: int = 2
     device: str = "auto"  # where the policy runs: auto | cpu | cuda | cuda:N (policies/device.py)
     cuda_graphs: bool = False  # replay each plan from a CUDA graph (policies/cuda_graphs.py; CUDA only)
+    # The safety filter over the K samples (safety_filter.mode=ldm|density; the checkpoint needs safety models).
+    safety_filter: FilterConfig = field(default_factory=FilterConfig)
     progress: bool = True
 
     def __post_init__(self):

@@ -17,6 +17,8 @@ from configs.schema import ConfigError
 from policies.checkpoint import CheckpointError
 from policies.config import EvalConfig
 from policies.runner import PolicyRunner
+from policies.safety.config import FilterConfig
+from policies.safety.filter import SafetyFilterError
 from policies.threads import set_torch_threads
 from sim.tasks import make_env
 
@@ -37,9 +39,15 @@ def evaluate(
     noise_seed: int | None = None,
     device: str = "auto",
     cuda_graphs: bool = False,
+    safety_filter: FilterConfig | None = None,
 ) -> dict:
     runner = PolicyRunner.from_checkpoint(
-        checkpoint, num_samples=num_samples, noise_seed=noise_seed, device=device, cuda_graphs=cuda_graphs
+        checkpoint,
+        num_samples=num_samples,
+        noise_seed=noise_seed,
+        device=device,
+        cuda_graphs=cuda_graphs,
+        safety_filter=safety_filter,
     )
     cameras = [key[: -len("_rgb")] for key in runner.obs_keys if key.endswith("_rgb")]
     if video_path is not None and VIDEO_CAMERA not in cameras:
@@ -48,7 +56,7 @@ def evaluate(
     if max_steps is not None:
         kwargs["max_steps"] = max_steps
     env = make_env(task, seed=seed, cameras=tuple(cameras), **kwargs)
-    successes, lengths, violations, uncertainties, frames = [], [], 0, [], []
+    successes, lengths, violations, uncertainties, frames, held = [], [], 0, [], [], 0
     try:
         for episode in tqdm(range(episodes), desc=f"eval {task}", unit="ep", disable=not progress):
             obs, info = env.reset(seed=seed + episode)
@@ -57,6 +65,7 @@ def evaluate(
             while True:
                 action = runner.act(obs)
                 uncertainties.append(runner.uncertainty)
+                held += runner.signals.get("filter") == "hold"
                 if video_path is not None and episode < video_episodes:
                     frames.append(obs[f"{VIDEO_CAMERA}_rgb"])
                 obs, _, terminated, truncated, info = env.step(action)
@@ -79,6 +88,8 @@ def evaluate(
         "mean_episode_length": float(np.mean(lengths)),
         "constraint_violations": violations,
         "mean_uncertainty": float(np.mean(uncertainties)) if num_samples > 1 else None,
+        "safety_filter": None if safety_filter is None else safety_filter.mode,
+        "held_steps": held,  # steps the safety filter held the robot (no candidate passed)
         "video": str(video_path) if video_path is not None and frames else None,
     }
 
@@ -114,7 +125,10 @@ def run(cfg: EvalConfig) -> None:
             noise_seed=cfg.noise_seed,
             device=cfg.device,
             cuda_graphs=cfg.cuda_graphs,
+            safety_filter=cfg.safety_filter,
         )
     except CheckpointError as err:
         raise ConfigError("checkpoint", str(err)) from None
+    except SafetyFilterError as err:
+        raise ConfigError("safety_filter", str(err)) from None
     print(json.dumps(result, indent=2))

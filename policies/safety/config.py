@@ -12,6 +12,24 @@ from typing import Any
 from configs.schema import check, check_choice, check_int, check_number, register_job, unset
 
 MODELS = ("flow", "rnd", "risk", "ldm")
+FILTER_MODES = ("off", "density", "ldm")
+FILTER_CHOICES = ("first", "lowest")
+
+
+@dataclass
+class FilterConfig:
+    """The runner's safety filter (policies/safety/filter.py)."""
+
+    mode: str = "off"  # off | density | ldm
+    # The bound on the mode's score; None: the checkpoint's calibrated one (safety.json).
+    threshold: float | None = None
+    choose: str = "first"  # first | lowest
+
+    def __post_init__(self):
+        check_choice(self.mode, FILTER_MODES, "mode")
+        check_choice(self.choose, FILTER_CHOICES, "choose")
+        if self.threshold is not None:
+            check_number(self.threshold, "threshold")
 
 
 @dataclass

@@ -25,29 +25,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from policies.safety.config import FilterConfig
 from policies.safety.models import SafetyConfig, SafetySuite, chunk_summary, policy_features
 
-MODES = ("off", "density", "ldm")
-CHOICES = ("first", "lowest")
 # Which signal each filter mode bounds.
 MODE_SIGNAL = {"density": "novelty", "ldm": "ldm"}
 OFF, PASS, SWITCHED, HOLD = "off", "pass", "switched", "hold"
 
 
-@dataclass
-class FilterConfig:
-    """The runner's safety filter (see the module docstring)."""
-
-    mode: str = "off"  # off | density | ldm
-    # The bound on the mode's score; None: the checkpoint's calibrated one (safety.json).
-    threshold: float | None = None
-    choose: str = "first"  # first | lowest
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"filter mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.choose not in CHOICES:
-            raise ValueError(f"filter choose must be one of {', '.join(CHOICES)}, got {self.choose!r}")
+class SafetyFilterError(ValueError):
+    """The filter asked for cannot run on this checkpoint (no such safety model, no bound)."""
 
 
 @dataclass
@@ -83,7 +70,7 @@ class SafetyFilter:
         if self.config.mode != "off":
             signal = MODE_SIGNAL[self.config.mode]
             if suite is None or signal not in suite.score_names():
-                raise ValueError(
+                raise SafetyFilterError(
                     f"filter mode {self.config.mode!r} needs the checkpoint's {signal} model; it has "
                     f"{suite.score_names() if suite else 'no safety models'}"
                 )
@@ -91,7 +78,9 @@ class SafetyFilter:
             if self.threshold is None:
                 self.threshold = suite.filter_thresholds.get(signal)
             if self.threshold is None:
-                raise ValueError(f"no threshold for the {self.config.mode} filter: set one or calibrate it")
+                raise SafetyFilterError(
+                    f"no threshold for the {self.config.mode} filter: set one or calibrate it"
+                )
         self.signals: dict[str, float | str] = {}
         self.last: Plan | None = None
 

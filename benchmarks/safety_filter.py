@@ -1,0 +1,110 @@
+"""The safety filter from perturbed starts and out-of-distribution goals: violations and success.
+
+    python -m benchmarks.safety_filter [--tasks push] [--episodes 40] [--filter-false-alarm 0.02]
+
+Run after benchmarks.signals, which trains the policy and its safety models into the checkpoint and
+caches the calibration rollouts. Each mode rolls the same seeds out (K = --num-samples candidates per
+plan): `off` (no filter: the policy's first sample), `density` (a single-step density filter: the
+first candidate with novelty -log p(s, a) under its bound) and `ldm` (the first candidate with
+G(s, a) under its bound). Bounds are calibrated on the nominal calibration rollouts so that the
+executed chunk of a nominal plan is refused at the --filter-false-alarm rate. A plan with no candidate
+under the bound holds the robot (no human comes here: the episode goes on and the next step plans
+again). Reported per mode and condition: success, constraint violations per 100 episodes, the share of
+plans held, mean episode length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import machine_line, print_table
+from benchmarks.signals import cached_rollouts, load_rollouts, run_rollouts
+from policies.safety.filter import MODE_SIGNAL, FilterConfig
+from policies.safety.fit import calibrate
+from policies.safety.models import load_safety
+from policies.threads import set_torch_threads
+from policies.train import final_checkpoint
+
+CONDITIONS = ("perturbed", "ood_goal")
+MODES = ("off", "density", "ldm")
+SEED_BASE = {"perturbed": 51_000, "ood_goal": 52_000}
+HEADERS = [
+    "task",
+    "condition",
+    "filter",
+    "bound",
+    "episodes",
+    "success",
+    "violations_per_100",
+    "held",
+    "length",
+]
+
+
+def summary(rollouts) -> dict:
+    plans = [c for r in rollouts for c in r.choices]
+    return {
+        "episodes": len(rollouts),
+        "success": float(np.mean([r.success for r in rollouts])),
+        "violations_per_100": 100.0 * float(np.mean([r.violation_step is not None for r in rollouts])),
+        "held": float(np.mean([c < 0 for c in plans])) if plans else 0.0,
+        "length": float(np.mean([r.length for r in rollouts])),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", nargs="+", default=["push"])
+    parser.add_argument("--demos", type=int, default=100)
+    parser.add_argument("--episodes", type=int, default=40, help="per condition and mode")
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--filter-false-alarm", type=float, default=0.02)
+    parser.add_argument("--choose", default="first", choices=["first", "lowest"])
+    parser.add_argument("--out", type=Path, default=Path("runs/safety"))
+    args = parser.parse_args()
+    set_torch_threads(1)
+    print(machine_line(), flush=True)
+    rows = []
+    for task in args.tasks:
+        checkpoint = final_checkpoint(args.out / f"{task}_{args.demos}_diffusion")
+        suite = load_safety(checkpoint)
+        signals_dir = args.out / f"{task}_signals"
+        calib = load_rollouts(signals_dir / "rollouts_calib_normal")
+        if suite is None or calib is None:
+            raise SystemExit(f"{checkpoint}: run `python -m benchmarks.signals --tasks {task}` first")
+        calibrate(suite, [r for r in calib if r.success], filter_false_alarm=args.filter_false_alarm)
+        out = args.out / f"{task}_filter"
+        out.mkdir(parents=True, exist_ok=True)
+        for condition in CONDITIONS:
+            seeds = SEED_BASE[condition] + np.arange(args.episodes)
+            for mode in MODES:
+                bound = None if mode == "off" else suite.filter_thresholds[MODE_SIGNAL[mode]]
+                config = FilterConfig(mode=mode, threshold=bound, choose=args.choose)
+                name = f"{condition}_{mode}_{args.choose}_fa{args.filter_false_alarm}_n{args.episodes}"
+                rollouts = cached_rollouts(
+                    out,
+                    name,
+                    lambda ck=checkpoint, t=task, c=condition, s=seeds, f=config: run_rollouts(
+                        ck, t, c, s, args.num_samples, f
+                    ),
+                )
+                row = {
+                    "task": task,
+                    "condition": condition,
+                    "filter": mode,
+                    "bound": bound,
+                    **summary(rollouts),
+                }
+                rows.append(row)
+                print(" | ".join(str(row[h]) for h in HEADERS), flush=True)
+        (args.out / "safety_filter.json").write_text(json.dumps(rows, indent=2))
+    print()
+    print_table(HEADERS, [[row[h] if row[h] is not None else "-" for h in HEADERS] for row in rows])
+
+
+if __name__ == "__main__":
+    main()

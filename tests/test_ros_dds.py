@@ -170,6 +170,7 @@ def test_robot_job_config_errors_are_one_line(tmp_path):
         ([good], "flotilla robot: token_file: must name a file"),
         ([good, "+node.rate_hz=0"], "flotilla robot: rate_hz: must be a number in (0.0, 1000.0]"),
         ([good, "domain=300"], "flotilla robot: domain: must be 0..232"),
+        ([good, "+node.ee_pose=tf"], "flotilla robot: ee_pose: tf needs a ROS install"),
     ]:
         domain = [] if any(str(arg).startswith("domain=") for arg in args) else [f"domain={DOMAIN}"]
         run = subprocess.run(

@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -148,6 +149,7 @@ def to_idl(msg, ros_type: str):
 # -- QoS (rclpy's profiles) --------------------------------------------------------------------------------
 
 QOS_PROFILES = ("default", "sensor_data", "latched")
+WARNING_INTERVAL_S = 5.0  # a topic whose messages keep failing is reported at most this often
 
 
 def ros_qos(profile: str, ros_type: str) -> Qos:
@@ -232,6 +234,8 @@ class DdsTransport:
     def subscribe(self, topic: str, ros_type: str, callback: Callable[[Any], None], qos: str = "default"):
         """callback(sample) for every sample (a cyclonedds struct with the ROS field names)."""
 
+        last_warning = [-WARNING_INTERVAL_S]
+
         def on_data_available(reader) -> None:
             if reader is None:  # fired while the reader is being deleted
                 return
@@ -240,8 +244,11 @@ class DdsTransport:
                     continue
                 try:
                     callback(sample)
-                except Exception:  # a bad message must not kill the listener thread
-                    log.exception("DDS %s: callback failed", topic)
+                except Exception as err:  # a bad message must not kill the listener thread
+                    now = time.monotonic()
+                    if now - last_warning[0] >= WARNING_INTERVAL_S:  # sensors at 100 Hz: no flood
+                        last_warning[0] = now
+                        log.warning("DDS %s: %s: %s", topic, type(err).__name__, err)
 
         listener = Listener(on_data_available=on_data_available)
         reader = DataReader(

@@ -56,6 +56,12 @@ class DdsRobotNode:
         transport: dds.DdsTransport,
         make_agent: Callable = default_agent,
     ):
+        # TF needs ROS (tf2); without it the pose comes from the joints (fk) or is not observed.
+        check(
+            config.ee_pose != "tf",
+            "ee_pose",
+            "tf needs a ROS install (tf2); on DDS alone use fk (fk_dh, fk_tcp)",
+        )
         self.config, self.transport = config, transport
         self.logic = RobotNodeLogic(config, make_agent)
         self.timing: list[tuple[float, float]] = []

@@ -64,6 +64,7 @@ COOKIE = "flotilla_session"
 FATAL_SIGNIN = {"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "ALREADY_EXISTS"}
 MAX_ACTION_DIM = 64
 MAX_MESSAGE_BYTES = 4096  # a page message is a small JSON object
+SIGNIN_PENALTY_S = 1.0  # a refused sign-in answers after this long
 MODE_NAMES = {pb.MODE_UNSPECIFIED: "unknown", pb.MODE_AUTONOMOUS: "autonomous", pb.MODE_TELEOP: "teleop"}
 MODE_NAMES[pb.MODE_HOLD] = "hold"
 # No inline script or style, nothing from elsewhere: the page's own files, its socket and decoded frames.
@@ -491,6 +492,7 @@ class ConsoleApp:
         if refused:
             session.close()
             log.warning("console: sign-in of operator %r refused: %s", operator_id, refused)
+            await asyncio.sleep(SIGNIN_PENALTY_S)  # guessing tokens one after another is slow
             return signin_page(f"Sign-in refused by the fleet server: {refused}", 401)
         self.sessions[session.cookie] = session
         log.info("console: operator %s signed in", operator_id)

@@ -205,3 +205,20 @@ def test_console_serves_sign_in_with_strict_headers(make_server):
         assert refused.value.code == 403
         with urllib.request.urlopen(console.url + "/static/console.js", timeout=5) as response:
             assert b"flotillaStats" in response.read()
+
+
+def test_the_demo_serves_the_console_and_prints_its_url(make_server, capsys):
+    import urllib.request
+
+    from sim.demo import start_console
+
+    server = make_server()
+    console = start_console(server.address, "operator-token", 0)
+    try:
+        line = capsys.readouterr().out
+        url = line.split("operator console: ")[1].split()[0]
+        assert "operator-token" in line and url == console.url
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert b"Operator token" in response.read()
+    finally:
+        console.stop()

@@ -582,6 +582,7 @@ def run(cfg) -> None:
         cache_dir=cfg.cache_dir,
         num_samples=cfg.num_samples,
         device=cfg.device,
+        batched=cfg.batched,
         control_hz=cfg.control_hz,
         env_kwargs={"max_steps": cfg.task.max_steps, **cfg.task.env},
         expert_kwargs=OmegaConf.to_container(cfg.operator.expert, resolve=True),

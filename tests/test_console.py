@@ -51,7 +51,7 @@ def fleet(tmp_path_factory):
             teleop_watchdog_s=WATCHDOG_S,
         )
     ).start()
-    robots = LiveRobots(server.address, "robot-token", count=2).start()
+    robots = LiveRobots(server.address, "robot-token", count=2, reachers=1).start()  # robot-2 fills rounds
     console = ConsoleThread(ConsoleConfig(server=server.address, port=0, session_grace_s=0.5)).start()
     with chromium() as browser:
         yield {

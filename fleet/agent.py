@@ -109,6 +109,8 @@ class RobotAgent:
     `retry_load_s`: wait before trying a policy version again after its load failed.
     `action_filter(obs, action) -> action`: the robot's limits (the ROS node's clamps), applied to the
     policy's and the operator's actions before logging, so the episode holds what the robot was sent.
+    `hold_fn(obs, last_action) -> action`: what holding still is for this robot (default: zero motion, the
+    gripper unchanged: delta actions; a robot whose actions are joint positions holds its measured joints).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class RobotAgent:
         signals_fn: Callable[[Mapping, Mapping], Mapping[str, float]] | None = None,
         retry_load_s: float = 5.0,
         action_filter: Callable[[Mapping, np.ndarray], np.ndarray] | None = None,
+        hold_fn: Callable[[Mapping, np.ndarray], np.ndarray] | None = None,
     ):
         self.client = client
         self.policy = policy
@@ -136,6 +139,7 @@ class RobotAgent:
         self._signals_fn = signals_fn
         self._retry_load_s = retry_load_s
         self._action_filter = action_filter
+        self._hold_fn = hold_fn
         self._logged_keys = list(client.hello.observation_spec)
         self._action_dim = client.hello.action_dim
         self._last_action = np.zeros(self._action_dim, np.float32)
@@ -216,11 +220,11 @@ class RobotAgent:
         label, operator_id = ControlLabel.ROBOT, ""
         autonomous, action_seq = False, 0
         if not self.client.connected or state.mode == pb.MODE_UNSPECIFIED:
-            action, control = self._hold(), HOLD_OFFLINE
+            action, control = self._hold(obs), HOLD_OFFLINE
         elif state.estop:
-            action, control = self._hold(), HOLD_ESTOP
+            action, control = self._hold(obs), HOLD_ESTOP
         elif violation:
-            action, control = self._hold(), HOLD_VIOLATION
+            action, control = self._hold(obs), HOLD_VIOLATION
         elif state.mode == pb.MODE_TELEOP:
             label, operator_id = ControlLabel.INTERVENTION, state.operator_id
             self._shadow(obs, goal)  # keeps the uncertainty signal current, so the allocator can hand back
@@ -228,13 +232,13 @@ class RobotAgent:
                 action, control = np.asarray(state.action, np.float32).reshape(self._action_dim), OPERATOR
                 action_seq = state.action_seq
             else:
-                action, control = self._hold(), HOLD_TELEOP
+                action, control = self._hold(obs), HOLD_TELEOP
         elif state.mode == pb.MODE_AUTONOMOUS:
             if not self._was_autonomous:
                 self.policy.reset()  # plans made before a human or a hold took over are stale
             action, control, autonomous = np.asarray(self.policy.act(obs, goal), np.float32), POLICY, True
         else:
-            action, control = self._hold(), HOLD_SERVER
+            action, control = self._hold(obs), HOLD_SERVER
         self._was_autonomous = autonomous
         if self._action_filter is not None and control in (POLICY, OPERATOR):
             action = np.asarray(self._action_filter(obs, action), np.float32).reshape(self._action_dim)
@@ -267,8 +271,10 @@ class RobotAgent:
         self._last_action = action
         return AgentStep(action, label, control, operator_id, seq=seq, operator_action_seq=action_seq)
 
-    def _hold(self) -> np.ndarray:
+    def _hold(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """Zero motion; the gripper keeps its last command (opening it could drop what it holds)."""
+        if self._hold_fn is not None:
+            return np.asarray(self._hold_fn(obs, self._last_action), np.float32).reshape(self._action_dim)
         action = np.zeros(self._action_dim, np.float32)
         if self._gripper_index is not None:
             action[self._gripper_index] = self._last_action[self._gripper_index]

@@ -282,15 +282,20 @@ def test_absolute_mode_trajectory_output_holds_measured_joints(server, token_fil
     assert not node.agent.in_episode  # max_episode_steps: ended as a timeout, the next tick begins another
     node.tick()
     assert node.agent.in_episode
+    node.on_protective_stop(TS.types["std_msgs/msg/Bool"](data=True))
+    held = wire(node.tick().commands[0][1])  # the agent holds (a violation): where the joints are
+    assert held.points[0].positions == pytest.approx([0.1, 0.2, 0.3])
     clock.now += 1.0
     hold = wire(node.tick().commands[0][1])
     assert hold.points[0].positions == pytest.approx([0.1, 0.2, 0.3])  # stale: hold where the joints are
     node.shutdown()
     server.stop()
     store = EpisodeStore.open(server.config.store)
-    assert [store.episode_meta(i).outcome for i in range(store.num_episodes)] == ["timeout", "stopped"]
-    # The episode holds what the limits let through, not what the policy asked for.
+    assert [store.episode_meta(i).outcome for i in range(store.num_episodes)] == ["timeout", "timeout"]
+    # The episode holds what the limits let through, not what the policy asked for, and a hold of
+    # absolute actions is logged as the measured joints (not "go to zero").
     assert store.episode(0)["action"][0] == pytest.approx([0.15, 0.25, 0.35, 0.0])
+    assert store.episode(1)["action"][1] == pytest.approx([0.1, 0.2, 0.3, 0.0])
 
 
 def test_twist_output_and_unconfigured_shutdown():

@@ -330,6 +330,22 @@ def apply_limits(action: np.ndarray, obs: Mapping[str, np.ndarray], config: RosR
     return action
 
 
+def hold_action(config: RosRobotConfig, joints, last_action) -> np.ndarray | None:
+    """Holding still: delta actions -> zero motion, the gripper's last command kept (opening could drop a
+    load); absolute -> the measured joints, the other dimensions (a gripper) as last sent, or None when
+    the joints were never measured (no position is safe to send then)."""
+    action = np.zeros(config.action_dim)
+    if config.action_mode == "absolute":
+        if joints is None:
+            return None
+        if last_action is not None:
+            action[:] = last_action
+        action[: len(config.joint_names)] = joints
+    elif last_action is not None:
+        action[config.gripper_index] = last_action[config.gripper_index]
+    return action
+
+
 # -- outputs (a small plugin table: name -> builder) ---------------------------------------------------------
 
 
@@ -427,6 +443,7 @@ def default_agent(config: RosRobotConfig, policy=None):
         camera_key=camera,
         # the episode logs what the limits let through (the node applies them again, last: idempotent)
         action_filter=lambda obs, action: apply_limits(action, obs, config),
+        hold_fn=lambda obs, last: hold_action(config, obs["joint_pos"], last),
     )
 
 
@@ -533,21 +550,14 @@ class RobotNodeLogic:
         return np.asarray(self.config.goal, np.float32) if self.config.goal else None
 
     def _hold_tick(self, reason: str, control: str = "hold", obs=None, agent_hold=None) -> Tick:
-        """Zero motion (delta, keeping the gripper's last command when the agent gave one) or the measured
-        joints (absolute); nothing at all when the joints were never seen (absolute mode has no safe value)."""
-        if self.config.action_mode == "absolute":
+        """The agent's hold (delta actions) or hold_action from the latest joints (always for absolute
+        actions: a position hold is never taken on trust); nothing when there are no joints to hold."""
+        if agent_hold is None or self.config.action_mode == "absolute":
             latest = self.sensors.latest("joints")
-            if latest is None:
+            agent_hold = hold_action(self.config, latest.value[0] if latest else None, self._last_action)
+            if agent_hold is None:
                 return Tick(control=control, reason=reason)
-            action = np.zeros(self.config.action_dim)
-            action[: len(self.config.joint_names)] = latest.value[0]
-        else:
-            action = np.zeros(self.config.action_dim)
-            if agent_hold is not None:
-                action = np.asarray(agent_hold, np.float64)
-            elif self._last_action is not None:  # the gripper keeps its command (opening could drop a load)
-                action[self.config.gripper_index] = self._last_action[self.config.gripper_index]
-        return self._command(action, obs, control, reason)
+        return self._command(np.asarray(agent_hold, np.float64), obs, control, reason)
 
     def _command(self, action, obs, control: str, reason: str = "") -> Tick:
         if not np.all(np.isfinite(action)):

@@ -47,7 +47,8 @@ class ArmBag:
     frame: tuple[int, int] = (48, 64)  # the camera's height, width
     scene: bool = False  # frames look like a camera's (texture, a moving object, noise), not flat colour
     raw_camera: bool = False  # sensor_msgs/Image bgr8 instead of a JPEG CompressedImage
-    unstamped_camera: bool = False  # the camera driver leaves header.stamp at zero
+    camera_clock: str = "wall"  # wall | zero (the driver leaves header.stamp at zero) | sim (seconds from 0)
+    trajectory_hz: float = 0.0  # > 0: JointTrajectory commands too (stamp zero: "now"), 1 ms after the grid
 
     def image(self, k: int) -> np.ndarray:
         """Frame k, RGB."""
@@ -126,8 +127,9 @@ def write_arm_bag(path: Path, bag: ArmBag, storage: str = "mcap") -> Path:
         messages.append((t + 2_000_000, "joints", msg))
     for k, t in bag.frame_times():
         stamp = types["builtin_interfaces/msg/Time"](sec=(EPOCH_NS + t) // NS, nanosec=t % NS)
-        if bag.unstamped_camera:
-            stamp = types["builtin_interfaces/msg/Time"](sec=0, nanosec=0)
+        if bag.camera_clock != "wall":
+            sim_ns = t if bag.camera_clock == "sim" else 0
+            stamp = types["builtin_interfaces/msg/Time"](sec=sim_ns // NS, nanosec=sim_ns % NS)
         if bag.raw_camera:
             msg = m.rgb_to_image(bag.image(k), 0.0, "wrist_camera", encoding="bgr8")
             msg.header.stamp = stamp
@@ -144,6 +146,10 @@ def write_arm_bag(path: Path, bag: ArmBag, storage: str = "mcap") -> Path:
         messages.append((t + 500_000, "twist", msg))
     for i, t in enumerate(bag.gripper_times()):
         messages.append((t, "gripper", m.float64_multi_array([float(i % 2)])))
+    for t in _times(bag.seconds, bag.trajectory_hz) if bag.trajectory_hz else []:
+        by_name = dict(zip(UR_JOINTS, joint_positions(t), strict=True))
+        msg = m.joint_trajectory(published, [by_name[n] + 0.5 for n in published], 0.1)
+        messages.append((t + 1_000_000, "trajectory", msg))
     for seconds, data in bag.markers:
         kind = "std_msgs/msg/Bool" if isinstance(data, bool) else "std_msgs/msg/String"
         messages.append((round(seconds * NS), "marker", types[kind](data=data)))
@@ -153,6 +159,11 @@ def write_arm_bag(path: Path, bag: ArmBag, storage: str = "mcap") -> Path:
         "twist": ("/servo_node/delta_twist_cmds", "geometry_msgs/msg/TwistStamped"),
         "gripper": ("/gripper_controller/commands", "std_msgs/msg/Float64MultiArray"),
     }
+    if bag.trajectory_hz:
+        topics["trajectory"] = (
+            "/joint_trajectory_controller/joint_trajectory",
+            "trajectory_msgs/msg/JointTrajectory",
+        )
     if bag.markers:
         marker_type = "std_msgs/msg/Bool" if isinstance(bag.markers[0][1], bool) else "std_msgs/msg/String"
         topics["marker"] = ("/episode", marker_type)
@@ -378,18 +389,47 @@ def test_raw_images_at_their_own_size_a_sub_message_field_and_a_second_joint_pub
             np.testing.assert_array_equal(steps["wrist_rgb"][i], bag.image(i * 15 // 10))
 
 
-def test_zero_header_stamps_are_refused_by_header_time_and_fine_by_receive_time(tmp_path):
-    path = write_arm_bag(
-        tmp_path / "unstamped", ArmBag(seconds=1.0, unstamped_camera=True, dropped_frames=set())
+def test_zero_stamps_mean_receive_time_and_another_clock_is_refused(tmp_path):
+    unstamped = write_arm_bag(
+        tmp_path / "zero", ArmBag(seconds=1.0, camera_clock="zero", dropped_frames=set())
     )
+    with import_bags(tmp_path, [unstamped], arm_mapping(), "zero.zarr") as store:
+        assert (
+            store.num_steps == 9
+        )  # frames by receive time: the first arrives at 0.035 s, steps 0.1 .. 0.9 s
+    sim_time = write_arm_bag(tmp_path / "sim", ArmBag(seconds=1.0, camera_clock="sim", dropped_frames=set()))
     with pytest.raises(
         ConfigError,
         match="observation.wrist_rgb: topic /wrist_camera/image_raw/compressed .*"
         "first time is 1700000000 s before .*try time: receive",
     ):
-        import_bags(tmp_path, [path], arm_mapping())
-    with import_bags(tmp_path, [path], arm_mapping(time="receive"), "receive.zarr") as store:
-        assert store.num_steps == 9  # the first frame arrives at 0.035 s: steps 0.1 .. 0.9 s
+        import_bags(tmp_path, [sim_time], arm_mapping())
+    with import_bags(tmp_path, [sim_time], arm_mapping(time="receive"), "receive.zarr") as store:
+        assert store.num_steps == 9
+
+
+def test_joint_trajectory_commands_by_joint_name(tmp_path):
+    path = write_arm_bag(
+        tmp_path / "trajectory", ArmBag(seconds=1.0, dropped_frames=set(), trajectory_hz=25.0)
+    )
+    topic = "/joint_trajectory_controller/joint_trajectory"
+    mapping = arm_mapping(action={"topic": topic, "joints": UR_JOINTS})
+    with import_bags(tmp_path, [path], mapping) as store:
+        steps = store.episode(0)
+        # Zero stamps: held by receive time (1 ms after each 40 ms); nothing has arrived at 0.0 s yet.
+        grid_ns = 100_000_000 * np.arange(1, 10)
+        sent_ns = (grid_ns - 1_000_000) // 40_000_000 * 40_000_000
+        want = np.array([np.add(joint_positions(int(t)), 0.5) for t in sent_ns], np.float32)
+        np.testing.assert_array_equal(steps["action"], want)
+    with pytest.raises(
+        ConfigError, match=f"action: topic {topic} .*field must be one of positions, velocities"
+    ):
+        import_bags(
+            tmp_path,
+            [path],
+            arm_mapping(action={"topic": topic, "joints": UR_JOINTS, "field": "position"}),
+            "f.zarr",
+        )
 
 
 def test_several_bags_are_separate_episodes(arm_bags, tmp_path):
@@ -415,8 +455,8 @@ def test_several_bags_are_separate_episodes(arm_bags, tmp_path):
                     "joint_pos": {"topic": "/joint_states", "joints": ["shoulder_pan_joint", "wrist_4_joint"]}
                 }
             },
-            "mapping: observation.joint_pos: topic /joint_states (sensor_msgs/msg/JointState): no JointState has "
-            "joint(s) ['wrist_4_joint'] together (the topic's joints: elbow_joint, robotiq_85_left_knuckle_joint, ",
+            "mapping: observation.joint_pos: topic /joint_states (sensor_msgs/msg/JointState): no joint "
+            "'wrist_4_joint' (the topic's joints: elbow_joint, robotiq_85_left_knuckle_joint, shoulder_lift_joint",
         ),
         (
             {"observation": {"joint_pos": {"topic": "/joint_states", "joint": UR_JOINTS}}},

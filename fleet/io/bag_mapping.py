@@ -3,7 +3,7 @@
 A small YAML file, e.g. for a UR arm teleoperated through MoveIt Servo with a wrist camera:
 
     rate_hz: 10                # the control rate the steps are resampled to
-    time: header               # header (a message's header.stamp; receive time if it has none) | receive
+    time: header               # header (a message's header.stamp; receive time if none or zero) | receive
     max_staleness_s: 0.15      # a step whose newest input is older than this is a gap (per source too)
     max_gap_s: 0.5             # a gap longer than this splits the episode
     episodes: {cut: pause, pause_s: 2.0}   # bag | topic | pause (see EpisodeCut)
@@ -14,7 +14,8 @@ A small YAML file, e.g. for a UR arm teleoperated through MoveIt Servo with a wr
     action: {topic: /servo_node/delta_twist_cmds}       # or a list of sources, concatenated
 
 What a source yields depends on its topic's message type (checked against the bag, fleet/io/rosbag.py):
-sensor_msgs/JointState -> `field` (position, velocity or effort) of `joints` in that order;
+sensor_msgs/JointState -> `field` (position, velocity or effort) of `joints` in that order (a
+trajectory_msgs/JointTrajectory: its first point's positions, velocities, accelerations or effort);
 CompressedImage / Image -> an RGB image resized to `size` (only on `<camera>_rgb` keys);
 Float64MultiArray / Float32MultiArray -> its data; anything else -> its numeric fields in order (without
 the header; TwistStamped gives linear xyz then angular xyz), or those of the sub-message `field` names
@@ -36,7 +37,6 @@ from fleet.store.episode_store import KEY_PATTERN, RESERVED_KEYS
 
 TIMES = ("header", "receive")
 CUTS = ("bag", "topic", "pause")
-JOINT_FIELDS = ("position", "velocity", "effort")
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,9 @@ class Source:
     """One topic's contribution to a step key."""
 
     topic: str
-    # A dotted path into the message (JointState: position | velocity | effort; default: the whole message).
+    # A dotted path into the message (per-joint types: which values; default: the whole message).
     field: str | None = None
-    joints: list[str] | None = None  # JointState: the joint names, in the order the key keeps them
+    joints: list[str] | None = None  # JointState, JointTrajectory: the joint names, in the key's order
     size: list[int] | None = dataclasses.field(
         default_factory=lambda: [96, 96]
     )  # images: [height, width]; null: as recorded

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from configs.schema import ConfigError, check, register_job
-from fleet.io.bag_mapping import JOINT_FIELDS, BagMapping, Source, load_mapping
+from fleet.io.bag_mapping import BagMapping, Source, load_mapping
 from fleet.io.common import (
     CAMERA_SUFFIX,
     CONTROL_HZ_KEY,
@@ -39,7 +39,15 @@ from fleet.io.common import (
 from fleet.store.episode_store import StepError, StoreError
 
 IMAGE_TYPES = ("sensor_msgs/msg/CompressedImage", "sensor_msgs/msg/Image")
-JOINT_STATE = "sensor_msgs/msg/JointState"
+# Per-joint messages, picked by joint name: the field naming the joints, and the per-joint value fields
+# (the first is the default). A JointTrajectory's values are its first point's.
+JOINT_TYPES = {
+    "sensor_msgs/msg/JointState": ("name", ("position", "velocity", "effort")),
+    "trajectory_msgs/msg/JointTrajectory": (
+        "joint_names",
+        ("positions", "velocities", "accelerations", "effort"),
+    ),
+}
 ARRAY_TYPES = ("std_msgs/msg/Float64MultiArray", "std_msgs/msg/Float32MultiArray")
 BOOL, STRING = "std_msgs/msg/Bool", "std_msgs/msg/String"
 NS = 1_000_000_000
@@ -122,8 +130,10 @@ class _Stream:
         return f"{setting}: topic {self.source.topic} ({self.msgtype})"
 
     def add(self, msg: Any, time_ns: int) -> None:
-        if self.msgtype == JOINT_STATE and not set(self.source.joints) <= set(msg.name):
-            self.other_joints.update(msg.name)
+        if self.msgtype in JOINT_TYPES and not set(self.source.joints) <= set(
+            _joint_names(msg, self.msgtype)
+        ):
+            self.other_joints.update(_joint_names(msg, self.msgtype))
             return
         self.times.append(time_ns)
         if self.is_image:
@@ -142,12 +152,19 @@ class _Stream:
     def _lowdim(self, msg: Any) -> np.ndarray:
         from fleet.ros2.messages import float_array, joint_positions
 
-        if self.msgtype == JOINT_STATE:
-            values = getattr(msg, self.source.field or "position")
-            try:  # joint_positions reads `position`; any of the JointState's per-joint arrays works the same
-                return joint_positions(_Named(msg.name, values), self.source.joints)
+        if self.msgtype in JOINT_TYPES:
+            field_name = self.source.field or JOINT_TYPES[self.msgtype][1][0]
+            holder = msg
+            if self.msgtype != "sensor_msgs/msg/JointState":
+                if not msg.points:
+                    raise BagError(f"{self.where()}: a JointTrajectory has no points")
+                holder = msg.points[0]
+            try:  # joint_positions reads `position`; any per-joint array is picked the same way
+                return joint_positions(
+                    _Named(_joint_names(msg, self.msgtype), getattr(holder, field_name)), self.source.joints
+                )
             except ValueError as err:  # as many names as values
-                raise BagError(f"{self.where()}: {self.source.field or 'position'}: {err.args[0]}") from None
+                raise BagError(f"{self.where()}: {field_name}: {err.args[0]}") from None
         if self.source.field is not None:
             return _numbers(
                 _field(msg, self.source.field, self.where()), f"{self.where()} field {self.source.field}"
@@ -169,6 +186,10 @@ class _Stream:
             return rgb
         height, width = self.source.size
         return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _joint_names(msg: Any, msgtype: str) -> list[str]:
+    return [str(name) for name in getattr(msg, JOINT_TYPES[msgtype][0])]
 
 
 @dataclass(frozen=True)
@@ -231,16 +252,18 @@ def _resolve(mapping: BagMapping, topics: dict, bag: Path) -> list[_Stream]:
                     else f"a key named <camera>{CAMERA_SUFFIX}"
                 )
                 raise BagError(f"{where}: topic {source.topic} is {msgtype}; it needs {want}")
-            if (msgtype == JOINT_STATE) != (source.joints is not None):
+            if (msgtype in JOINT_TYPES) != (source.joints is not None):
                 problem = (
                     "give joints: [...] (the joint names, in order)"
                     if source.joints is None
-                    else f"joints: is for {JOINT_STATE} topics"
+                    else f"joints: is for {' and '.join(JOINT_TYPES)} topics"
                 )
                 raise BagError(f"{where}: topic {source.topic} is {msgtype}; {problem}")
-            if msgtype == JOINT_STATE and (source.field or "position") not in JOINT_FIELDS:
+            fields = JOINT_TYPES.get(msgtype, (None, ()))[1]
+            if fields and (source.field or fields[0]) not in fields:
                 raise BagError(
-                    f"{where}: topic {source.topic}: field must be one of {', '.join(JOINT_FIELDS)}, got {source.field!r}"
+                    f"{where}: topic {source.topic} ({msgtype}): field must be one of {', '.join(fields)}, "
+                    f"got {source.field!r}"
                 )
             streams.append(stream)
     return streams
@@ -380,10 +403,12 @@ def _fallback_typestore():
 
 
 def _stamp_ns(msg: Any, receive_ns: int, use_header: bool) -> int:
-    # Integer nanoseconds, not messages.stamp_seconds' float: a float of ~1.7e9 s loses the ns that decide
-    # whether a sample lands exactly on a grid time.
+    """The header stamp in integer nanoseconds (not messages.stamp_seconds' float: a float of ~1.7e9 s
+    loses the ns that decide whether a sample lands exactly on a grid time); the receive time for a
+    message without a header or with a zero stamp (unset; "now" to a JointTrajectory controller)."""
     stamp = getattr(getattr(msg, "header", None), "stamp", None) if use_header else None
-    return receive_ns if stamp is None else int(stamp.sec) * NS + int(stamp.nanosec)
+    stamp_ns = 0 if stamp is None else int(stamp.sec) * NS + int(stamp.nanosec)
+    return stamp_ns or receive_ns
 
 
 MAX_CLOCK_SPREAD_S = 3600.0  # streams of one recording starting further apart are on different clocks
@@ -440,9 +465,9 @@ def read_bag(path: Path, mapping: BagMapping, result: ImportResult, bar) -> Iter
         for stream in streams:
             if not stream.times and stream.other_joints:
                 missing = [name for name in stream.source.joints if name not in stream.other_joints]
+                problem = f"no joint {missing[0]!r}" if missing else "no message with all the joints"
                 raise BagError(
-                    f"{stream.where()}: no JointState has joint(s) {missing or stream.source.joints} together "
-                    f"(the topic's joints: {', '.join(sorted(stream.other_joints))})"
+                    f"{stream.where()}: {problem} (the topic's joints: {', '.join(sorted(stream.other_joints))})"
                 )
             if not stream.times:
                 raise BagError(f"{stream.where()}: no messages in {path}")

@@ -183,3 +183,43 @@ def test_robot_job_config_errors_are_one_line(tmp_path):
         )
         assert run.returncode == 2 and message in run.stderr, run.stderr
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_two_robots_on_one_domain_read_their_own_namespaced_topics():
+    """fleet.launch.py's layout over DDS: relative topic names resolve in each robot's namespace."""
+    params = dict(
+        joint_names=["j1"],
+        joint_states_topic="joint_states",
+        camera_names=["front"],
+        camera_topics=["front/image_raw/compressed"],
+        image_size=8,
+    )
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    with dds.DdsTransport(DOMAIN, dds.LOOPBACK_CONFIG) as transport:
+        nodes = {
+            rid: DdsRobotNode(config_from_params({**params, "robot_id": rid}), transport)
+            for rid in ("a", "b")
+        }
+        joints = {
+            rid: transport.publisher(f"/{rid}/joint_states", "sensor_msgs/msg/JointState") for rid in nodes
+        }
+        cameras = {
+            rid: transport.publisher(f"/{rid}/front/image_raw/compressed", "sensor_msgs/msg/CompressedImage")
+            for rid in nodes
+        }
+
+        def delivered():
+            for value, rid in enumerate(nodes):
+                joints[rid](m.joint_state(["j1"], [float(value)], 1.0))
+                rgb[:] = 100 * value
+                cameras[rid](m.rgb_to_compressed_image(rgb, 1.0, fmt="png"))
+            latest = [
+                node.logic.sensors.latest(key) for node in nodes.values() for key in ("joints", "front_rgb")
+            ]
+            return all(item is not None for item in latest)
+
+        wait_until(delivered, 10, "both robots' sensors", interval=0.1)
+    for value, node in enumerate(nodes.values()):
+        assert node.logic.sensors.latest("joints").value[0].tolist() == [value]
+        assert node.logic.sensors.latest("front_rgb").value.shape == (8, 8, 3)
+        assert int(node.logic.sensors.latest("front_rgb").value[0, 0, 0]) == 100 * value

@@ -415,8 +415,8 @@ MAX_CLOCK_SPREAD_S = 3600.0  # streams of one recording starting further apart a
 
 
 def _check_clocks(streams: list[_Stream], mapping: BagMapping) -> None:
-    """Refuse streams whose times cannot share one grid: header stamps left at zero, or on simulated time
-    while others are on wall-clock time (the grid between them would be years of steps)."""
+    """Refuse streams whose times cannot share one grid: header stamps on simulated time while others are
+    on wall-clock time (the grid between them would be years of steps)."""
     starts = [min(stream.times) for stream in streams]
     early, late = streams[int(np.argmin(starts))], streams[int(np.argmax(starts))]
     spread_s = (max(starts) - min(starts)) / NS
@@ -424,7 +424,7 @@ def _check_clocks(streams: list[_Stream], mapping: BagMapping) -> None:
         hint = "; try time: receive" if mapping.time == "header" else ""
         raise BagError(
             f"{early.where()}: its first time is {spread_s:.0f} s before that of {late.source.topic} "
-            f"(a zero header stamp, or another clock?){hint}"
+            f"(stamps on another clock?){hint}"
         )
 
 

@@ -564,15 +564,14 @@ class _VideoReader:
 
     def __init__(self, path: Path, fps: float):
         av = require("av")
+        self.path, self.fps = path, fps
         self.container = av.open(str(path))
         self.frames = self.container.decode(video=0)
-        self.fps, self.next = fps, None
 
     def read(self, first: int, count: int, what: str) -> np.ndarray:
         out = []
         while len(out) < count:
-            frame = self.next or next(self.frames, None)
-            self.next = None
+            frame = next(self.frames, None)
             if frame is None:
                 raise DataIOError(f"{what}: the video ends before frame {first + len(out)}")
             number = round(float(frame.pts * frame.time_base) * self.fps)
@@ -604,5 +603,4 @@ def _video_frames(
         if not path.is_file():
             raise DataIOError(f"{src}: {path.relative_to(src)} is missing")
         reader = decoders[feature] = _VideoReader(path, fps)
-        reader.path = path
     return reader.read(round(start * fps), length, str(path.relative_to(src)))

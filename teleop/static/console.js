@@ -26,7 +26,7 @@ let seq = 0;
 let grip = -1; // the gripper command kept between inputs (-1 open, +1 closed)
 const held = new Set(); // keys held
 const padHeld = new Set(); // on-screen buttons held
-const history = new Map(); // robot -> [uncertainty...]
+const history = new Map(); // robot -> recent signals ({uncertainty, risk, density, ...})
 const frameTimes = [];
 
 function now() { return performance.timeOrigin + performance.now(); } // wall clock, ms
@@ -255,19 +255,25 @@ function cell(row, content) {
   return td;
 }
 
-function sparkline(values) {
+const SIGNAL_COLORS = { uncertainty: "#4ea1ff", risk: "#f0b429", density: "#3ecf8e" };
+
+// One line per signal over the last HISTORY fleet updates, each on its own scale.
+function sparkline(series) {
   const canvas = document.createElement("canvas");
   canvas.className = "spark";
   canvas.width = 90; canvas.height = 22;
   const ctx = canvas.getContext("2d");
-  const max = Math.max(1e-6, ...values);
-  ctx.strokeStyle = "#4ea1ff";
-  ctx.beginPath();
-  values.forEach((v, i) => {
-    const x = (i / Math.max(1, HISTORY - 1)) * 90, y = 21 - (v / max) * 20;
-    if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
-  });
-  ctx.stroke();
+  for (const [name, color] of Object.entries(SIGNAL_COLORS)) {
+    const values = series.map((s) => s[name]);
+    const max = Math.max(1e-6, ...values.map(Math.abs));
+    ctx.strokeStyle = color;
+    ctx.beginPath();
+    values.forEach((v, i) => {
+      const x = (i / Math.max(1, HISTORY - 1)) * 90, y = 21 - (v / max) * 20;
+      if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+    });
+    ctx.stroke();
+  }
   return canvas;
 }
 
@@ -277,10 +283,10 @@ function renderFleet() {
   $("fleet-state").textContent = fleet.fleet_estop ? "WHOLE FLEET PROTECTIVE STOP" : `${fleet.robots.length} robots, operators: ${fleet.operators.join(", ")}`;
   const body = document.querySelector("#fleet tbody");
   body.replaceChildren();
-  for (const r of fleet.robots) {
+  for (const r of [...fleet.robots].sort((a, b) => a.robot.localeCompare(b.robot))) {
     const values = history.get(r.robot) || [];
     if (!values.stamp || values.stamp !== fleet.time) {
-      values.push(r.signals.uncertainty);
+      values.push(r.signals);
       values.stamp = fleet.time;
       while (values.length > HISTORY) values.shift();
       history.set(r.robot, values);
@@ -297,7 +303,7 @@ function renderFleet() {
     cell(row, `${r.task} ${r.goal.length ? "[" + r.goal.map((v) => v.toFixed(2)).join(", ") + "]" : ""}`);
     cell(row, r.policy || "-");
     const sig = cell(row, sparkline(values));
-    sig.title = `uncertainty ${r.signals.uncertainty}, risk ${r.signals.risk}, density ${r.signals.density}`;
+    sig.title = `uncertainty ${r.signals.uncertainty} (blue), risk ${r.signals.risk} (orange), density ${r.signals.density} (green)`;
     // A protective stop of one robot, and its release (the fleet server says who may release it).
     const stop = document.createElement("button");
     stop.className = r.estop ? "quiet release-stop" : "stop robot-stop";

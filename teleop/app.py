@@ -104,14 +104,17 @@ class Tab:
         self.wake.set()
 
     async def pump(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while not self.messages.empty():
-                await self.socket.send_text(self.messages.get_nowait())
-            if self.frame is not None:
-                frame, self.frame = self.frame, None
-                await self.socket.send_bytes(frame)
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                while not self.messages.empty():
+                    await self.socket.send_text(self.messages.get_nowait())
+                if self.frame is not None:
+                    frame, self.frame = self.frame, None
+                    await self.socket.send_bytes(frame)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return  # the tab went away; the socket's reader ends the session's use of it
 
 
 class OperatorSession:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -132,8 +133,8 @@ class ReachPolicy:
 
 
 def start_sim_robot(domain: int, seconds: float, goal, **rates) -> subprocess.Popen:
-    """This module as a process (rates: joint_hz, camera_hz), returned once its publishers exist; its last
-    stdout line is the JSON result."""
+    """This module as a process (rates: joint_hz, camera_hz), returned once its publishers exist; it runs
+    for `seconds` at most (stop_sim_robot ends it earlier and reads its result)."""
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in rates.items()]
     robot = subprocess.Popen(
         [sys.executable, "-m", "tests.ros_harness", f"--domain={domain}", f"--seconds={seconds}", *flags]
@@ -149,6 +150,12 @@ def start_sim_robot(domain: int, seconds: float, goal, **rates) -> subprocess.Po
     return robot
 
 
+def stop_sim_robot(robot: subprocess.Popen, timeout: float = 30.0) -> dict:
+    """Stop it (SIGINT) and return its result: start and end TCP, goal, commands received and applied."""
+    robot.send_signal(signal.SIGINT)
+    return json.loads(robot.communicate(timeout=timeout)[0].strip().splitlines()[-1])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--domain", type=int, required=True)
@@ -161,7 +168,10 @@ def main(argv=None) -> None:
         robot = SimRosRobot(transport, args.goal, joint_hz=args.joint_hz, camera_hz=args.camera_hz)
         start_ee = robot.obs["ee_pos"].tolist()
         print(json.dumps({"ready": True}), flush=True)
-        robot.run(args.seconds)
+        try:
+            robot.run(args.seconds)
+        except KeyboardInterrupt:  # stop_sim_robot: the caller is done with it
+            pass
     result = {
         "start_ee": start_ee,
         "end_ee": robot.obs["ee_pos"].tolist(),

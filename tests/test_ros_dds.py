@@ -3,7 +3,6 @@ equal to rosbags' CDR, and end to end on loopback: a pybullet Panda in its own p
 JointState (100 Hz) and Image (30 Hz) as ROS 2 topics, the robot node subscribed through DDS, its
 Float64MultiArray commands moving the simulated robot, and the fleet server logging the episode."""
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,15 @@ from fleet.ros2.node import config_from_params, default_agent
 from fleet.ros2.runner import DdsRobotNode, load_params, resolve
 from fleet.store import EpisodeStore
 from tests.fleet_harness import ROOT, wait_until
-from tests.ros_harness import CAMERA, COMMANDS, JOINT_STATES, ReachPolicy, panda_params, start_sim_robot
+from tests.ros_harness import (
+    CAMERA,
+    COMMANDS,
+    JOINT_STATES,
+    ReachPolicy,
+    panda_params,
+    start_sim_robot,
+    stop_sim_robot,
+)
 
 TS = get_typestore(Stores.ROS2_JAZZY)
 DOMAIN = dds.free_domain_id()
@@ -80,7 +87,7 @@ def token_file(tmp_path):
 
 def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
     goal = [0.55, 0.12, 0.15]
-    robot = start_sim_robot(DOMAIN, 7.0, goal)
+    robot = start_sim_robot(DOMAIN, 60.0, goal)
     transport = dds.DdsTransport(DOMAIN, dds.LOOPBACK_CONFIG)
     try:
         seen: dict[str, list] = {JOINT_STATES: [], CAMERA: [], COMMANDS: []}
@@ -99,7 +106,7 @@ def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
         wait_until(lambda: len(seen[COMMANDS]) >= 30, 20, "30 commands on the wire")
         node.close()
         writers = {w.topic_name: w for w in transport.discovered_publications()}
-        result = json.loads(robot.communicate(timeout=30)[0].strip().splitlines()[-1])
+        result = stop_sim_robot(robot)
     finally:
         transport.close()
         robot.kill()

@@ -44,11 +44,15 @@ from sim.tasks.panda_env import OBJECT_GOAL_XY
 
 CONDITIONS = ("normal", "perturbed", "ood_goal")
 SEED_BASE = {"train": 20_000, "calib": 30_000, "test": 40_000}
-CONDITION_OFFSET = {"normal": 0, "perturbed": 1000, "ood_goal": 2000}
+CONDITION_OFFSET = {"normal": 0, "perturbed": 1000, "ood_goal": 2000, "edge_goal": 3000}
 PERTURB_STEPS = 6
 # OOD goals lie in this box but outside the demos' goal box (OBJECT_GOAL_XY).
 OOD_GOAL_BOX = (np.array([0.30, -0.33]), np.array([0.70, 0.33]))
 PICK_PLACE_GOAL_Z = 0.02
+# Edge goals (the filter benchmark's hardest condition): x beyond EDGE_INNER[0] or |y| beyond
+# EDGE_INNER[1], up to a few cm past the table's edges (TABLE_X max 0.72, TABLE_Y +-0.40).
+EDGE_GOAL_BAND = (np.array([0.40, -0.43]), np.array([0.76, 0.43]))
+EDGE_INNER = (0.66, 0.30)
 SIGNAL_NAMES = ("uncertainty", "novelty", "rnd", "risk", "ldm")
 TARGET_FALSE_ALARM = 0.05
 
@@ -62,11 +66,21 @@ def ood_goal(rng: np.random.Generator, goal_dim: int) -> np.ndarray:
             return xy if goal_dim == 2 else np.r_[xy, PICK_PLACE_GOAL_Z]
 
 
+def edge_goal(rng: np.random.Generator, goal_dim: int) -> np.ndarray:
+    """A goal at or past the table's far or side edges: pushing there tends to push the object off."""
+    low, high = EDGE_GOAL_BAND
+    while True:
+        xy = rng.uniform(low, high)
+        if xy[0] >= EDGE_INNER[0] or abs(xy[1]) >= EDGE_INNER[1]:
+            return xy if goal_dim == 2 else np.r_[xy, PICK_PLACE_GOAL_Z]
+
+
 def start_episode(env, condition: str, seed: int):
     """Reset for `condition`; returns (obs, info, steps spent before the policy takes over)."""
     rng = np.random.default_rng(seed)
     for attempt in range(20):
-        options = {"goal": ood_goal(rng, env.goal_dim)} if condition == "ood_goal" else None
+        goal_for = {"ood_goal": ood_goal, "edge_goal": edge_goal}.get(condition)
+        options = {"goal": goal_for(rng, env.goal_dim)} if goal_for else None
         try:
             obs, info = env.reset(seed=seed + 100_000 * attempt, options=options)
         except ValueError:  # no object start suits this goal: draw another

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 import numpy as np
 
 UNITS = ("episode", "step")
-# A time bin needs this many calibration values to get its own statistics; sparser bins (late steps
-# that only long episodes reach) use the last bin that had them.
-MIN_BIN_COUNT = 10
+# A time bin needs this many calibration episodes reaching it to get its own statistics; later bins
+# (steps that only a few long episodes reach) use the last bin that had them.
+MIN_BIN_EPISODES = 10
 _SPREAD_FLOOR = 1e-6  # a constant bin does not make the standardized scores infinite
 
 
@@ -78,21 +78,17 @@ def _as_episodes(scores) -> list[np.ndarray]:
 
 
 def _bin_values(episodes: list[np.ndarray], bin_steps: int) -> list[np.ndarray]:
-    """Per time bin, the scores of every episode in that bin (bins of `bin_steps` steps)."""
-    longest = max(e.size for e in episodes)
-    bins = [[] for _ in range(math.ceil(longest / bin_steps))]
-    for e in episodes:
-        for b in range(math.ceil(e.size / bin_steps)):
-            bins[b].append(e[b * bin_steps : (b + 1) * bin_steps])
-    return [np.concatenate(b) for b in bins]
-
-
-def _usable_bins(values: list[np.ndarray], minimum: int) -> int:
-    """How many leading bins have at least `minimum` values (at least 1)."""
-    count = 0
-    while count < len(values) and values[count].size >= minimum:
-        count += 1
-    return max(count, 1)
+    """Per time bin, the scores of every episode in that bin (bins of `bin_steps` steps), for the bins
+    that at least MIN_BIN_EPISODES episodes reach (at least the first)."""
+    reaching = [
+        sum(e.size > b * bin_steps for e in episodes)
+        for b in range(math.ceil(max(e.size for e in episodes) / bin_steps))
+    ]
+    usable = max(1, sum(1 for count in reaching if count >= min(MIN_BIN_EPISODES, len(episodes))))
+    return [
+        np.concatenate([e[b * bin_steps : (b + 1) * bin_steps] for e in episodes if e.size > b * bin_steps])
+        for b in range(usable)
+    ]
 
 
 @dataclass
@@ -128,9 +124,7 @@ class ConformalThreshold:
             thresholds = [conformal_quantile(values, alpha)]
             bin_steps = 0
         elif unit == "step":
-            per_bin = _bin_values(episodes, bin_steps)
-            usable = _usable_bins(per_bin, MIN_BIN_COUNT)
-            thresholds = [conformal_quantile(v, alpha) for v in per_bin[:usable]]
+            thresholds = [conformal_quantile(v, alpha) for v in _bin_values(episodes, bin_steps)]
         else:
             thresholds = _functional_band(episodes, alpha, bin_steps)
         return cls([float(t) for t in thresholds], float(alpha), unit, int(bin_steps), len(episodes))
@@ -197,10 +191,10 @@ def _functional_band(episodes: list[np.ndarray], alpha: float, bin_steps: int) -
         raise ValueError("a time-varying episode threshold needs at least 2 calibration episodes")
     shape_half, rank_half = episodes[0::2], episodes[1::2]
     per_bin = _bin_values(shape_half, bin_steps)
-    usable = _usable_bins(per_bin, MIN_BIN_COUNT)
-    mean = np.array([v.mean() for v in per_bin[:usable]])
+    usable = len(per_bin)
+    mean = np.array([v.mean() for v in per_bin])
     overall = np.concatenate(shape_half).std()
-    spread = np.maximum(np.array([v.std() for v in per_bin[:usable]]), _SPREAD_FLOOR + 0.05 * overall)
+    spread = np.maximum(np.array([v.std() for v in per_bin]), _SPREAD_FLOOR + 0.05 * overall)
 
     def worst(e: np.ndarray) -> float:
         b = np.minimum(np.arange(e.size) // bin_steps, usable - 1)

@@ -12,7 +12,9 @@ episodes are the nominal data), --test rollouts per condition are scored. The sa
 into the checkpoint (safety.safetensors + safety.json), which benchmarks.safety_filter then uses.
 
 Per signal (higher = more likely to fail): AUROC of the episode's highest score before its failure
-(the violation, or the end of a failed episode) for "the episode fails"; at the calibrated 5% episode
+(the violation, or the end of a failed episode) for "the episode fails", and (auroc_early) the same
+over the first 30 steps only: failures run to the time limit while successes end early, so the
+whole-episode maximum also rewards noticing that an episode is long; at the calibrated 5% episode
 false-alarm rate (time-varying conformal thresholds): the share of failures caught, the false-alarm rate
 achieved on the test successes, and the median lead time (steps from the first alarm to the failure).
 Rollouts are cached (safetensors + JSON) in --out; delete them to roll out again.
@@ -55,6 +57,7 @@ EDGE_GOAL_BAND = (np.array([0.40, -0.43]), np.array([0.76, 0.43]))
 EDGE_INNER = (0.66, 0.30)
 SIGNAL_NAMES = ("uncertainty", "novelty", "rnd", "risk", "ldm")
 TARGET_FALSE_ALARM = 0.05
+EARLY_STEPS = 30
 
 
 # ============================================================================================ rollouts
@@ -196,6 +199,9 @@ def signal_row(name: str, rollouts: list[Rollout], scores: list[dict], threshold
     per_step = [until_failure(r, r.per_step(s[name])) for r, s in zip(rollouts, scores, strict=True)]
     failed = np.array([r.failed for r in rollouts])
     row = {"signal": name, "auroc": auroc([p.max() for p in per_step], failed)}
+    # Failed episodes run to the time limit and successes end early, so a whole-episode maximum also
+    # rewards "the episode is long"; the first EARLY_STEPS steps compare like with like.
+    row["auroc_early"] = auroc([p[:EARLY_STEPS].max() for p in per_step], failed)
     alarms = [threshold.first_alarm(p) for p in per_step]
     caught = [
         (r.failure_step - a) for r, a in zip(rollouts, alarms, strict=True) if r.failed and a is not None
@@ -345,6 +351,7 @@ def main() -> None:
         "failures",
         "signal",
         "auroc",
+        "auroc_early",
         "caught",
         "false_alarms",
         "lead_steps",

@@ -7,7 +7,7 @@ Networks (each trained by both pipelines; data: synthetic episodes of the push t
     flotilla low-dim    DiffusionConfig's defaults (U-Net 64/128/256, 2.8M), 22 low-dim values
     flotilla image      the same + one 96x96 camera through the default encoder (4.5M)
     DP-sized reference  Diffusion Policy's U-Net size: down dims 256/512/1024, kernel 5, step embedding
-                        128 (~65M parameters), low-dim, DDPM training / DDIM sampling
+                        256 (65.5M parameters), low-dim, DDPM training / DDIM sampling
 Pipelines:
     reference   Diffusion Policy's: a torch DataLoader over per-sample ``__getitem__`` (numpy windows to
                 tensors, default collate; ``--ref-workers`` worker processes, 0 by default), each batch
@@ -43,7 +43,7 @@ from policies.train import EMA, normalizer_data, weighted_loss
 NETWORKS = {  # name: (observation keys, DiffusionConfig settings)
     "flotilla low-dim": (LOWDIM, {}),
     "flotilla image": (IMAGE, {}),
-    "DP-sized reference": (LOWDIM, {"down_dims": [256, 512, 1024], "kernel_size": 5, "step_embed_dim": 128}),
+    "DP-sized reference": (LOWDIM, {"down_dims": [256, 512, 1024], "kernel_size": 5, "step_embed_dim": 256}),
 }
 
 
@@ -166,16 +166,19 @@ def flotilla_rate(policy, dataset, data, device, batch_size, steps, precision, c
 
 
 def timed(step, batch_size, steps, device, warmup=3) -> tuple[float, float | None]:
-    """(samples/s, mean GPU utilization %) of ``steps`` calls of ``step`` after ``warmup`` calls."""
+    """(samples/s, mean GPU utilization %) of ``steps`` calls of ``step`` after ``warmup`` calls. On the
+    CPU the rate is per second of this process's CPU time: on a shared machine wall time mostly measures
+    the other jobs (on a quiet one the two agree at 1 thread)."""
     for _ in range(warmup):
         step()
     synchronize(device)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     with GpuUtilization(device) as gpu:
-        start = time.perf_counter()
+        start = clock()
         for _ in range(steps):
             step()
         synchronize(device)
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
     return batch_size * steps / elapsed, gpu.mean
 
 
@@ -215,7 +218,8 @@ def main() -> None:
     print(
         f"device {device_name(device)}; flotilla pipeline: {precision}"
         f"{', TF32' if device.type == 'cuda' else ''}{', torch.compile' if args.compile else ''}; "
-        f"reference: fp32, DataLoader with {args.ref_workers} workers; {args.episodes} x 100 steps\n"
+        f"reference: fp32, DataLoader with {args.ref_workers} workers; {args.episodes} x 100 steps"
+        f"{'' if device.type == 'cuda' else '; samples per CPU second of this process'}\n"
     )
     rows = []
     for network in args.networks.split(","):

@@ -65,8 +65,8 @@ class GraphedPlanner:
         if seed is None:
             self.graph.replay()
         else:
-            with torch.random.fork_rng(devices=[self.device]):
-                torch.cuda.manual_seed(seed)
+            with torch.random.fork_rng(devices=[self.device]), torch.cuda.device(self.device):
+                torch.cuda.manual_seed(seed)  # this plan's noise; the generator is restored after
                 self.graph.replay()
         self.replays += 1
         return self.out

@@ -279,6 +279,25 @@ def test_cuda_graph_runner_gives_the_eager_actions():
 
 
 @cuda
+def test_frames_left_in_pinned_host_memory_give_the_same_batches(tmp_path, monkeypatch):
+    import policies.data.batches as batches_module
+
+    data, dataset = windows(tmp_path)
+    data.steps["front_rgb"] = np.random.default_rng(0).integers(0, 256, (33, 8, 8, 3), dtype=np.uint8)
+    dataset = WindowDataset(data, np.array([0, 1, 2]), ["state", "front_rgb"], n_obs_steps=2, horizon=4)
+    keys = ["state", "front_rgb", "action", "goal"]
+    on_device = DeviceBatches(dataset, DeviceSteps(data, keys, "cuda"))
+    monkeypatch.setattr(batches_module, "DEVICE_DATA_SHARE", 0.0)  # no room: frames stay on the host
+    pinned_steps = DeviceSteps(data, keys, "cuda")
+    assert pinned_steps.host_keys == ["front_rgb"] and pinned_steps.tensors["front_rgb"].is_pinned()
+    pinned = DeviceBatches(dataset, pinned_steps)
+    index = torch.tensor([5, 0, 17, 3], device="cuda")
+    a, b = on_device.gather(index), pinned.gather(index)
+    assert b["obs"]["front_rgb"].device.type == "cuda"
+    torch.testing.assert_close(a["obs"]["front_rgb"], b["obs"]["front_rgb"], rtol=0, atol=0)
+
+
+@cuda
 def test_bf16_training_step_on_cuda_keeps_fp32_weights():
     torch.manual_seed(0)
     policy = fitted("diffusion").cuda()

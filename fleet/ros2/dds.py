@@ -10,8 +10,9 @@ What ROS 2 (Jazzy) does, reproduced here:
   rosbags computes from the message definition): Jazzy nodes compare it when matching.
 
 The IDL types are generated from rosbags' ROS 2 Jazzy message definitions (one source of the message
-layouts for the rosbag2 import, the tests and this wire). Received samples keep their wire bytes
-(`wire_bytes(sample)`); a test compares them with rosbags' serialization.
+layouts for the rosbag2 import, the tests and this wire); cyclonedds serializes what is sent, rosbags
+decodes what is received (into its dataclasses, with the ROS field names), and each received sample
+keeps the bytes it arrived as (`wire_bytes(sample)`): a test compares them with rosbags' serialization.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cyclonedds.core import Listener, Qos
 from cyclonedds.domain import Domain, DomainParticipant
 from cyclonedds.idl import IdlStruct, make_idl_struct
 from cyclonedds.idl import types as t
+from cyclonedds.internal import InvalidSample
 from cyclonedds.pub import DataWriter
 from cyclonedds.qos import Policy
 from cyclonedds.sub import DataReader
@@ -62,11 +64,17 @@ LOOPBACK_CONFIG = """<CycloneDDS><Domain id="any"><General>
 <Peers><Peer address="127.0.0.1"/></Peers></Discovery></Domain></CycloneDDS>"""
 
 
-def _deserialize_keeping_bytes(cls, data: bytes, has_header: bool = True, use_version_2=None):
-    """IdlStruct.deserialize, remembering the serialized bytes the sample was decoded from."""
-    sample = cls.__idl__.deserialize(data, has_header=has_header, use_version_2=use_version_2)
-    sample._wire_bytes = data
-    return sample
+def _decoder(ros_type: str):
+    """The received samples' deserialize: rosbags decodes them into its dataclasses (numpy arrays; a
+    640x480 rgb8 Image in ~0.4 ms, where cyclonedds' Python decoder took ~17 ms and gave a list of ints
+    that took ~27 ms more to convert), and each keeps the bytes it arrived as."""
+
+    def deserialize(cls, data: bytes, has_header: bool = True, use_version_2=None):
+        sample = _typestore().deserialize_cdr(data, ros_type)
+        sample._wire_bytes = data
+        return sample
+
+    return classmethod(deserialize)
 
 
 def wire_bytes(sample) -> bytes:
@@ -101,7 +109,7 @@ def idl_type(ros_type: str) -> type[IdlStruct]:
         dds_type_name(ros_type),
         {name: _idl_field(desc) for name, desc in fielddefs},
     )
-    cls.deserialize = classmethod(_deserialize_keeping_bytes)  # (a base class would join the XTypes info)
+    cls.deserialize = _decoder(ros_type)  # (a base class would join the XTypes type information)
     return cls
 
 
@@ -240,7 +248,7 @@ class DdsTransport:
             if reader is None:  # fired while the reader is being deleted
                 return
             for sample in reader.take(N=64):
-                if not isinstance(sample, IdlStruct):  # an InvalidSample: a writer went away, no data
+                if isinstance(sample, InvalidSample):  # a writer went away: no data
                     continue
                 try:
                     callback(sample)

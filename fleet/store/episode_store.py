@@ -878,7 +878,10 @@ def _foreign_dataset_hint(path: Path) -> str:
         kind = ("a LeRobot dataset", "lerobot")
     elif (path / ".zgroup").is_file():
         kind = ("a zarr format-2 group (a Diffusion Policy replay buffer?)", "diffusion_policy")
-    elif (path / "zarr.json").is_file() and (path / "meta" / "episode_ends" / "zarr.json").is_file():
+    elif (path / "meta" / "episode_ends" / "zarr.json").is_file() and not any(
+        (path / "meta" / name).exists()
+        for name in META_FIELDS  # else a damaged episode store
+    ):
         try:
             foreign = ATTRS_KEY not in json.loads((path / "zarr.json").read_bytes()).get("attributes", {})
         except (OSError, ValueError, AttributeError):

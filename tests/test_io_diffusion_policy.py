@@ -176,9 +176,13 @@ def test_import_pusht_style(tmp_path, zarr_format, scale):
         assert store.episode_meta(0).extra["control_hz"] == 10
 
 
-def test_info_and_train_on_a_dp_dataset_point_at_import(tmp_path):
-    write_pusht(tmp_path / "pusht.zarr", 2)
-    for job, arg in (("info", str(tmp_path / "pusht.zarr")), ("train", f"data={tmp_path / 'pusht.zarr'}")):
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_info_and_train_on_a_dp_dataset_point_at_import(tmp_path, zarr_format):
+    write_pusht(tmp_path / "pusht.zarr", zarr_format)
+    jobs = [("info", str(tmp_path / "pusht.zarr"))] + [("train", f"data={tmp_path / 'pusht.zarr'}")] * (
+        zarr_format == 2
+    )
+    for job, arg in jobs:
         result = flotilla(job, arg, check=False)
         assert result.returncode == 2, result.stderr
         assert "flotilla import" in result.stderr and "format=diffusion_policy" in result.stderr

@@ -118,8 +118,9 @@ def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
     end = np.linalg.norm(np.subtract(result["end_ee"], goal))
     assert start > 0.15 and end < 0.05, result
     assert result["applied"] >= 20
-    # Sensors at their rates: ~100 Hz joint states, ~30 Hz images over the run (a loaded machine lags).
-    assert len(seen[JOINT_STATES]) > 3 * len(seen[CAMERA]) > 0
+    # Sensors at their rates: ~100 Hz joint states, ~30 Hz images (2x, not 3.3x: after a stall on a loaded
+    # machine the robot catches up one message of each per loop).
+    assert len(seen[JOINT_STATES]) > 2 * len(seen[CAMERA]) > 0
 
     # Bytes on the wire are rosbags' CDR of the same message (plus RTPS's padding to 4 bytes).
     for samples in seen.values():

@@ -147,6 +147,7 @@ def write_pusht(path, zarr_format: int, episodes=4, length=20, float_scale=255.0
     root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
     data = root.create_group("data")
     images = rng.integers(0, 256, size=(total, 16, 16, 3)).astype(np.float32)
+    images[2 * length : 3 * length] %= 2  # a dark episode: values 0 and 1 must not read as [0, 1] images
     arrays = {
         "img": images / 255.0 * float_scale,
         "state": rng.normal(size=(total, 5)).astype(np.float32),

@@ -94,22 +94,34 @@ def control_rate(store: EpisodeStore, fps: int | None) -> tuple[int, str]:
     return estimate, "estimated from the step timestamps; give fps=N if that is not the control rate"
 
 
-def to_uint8_images(images: np.ndarray, key: str) -> np.ndarray:
-    """(T, H, W, 3) images as uint8: uint8 as they are, floats in [0, 1] or [0, 255] scaled and rounded."""
+def image_scale(images: np.ndarray, key: str) -> float:
+    """What turns these (T, H, W, 3) images into [0, 255]: 1 for uint8 or values in [0, 255], 255 for
+    floats in [0, 1]. A dataset decides once, from its first episode, so every episode is scaled alike."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise DataIOError(f"{key}: images must be (T, H, W, 3), got {images.shape}")
-    if images.dtype == np.uint8:
-        return images
+    if images.dtype == np.uint8 or images.size == 0:
+        return 1.0
     if images.dtype.kind not in "fiu":
         raise DataIOError(f"{key}: cannot turn {images.dtype} images into uint8")
-    if images.size == 0:
-        return images.astype(np.uint8)
-    low, high = float(images.min()), float(images.max())
-    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
-        raise DataIOError(f"{key}: image values span [{low}, {high}]; expected [0, 1] or [0, 255]")
-    scale = 255.0 if images.dtype.kind == "f" and high <= 1.0 else 1.0
-    return np.clip(np.rint(images.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+    high = float(images.max())
+    return 255.0 if images.dtype.kind == "f" and high <= 1.0 else 1.0
+
+
+def to_uint8_images(images: np.ndarray, key: str, scale: float) -> np.ndarray:
+    """(T, H, W, 3) images as uint8: values times `scale` (image_scale), rounded; values outside [0, 255]
+    after scaling are an error, not clipped."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    scaled = np.rint(images.astype(np.float32) * scale)
+    if scaled.size and not (0 <= float(scaled.min()) and float(scaled.max()) <= 255):
+        low, high = float(images.min()), float(images.max())
+        expected = "[0, 1]" if scale != 1 else "[0, 255]"
+        raise DataIOError(
+            f"{key}: image values span [{low}, {high}]; expected {expected}, as in its first episode"
+        )
+    return scaled.astype(np.uint8)
 
 
 def progress(items: Iterable, total: int, desc: str, enabled: bool) -> Iterator:

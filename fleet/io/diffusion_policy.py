@@ -34,6 +34,7 @@ from fleet.io.common import (
     concat_state,
     episode_steps,
     image_keys,
+    image_scale,
     lowdim_obs_keys,
     progress,
     to_uint8_images,
@@ -206,6 +207,7 @@ def read_diffusion_policy(
     episodes_meta = info.get("episodes") or []
 
     def episodes() -> Iterator[ImportedEpisode]:
+        scales: dict[str, float] = {}  # per image array, from its first episode
         for index, (start, end) in enumerate(zip(np.r_[0, ends[:-1]], ends, strict=True)):
             arrays, labels, stamps = {}, None, None
             for key, array in data.items():
@@ -217,7 +219,9 @@ def read_diffusion_policy(
                 elif name == "timestamp":
                     stamps = values
                 elif key in images:
-                    arrays[name] = to_uint8_images(values, f"data/{key}")
+                    if key not in scales:
+                        scales[key] = image_scale(values, f"data/{key}")
+                    arrays[name] = to_uint8_images(values, f"data/{key}", scales[key])
                 elif key == "state" and split:
                     arrays.update(_split_state(values, split, info.get("state_dtypes") or {}))
                 else:

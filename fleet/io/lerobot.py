@@ -46,7 +46,6 @@ from fleet.io.common import (
     lowdim_obs_keys,
     progress,
     require,
-    to_uint8_images,
 )
 from fleet.labels import ControlLabel
 from fleet.store.episode_store import SIGNAL_PREFIX, EpisodeStore
@@ -490,8 +489,7 @@ def read_lerobot(
             for feature, (name, split) in plan.items():
                 ft = features[feature]
                 if ft["dtype"] == "video":
-                    frames = _video_frames(src, info, row, feature, fps, decoders, length)
-                    arrays[name] = to_uint8_images(frames, feature)
+                    arrays[name] = _video_frames(src, info, row, feature, fps, decoders, length)
                 elif ft["dtype"] == "image":
                     column = table.column(feature).take(rows).to_pylist()
                     arrays[name] = np.stack([_unpng(cell["bytes"], feature) for cell in column])

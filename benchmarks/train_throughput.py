@@ -107,6 +107,8 @@ def reference_rate(policy, dataset, device, batch_size, steps, workers) -> tuple
         persistent_workers=workers > 0,
     )
     policy.train()
+    torch.backends.cuda.matmul.allow_tf32 = False  # torch's defaults, which Diffusion Policy keeps
+    torch.backends.cudnn.benchmark = False
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     ema = copy.deepcopy(policy).requires_grad_(False)
 
@@ -140,6 +142,7 @@ def flotilla_rate(policy, dataset, data, device, batch_size, steps, precision, c
     """policies/train.py's loop: device batches, autocast, fused AdamW on CUDA, multi-tensor EMA."""
     batches = DeviceBatches(dataset, DeviceSteps(data, [*dataset.obs_keys, "action"], device))
     policy.train()
+    enable_tf32(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, fused=device.type == "cuda")
     ema = EMA(policy)
     model = torch.compile(policy) if compile_model else policy
@@ -212,7 +215,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    enable_tf32(device)
     batch_sizes = [int(b) for b in args.batches.split(",")]
     print(machine_line(), f"torch {torch.__version__}, {args.threads} threads")
     print(

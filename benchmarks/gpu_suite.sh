@@ -6,7 +6,7 @@
 # Writes to $OUT: machine.txt (GPU, driver, torch), tests.txt (tests/test_device.py: the CUDA-only tests
 # run here, skipped in CI), policy_latency.txt (chunk latency at batch 1, on the GPU), train_throughput.txt
 # (Flotilla's pipeline vs the reference pipeline, samples/s at batch 64 and 256, GPU utilization, chunk
-# latency eager and CUDA-graphed), train_throughput_compile.txt (the same with torch.compile),
+# latency eager and CUDA-graphed), train_throughput_compile.txt (the DP-sized net with torch.compile),
 # e2e.txt (collect -> `flotilla train device=cuda` -> `flotilla eval device=cuda cuda_graphs=true`).
 # Every step has its own time limit (480 s in all) and the suite goes on after a failure; summary.txt
 # lists each step's exit status and seconds.
@@ -37,11 +37,11 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
   exit 1
 fi
 
-step tests 90 python -m pytest -q -rs tests/test_device.py
-step policy_latency 60 python -m benchmarks.policy_latency --device cuda --threads 4 --calls 100
+step tests 80 python -m pytest -q -rs tests/test_device.py
+step policy_latency 70 python -m benchmarks.policy_latency --device cuda --threads 4 --calls 100
 step train_throughput 150 python -m benchmarks.train_throughput --device cuda --threads 4 --steps 30 --calls 100
 step train_throughput_compile 90 python -m benchmarks.train_throughput --device cuda --threads 4 --steps 30 \
-  --compile --networks "flotilla image,DP-sized reference" --batches 256 --calls 20
+  --compile --networks "DP-sized reference" --batches 256 --calls 20
 
 e2e() {  # the real trainer and runner on the GPU: a checkpoint trained there, evaluated with CUDA graphs
   local data="$OUT/e2e/push.zarr" run="$OUT/e2e/run"

@@ -43,13 +43,15 @@ def test_watchdog_holds_the_robot_when_the_operators_input_stops(make_server, cl
         robot_client(server, on_command=lambda command, state: commands.append((time.monotonic(), command)))
     )
     take_over(robot, operator)
-    for seq in range(1, 6):  # a driving operator: actions every 40 ms, never held up by the watchdog
+    for seq in range(1, 6):  # a driving operator: actions every 40 ms
         operator.act("r1", [0.5, 0.0], seq=seq)
         last_sent = time.monotonic()
         time.sleep(0.04)
-    wait_until(lambda: any(c.input_stopped for _, c in commands), 2, "the watchdog")
-    stopped_at = next(t for t, c in commands if c.input_stopped)
-    assert 0.1 - 0.02 <= stopped_at - last_sent <= 0.1 + 0.15  # the watchdog's time after the last action
+    # (On a loaded machine a 40 ms sleep can outlast the watchdog: such an early hold is right too.)
+    wait_until(lambda: any(c.input_stopped and t > last_sent for t, c in commands), 2, "the watchdog")
+    stopped_at = next(t for t, c in commands if c.input_stopped and t > last_sent)
+    # The watchdog's time after the last action (and not much more, on a loaded machine).
+    assert 0.1 - 0.02 <= stopped_at - last_sent <= 0.1 + 0.4
     assert robot.state.mode == pb.MODE_TELEOP and robot.state.action is None  # hold, never repeat it
     operator.act("r1", [0.0, 0.5], seq=6)  # input again: driving resumes
     wait_until(lambda: robot.state.action is not None and robot.state.action_seq == 6, 2, "the new action")
@@ -57,7 +59,8 @@ def test_watchdog_holds_the_robot_when_the_operators_input_stops(make_server, cl
 
 
 def test_round_trips_frame_seqs_discard_and_note_reach_the_episode_metadata(make_server, clients):
-    server = make_server(frame_hz=1000.0)  # a frame for every step
+    # A frame for every step; a watchdog that a slow (loaded) test step never trips: it is not under test here.
+    server = make_server(frame_hz=1000.0, teleop_watchdog_s=10.0)
     operator = clients(operator_client(server, "alice"))
     robot = clients(robot_client(server))
     take_over(robot, operator)  # steps t = 0..5 (seqs 2..7) logged before the takeover

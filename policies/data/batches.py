@@ -85,8 +85,9 @@ class DeviceBatches:
     def __len__(self) -> int:
         return self.size
 
-    def gather(self, index: torch.Tensor) -> dict:
-        """The batch of windows ``index`` (int64, on the device)."""
+    def gather(self, index: torch.Tensor, host_index: torch.Tensor | None = None) -> dict:
+        """The batch of windows ``index`` (int64, on the device). Its "index" entry is ``host_index`` (the
+        same indices on the CPU) when given: an ensemble reads it on the host, without waiting for the GPU."""
         obs_rows = self.obs_index.index_select(0, index)
         batch = {
             "obs": {key: self.steps.gather(key, obs_rows) for key in self.obs_keys},
@@ -97,7 +98,7 @@ class DeviceBatches:
         if self.goal_index is not None:
             batch["goal"] = self.steps.gather("goal", self.goal_index.index_select(0, index))
         if self.with_index:
-            batch["index"] = index
+            batch["index"] = index if host_index is None else host_index
         return batch
 
     def epoch(
@@ -112,11 +113,11 @@ class DeviceBatches:
         world: int = 1,
     ) -> Iterator[dict]:
         """One pass in the DataLoader's order (see the module docstring)."""
-        order = epoch_indices(self.size, epoch, shuffle=shuffle, seed=seed, rank=rank, world=world)
-        order = order.to(self.steps.device)
+        host = epoch_indices(self.size, epoch, shuffle=shuffle, seed=seed, rank=rank, world=world)
+        order = host.to(self.steps.device)
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
         for start in range(0, stop, batch_size):
-            yield self.gather(order[start : start + batch_size])
+            yield self.gather(order[start : start + batch_size], host[start : start + batch_size])
 
 
 def epoch_indices(

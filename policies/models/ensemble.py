@@ -131,9 +131,13 @@ class PolicyEnsemble(Policy):
         index = batch.get("index")
         if index is None:
             return torch.poisson(torch.ones_like(losses))
-        index = torch.as_tensor(index).detach().cpu().numpy()
-        counts = np.stack([bootstrap_counts(self.bootstrap_seed, i, index) for i in range(len(self.members))])
-        return torch.from_numpy(counts).to(device=losses.device, dtype=losses.dtype)
+        index = torch.as_tensor(index).detach().cpu().numpy()  # (the trainer's batches carry it on the CPU)
+        counts = torch.from_numpy(
+            np.stack([bootstrap_counts(self.bootstrap_seed, i, index) for i in range(len(self.members))])
+        )
+        if losses.device.type == "cuda":  # pinned: the copy is queued, the training step does not wait on it
+            counts = counts.pin_memory()
+        return counts.to(device=losses.device, dtype=losses.dtype, non_blocking=True)
 
     def predict_action(
         self,

@@ -64,7 +64,8 @@ class ImportConfig:
     # not named here becomes `<its name>_rgb`, except `img`, which becomes `front_rgb` (Flotilla's default).
     cameras: dict[str, str] = field(default_factory=dict)
     fps: int = 10  # diffusion_policy: steps per second, for timestamps when the dataset has none
-    task: str = "imported"  # diffusion_policy: the task name of every episode
+    # diffusion_policy: the task name of every episode (not `task`: that is the sim tasks' config group)
+    task_name: str = "imported"
     # lerobot: a boolean column marking human intervention (None: the first of lerobot.INTERVENTION_KEYS
     # present); without one, and without Flotilla's control_label, every step is `demo`.
     intervention_key: str | None = None
@@ -149,7 +150,7 @@ def import_(cfg: ImportConfig) -> None:
         if cfg.format == "diffusion_policy":
             from fleet.io.diffusion_policy import read_diffusion_policy
 
-            count, episodes = read_diffusion_policy(cfg.path, cfg.keys, cfg.cameras, cfg.fps, cfg.task)
+            count, episodes = read_diffusion_policy(cfg.path, cfg.keys, cfg.cameras, cfg.fps, cfg.task_name)
         else:
             from fleet.io.lerobot import read_lerobot
 

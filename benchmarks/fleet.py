@@ -89,6 +89,9 @@ DEFAULTS = [
     "train.threads=1",
     "progress=false",
     "train.progress=false",
+    # The fleet steps in lockstep, each step as slow as the machine makes it; the server's wall-clock teleop
+    # watchdog (0.12 s) would hold robots under an operator whenever the shared machine is busy.
+    "+server.teleop_watchdog_s=30",
 ]
 
 
@@ -151,6 +154,9 @@ def run_benchmark(
     to the runs already there, replacing those of the same seed and arm)."""
     results = out / "results.json"
     records: list[dict] = json.loads(results.read_text())["runs"] if reuse and results.exists() else []
+    # The fleet's policies run at cfg.threads (1): more torch threads than free cores stall them, and with
+    # --reuse no training has set the count yet.
+    set_torch_threads(demo_config(overrides).threads)
     for seed in seeds:
         base = [*overrides, f"seed={SEED_STRIDE * seed}"]
         seed_dir = out / f"seed{seed}"

@@ -55,8 +55,8 @@ from policies.train import final_checkpoint
 from sim.demo import fleet_rounds, fresh_folder, initial_policy, version_dir
 from sim.metrics import cumulative, table_header, table_row
 
-ARMS = ("cur", "random_budget", "random", "flotilla")  # cur first: random_budget takes its budget
-DEFAULT_ARMS = ("cur", "random_budget", "flotilla")
+ARMS = ("cur", "flotilla", "random_budget", "random")  # run in this order: random_budget takes cur's budget
+DEFAULT_ARMS = ("cur", "flotilla", "random_budget")
 # The demo seeds its demos, fleet episodes and training from `seed` on: seeds this far apart share none.
 SEED_STRIDE = 1000
 LABELS = {

@@ -43,19 +43,36 @@ def test_watchdog_holds_the_robot_when_the_operators_input_stops(make_server, cl
         robot_client(server, on_command=lambda command, state: commands.append((time.monotonic(), command)))
     )
     take_over(robot, operator)
-    for seq in range(1, 6):  # a driving operator: actions every 40 ms
-        operator.act("r1", [0.5, 0.0], seq=seq)
+    for t in range(6, 11):  # a driving operator and a 25 Hz robot applying each action
+        operator.act("r1", [0.5, 0.0], seq=t)
         last_sent = time.monotonic()
         time.sleep(0.04)
+        robot.step(1, t, obs(t), [0.5, 0.0], INTERVENTION, operator_id="alice", operator_action_seq=t)
     # (On a loaded machine a 40 ms sleep can outlast the watchdog: such an early hold is right too.)
     wait_until(lambda: any(c.input_stopped and t > last_sent for t, c in commands), 2, "the watchdog")
     stopped_at = next(t for t, c in commands if c.input_stopped and t > last_sent)
     # The watchdog's time after the last action (and not much more, on a loaded machine).
     assert 0.1 - 0.02 <= stopped_at - last_sent <= 0.1 + 0.4
     assert robot.state.mode == pb.MODE_TELEOP and robot.state.action is None  # hold, never repeat it
-    operator.act("r1", [0.0, 0.5], seq=6)  # input again: driving resumes
-    wait_until(lambda: robot.state.action is not None and robot.state.action_seq == 6, 2, "the new action")
+    operator.act("r1", [0.0, 0.5], seq=11)  # input again: driving resumes
+    wait_until(lambda: robot.state.action is not None and robot.state.action_seq == 11, 2, "the new action")
     assert server.server.metrics.counters["teleop_input_stopped"] >= 1
+
+
+def test_watchdog_waits_for_a_slow_robot_to_apply_the_latest_action(make_server, clients):
+    # A robot whose ticks are slower than the watchdog (a lockstep simulation on a busy machine): the
+    # operator's latest action is not stale until the robot has stepped with it.
+    server = make_server(t_T=10_000, teleop_watchdog_s=0.05)
+    operator = clients(operator_client(server, "alice"))
+    robot = clients(robot_client(server))
+    take_over(robot, operator)
+    operator.act("r1", [0.5, 0.0], seq=1)
+    wait_until(lambda: robot.state.action_seq == 1, 2, "the action")
+    time.sleep(0.3)  # six watchdog periods without a robot step
+    assert robot.state.action is not None and robot.state.action_seq == 1
+    robot.step(1, 6, obs(6), [0.5, 0.0], INTERVENTION, operator_id="alice", operator_action_seq=1)
+    wait_until(lambda: robot.state.action is None, 2, "the hold once the robot has applied it")
+    assert robot.state.mode == pb.MODE_TELEOP
 
 
 def test_round_trips_frame_seqs_discard_and_note_reach_the_episode_metadata(make_server, clients):

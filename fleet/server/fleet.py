@@ -109,6 +109,11 @@ class Robot:
     # the robot is told to hold (Command.input_stopped) until one comes; the page is never trusted for it.
     input_stopped: bool = False
     watchdog: asyncio.TimerHandle | None = None
+    # The watchdog fired before the robot took a step after the operator's latest action: that action is
+    # not stale yet (a robot whose ticks are slower than the watchdog, a lockstep simulation), so the
+    # robot holds only once it has stepped (applied it) and still no newer action came.
+    watchdog_due: bool = False
+    steps_at_action: int = 0  # `steps` when the operator's latest action arrived
 
     @property
     def operator_id(self) -> str | None:
@@ -369,6 +374,8 @@ class Fleet:
         )
         robot.steps += 1
         robot.episode_steps += 1
+        if robot.watchdog_due:  # it has now applied the operator's latest action, and none came since
+            self._input_stopped(robot, robot.operator_id or "")
         robot.signals.CopyFrom(step.signals)
         blocked_before = robot.alloc.blocked
         robot.alloc.signals = allocation.Signals(
@@ -650,7 +657,7 @@ class Fleet:
         value = decode_vector(action.action, robot.spec.action_dim, f"action for {robot.robot_id}")
         self.metrics.inc("teleop_actions")
         self.ledger.action(robot.robot_id, action)
-        robot.input_stopped = False
+        robot.input_stopped, robot.watchdog_due, robot.steps_at_action = False, False, robot.steps
         if robot.watchdog is not None:
             robot.watchdog.cancel()
         robot.watchdog = asyncio.get_running_loop().call_later(
@@ -666,15 +673,19 @@ class Fleet:
         """The watchdog fired: the operator's input stopped (tab hidden or closed, network gone, deadman
         released). The robot holds now, whatever the operator's page believes."""
         robot.watchdog = None
-        if robot.operator_id == operator_id and not robot.input_stopped:
-            robot.input_stopped = True
-            self.metrics.inc("teleop_input_stopped")
-            self._push(robot, f"operator {operator_id}: input stopped, holding")
+        if robot.operator_id != operator_id or robot.input_stopped:
+            return
+        if robot.steps == robot.steps_at_action:
+            robot.watchdog_due = True  # the robot has not stepped since: it holds after its next step
+            return
+        robot.input_stopped, robot.watchdog_due = True, False
+        self.metrics.inc("teleop_input_stopped")
+        self._push(robot, f"operator {operator_id}: input stopped, holding")
 
     def _stop_watchdog(self, robot: Robot) -> None:
         if robot.watchdog is not None:
             robot.watchdog.cancel()
-        robot.watchdog, robot.input_stopped = None, False
+        robot.watchdog, robot.input_stopped, robot.watchdog_due = None, False, False
 
     def _console_request(self, operator: Operator, kind: str, body) -> str:
         """discard, note, pick (see OperatorMessage): what was done, or FleetError saying why not."""

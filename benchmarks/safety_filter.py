@@ -8,7 +8,7 @@ plan): `off` (no filter: the policy's first sample), `density` (a single-step de
 first candidate with novelty -log p(s, a) under its bound) and `ldm` (the first candidate with
 G(s, a) under its bound). Bounds are calibrated on the nominal calibration rollouts so that the
 executed chunk of a nominal plan is refused at the --filter-false-alarm rate. A plan with no candidate
-under the bound holds the robot (no human comes here: the episode goes on and the next step plans
+under the bound holds the robot for Ta steps (no human comes here: the episode goes on and it plans
 again). Reported per mode and condition: success, constraint violations per 100 episodes, the share of
 plans held, mean episode length.
 """

@@ -14,7 +14,8 @@ range (2), is reported for every action of that chunk.
 Safety (policies/safety/): a checkpoint with safety models (safety.json) gets them loaded; each plan
 then scores the K candidates, reports per-plan ``signals`` (novelty, rnd, risk, ldm, density and the
 filter's decision) and, with ``safety_filter=FilterConfig(mode="ldm" | "density")``, executes a
-candidate the filter allows instead of sample 0, or holds (zero motion, gripper kept) when none passes.
+candidate the filter allows instead of sample 0, or holds (zero motion, gripper kept) for Ta steps
+when none passes, then plans again.
 A checkpoint without safety models runs exactly as before.
 
 Device: ``device`` (auto | cpu | cuda | cuda:N, policies/device.py) moves the policy there (None: leave it
@@ -130,6 +131,7 @@ class PolicyRunner:
         self._actions: deque = deque()
         self.uncertainty = 0.0
         self._last_action: np.ndarray | None = None
+        self._held = 0  # steps left to hold after the safety filter passed no candidate
 
     def act(self, obs: Mapping[str, np.ndarray], goal: np.ndarray | None = None) -> np.ndarray:
         """The action for this step (float32, unnormalized)."""
@@ -141,10 +143,13 @@ class PolicyRunner:
             self._history.extend([frame] * self.n_obs_steps)  # pad the start by repeating the first frame
         else:
             self._history.append(frame)
-        if not self._actions:
+        if not self._actions and not self._held:
             self._plan(obs.get("goal") if goal is None else goal)
-            if not self._actions:  # the safety filter let no candidate through: hold, plan again next step
-                return self._held_action()
+            if not self._actions:  # the safety filter let no candidate through: hold for a chunk's time
+                self._held = self.n_action_steps
+        if self._held:
+            self._held -= 1
+            return self._held_action()
         self._last_action = self.action_space.to_robot(
             self._actions.popleft(), obs.get(self.action_space.position_key)
         )

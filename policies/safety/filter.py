@@ -11,7 +11,8 @@ every candidate with each safety model of the checkpoint, and picks:
 Of the candidates whose score is <= the threshold it executes the first in sampling order
 (``choose="first"``, the policy's own choice among the safe ones) or the lowest-scoring one
 (``choose="lowest"``). If none passes it returns None: the runner holds (zero motion, gripper
-unchanged) and reports ``filter_hold``, with ``risk`` raised to 1 so the fleet routes a human.
+unchanged) for Ta steps, then plans again; the hold is reported (``filter``: hold) with ``risk``
+raised to 1 so the fleet routes a human.
 
 Per plan it reports (``signals``): every signal of the executed candidate (or of candidate 0 on a hold),
 ``density`` (-G with an LDM, else log p: high = familiar, the proto's meaning), and the decision

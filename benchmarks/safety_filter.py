@@ -84,7 +84,7 @@ def main() -> None:
             for mode in MODES:
                 bound = None if mode == "off" else suite.filter_thresholds[MODE_SIGNAL[mode]]
                 config = FilterConfig(mode=mode, threshold=bound, choose=args.choose)
-                name = f"{condition}_{mode}_{args.choose}_fa{args.filter_false_alarm}_n{args.episodes}"
+                name = f"{condition}_{mode}_{args.choose}_fa{100 * args.filter_false_alarm:g}pct_n{args.episodes}"
                 rollouts = cached_rollouts(
                     out,
                     name,

@@ -153,17 +153,17 @@ def save_rollouts(path: Path, rollouts: list[Rollout]) -> None:
                 )
             }
         )
-    save_file(tensors, str(path.with_suffix(".safetensors")))
-    path.with_suffix(".json").write_text(json.dumps(meta))
+    save_file(tensors, f"{path}.safetensors")
+    Path(f"{path}.json").write_text(json.dumps(meta))
 
 
 def load_rollouts(path: Path) -> list[Rollout] | None:
-    if not path.with_suffix(".json").exists():
+    if not Path(f"{path}.json").exists():
         return None
-    tensors = load_file(str(path.with_suffix(".safetensors")))
+    tensors = load_file(f"{path}.safetensors")
     return [
         Rollout(states=list(tensors[f"{i}.states"]), candidates=list(tensors[f"{i}.candidates"]), **fields)
-        for i, fields in enumerate(json.loads(path.with_suffix(".json").read_text()))
+        for i, fields in enumerate(json.loads(Path(f"{path}.json").read_text()))
     ]
 
 

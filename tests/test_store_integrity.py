@@ -477,3 +477,38 @@ def test_overwrite_deletes_only_an_episode_store(tmp_path):
     assert EpisodeStore.open(path).num_episodes == 0
     with EpisodeStore.create(tmp_path / "empty", overwrite=True):  # a missing folder is fine too
         pass
+
+
+def test_readers_open_a_store_while_a_writer_commits(tmp_path):
+    """Opening (or refreshing) a store during a live writer's commits always shows a consistent, exactly
+    readable prefix: the commit point is read before anything it points at."""
+    import subprocess
+    import sys
+
+    from tests.store_crash_writer import expected_episode
+
+    path = tmp_path / "live.zarr"
+    EpisodeStore.create(path).close()  # the writer's first commit (schema, data arrays) races readers too
+    root = Path(__file__).resolve().parents[1]
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "tests.store_crash_writer", str(path)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        seen, opens = 0, 0
+        while seen < 40:
+            with EpisodeStore.open(path) as store:  # raised StoreCorruptError mid-commit before the fix
+                assert store.num_episodes >= seen
+                seen, opens = store.num_episodes, opens + 1
+                if seen:
+                    last = store.episode(seen - 1, keys=["state", "action"])
+                    expected = expected_episode(seen - 1)
+                    np.testing.assert_array_equal(last["state"], expected["state"])
+                    np.testing.assert_array_equal(last["action"], expected["action"])
+        assert opens > seen // 2  # the reader really opened the store over and over during the commits
+    finally:
+        writer.kill()
+        writer.wait()

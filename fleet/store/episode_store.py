@@ -458,6 +458,10 @@ class EpisodeStore:
                     f"{self.path}: zarr.json is missing (damaged, or still being created)"
                 )
             raise StoreError(f"{self.path} is not an episode store (no zarr.json)")
+        # A reader races a live writer, which grows every array and writes the schema before it grows
+        # episode_ends (the commit point). Reading the commit point first, and showing the store as of
+        # then, makes everything read after it hold at least what it says is committed.
+        visible = None if self.writable else _committed_episodes(self.path)
         root = zarr.open_group(str(self.path), mode="r+" if self.writable else "r", zarr_format=3)
         attrs = root.attrs.get(ATTRS_KEY)
         if not isinstance(attrs, Mapping) or "format" not in attrs:
@@ -493,7 +497,8 @@ class EpisodeStore:
                 raise StoreCorruptError(f"{self.path}: {name}/zarr.json is damaged: {problem}")
             if Crc32cCodec() in self._array(name).metadata.codecs:
                 self._checksummed.add(name)
-        ends = self._read_checked([(_ENDS, 0, self._array(_ENDS).shape[0])])[0].astype(np.int64)
+        count = self._array(_ENDS).shape[0] if visible is None else min(visible, self._array(_ENDS).shape[0])
+        ends = self._read_checked([(_ENDS, 0, count)])[0].astype(np.int64)
         if ends.size and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
             raise StoreCorruptError(f"{self.path}: {_ENDS} is not strictly increasing")
         if schema is None and ends.size:
@@ -786,6 +791,15 @@ class EpisodeStore:
         if path not in self._arrays:
             self._arrays[path] = self._group[path]
         return self._arrays[path]
+
+
+def _committed_episodes(path: Path) -> int | None:
+    """How many episodes meta/episode_ends holds now (None when it cannot be read: the full load then
+    says why)."""
+    try:
+        return int(zarr.open_array(str(path / _ENDS), mode="r", zarr_format=3).shape[0])
+    except Exception:  # any damage is reported by the checked load that follows
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,7 @@ class RosRobotConfig:
     root_cert_file: str = ""  # PEM of the server's CA: TLS (required beyond loopback)
     checkpoint: str = "latest"  # "latest" (the registry's, sha256-verified) or a local checkpoint folder
     cache_dir: str = "~/.cache/flotilla/checkpoints"
+    device: str = "auto"  # where the policy runs: auto (CUDA when present) | cpu | cuda | cuda:N
     action_dim: int = 4
     goal: list[float] = field(default_factory=list)  # the task goal sent with every episode ([]: none)
     joint_names: list[str] = field(default_factory=list)  # observation "joint_pos", in this order
@@ -414,7 +415,11 @@ def default_agent(config: RosRobotConfig, policy=None):
     except OSError as err:
         raise ConfigError("root_cert_file", f"cannot read {config.root_cert_file}: {err.strerror}") from None
     registry = RegistryPolicies(
-        config.fleet, token, Path(config.cache_dir).expanduser(), root_certificates=certificates
+        config.fleet,
+        token,
+        Path(config.cache_dir).expanduser(),
+        root_certificates=certificates,
+        device=config.device,
     )
     if policy is None:
         if config.checkpoint == "latest":
@@ -422,7 +427,7 @@ def default_agent(config: RosRobotConfig, policy=None):
         else:
             from policies.runner import PolicyRunner
 
-            policy = PolicyRunner.from_checkpoint(Path(config.checkpoint).expanduser())
+            policy = PolicyRunner.from_checkpoint(Path(config.checkpoint).expanduser(), device=config.device)
     client = RobotClient(
         config.fleet,
         token,

@@ -11,8 +11,10 @@ import numpy as np
 from tqdm import tqdm
 
 from configs.schema import MISSING, ConfigError, TaskConfig, check, check_int, register_job
+from fleet.io.common import CONTROL_HZ_KEY
 from fleet.labels import ControlLabel
 from fleet.store import EpisodeStore, StepError, StoreError
+from sim.conventions import CONTROL_HZ
 from sim.experts import make_expert
 from sim.experts.base import imperfection_knobs
 from sim.tasks import make_env
@@ -109,7 +111,10 @@ def collect_demos(
             result.successes += success
             if not success and not keep_failures:
                 continue
-            episode = store.begin_episode(robot_id, task, policy_version="scripted")
+            # The control rate goes with the episode: exports (LeRobot's fps) read it from there.
+            episode = store.begin_episode(
+                robot_id, task, policy_version="scripted", extra={CONTROL_HZ_KEY: CONTROL_HZ}
+            )
             for obs, action in steps:
                 episode.append(obs, action, ControlLabel.DEMO)
             outcome = "success" if success else ("violation" if info["constraint_violation"] else "timeout")

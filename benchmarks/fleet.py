@@ -19,6 +19,7 @@ go to and when they are asked. The arms:
 - random_budget: Fleet-DAgger's random baseline, budget-matched: each tick a random number of busy
   humans around C.U.R.'s share of robot-steps with a human in the same seed (run after cur).
 - random: the always-busy random (every human on a random robot every tick), a costlier baseline.
+- cur_no_preempt: C.U.R. as Flotilla ran it before (a human stays while the robot needs help, no cap).
 - flotilla: Flotilla's rule, with the uncertainty threshold fixed each round from the deployed policy's
   held-out calibration rollouts (sim/round_thresholds.py), so requests fall as the policy improves.
 
@@ -55,7 +56,8 @@ from policies.train import final_checkpoint
 from sim.demo import fleet_rounds, fresh_folder, initial_policy, version_dir
 from sim.metrics import cumulative, table_header, table_row
 
-ARMS = ("cur", "flotilla", "random_budget", "random")  # run in this order: random_budget takes cur's budget
+# Run in this order: random_budget takes cur's budget.
+ARMS = ("cur", "flotilla", "random_budget", "random", "cur_no_preempt")
 DEFAULT_ARMS = ("cur", "flotilla", "random_budget")
 # The demo seeds its demos, fleet episodes and training from `seed` on: seeds this far apart share none.
 SEED_STRIDE = 1000
@@ -63,6 +65,7 @@ LABELS = {
     "random": "random (always busy)",
     "random_budget": "random (budget-matched)",
     "cur": "C.U.R.",
+    "cur_no_preempt": "C.U.R. without pre-emption",
     "flotilla": "Flotilla",
 }
 IFL_LAMBDA = 0.01  # the IFL repository's plots: successes - 0.01 * human actions
@@ -102,7 +105,7 @@ def demo_config(overrides: list[str]):
 
 def arm_overrides(arm: str, seed: int, budget: float | None = None) -> list[str]:
     """The demo's overrides for an arm; `budget` (random_budget): C.U.R.'s share of robot-steps with a human."""
-    rule = "random" if arm.startswith("random") else arm
+    rule = "random" if arm.startswith("random") else "cur" if arm.startswith("cur") else arm
     extra = [f"server.allocation.rule={rule}", f"server.allocation.seed={seed}"]
     if arm != "flotilla":
         extra.append("calibration.episodes=0")  # the baselines keep the rate-calibrated thresholds

@@ -55,7 +55,7 @@ PICK_PLACE_GOAL_Z = 0.02
 # EDGE_INNER[1], up to a few cm past the table's edges (TABLE_X max 0.72, TABLE_Y +-0.40).
 EDGE_GOAL_BAND = (np.array([0.40, -0.43]), np.array([0.76, 0.43]))
 EDGE_INNER = (0.66, 0.30)
-SIGNAL_NAMES = ("uncertainty", "novelty", "rnd", "risk", "ldm")
+SIGNAL_NAMES = ("uncertainty", "novelty", "rnd", "risk", "ldm", "agree")
 TARGET_FALSE_ALARM = 0.05
 EARLY_STEPS = 30
 

@@ -193,7 +193,7 @@ class PolicyRunner:
             self.uncertainty = float(normalized.std(dim=0).mean() / 2.0)
         choice = 0
         if self.safety is not None:
-            choice = self.safety.review(obs, goal_tensor, executed)
+            choice = self.safety.review(obs, goal_tensor, executed, self.uncertainty)
             self.signals = self.safety.signals
             if choice is None:
                 return

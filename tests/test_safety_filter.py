@@ -46,6 +46,7 @@ def safe_checkpoint(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     suite.thresholds["ldm"] = ConformalThreshold.fit([rng.normal(size=30) for _ in range(40)], 0.05)
     suite.filter_thresholds = {"ldm": 0.0, "novelty": 50.0}
+    suite.nominal = {"ldm": (0.0, 2.0), "risk": (0.5, 0.1)}  # the scale "agree" combines them on
     suite.save(path)
     return path
 
@@ -97,6 +98,8 @@ def test_the_filter_never_executes_a_candidate_above_its_threshold(safe_checkpoi
                 signals["ldm"] == pytest.approx(float(g[plan.choice]))
                 and signals["density"] == -signals["ldm"]
             )
+            agree = min(signals["ldm"] / 2.0, (signals["risk"] - 0.5) / 0.1)
+            assert signals["agree"] == pytest.approx(agree, rel=1e-5)
     assert {HOLD, PASS, SWITCHED} <= set(decisions), decisions
 
 

@@ -103,8 +103,9 @@ def test_flotilla_safety_trains_calibrates_and_saves_into_the_checkpoint(stores,
     assert "calibrated on 2" in result.stdout  # half of the 5 successful episodes, rounded
     meta = json.loads((checkpoint / SAFETY_JSON).read_text())
     assert meta["models"] == ["flow", "ldm", "risk", "rnd"]
-    assert set(meta["thresholds"]) == {"uncertainty", "novelty", "rnd", "risk", "ldm"}
+    assert set(meta["thresholds"]) == {"uncertainty", "novelty", "rnd", "risk", "ldm", "agree"}
     assert set(meta["filter_thresholds"]) == {"novelty", "ldm"}
+    assert set(meta["nominal"]) == {"uncertainty", "novelty", "rnd", "risk", "ldm"}
     runner = PolicyRunner.from_checkpoint(checkpoint, num_samples=4, safety_filter=FilterConfig(mode="ldm"))
     runner.act({"ee_pos": np.full(3, 0.4, np.float32), "goal": np.full(3, 0.4, np.float32)})
     assert runner.signals["filter"] in ("pass", "switched", "hold")

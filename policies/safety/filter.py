@@ -15,7 +15,8 @@ unchanged) for Ta steps, then plans again; the hold is reported (``filter``: hol
 raised to 1 so the fleet routes a human.
 
 Per plan it reports (``signals``): every signal of the executed candidate (or of candidate 0 on a hold),
-``density`` (-G with an LDM, else log p: high = familiar, the proto's meaning), and the decision
+``density`` (-G with an LDM, else log p: high = familiar, the proto's meaning), ``agree`` (every
+signal at once: the smallest standardized one, once calibrated), and the decision
 (``filter``: off | pass | switched | hold).
 """
 
@@ -87,9 +88,14 @@ class SafetyFilter:
 
     @torch.inference_mode()
     def review(
-        self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None, executed: torch.Tensor
+        self,
+        obs: dict[str, torch.Tensor],
+        goal: torch.Tensor | None,
+        executed: torch.Tensor,
+        uncertainty: float = 0.0,
     ) -> int | None:
-        """`executed`: (K, Ta, A) unnormalized candidate chunks. The index to execute, or None: hold."""
+        """`executed`: (K, Ta, A) unnormalized candidate chunks; `uncertainty`: their sampling spread (for
+        "agree"). The index to execute, or None: hold."""
         state = policy_features(self.policy, obs, goal)[0]
         candidates = chunk_summary(self.policy, executed, self.action_steps)
         scores = (
@@ -107,6 +113,8 @@ class SafetyFilter:
             signals["density"] = -signals["ldm"]
         elif "novelty" in scores:
             signals["density"] = -signals["novelty"]
+        if self.suite is not None and self.suite.nominal:
+            signals["agree"] = float(self.suite.agree({**signals, "uncertainty": uncertainty}))
         if decision == HOLD:
             signals["risk"] = 1.0
         signals["filter"] = decision

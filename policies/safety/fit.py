@@ -39,6 +39,7 @@ from policies.safety.models import (
 )
 
 FILTER_SIGNALS = ("novelty", "ldm")
+AGREE = "agree"  # every signal at once (SafetySuite.agree)
 
 
 @dataclass
@@ -219,6 +220,8 @@ def rollout_scores(suite: SafetySuite | None, rollout: Rollout) -> dict[str, np.
     shown = torch.as_tensor([max(c, 0) for c in rollout.choices])
     for name, values in scores.items():
         out[name] = values[torch.arange(len(shown)), shown].numpy().astype(np.float64)
+    if suite.nominal:
+        out[AGREE] = suite.agree(out)
     return out
 
 
@@ -230,9 +233,16 @@ def calibrate(
     time_varying: bool = True,
     bin_steps: int = 10,
 ) -> SafetySuite:
-    """Fit the suite's alarm thresholds (per episode, on nominal rollouts) and the filter's bounds (per
-    step: the share of nominal plans whose executed chunk the filter would have refused)."""
+    """Fit the suite's alarm thresholds (per episode, on nominal rollouts; "agree" too, after each
+    signal's nominal mean and spread) and the filter's bounds (per step: the share of nominal plans
+    whose executed chunk the filter would have refused)."""
+    suite.nominal = {}
     per_rollout = [rollout_scores(suite, r) for r in nominal]
+    for name in per_rollout[0]:
+        plans = np.concatenate([s[name] for s in per_rollout])
+        suite.nominal[name] = (float(plans.mean()), float(plans.std()) + 1e-9)
+    for s in per_rollout:
+        s[AGREE] = suite.agree(s)
     for name in per_rollout[0]:
         episodes = [r.per_step(s[name]) for r, s in zip(nominal, per_rollout, strict=True)]
         suite.thresholds[name] = ConformalThreshold.fit(

@@ -276,6 +276,17 @@ class SafetySuite:
     thresholds: dict[str, ConformalThreshold] = field(default_factory=dict)  # signal -> threshold
     # The safety filter's bound per signal it can filter on ("novelty", "ldm"), calibrated on nominal data.
     filter_thresholds: dict[str, float] = field(default_factory=dict)
+    # Mean and spread of each signal over nominal plans: the scale on which signals are combined.
+    nominal: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def agree(self, values: dict) -> np.ndarray:
+        """FIPER-style agreement: the smallest of the signals' standardized values (each by its nominal
+        mean and spread), so it is high only when every signal is; the signals missing from `values`
+        are left out."""
+        parts = [
+            (np.asarray(values[n], np.float64) - m) / s for n, (m, s) in self.nominal.items() if n in values
+        ]
+        return np.min(parts, axis=0)
 
     def modules(self) -> dict[str, nn.Module]:
         return {
@@ -328,6 +339,7 @@ class SafetySuite:
             "violation_energy": self.violation_energy,
             "thresholds": {name: t.to_dict() for name, t in self.thresholds.items()},
             "filter_thresholds": self.filter_thresholds,
+            "nominal": {name: list(stats) for name, stats in self.nominal.items()},
         }
         save_file(tensors, str(directory / SAFETY_FILE))
         (directory / SAFETY_JSON).write_text(json.dumps(meta, indent=2))
@@ -365,6 +377,7 @@ def load_safety(directory: str | Path) -> SafetySuite | None:
         modules = build_modules(config, int(meta["state_dim"]), int(meta["action_dim"]), meta["models"])
         thresholds = {name: ConformalThreshold.from_dict(t) for name, t in meta.get("thresholds", {}).items()}
         filter_thresholds = {str(k): float(v) for k, v in meta.get("filter_thresholds", {}).items()}
+        nominal = {str(k): (float(v[0]), float(v[1])) for k, v in meta.get("nominal", {}).items()}
         violation_energy = float(meta.get("violation_energy", 0.0))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
         if isinstance(err, CheckpointError):
@@ -390,6 +403,7 @@ def load_safety(directory: str | Path) -> SafetySuite | None:
         violation_energy=violation_energy,
         thresholds=thresholds,
         filter_thresholds=filter_thresholds,
+        nominal=nominal,
         **modules,
     )
 

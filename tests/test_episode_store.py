@@ -351,6 +351,10 @@ def test_sigkill_at_random_moments_never_loses_a_committed_episode(tmp_path):
             env=env,
         )
         assert child.stdout.readline().strip() == "ready"
+        # Kill while the writer commits steadily: on a loaded machine its start alone can take 0.25 s.
+        first = child.stdout.readline().split()
+        assert first[0] == "committed"
+        reported = max(reported, int(first[1]))
         time.sleep(rng.uniform(0.0, 0.25))
         child.send_signal(signal.SIGKILL)
         out, _ = child.communicate()

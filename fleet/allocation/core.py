@@ -272,13 +272,15 @@ class Rule(Protocol):
 
 @dataclass(frozen=True)
 class TickView:
-    """What a rule's optional ``begin_tick`` sees: the tick, the operators on duty, and the robots the rule
-    will rank this tick (connected, not idle), with the allocator's t_T."""
+    """What a rule's optional ``begin_tick`` sees: the tick, the operators on duty, the robots the rule
+    will rank this tick (connected, not idle), the allocator's t_T, and how many connected robots have a
+    human now (idle ones included: a human waiting out a robot's scene reset is busy too)."""
 
     tick: int
     operators: int
     robots: list[RobotSlot]
     t_T: int
+    with_human: int = 0
 
 
 @dataclass(frozen=True)
@@ -508,7 +510,8 @@ class Allocator:
         begin_tick = getattr(self.rule, "begin_tick", None)
         if begin_tick is not None:
             ranked = [robot for robot in active if not robot.idle]
-            begin_tick(TickView(self.ticks, len(on_duty), ranked, self.config.t_T))
+            with_human = sum(robot.controller is not None for robot in active)
+            begin_tick(TickView(self.ticks, len(on_duty), ranked, self.config.t_T, with_human))
         priorities = self._prioritize(active)
         released_now = set()
         for robot in active:

@@ -32,6 +32,7 @@ _RELEASE_REASONS = {
     "reset_done": pb.RELEASE_REASON_RESET_DONE,
     "operator_disconnected": pb.RELEASE_REASON_OPERATOR_DISCONNECTED,
     "robot_disconnected": pb.RELEASE_REASON_ROBOT_DISCONNECTED,
+    "preempted": pb.RELEASE_REASON_PREEMPTED,
 }
 
 

@@ -160,3 +160,16 @@ def _in_generated(full_name: str) -> bool:
         return flotilla_pb2.DESCRIPTOR.pool.FindMessageTypeByName(full_name).file is flotilla_pb2.DESCRIPTOR
     except KeyError:
         return False
+
+
+def test_every_allocator_reason_has_its_own_wire_value():
+    """Each reason the allocator gives travels as its own enum value and comes back by name (an unmapped
+    one would reach operators as UNSPECIFIED)."""
+    from fleet import allocation, wire
+
+    releases = [allocation.PREEMPTED, allocation.RESET_DONE, allocation.NO_LONGER_NEEDED, "operator_release"]
+    for reason in releases:
+        value = wire.release_reason_to_wire(reason)
+        assert value != flotilla_pb2.RELEASE_REASON_UNSPECIFIED, reason
+        assert wire.release_reason_name(value) == reason
+    assert len({wire.release_reason_to_wire(reason) for reason in releases}) == len(releases)

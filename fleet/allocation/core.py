@@ -67,7 +67,7 @@ CATEGORY_REASON = {"c": CONSTRAINT, "u": UNCERTAINTY, "r": RISK}
 NO_LONGER_NEEDED = "no_longer_needed"
 RESET_DONE = "reset_done"
 OPERATOR_RELEASE = "operator_release"
-PREEMPTED = "preempted"  # moved to a robot ranked above, t_T served (not on the wire yet: unspecified)
+PREEMPTED = "preempted"  # moved to a robot ranked above, t_T served
 OPERATOR_DISCONNECTED = "operator_disconnected"
 ROBOT_DISCONNECTED = "robot_disconnected"
 

@@ -32,6 +32,7 @@ class ReleaseReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RELEASE_REASON_RESET_DONE: _ClassVar[ReleaseReason]
     RELEASE_REASON_OPERATOR_DISCONNECTED: _ClassVar[ReleaseReason]
     RELEASE_REASON_ROBOT_DISCONNECTED: _ClassVar[ReleaseReason]
+    RELEASE_REASON_PREEMPTED: _ClassVar[ReleaseReason]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -65,6 +66,7 @@ RELEASE_REASON_NO_LONGER_NEEDED: ReleaseReason
 RELEASE_REASON_RESET_DONE: ReleaseReason
 RELEASE_REASON_OPERATOR_DISCONNECTED: ReleaseReason
 RELEASE_REASON_ROBOT_DISCONNECTED: ReleaseReason
+RELEASE_REASON_PREEMPTED: ReleaseReason
 MODE_UNSPECIFIED: Mode
 MODE_AUTONOMOUS: Mode
 MODE_TELEOP: Mode

@@ -33,13 +33,21 @@ LOWDIM = {
 IMAGE = {**LOWDIM, "front_rgb": (96, 96, 3)}
 
 
-def fake_batch(meta: ShapeMeta, batch: int, n_obs: int, horizon: int, device="cpu") -> dict:
+def fake_observation(meta: ShapeMeta, batch: int, n_obs: int, device="cpu", generator=None) -> dict:
+    """Random observations of `meta`'s keys: uint8 images, normal low-dim values."""
     obs = {}
     for key, shape in meta.obs.items():
         if len(shape) == 3:
-            obs[key] = torch.randint(0, 256, (batch, n_obs, *shape), dtype=torch.uint8, device=device)
+            obs[key] = torch.randint(
+                0, 256, (batch, n_obs, *shape), dtype=torch.uint8, device=device, generator=generator
+            )
         else:
-            obs[key] = torch.randn(batch, n_obs, *shape, device=device)
+            obs[key] = torch.randn(batch, n_obs, *shape, device=device, generator=generator)
+    return obs
+
+
+def fake_batch(meta: ShapeMeta, batch: int, n_obs: int, horizon: int, device="cpu") -> dict:
+    obs = fake_observation(meta, batch, n_obs, device)
     out = {
         "obs": obs,
         "action": torch.rand(batch, horizon, meta.action_dim, device=device) * 2 - 1,

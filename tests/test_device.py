@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.policy_latency import fake_observation
 from configs.schema import ConfigError
 from fleet.labels import ControlLabel
 from policies.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -50,14 +51,7 @@ def fitted(kind="diffusion", meta=META, ensemble=1, **settings):
 
 
 def observation(meta=META, batch=1, n_obs=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    obs = {}
-    for key, shape in meta.obs.items():
-        if len(shape) == 3:
-            obs[key] = torch.randint(0, 256, (batch, n_obs, *shape), dtype=torch.uint8, generator=generator)
-        else:
-            obs[key] = torch.randn(batch, n_obs, *shape, generator=generator)
-    return obs
+    return fake_observation(meta, batch, n_obs, generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------------- devices

@@ -69,6 +69,25 @@ POLICY, OPERATOR, HOLD_TELEOP, HOLD_SERVER, HOLD_ESTOP, HOLD_OFFLINE, HOLD_VIOLA
 )
 
 
+# The safety signals a policy may report (policies/safety/filter.py) that travel in Signals.
+SAFETY_SIGNALS = ("risk", "density", "novelty", "rnd", "ldm", "agree")
+SAFETY_FILTER_DECISIONS = {
+    "off": pb.SAFETY_FILTER_DECISION_OFF,
+    "pass": pb.SAFETY_FILTER_DECISION_PASS,
+    "switched": pb.SAFETY_FILTER_DECISION_SWITCHED,
+    "hold": pb.SAFETY_FILTER_DECISION_HOLD,
+}
+
+
+def safety_signals(reported: Mapping) -> dict:
+    """The Signals fields of a policy's per-plan report (unknown names and decisions are left out)."""
+    signals = {key: float(reported[key]) for key in SAFETY_SIGNALS if key in reported}
+    decision = SAFETY_FILTER_DECISIONS.get(reported.get("filter"))
+    if decision is not None:
+        signals["safety_filter"] = decision
+    return signals
+
+
 @dataclass(frozen=True)
 class AgentStep:
     """The outcome of one control tick."""
@@ -249,9 +268,10 @@ class RobotAgent:
             "density": 0.0,
             "constraint_violation": violation,
         }
-        # A policy with safety models (policies/safety) also reports risk and density per plan.
-        reported = getattr(self.policy, "signals", None) or {}
-        signals.update({key: float(reported[key]) for key in ("risk", "density") if key in reported})
+        # A policy with safety models (policies/safety) also reports its scores and the filter's decision
+        # for its latest plan (under teleop the shadow plan's, so the allocator sees when help is no longer
+        # needed); they are logged with the step.
+        signals.update(safety_signals(getattr(self.policy, "signals", None) or {}))
         if self._signals_fn is not None:
             signals.update(self._signals_fn(obs, info))
         camera = obs.get(self._camera_key) if self._camera_key else None

@@ -208,6 +208,51 @@ def test_episode_is_committed_with_labels_signals_and_metadata(server, clients):
     assert status.robots[0].robot_id == "r1" and status.robots[0].steps == 6 and status.robots[0].connected
 
 
+def test_safety_signals_are_logged_and_a_store_from_before_them_keeps_its_columns(
+    make_server, clients, tmp_path
+):
+    # A store whose first episode an earlier server committed, before the safety signals existed.
+    legacy = ("uncertainty", "risk", "density", "constraint_violation")
+    store = EpisodeStore.create(tmp_path / "fleet.zarr")
+    episode = store.begin_episode("r0", "push")
+    signals = {name: 0.0 for name in legacy}
+    episode.append(obs(0), np.zeros(2, np.float32), ROBOT, signals=signals, timestamp=1.0)
+    episode.commit(True, "success")
+    store.close()
+    server = make_server()
+    robot = clients(robot_client(server))
+    robot.start_episode(1)
+    send(robot, 1, range(3), novelty=2.5, ldm=4.0, safety_filter=pb.SAFETY_FILTER_DECISION_HOLD, risk=1.0)
+    robot.end_episode(1, success=False, outcome="timeout")
+    assert robot.wait_committed(timeout=10)
+    logged = committed(server, 1).episode(1)
+    assert {key for key in logged if key.startswith("signal_")} == {f"signal_{name}" for name in legacy}
+    assert np.allclose(logged["signal_risk"], 1.0)
+    server.stop()
+
+    # A new store logs every signal, the filter's decision as its SafetyFilterDecision code.
+    shutil.rmtree(tmp_path / "fleet.zarr")
+    server = make_server()
+    robot = clients(robot_client(server, "r2"))
+    robot.start_episode(1)
+    send(
+        robot,
+        1,
+        range(3),
+        novelty=2.5,
+        rnd=0.5,
+        ldm=4.0,
+        agree=-1.5,
+        safety_filter=pb.SAFETY_FILTER_DECISION_HOLD,
+    )
+    robot.end_episode(1, success=False, outcome="timeout")
+    assert robot.wait_committed(timeout=10)
+    logged = committed(server, 1).episode(0)
+    assert logged["signal_safety_filter"].tolist() == [pb.SAFETY_FILTER_DECISION_HOLD] * 3
+    assert np.allclose(logged["signal_ldm"], 4.0) and np.allclose(logged["signal_agree"], -1.5)
+    assert np.allclose(logged["signal_novelty"], 2.5) and np.allclose(logged["signal_rnd"], 0.5)
+
+
 def test_takeover_relabels_pre_intervention_and_teleop_reaches_the_robot(server, clients):
     operator = clients(operator_client(server, "alice"))
     robot = clients(robot_client(server))

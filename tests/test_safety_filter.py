@@ -162,21 +162,26 @@ def test_a_checkpoint_with_safety_models_runs_in_the_agent_and_its_signals_reach
                 assert time.monotonic() < deadline, "the robot never became autonomous"
                 server.call(server.server.fleet.tick)
                 reported.append(None)
-            reported.append((runner.signals["risk"], runner.signals["density"]))
+            reported.append(dict(runner.signals))
         agent.end_episode(False, "failure")
         assert client.wait_acked(timeout=10)
         while server.server.writer.stats.episodes_committed < 1:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        episode = EpisodeStore.open(config.store).episode(0, keys=["signal_risk", "signal_density"])
-        logged = [
-            (float(r), float(d))
-            for r, d in zip(episode["signal_risk"], episode["signal_density"], strict=True)
-        ]
-        for sent, got in zip(reported, logged, strict=True):
-            if sent is not None:
-                assert got == pytest.approx(sent, rel=1e-5, abs=1e-5)
-        assert any(risk == 1.0 for risk, _ in logged)  # the filter held at least once and raised risk
+        # Every safety signal of each plan, and the filter's decision, is logged with the step it drove.
+        names = ("risk", "density", "novelty", "rnd", "ldm", "agree")
+        episode = EpisodeStore.open(config.store).episode(
+            0, keys=[f"signal_{name}" for name in (*names, "safety_filter")]
+        )
+        decision_codes = {"pass": 2, "switched": 3, "hold": 4}
+        for t, sent in enumerate(reported):
+            if sent is None:
+                continue
+            got = {name: float(episode[f"signal_{name}"][t]) for name in names}
+            assert got == pytest.approx({name: sent[name] for name in names}, rel=1e-5, abs=1e-5)
+            assert episode["signal_safety_filter"][t] == decision_codes[sent["filter"]]
+        held = episode["signal_safety_filter"] == decision_codes["hold"]
+        assert held.any() and (episode["signal_risk"][held] == 1.0).all()  # a hold raises risk to 1
     finally:
         agent.close(timeout=2)
         server.stop()

@@ -27,7 +27,6 @@ FATAL_CODES = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
-SIGNAL_NAMES = ("uncertainty", "risk", "density", "constraint_violation")
 HEARTBEAT_S = 0.25  # well inside the server's default silence timeouts (1 s)
 # HTTP/2 keepalive, within what the server permits (fleet/server/app.py KEEPALIVE_OPTIONS).
 KEEPALIVE_OPTIONS = (

@@ -57,7 +57,7 @@ from fleet.server.auth import Identity, check_id
 from fleet.server.config import ServerConfig
 from fleet.server.ledger import Ledger
 from fleet.server.metrics import Metrics
-from fleet.server.robots import RobotSpec, decode_step, decode_vector, step_time
+from fleet.server.robots import RobotSpec, decode_step, decode_vector, logged_signals, step_time
 from fleet.server.streams import FleetError, Outbox, RateLimitedLog
 from fleet.server.writer import EpisodeWriter
 from fleet.store.episode_store import schema_difference
@@ -195,10 +195,10 @@ class Fleet:
         check_boot_id(hello.boot_id, "robot process")
         for name in ("task", "policy_version"):
             check_text(getattr(hello, name), f"hello: {name}")
-        spec = RobotSpec.from_hello(hello, self.config.max_step_bytes)
         # The fleet's schema is what the store has committed; until the first commit any robot may log
         # (the first episode committed fixes it, see EpisodeWriter).
         committed = self.writer.store.schema
+        spec = RobotSpec.from_hello(hello, self.config.max_step_bytes, logged_signals(committed))
         if committed is not None and (diff := schema_difference(committed, spec.store_schema())):
             raise FleetError(
                 PRECONDITION,

@@ -22,7 +22,18 @@ from fleet.store import FieldSpec, Schema, StepError, check_schema
 from fleet.store.episode_store import RESERVED_KEYS, SIGNAL_PREFIX
 from fleet.text import clip
 
-SIGNAL_NAMES = ("uncertainty", "risk", "density", "constraint_violation")
+# Every Signals field, logged per step as signal_<name> (safety_filter as its SafetyFilterDecision code).
+SIGNAL_NAMES = (
+    "uncertainty",
+    "risk",
+    "density",
+    "constraint_violation",
+    "novelty",
+    "rnd",
+    "ldm",
+    "agree",
+    "safety_filter",
+)
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MAX_KEYS = 64  # observation keys per robot
 MAX_VECTOR = 4096  # most numbers in an action or goal
@@ -35,9 +46,12 @@ class RobotSpec:
     observation: dict[str, FieldSpec]
     action_dim: int
     goal_dim: int
+    signals: tuple[str, ...] = SIGNAL_NAMES  # the signals the store logs (see logged_signals)
 
     @classmethod
-    def from_hello(cls, hello: pb.RobotHello, max_step_bytes: int) -> RobotSpec:
+    def from_hello(
+        cls, hello: pb.RobotHello, max_step_bytes: int, signals: tuple[str, ...] = SIGNAL_NAMES
+    ) -> RobotSpec:
         """The hello's spec, checked: key names and dtypes the store accepts, bounded sizes."""
         if not 0 < hello.action_dim <= MAX_VECTOR:
             raise FleetError(INVALID, f"hello: action_dim must be in 1..{MAX_VECTOR}, got {hello.action_dim}")
@@ -61,7 +75,7 @@ class RobotSpec:
                 )
             except ValueError as err:
                 raise FleetError(INVALID, f"hello: observation_spec {err}") from None
-        spec = cls(observation, hello.action_dim, hello.goal_dim)
+        spec = cls(observation, hello.action_dim, hello.goal_dim, signals)
         try:  # the store's own rules for key names, dtypes and dimensions, before anything is written
             check_schema(spec.store_schema())
         except StepError as err:
@@ -83,8 +97,12 @@ class RobotSpec:
         schema["action"] = FieldSpec((self.action_dim,), np.dtype(np.float32))
         schema["label"] = FieldSpec((), np.dtype(np.uint8))
         schema["timestamp"] = FieldSpec((), np.dtype(np.float64))
-        schema.update({SIGNAL_PREFIX + name: FieldSpec((), np.dtype(np.float32)) for name in SIGNAL_NAMES})
+        schema.update({SIGNAL_PREFIX + name: FieldSpec((), np.dtype(np.float32)) for name in self.signals})
         return schema
+
+    @functools.cached_property
+    def signal_keys(self) -> tuple[tuple[str, str], ...]:
+        return tuple((name, SIGNAL_PREFIX + name) for name in self.signals)
 
     def is_image(self, key: str) -> bool:
         return self.observation[key].is_image
@@ -105,6 +123,14 @@ class RobotSpec:
         )
 
 
+def logged_signals(committed: Schema | None) -> tuple[str, ...]:
+    """The signals a store logs: all of them in a new store; in one committed by an earlier server (before
+    the safety signals existed) the ones its schema has, so upgrading the server keeps the store usable."""
+    if committed is None:
+        return SIGNAL_NAMES
+    return tuple(name for name in SIGNAL_NAMES if SIGNAL_PREFIX + name in committed)
+
+
 def decode_vector(tensor: pb.Tensor, size: int, what: str) -> np.ndarray:
     """A finite float32 vector of `size` numbers (actions, goals), or INVALID_ARGUMENT naming the problem."""
     try:
@@ -118,9 +144,6 @@ def decode_vector(tensor: pb.Tensor, size: int, what: str) -> np.ndarray:
     if not np.all(np.isfinite(value)):
         raise FleetError(INVALID, f"{what} contains NaN or infinity: {value.tolist()}")
     return value.astype(np.float32)
-
-
-SIGNAL_KEYS = tuple((name, SIGNAL_PREFIX + name) for name in SIGNAL_NAMES)
 
 
 def step_time(timestamp: float, what: str) -> np.float64:
@@ -198,7 +221,7 @@ def _decode_plain(
     if not np.isfinite(np.frombuffer(b"".join(float32_bytes), np.float32)).all():
         return None
     signals = step.signals
-    for name, key in SIGNAL_KEYS:
+    for name, key in spec.signal_keys:
         value = float(getattr(signals, name))
         if not math.isfinite(value):
             return None
@@ -262,11 +285,11 @@ def _decode_checked(
     if not step.HasField("action"):
         raise FleetError(INVALID, f"{where}: no action")
     flat["action"] = decode_vector(step.action, spec.action_dim, f"{where}: action")
-    for name in SIGNAL_NAMES:
+    for name, key in spec.signal_keys:
         value = float(getattr(step.signals, name))
         if not math.isfinite(value):
             raise FleetError(INVALID, f"{where}: signal {name} is {value}")
-        flat[SIGNAL_PREFIX + name] = np.float32(value)
+        flat[key] = np.float32(value)
     return flat
 
 

@@ -12,7 +12,8 @@ format-2 copy they read, fleet/io/diffusion_policy.py):
     zarr.json attributes  {"flotilla_store": {"format": 2, "schema": {key: {shape, dtype}}}}
 
 Step keys: the observation's keys, plus the reserved `action`, `label` (a ControlLabel code),
-`timestamp`, optional `goal`, and one `signal_<name>` per signal (uncertainty, risk, ...). The schema
+`timestamp`, optional `goal`, and one `signal_<name>` per signal (uncertainty, risk, ..., as the fleet
+server logs them: fleet/server/robots.py SIGNAL_NAMES). The schema
 (keys, shapes, dtypes; see `check_schema` for what is allowed) is declared at creation or fixed by the
 first commit. An open episode of a store without a schema takes its schema from its own first step.
 

@@ -15,6 +15,14 @@ class ControlLabel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTROL_LABEL_PRE_INTERVENTION: _ClassVar[ControlLabel]
     CONTROL_LABEL_INTERVENTION: _ClassVar[ControlLabel]
 
+class SafetyFilterDecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SAFETY_FILTER_DECISION_UNSPECIFIED: _ClassVar[SafetyFilterDecision]
+    SAFETY_FILTER_DECISION_OFF: _ClassVar[SafetyFilterDecision]
+    SAFETY_FILTER_DECISION_PASS: _ClassVar[SafetyFilterDecision]
+    SAFETY_FILTER_DECISION_SWITCHED: _ClassVar[SafetyFilterDecision]
+    SAFETY_FILTER_DECISION_HOLD: _ClassVar[SafetyFilterDecision]
+
 class AssignmentReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ASSIGNMENT_REASON_UNSPECIFIED: _ClassVar[AssignmentReason]
@@ -54,6 +62,11 @@ CONTROL_LABEL_DEMO: ControlLabel
 CONTROL_LABEL_ROBOT: ControlLabel
 CONTROL_LABEL_PRE_INTERVENTION: ControlLabel
 CONTROL_LABEL_INTERVENTION: ControlLabel
+SAFETY_FILTER_DECISION_UNSPECIFIED: SafetyFilterDecision
+SAFETY_FILTER_DECISION_OFF: SafetyFilterDecision
+SAFETY_FILTER_DECISION_PASS: SafetyFilterDecision
+SAFETY_FILTER_DECISION_SWITCHED: SafetyFilterDecision
+SAFETY_FILTER_DECISION_HOLD: SafetyFilterDecision
 ASSIGNMENT_REASON_UNSPECIFIED: AssignmentReason
 ASSIGNMENT_REASON_CONSTRAINT_VIOLATION: AssignmentReason
 ASSIGNMENT_REASON_UNCERTAINTY: AssignmentReason
@@ -101,16 +114,26 @@ class Image(_message.Message):
     def __init__(self, encoding: _Optional[str] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class Signals(_message.Message):
-    __slots__ = ("uncertainty", "risk", "density", "constraint_violation")
+    __slots__ = ("uncertainty", "risk", "density", "constraint_violation", "novelty", "rnd", "ldm", "agree", "safety_filter")
     UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
     RISK_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_VIOLATION_FIELD_NUMBER: _ClassVar[int]
+    NOVELTY_FIELD_NUMBER: _ClassVar[int]
+    RND_FIELD_NUMBER: _ClassVar[int]
+    LDM_FIELD_NUMBER: _ClassVar[int]
+    AGREE_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_FILTER_FIELD_NUMBER: _ClassVar[int]
     uncertainty: float
     risk: float
     density: float
     constraint_violation: bool
-    def __init__(self, uncertainty: _Optional[float] = ..., risk: _Optional[float] = ..., density: _Optional[float] = ..., constraint_violation: _Optional[bool] = ...) -> None: ...
+    novelty: float
+    rnd: float
+    ldm: float
+    agree: float
+    safety_filter: SafetyFilterDecision
+    def __init__(self, uncertainty: _Optional[float] = ..., risk: _Optional[float] = ..., density: _Optional[float] = ..., constraint_violation: _Optional[bool] = ..., novelty: _Optional[float] = ..., rnd: _Optional[float] = ..., ldm: _Optional[float] = ..., agree: _Optional[float] = ..., safety_filter: _Optional[_Union[SafetyFilterDecision, str]] = ...) -> None: ...
 
 class RobotHello(_message.Message):
     __slots__ = ("robot_id", "task", "policy_version", "observation_spec", "action_dim", "goal_dim", "last_acked_seq", "boot_id")

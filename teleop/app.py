@@ -331,12 +331,23 @@ def _number(message: dict, key: str) -> float:
 # ------------------------------------------------------------------------------------- wire -> JSON
 
 
+# The safety filter's decision as the page shows it ("" without safety models).
+SAFETY_FILTER_NAMES = {
+    pb.SAFETY_FILTER_DECISION_OFF: "off",
+    pb.SAFETY_FILTER_DECISION_PASS: "pass",
+    pb.SAFETY_FILTER_DECISION_SWITCHED: "switched",
+    pb.SAFETY_FILTER_DECISION_HOLD: "hold",
+}
+
+
 def _signals(signals: pb.Signals) -> dict:
     return {
-        "uncertainty": round(signals.uncertainty, 4),
-        "risk": round(signals.risk, 4),
-        "density": round(signals.density, 4),
+        **{
+            name: round(getattr(signals, name), 4)
+            for name in ("uncertainty", "risk", "density", "novelty", "rnd", "ldm", "agree")
+        },
         "constraint_violation": signals.constraint_violation,
+        "safety_filter": SAFETY_FILTER_NAMES.get(signals.safety_filter, ""),
     }
 
 

@@ -148,6 +148,30 @@ def test_the_trainer_leaves_discarded_corrections_out(server, clients):
     assert data.steps["label"][6:10].tolist() == [INTERVENTION] * 4  # kept in the store, labels intact
 
 
+def test_the_fleet_view_carries_the_safety_signals_and_the_filter_decision():
+    from teleop.app import fleet_message
+
+    status = pb.FleetStatus()
+    robot = status.robots.add(robot_id="r1", connected=True)
+    robot.signals.CopyFrom(
+        pb.Signals(risk=1.0, ldm=3.25, agree=0.5, safety_filter=pb.SAFETY_FILTER_DECISION_HOLD)
+    )
+    status.robots.add(robot_id="r2", connected=True)  # a policy without safety models
+    first, second = fleet_message(status)["robots"]
+    assert first["signals"] == {
+        "uncertainty": 0.0,
+        "risk": 1.0,
+        "density": 0.0,
+        "novelty": 0.0,
+        "rnd": 0.0,
+        "ldm": 3.25,
+        "agree": 0.5,
+        "constraint_violation": False,
+        "safety_filter": "hold",
+    }
+    assert second["signals"]["safety_filter"] == ""
+
+
 def test_operators_pick_from_the_queue_where_the_rule_allows_it():
     allocator = allocation.make_allocator("cur", t_T=5, uncertainty_threshold=0.5, risk_threshold=0.5)
     robots = [allocation.RobotSlot(f"r{i}") for i in range(3)]

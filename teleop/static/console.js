@@ -244,6 +244,7 @@ function robotState(r) {
   if (r.operator) return [r.blocked ? `reset by ${r.operator}` : `teleop: ${r.operator}`, "teleop"];
   if (r.blocked) return ["blocked", "blocked"];
   if (waiting) return ["needs help", "needs-help"];
+  if (r.signals.safety_filter === "hold") return ["safety hold", "holding"]; // no sampled plan was safe
   if (r.mode === "hold") return ["holding", "holding"];
   return ["autonomous", "autonomous"];
 }
@@ -255,7 +256,7 @@ function cell(row, content) {
   return td;
 }
 
-const SIGNAL_COLORS = { uncertainty: "#4ea1ff", risk: "#f0b429", density: "#3ecf8e" };
+const SIGNAL_COLORS = { uncertainty: "#4ea1ff", risk: "#f0b429", density: "#3ecf8e", agree: "#c084fc" };
 
 // One line per signal over the last HISTORY fleet updates, each on its own scale.
 function sparkline(series) {
@@ -303,7 +304,8 @@ function renderFleet() {
     cell(row, `${r.task} ${r.goal.length ? "[" + r.goal.map((v) => v.toFixed(2)).join(", ") + "]" : ""}`);
     cell(row, r.policy || "-");
     const sig = cell(row, sparkline(values));
-    sig.title = `uncertainty ${r.signals.uncertainty} (blue), risk ${r.signals.risk} (orange), density ${r.signals.density} (green)`;
+    sig.title = `uncertainty ${r.signals.uncertainty} (blue), risk ${r.signals.risk} (orange), density ${r.signals.density} (green), agree ${r.signals.agree} (purple)` +
+      (r.signals.safety_filter ? `; safety filter: ${r.signals.safety_filter}` : "");
     // A protective stop of one robot, and its release (the fleet server says who may release it).
     const stop = document.createElement("button");
     stop.className = r.estop ? "quiet release-stop" : "stop robot-stop";

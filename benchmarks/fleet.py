@@ -13,15 +13,22 @@ embedded server, the sim fleet, retraining between rounds) with its allocation s
 robots, rounds, episodes per round, t_T and t_R are the same for all; what differs is whom the humans
 go to and when they are asked. The arms:
 
-- cur: C.U.R. as the IFL benchmark runs it (section 3 of issue 14): constraint, uncertainty, risk;
-  pre-emption after t_T; at most as many violating robots ranked as violations as there are operators
-  (cv_thresh 1); thresholds recalibrated within the round to the request rate alpha (ThriftyDAgger).
+- cur: C.U.R. as the IFL benchmark runs it (section 3 of issue 14): constraint, uncertainty, risk (the
+  learned risk of the deployed policy's safety models); pre-emption after t_T; at most as many violating
+  robots ranked as violations as there are operators (cv_thresh 1); both thresholds recalibrated within
+  the round to the request rate alpha (ThriftyDAgger).
 - random_budget: Fleet-DAgger's random baseline, budget-matched: each tick a random number of busy
   humans around C.U.R.'s share of robot-steps with a human in the same seed (run after cur).
 - random: the always-busy random (every human on a random robot every tick), a costlier baseline.
 - cur_no_preempt: C.U.R. as Flotilla ran it before (a human stays while the robot needs help, no cap).
-- flotilla: Flotilla's rule, with the uncertainty threshold fixed each round from the deployed policy's
-  held-out calibration rollouts (sim/round_thresholds.py), so requests fall as the policy improves.
+- flotilla: Flotilla's rule ranking by the learned risk (allocation.flotilla.signal=risk), its threshold
+  fixed each round from the deployed policy's held-out calibration rollouts (sim/round_thresholds.py),
+  so requests fall as the policy improves.
+
+Every deployed policy carries safety models (sim/round_safety.py, `flotilla safety`'s fit: the flow
+and the risk classifier, 1000 steps each): the seed's initial one learns from 16 pilot rollouts of its
+own, each retrained one from the pilot and the fleet's episodes so far; so the robots report a learned
+risk to the server. The random arms' retrained policies skip them (random reads no signal).
 
 Reported per arm, mean +- std over seeds: ROHE over all rounds as Flotilla defines it ((M / N) *
 autonomous successes / (1 + human action steps), sim/metrics.py) and as the IFL repository's plots
@@ -51,9 +58,10 @@ from hydra import compose, initialize_config_dir
 
 from benchmarks.common import machine_line
 from flotilla.cli import CONFIG_DIR
+from policies.safety.models import load_safety
 from policies.threads import set_torch_threads
 from policies.train import final_checkpoint
-from sim.demo import fleet_rounds, fresh_folder, initial_policy, version_dir
+from sim.demo import fleet_rounds, fresh_folder, initial_policy, initial_safety, version_dir
 from sim.metrics import cumulative, table_header, table_row
 
 # Run in this order: random_budget takes cur's budget.
@@ -107,8 +115,17 @@ def arm_overrides(arm: str, seed: int, budget: float | None = None) -> list[str]
     """The demo's overrides for an arm; `budget` (random_budget): C.U.R.'s share of robot-steps with a human."""
     rule = "random" if arm.startswith("random") else "cur" if arm.startswith("cur") else arm
     extra = [f"server.allocation.rule={rule}", f"server.allocation.seed={seed}"]
-    if arm != "flotilla":
+    if arm == "flotilla":
+        extra.append("+server.allocation.flotilla.signal=risk")  # the learned risk (issue 14, section 4)
+    else:
         extra.append("calibration.episodes=0")  # the baselines keep the rate-calibrated thresholds
+        # ... also when a published checkpoint carries its own (the server would fix them: the lead's
+        # allocation.policy_thresholds, fleet/server/policy_thresholds.py)
+        extra.append("+server.allocation.policy_thresholds=false")
+    if arm.startswith("random"):
+        # Random reads no signal: its retrained policies need no safety models (the seed's initial one,
+        # shared by every arm, has them). Without a filter they do not change what the policy does.
+        extra.append("safety.fit=false")
     if arm == "cur":
         extra += ["+server.allocation.preempt=true", "+server.allocation.cur.violation_share=1.0"]
     elif arm == "random":
@@ -146,7 +163,10 @@ def seed_policy(base: list[str], seed_dir: Path, reuse: bool) -> tuple[Path, Pat
     demos, initial = seed_dir / "demos.zarr", version_dir(seed_dir, f"{cfg.task.name}-r0")
     if reuse and demos.exists() and initial.exists():
         print(f"reusing {demos} and {initial}", flush=True)
-        return demos, final_checkpoint(initial), {}
+        checkpoint, timings = final_checkpoint(initial), {}
+        if cfg.safety.fit and load_safety(checkpoint) is None:  # an initial policy from before safety models
+            timings = initial_safety(cfg, checkpoint, demos)
+        return demos, checkpoint, timings
     return initial_policy(cfg, fresh_folder(seed_dir, overwrite=True))
 
 

@@ -38,11 +38,14 @@ class RegistryPolicies:
         self.root_certificates = root_certificates
         self._lock = threading.Lock()
         self._checkpoints: dict[str, object] = {}
+        # Each version's safety models (policies/safety), None without: its robots report learned risk.
+        self._safety: dict[str, object] = {}
 
     def __call__(self, version: str = ""):
         from policies.checkpoint import load_checkpoint  # torch is imported only when a policy is needed
         from policies.device import resolve_device
         from policies.runner import PolicyRunner
+        from policies.safety.models import load_safety
 
         with self._lock:  # one download and one load per version, however many robots ask at once
             if version and version in self._checkpoints:
@@ -62,6 +65,7 @@ class RegistryPolicies:
                     self._checkpoints[version] = load_checkpoint(
                         folder, map_location=resolve_device(self.device)
                     )
+                    self._safety[version] = load_safety(folder)
                 checkpoint = self._checkpoints[version]
         if self.planner is not None:
             return self.planner.runner(
@@ -73,4 +77,5 @@ class RegistryPolicies:
             self.num_samples,
             action_space=checkpoint.action_space,
             cuda_graphs=self.cuda_graphs,
+            safety=self._safety.get(version),
         )

@@ -5,8 +5,9 @@
    publish the initial policy to its registry;
 3. R rounds: the sim fleet (N robots, M scripted operators over gRPC) runs on the deployed policy,
    humans intervene, every step is logged; then retrain on all stores (demos + fleet, weighted by
-   control label as `train.weighting` says), publish, and the robots hot-swap to the new version
-   before the next round (2 and 3 are `fleet_rounds`);
+   control label as `train.weighting` says), fit the new policy's safety models (its learned risk,
+   sim/round_safety.py; the initial policy's from pilot rollouts of its own), publish, and the robots
+   hot-swap to the new version before the next round (2 and 3 are `fleet_rounds`);
 4. print a table row per round, write metrics.json and PNG curves into `out`.
 
 benchmarks/fleet.py runs the same two functions, one initial policy per seed shared by every
@@ -51,6 +52,7 @@ from sim.collect import collect_demos
 from sim.experts.base import imperfection_knobs
 from sim.fleet_sim import SimFleet, lockstep_tick
 from sim.metrics import RoundMetrics, cumulative, table_header, table_row, totals_line
+from sim.round_safety import RoundSafetyConfig, fit_round_safety, pilot_store, record_pilot
 from sim.round_thresholds import RoundThresholdsConfig, round_thresholds
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,9 @@ def _demo_server() -> dict[str, Any]:
             "t_T": 6,
             "t_R": 10,
             "uncertainty_threshold": None,  # calibrated to the request rate alpha
-            "risk_threshold": 1.0,  # fixed: risk is a placeholder 0 for now (a calibrated one would flag all)
+            # Calibrated like uncertainty (the round's calibration fixes it when the policy has a risk model;
+            # a policy without one reports a constant 0, whose calibrated threshold never fires).
+            "risk_threshold": None,
             # About 5% of autonomous steps ask for help, calibrated over the last ~half round: the uncertainty
             # (spread of action samples) hardly tells failing robots from good ones here, and a longer window
             # let it drift up with each retrained policy, so humans took over ever more episodes.
@@ -184,6 +188,9 @@ class DemoConfig:
     # (sim/round_thresholds.py), so the fleet asks for less help as the policy improves; episodes=0
     # leaves the allocator's own thresholds (rate-calibrated: the C.U.R. baseline's).
     calibration: RoundThresholdsConfig = field(default_factory=RoundThresholdsConfig)
+    # Safety models (`flotilla safety`) fitted into every policy before it is deployed, so the robots
+    # report a learned risk (sim/round_safety.py).
+    safety: RoundSafetyConfig = field(default_factory=RoundSafetyConfig)
     # Retrain each round by fine-tuning the deployed policy on all the data (train.steps more steps), rather
     # than from scratch: a fixed step budget over data that grows each round otherwise trains every new
     # policy less than the last (push: the initial policy's ~260 epochs of demos fell to ~130 by round 3).
@@ -316,7 +323,21 @@ def initial_policy(cfg, out: Path) -> tuple[Path, Path, dict]:
     checkpoint, timings["initial_train_s"] = train_version(
         cfg, [demos], out, f"{task}-r0", cfg.demos.train_steps
     )
+    if cfg.safety.fit:
+        timings.update(initial_safety(cfg, checkpoint, demos))
     return demos, checkpoint, timings
+
+
+def initial_safety(cfg, checkpoint: Path, demos: Path) -> dict:
+    """The initial policy's safety models: its pilot rollouts (pilot.zarr beside the demos), then
+    `flotilla safety` on them (sim/round_safety.py). Returns the times taken."""
+    cfg = demo_config(cfg)
+    started = time.monotonic()
+    pilot = record_pilot(
+        cfg.safety, checkpoint, demos, cfg.task.name, cfg.seed, cfg.fleet.num_samples, env_kwargs(cfg)
+    )
+    timings = {"pilot_s": time.monotonic() - started}
+    return {**timings, **fit_round_safety(cfg.safety, checkpoint, demos, [pilot])}
 
 
 def fleet_rounds(
@@ -384,6 +405,10 @@ def fleet_rounds(
                     init_from=checkpoint if cfg.warm_start else None,
                 )
                 timings["retrain_s"].append(seconds)
+                if cfg.safety.fit:  # from the demos, the pilot and every fleet episode so far
+                    logged = [pilot_store(demos), out / "fleet.zarr"]
+                    fitted = fit_round_safety(cfg.safety, checkpoint, demos, logged)
+                    timings.setdefault("safety_s", []).append(fitted["safety_s"])
                 publish_checkpoint(server.address, tokens["trainer"], checkpoint, version)
                 if not fleet.wait_for_policy(version):
                     raise RuntimeError(f"robots did not load {version}")
@@ -412,8 +437,9 @@ def start_console(address: str, operator_token: str, port: int):
 
 
 def fix_round_thresholds(cfg: DemoConfig, server: ServerThread, checkpoint: Path, index: int) -> dict:
-    """Calibrate the deployed policy on held-out rollouts and fix the allocator's uncertainty threshold
-    for the round (sim/round_thresholds.py); returns what was fixed, with the calibration time."""
+    """Calibrate the deployed policy on held-out rollouts and fix the allocator's uncertainty and risk
+    thresholds for the round (sim/round_thresholds.py; risk only when the policy has a risk model);
+    returns what was fixed, with the calibration time."""
     started = time.monotonic()
     fixed = round_thresholds(
         cfg.calibration,
@@ -424,10 +450,11 @@ def fix_round_thresholds(cfg: DemoConfig, server: ServerThread, checkpoint: Path
         cfg.fleet.num_samples,
         env_kwargs(cfg),
     )
-    server.call(server.server.fleet.allocator.fix_thresholds, fixed.uncertainty, None)
+    server.call(server.server.fleet.allocator.fix_thresholds, fixed.uncertainty, fixed.risk)
+    risk = "" if fixed.risk is None else f", risk {fixed.risk:.4g}"
     print(
-        f"round {index + 1} threshold: uncertainty {fixed.uncertainty:.4f} from {fixed.nominal_episodes} "
-        f"nominal of {fixed.episodes} held-out rollouts",
+        f"round {index + 1} thresholds: uncertainty {fixed.uncertainty:.4f}{risk} from "
+        f"{fixed.nominal_episodes} nominal of {fixed.episodes} held-out rollouts",
         flush=True,
     )
     return {**fixed.to_dict(), "calibration_s": time.monotonic() - started}

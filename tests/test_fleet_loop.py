@@ -399,6 +399,9 @@ def test_flotilla_demo_runs_two_tiny_rounds(tmp_path):
             "fleet.control_hz=40",
             "policy.down_dims=[8,16]",
             "calibration.episodes=2",
+            "safety.pilot_episodes=2",
+            "safety.model.flow_steps=5",
+            "safety.model.risk_steps=5",
             "progress=false",
             "train.progress=false",
         ],
@@ -414,8 +417,13 @@ def test_flotilla_demo_runs_two_tiny_rounds(tmp_path):
     assert [r["episodes"] for r in report["rounds"]] == [2, 2]
     assert [r["policy_version"] for r in report["rounds"]] == ["reach-r0", "reach-r1"]  # hot-swapped
     assert report["totals"]["episodes"] == 4
-    # Each round's uncertainty threshold was fixed from its deployed policy's 2 held-out rollouts.
+    # Each round's uncertainty and risk thresholds were fixed from its deployed policy's 2 held-out
+    # rollouts; every published policy carried safety models (the initial one's learned from 2 pilot runs).
     assert [t["episodes"] for t in report["timings"]["thresholds"]] == [2, 2]
+    assert all(t["risk"] is not None for t in report["timings"]["thresholds"])
+    assert EpisodeStore.open(out / "pilot.zarr").num_episodes == 2
+    for version in ("reach-r0", "reach-r1"):
+        assert (out / "registry" / version / "safety.json").exists()
     assert report["totals"]["human_action_steps"] == sum(r["human_action_steps"] for r in report["rounds"])
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert EpisodeStore.open(out / "fleet.zarr").num_episodes == 4

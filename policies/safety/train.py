@@ -82,7 +82,11 @@ def logged_rollouts(
                     candidates=list(candidates),
                     choices=[0] * len(plans),
                     # The runner's sampling spread, over the sampled candidates (0 with one sample).
-                    uncertainty=(candidates[:, 1:].std(1).mean(-1) / 2.0).nan_to_num().tolist(),
+                    uncertainty=(
+                        (candidates[:, 1:].std(1).mean(-1) / 2.0).nan_to_num().tolist()
+                        if num_samples > 2
+                        else [0.0] * len(plans)  # no spread of fewer than 2 samples (and no warning)
+                    ),
                     length=end,
                     success=bool(success[index]) and not human.size and not violations.size,
                     violation_step=int(violations[0]) if violations.size else None,

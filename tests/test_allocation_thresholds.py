@@ -83,3 +83,25 @@ def test_fix_thresholds_checks_and_releases():
     assert allocator.thresholds.uncertainty.value == 0.5 and allocator.risk.fixed is None
     with pytest.raises(ValueError, match="uncertainty threshold must be a finite number"):
         allocator.fix_thresholds(float("nan"), None)
+
+
+def test_a_threshold_schedule_follows_each_robots_step_in_its_episode():
+    # A policy's calibration that varies over the episode (FAIL-Detect's band: policies/safety/calibration):
+    # early steps are calm (0.2), later ones, at contact, spread more (0.6), in bins of 10 steps.
+    from policies.safety.calibration import ConformalThreshold
+
+    schedule = ConformalThreshold([0.2, 0.6], 0.05, "episode", 10, 30)
+    allocator = make_allocator("flotilla", uncertainty_threshold=None, risk_threshold=None)
+    allocator.fix_thresholds(schedule, None)
+    early, late = RobotSlot("early", Signals(uncertainty=0.4)), RobotSlot("late", Signals(uncertainty=0.4))
+    early.step, late.step = 3, 25
+    allocator.tick([early, late], [])
+    assert [entry.robot_id for entry in allocator.queue()] == ["early"]  # 0.4 is high at step 3, not at 25
+    late.step = 5  # its next episode
+    allocator.tick([early, late], [])
+    assert sorted(entry.robot_id for entry in allocator.queue()) == ["early", "late"]
+    with pytest.raises(ValueError, match="risk threshold must be a finite number"):
+        allocator.fix_thresholds(schedule, "high")
+    assert allocator.uncertainty.schedule is schedule  # a refused call changed nothing
+    allocator.fix_thresholds(0.5, None)
+    assert allocator.uncertainty.schedule is None and allocator.thresholds.uncertainty.value == 0.5

@@ -566,6 +566,47 @@ def test_graceful_shutdown_commits_and_leaves_the_store_readable(tmp_path, clien
 # --------------------------------------------------------------------------------- registry, metrics
 
 
+def test_a_published_policy_brings_its_own_calibrated_request_thresholds(make_server, tmp_path):
+    import dataclasses
+    import json
+
+    from policies.safety.calibration import ConformalThreshold
+
+    def publish(server, version, safety=None):
+        folder = tmp_path / "checkpoints" / version
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        if safety is not None:
+            (folder / "safety.json").write_text(safety if isinstance(safety, str) else json.dumps(safety))
+        publish_checkpoint(server.address, "trainer-token", folder, version)  # returns after new-latest
+
+    # What `flotilla safety` saves: the risk threshold over the episode (calm early, higher at contact).
+    risk = ConformalThreshold([0.3, 0.8], 0.05, "episode", 10, 40)
+    calibrated = {"format": 1, "thresholds": {"risk": risk.to_dict(), "novelty": risk.to_dict()}}
+    server = make_server()  # thresholds configured at 0.5
+    allocator = server.server.fleet.allocator
+    publish(server, "v1", calibrated)
+    assert allocator.risk.schedule.thresholds == [0.3, 0.8] and allocator.uncertainty.fixed == 0.5
+    publish(server, "v2")  # no safety models: back to the configured thresholds
+    assert allocator.risk.schedule is None and allocator.risk.fixed == 0.5
+    publish(server, "v3", calibrated)
+    for version, bad in (
+        ("v4", "{not json"),
+        ("v5", {"thresholds": {"risk": {**risk.to_dict(), "thresholds": [float("nan")]}}}),
+    ):
+        publish(server, version, bad)  # still served, with the configured thresholds (and a warning)
+        assert allocator.risk.schedule is None and allocator.risk.fixed == 0.5
+        assert list_policies(server.address, "robot-token").latest == version
+    publish(server, "v6", calibrated)
+    server.stop()
+    # A restarted server takes them from the latest version in its registry; with the setting off, never.
+    restarted = make_server()
+    assert restarted.server.fleet.allocator.risk.schedule.thresholds == [0.3, 0.8]
+    restarted.stop()
+    off = dataclasses.replace(make_config(tmp_path).allocation, policy_thresholds=False)
+    assert make_server(allocation=off).server.fleet.allocator.risk.schedule is None
+
+
 def test_registry_publish_fetch_list_and_new_latest_reaches_robots(tmp_path, clients):
     with ServerThread(make_config(tmp_path, registry_chunk_bytes=64 * 1024)) as server:
         robot = clients(robot_client(server))

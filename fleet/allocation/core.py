@@ -101,6 +101,7 @@ class RobotSlot:
     signals: Signals = field(default_factory=Signals)
     connected: bool = True
     idle: bool = False  # not running an episode (between episodes, e-stopped, swapping policy): no help
+    step: int = 0  # the robot's step in its episode (for thresholds that vary over the episode)
 
     # --- written by the Allocator -------------------------------------------------------------
     controller: str | None = None  # operator in control, None while autonomous or waiting
@@ -195,6 +196,12 @@ class Thresholds:
     risk: Threshold
 
 
+class ThresholdSchedule(Protocol):
+    """A threshold that varies over the episode (policies/safety/calibration.py's ConformalThreshold)."""
+
+    def threshold(self, t: int) -> float: ...
+
+
 class QuantileThreshold:
     """ThriftyDAgger's calibration: the threshold is the (1 - alpha) quantile of a sliding window.
 
@@ -207,6 +214,7 @@ class QuantileThreshold:
         self.alpha = alpha
         self.min_samples = min_samples
         self.fixed = fixed
+        self.schedule: ThresholdSchedule | None = None  # when set, it gives the fixed value at each step
         self._values = np.empty(window, dtype=np.float64)  # ring buffer
         self._count = 0
         self._next = 0
@@ -225,13 +233,15 @@ class QuantileThreshold:
     def samples(self) -> int:
         return self._count
 
-    def current(self) -> Threshold:
+    def current(self, step: int = 0) -> Threshold:
+        """The threshold for a robot at ``step`` of its episode (only a schedule depends on it)."""
+        fixed = self.fixed if self.schedule is None else float(self.schedule.threshold(step))
         if self._count < self.min_samples:
-            value = math.inf if self.fixed is None else self.fixed
+            value = math.inf if fixed is None else fixed
             return Threshold(value, 0.0)  # signals are >= 0 by convention, so 0 is a fair typical
         median, quantile = np.quantile(self._values[: self._count], [0.5, 1.0 - self.alpha])
-        value = float(quantile) if self.fixed is None else self.fixed
-        if self.fixed is None and quantile <= median:
+        value = float(quantile) if fixed is None else fixed
+        if fixed is None and quantile <= median:
             # Mostly one value (e.g. risk before a risk model exists): "at least the quantile" would
             # flag every robot. Flag only what stands above the typical value, if anything does.
             window = self._values[: self._count]
@@ -480,18 +490,27 @@ class Allocator:
     def thresholds(self) -> Thresholds:
         return Thresholds(self.uncertainty.current(), self.risk.current())
 
-    def fix_thresholds(self, uncertainty: float | None, risk: float | None) -> None:
-        """Fix the request thresholds from now on (None: back to the configured fixed value, or to the
-        calibrated rate). Used once per deployed policy with that policy's held-out calibration, so that
-        requests fall as the policy gets better (a rate-calibrated threshold asks for help at the same
-        rate however good the policy is)."""
-        for key, value in (("uncertainty", uncertainty), ("risk", risk)):
-            if value is not None:
-                check_number(f"{key} threshold", value)
-        self.uncertainty.fixed = (
-            self.config.uncertainty_threshold if uncertainty is None else float(uncertainty)
+    def fix_thresholds(
+        self,
+        uncertainty: float | ThresholdSchedule | None,
+        risk: float | ThresholdSchedule | None,
+    ) -> None:
+        """Fix the request thresholds from now on: a number, a schedule over each robot's step in its
+        episode, or None (back to the configured fixed value, or to the calibrated rate). Used once per
+        deployed policy with that policy's held-out calibration, so that requests fall as the policy gets
+        better (a rate-calibrated threshold asks for help at the same rate however good the policy is)."""
+        settings = (
+            (self.uncertainty, "uncertainty", uncertainty, self.config.uncertainty_threshold),
+            (self.risk, "risk", risk, self.config.risk_threshold),
         )
-        self.risk.fixed = self.config.risk_threshold if risk is None else float(risk)
+        for _, key, value, _ in settings:  # all checked before any is changed
+            if value is not None and not callable(getattr(value, "threshold", None)):
+                check_number(f"{key} threshold", value)
+        for threshold, _, value, configured in settings:
+            if value is None or not callable(getattr(value, "threshold", None)):
+                threshold.fixed, threshold.schedule = configured if value is None else float(value), None
+            else:
+                threshold.fixed, threshold.schedule = None, value
 
     def tick(self, robots: Iterable[RobotSlot], operators: Iterable[str]) -> Decisions:
         """Advance one tick: count time, release robots that are done, give free operators robots.
@@ -590,8 +609,11 @@ class Allocator:
 
     def _prioritize(self, active: list[RobotSlot]) -> dict[str, Priority]:
         thresholds = self.thresholds
+        by_step = self.uncertainty.schedule is not None or self.risk.schedule is not None
         priorities = {}
         for robot in active:
+            if by_step:
+                thresholds = Thresholds(self.uncertainty.current(robot.step), self.risk.current(robot.step))
             priority = NO_NEED if robot.idle else self.rule(robot, thresholds)
             priorities[robot.robot_id] = priority
             robot.flagged = priority.needs_help

@@ -31,6 +31,7 @@ from fleet.server.config import ServerConfig
 from fleet.server.fleet import Fleet
 from fleet.server.metrics import Metrics, MetricsHttpServer
 from fleet.server.operators import OperatorService
+from fleet.server.policy_thresholds import published_thresholds
 from fleet.server.registry import PolicyRegistry, RegistryService
 from fleet.server.robots import RobotService
 from fleet.server.writer import EpisodeWriter
@@ -105,6 +106,10 @@ class FleetServer:
         self.fleet = fleet = Fleet(
             config, writer, self.metrics, self.allocator, latest_policy=registry.latest()
         )
+        fleet.use_policy_thresholds(registry.latest(), self._policy_thresholds(registry, registry.latest()))
+
+        def new_latest(version: str) -> None:
+            fleet.policy_published(version, self._policy_thresholds(registry, version))
 
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -116,7 +121,7 @@ class FleetServer:
         pb_grpc.add_RobotServiceServicer_to_server(RobotService(fleet, auth), server)
         pb_grpc.add_OperatorServiceServicer_to_server(OperatorService(fleet, auth), server)
         pb_grpc.add_RegistryServiceServicer_to_server(
-            RegistryService(registry, config.registry_chunk_bytes, fleet.policy_published), server
+            RegistryService(registry, config.registry_chunk_bytes, new_latest), server
         )
         pb_grpc.add_AdminServiceServicer_to_server(AdminService(fleet), server)
         address = f"{config.host}:{config.port}"
@@ -140,6 +145,18 @@ class FleetServer:
             self.metrics_port,
             config.store,
         )
+
+    def _policy_thresholds(self, registry: PolicyRegistry, version: str) -> dict | None:
+        """The version's calibrated request thresholds for the allocator (fleet/server/policy_thresholds.py),
+        or None with allocation.policy_thresholds off; a version whose safety.json cannot be used gets
+        the configured thresholds, with a warning: the policy itself is still served."""
+        if not self.config.allocation.policy_thresholds or not version:
+            return None
+        try:
+            return published_thresholds(registry.root / version)
+        except ValueError as err:
+            log.warning("policy %s: its calibrated request thresholds are not used: %s", version, err)
+            return {}
 
     def _gauges(self, writer: EpisodeWriter) -> dict:
         def connected(items) -> int:

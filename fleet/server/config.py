@@ -22,6 +22,10 @@ class AllocationConfig(AllocatorConfig):
     rule, t_T, t_R, thresholds, one block per rule) plus how often the server ticks it."""
 
     tick_hz: float = 10.0  # the allocator counts time in ticks: set it to the robots' control rate
+    # Fix the uncertainty and risk thresholds from each published policy's own calibration (its
+    # safety.json, written by `flotilla safety`) while it is the latest; a policy without one, or false
+    # here: the thresholds above (fleet/server/policy_thresholds.py).
+    policy_thresholds: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

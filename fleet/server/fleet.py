@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -384,6 +385,7 @@ class Fleet:
             step.signals.density,
             step.signals.constraint_violation and not robot.violation_cleared,
         )
+        robot.alloc.step = max(int(step.t), 0)
         if step.policy_version:
             robot.policy_version = check_text(step.policy_version, f"step seq {step.seq}: policy_version")
         if robot.alloc.blocked and not blocked_before:
@@ -936,10 +938,23 @@ class Fleet:
 
     # -- registry, admin, shutdown ----------------------------------------------------------------
 
-    def policy_published(self, version: str) -> None:
+    def policy_published(self, version: str, thresholds: Mapping | None = None) -> None:
+        """A new latest version; `thresholds` (fleet/server/policy_thresholds.py): its calibrated request
+        thresholds by signal ({}: it has none, back to the configured ones; None: leave them)."""
         self.latest_policy = version
+        self.use_policy_thresholds(version, thresholds)
         for robot in self.robots.values():
             self._push(robot, f"new policy version {version}")
+
+    def use_policy_thresholds(self, version: str, thresholds: Mapping | None) -> None:
+        if thresholds is None:
+            return
+        self.allocator.fix_thresholds(thresholds.get("uncertainty"), thresholds.get("risk"))
+        log.info(
+            "request thresholds: %s",
+            ", ".join(f"{name} from policy {version}" for name in sorted(thresholds))
+            or "the configured ones",
+        )
 
     def status(self) -> pb.FleetStatus:
         robots = [

@@ -46,6 +46,9 @@ from dataclasses import dataclass
 import numpy as np
 
 UNITS = ("episode", "step")
+# The file beside a checkpoint that holds its safety models' settings and these thresholds (models.py
+# writes it; named here so that the fleet server can read the thresholds without importing torch).
+SAFETY_JSON = "safety.json"
 # A time bin needs this many calibration episodes reaching it to get its own statistics; later bins
 # (steps that only a few long episodes reach) use the last bin that had them.
 MIN_BIN_EPISODES = 10

@@ -40,11 +40,10 @@ import zuko
 from safetensors.torch import save_file
 from torch import nn
 
-from policies.safety.calibration import ConformalThreshold
+from policies.safety.calibration import SAFETY_JSON, ConformalThreshold
 from policies.safety.config import SafetyConfig
 
 SAFETY_FILE = "safety.safetensors"
-SAFETY_JSON = "safety.json"
 SAFETY_FORMAT = 1
 # The signal each model gives; every signal is higher = more likely to fail.
 MODEL_SIGNAL = {"flow": "novelty", "rnd": "rnd", "risk": "risk", "ldm": "ldm"}

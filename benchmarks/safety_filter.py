@@ -1,6 +1,7 @@
 """The safety filter from perturbed starts and out-of-distribution goals: violations and success.
 
     python -m benchmarks.safety_filter [--tasks push] [--episodes 40] [--filter-false-alarm 0.02]
+    python -m benchmarks.safety_filter --out runs/safety_delta --demos 30 --conditions normal perturbed ood_goal
 
 Run after benchmarks.signals, which trains the policy and its safety models into the checkpoint and
 caches the calibration rollouts. Each mode rolls the same seeds out (K = --num-samples candidates per
@@ -9,8 +10,14 @@ first candidate with novelty -log p(s, a) under its bound) and `ldm` (the first 
 G(s, a) under its bound). Bounds are calibrated on the nominal calibration rollouts so that the
 executed chunk of a nominal plan is refused at the --filter-false-alarm rate. A plan with no candidate
 under the bound holds the robot for Ta steps (no human comes here: the episode goes on and it plans
-again). Reported per mode and condition: success, constraint violations per 100 episodes, the share of
-plans held, mean episode length.
+again). Reported per mode and condition: success and constraint violations per 100 episodes, each with
+its binomial standard error (sqrt(p (1 - p) / n)), the share of plans held, mean episode length.
+
+Conditions (benchmarks.signals.start_episode) and their fixed test seeds, disjoint from the seeds the
+safety models were trained (20000 on) and calibrated (30000 on) on: normal starts 50000 + i, perturbed
+starts (6 steps of random arm motion first) 51000 + i, out-of-distribution goals 52000 + i. With
+`--out` the folder benchmarks.signals wrote (e.g. `--out runs/safety_delta --demos 30` for its
+delta-action run, whose policy runs the fingers into the table: the condition with violations).
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from policies.safety.models import load_safety
 from policies.threads import set_torch_threads
 from policies.train import final_checkpoint
 
-CONDITIONS = ("perturbed", "ood_goal")
+CONDITIONS = ("normal", "perturbed", "ood_goal")
+DEFAULT_CONDITIONS = ("perturbed", "ood_goal")
 MODES = ("off", "density", "ldm")
-SEED_BASE = {"perturbed": 51_000, "ood_goal": 52_000}
+SEED_BASE = {"normal": 50_000, "perturbed": 51_000, "ood_goal": 52_000}
 HEADERS = [
     "task",
     "condition",
@@ -39,18 +47,29 @@ HEADERS = [
     "bound",
     "episodes",
     "success",
+    "success_se",
     "violations_per_100",
+    "violations_se",
     "held",
     "length",
 ]
 
 
+def binomial_se(p: float, n: int) -> float:
+    return float(np.sqrt(p * (1 - p) / max(n, 1)))
+
+
 def summary(rollouts) -> dict:
     plans = [c for r in rollouts for c in r.choices]
+    n = len(rollouts)
+    success = float(np.mean([r.success for r in rollouts]))
+    violations = float(np.mean([r.violation_step is not None for r in rollouts]))
     return {
-        "episodes": len(rollouts),
-        "success": float(np.mean([r.success for r in rollouts])),
-        "violations_per_100": 100.0 * float(np.mean([r.violation_step is not None for r in rollouts])),
+        "episodes": n,
+        "success": success,
+        "success_se": binomial_se(success, n),
+        "violations_per_100": 100.0 * violations,
+        "violations_se": 100.0 * binomial_se(violations, n),
         "held": float(np.mean([c < 0 for c in plans])) if plans else 0.0,
         "length": float(np.mean([r.length for r in rollouts])),
     }
@@ -64,6 +83,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--filter-false-alarm", type=float, default=0.02)
     parser.add_argument("--choose", default="first", choices=["first", "lowest"])
+    parser.add_argument("--conditions", nargs="+", default=list(DEFAULT_CONDITIONS), choices=CONDITIONS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--out", type=Path, default=Path("runs/safety"))
     args = parser.parse_args()
     set_torch_threads(1)
@@ -79,9 +100,9 @@ def main() -> None:
         calibrate(suite, [r for r in calib if r.success], filter_false_alarm=args.filter_false_alarm)
         out = args.out / f"{task}_filter"
         out.mkdir(parents=True, exist_ok=True)
-        for condition in CONDITIONS:
+        for condition in args.conditions:
             seeds = SEED_BASE[condition] + np.arange(args.episodes)
-            for mode in MODES:
+            for mode in args.modes:
                 bound = None if mode == "off" else suite.filter_thresholds[MODE_SIGNAL[mode]]
                 config = FilterConfig(mode=mode, threshold=bound, choose=args.choose)
                 name = f"{condition}_{mode}_{args.choose}_fa{100 * args.filter_false_alarm:g}pct_n{args.episodes}"

@@ -18,6 +18,11 @@ whole-episode maximum also rewards noticing that an episode is long; at the cali
 false-alarm rate (time-varying conformal thresholds): the share of failures caught, the false-alarm rate
 achieved on the test successes, and the median lead time (steps from the first alarm to the failure).
 Rollouts are cached (safetensors + JSON) in --out; delete them to roll out again.
+
+--action-space delta trains the policy on the robot's own actions (end-effector steps) instead of target
+positions: such a policy's z errors add up over an open-loop chunk and run the fingers into the table
+(benchmarks/README.md, policy_results), which gives the safety filter violations to prevent. Give it
+its own --out: the cached demos, checkpoint and rollouts are named by task and demo count only.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from benchmarks.common import machine_line, print_table
 from benchmarks.policy_results import demos_store, trained_checkpoint
 from flotilla.cli import CONFIG_DIR
+from policies.checkpoint import read_config
 from policies.runner import PolicyRunner
 from policies.safety.filter import FilterConfig
 from policies.safety.fit import Rollout, calibrate, demo_data, fit_suite, rollout_scores
@@ -247,10 +253,16 @@ def plot_roc(task: str, rollouts: list[Rollout], scores: list[dict], folder: Pat
 
 
 # ============================================================================================ main
-def prepare_checkpoint(out: Path, task: str, demos: int, steps: int) -> Path:
+def prepare_checkpoint(out: Path, task: str, demos: int, steps: int, action_space: str = "target") -> Path:
     data = demos_store(out, task, demos, {})
     run_dir = out / f"{task}_{demos}_diffusion"
     checkpoint = trained_checkpoint(run_dir, steps, data)
+    if checkpoint is not None:
+        kind = read_config(checkpoint).get("action_space", {}).get("kind")
+        if kind != action_space:
+            raise SystemExit(
+                f"{checkpoint} predicts {kind} actions, not {action_space}: give --out another folder"
+            )
     if checkpoint is None:
         overrides = [
             f"task={task}",
@@ -261,6 +273,7 @@ def prepare_checkpoint(out: Path, task: str, demos: int, steps: int) -> Path:
             "threads=1",
             "progress=false",
             "tensorboard=false",
+            f"action_space.kind={action_space}",
         ]
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             checkpoint = train(compose(config_name="train", overrides=overrides))
@@ -272,7 +285,7 @@ def seeds(split: str, condition: str, count: int) -> np.ndarray:
 
 
 def evaluate_task(args, task: str) -> list[dict]:
-    checkpoint = prepare_checkpoint(args.out, task, args.demos, args.steps)
+    checkpoint = prepare_checkpoint(args.out, task, args.demos, args.steps, args.action_space)
     print(f"{task}: checkpoint {checkpoint}", flush=True)
     out = args.out / f"{task}_signals"
     out.mkdir(parents=True, exist_ok=True)
@@ -321,6 +334,12 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["push", "pick_place"])
     parser.add_argument("--demos", type=int, default=100)
     parser.add_argument("--steps", type=int, default=4000, help="policy training steps")
+    parser.add_argument(
+        "--action-space",
+        default="target",
+        choices=["target", "delta"],
+        help="what the policy predicts: target positions or the robot's steps (see above)",
+    )
     parser.add_argument("--train", type=int, default=20, help="rollouts per condition for risk and LDM")
     parser.add_argument("--calib", type=int, default=40, help="normal rollouts for calibration")
     parser.add_argument("--test", type=int, default=30, help="rollouts per condition scored")

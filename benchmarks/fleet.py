@@ -24,6 +24,7 @@ go to and when they are asked. The arms:
 - flotilla: Flotilla's rule ranking by the learned risk (allocation.flotilla.signal=risk), its threshold
   fixed each round from the deployed policy's held-out calibration rollouts (sim/round_thresholds.py),
   so requests fall as the policy improves.
+- flotilla_uncertainty: the same, ranking by the sampling spread (as Flotilla did before the learned risk).
 
 Every deployed policy carries safety models (sim/round_safety.py, `flotilla safety`'s fit: the flow
 and the risk classifier, 1000 steps each): the seed's initial one learns from 16 pilot rollouts of its
@@ -65,7 +66,7 @@ from sim.demo import fleet_rounds, fresh_folder, initial_policy, initial_safety,
 from sim.metrics import cumulative, table_header, table_row
 
 # Run in this order: random_budget takes cur's budget.
-ARMS = ("cur", "flotilla", "random_budget", "random", "cur_no_preempt")
+ARMS = ("cur", "flotilla", "random_budget", "random", "cur_no_preempt", "flotilla_uncertainty")
 DEFAULT_ARMS = ("cur", "flotilla", "random_budget")
 # The demo seeds its demos, fleet episodes and training from `seed` on: seeds this far apart share none.
 SEED_STRIDE = 1000
@@ -75,6 +76,7 @@ LABELS = {
     "cur": "C.U.R.",
     "cur_no_preempt": "C.U.R. without pre-emption",
     "flotilla": "Flotilla",
+    "flotilla_uncertainty": "Flotilla ranking by uncertainty",
 }
 IFL_LAMBDA = 0.01  # the IFL repository's plots: successes - 0.01 * human actions
 FIGURE = Path(__file__).resolve().parent / "figures" / "fleet_allocation.png"
@@ -113,10 +115,12 @@ def demo_config(overrides: list[str]):
 
 def arm_overrides(arm: str, seed: int, budget: float | None = None) -> list[str]:
     """The demo's overrides for an arm; `budget` (random_budget): C.U.R.'s share of robot-steps with a human."""
-    rule = "random" if arm.startswith("random") else "cur" if arm.startswith("cur") else arm
+    rule = next(name for name in ("random", "cur", "flotilla") if arm.startswith(name))
     extra = [f"server.allocation.rule={rule}", f"server.allocation.seed={seed}"]
-    if arm == "flotilla":
-        extra.append("+server.allocation.flotilla.signal=risk")  # the learned risk (issue 14, section 4)
+    if arm.startswith("flotilla"):
+        # The learned risk (issue 14, section 4), or the sampling spread as Flotilla ranked before.
+        signal = "uncertainty" if arm == "flotilla_uncertainty" else "risk"
+        extra.append(f"+server.allocation.flotilla.signal={signal}")
     else:
         extra.append("calibration.episodes=0")  # the baselines keep the rate-calibrated thresholds
         # ... also when a published checkpoint carries its own (the server would fix them: the lead's

@@ -43,9 +43,10 @@ class RoundSafetyConfig:
     pilot_episodes: int = 16  # autonomous rollouts of the initial policy for its risk model
     models: list[str] = field(default_factory=lambda: ["flow", "risk"])  # of MODELS; the flow is required
     model: SafetyConfig = field(default_factory=_fleet_models)
-    # Candidate chunks per plan in the logged episodes: 1 (the executed one) is all risk needs; the LDM's
-    # min over a' wants more.
-    num_samples: int = 1
+    # Candidate chunks per plan in the logged episodes (the LDM's min over a'; risk reads only the executed
+    # one): as many as the fleet's robots sample, so the uncertainty threshold saved in safety.json, which
+    # the server may apply (allocation.policy_thresholds), is on their scale (with 1 it would be 0).
+    num_samples: int = 4
 
     def __post_init__(self):
         check_int(self.pilot_episodes, "pilot_episodes", 0)

@@ -5,9 +5,9 @@
 
 Run after benchmarks.signals, which trains the policy and its safety models into the checkpoint and
 caches the calibration rollouts. Each mode rolls the same seeds out (K = --num-samples candidates per
-plan): `off` (no filter: the policy's first sample), `density` (a single-step density filter: the
-first candidate with novelty -log p(s, a) under its bound) and `ldm` (the first candidate with
-G(s, a) under its bound). Bounds are calibrated on the nominal calibration rollouts so that the
+plan): `off` (no filter: the policy's first sample), `density` (a single-step density filter: of the
+candidates with novelty -log p(s, a) under its bound, the lowest, or with --choose first the first)
+and `ldm` (the same with G(s, a)). Bounds are calibrated on the nominal calibration rollouts so that the
 executed chunk of a nominal plan is refused at the --filter-false-alarm rate. A plan with no candidate
 under the bound holds the robot for Ta steps (no human comes here: the episode goes on and it plans
 again). Reported per mode and condition: success and constraint violations per 100 episodes, each with
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=40, help="per condition and mode")
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--filter-false-alarm", type=float, default=0.02)
-    parser.add_argument("--choose", default="first", choices=["first", "lowest"])
+    parser.add_argument("--choose", default=FilterConfig.choose, choices=["first", "lowest"])
     parser.add_argument("--conditions", nargs="+", default=list(DEFAULT_CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--out", type=Path, default=Path("runs/safety"))

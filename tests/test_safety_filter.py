@@ -78,7 +78,9 @@ def test_the_filter_never_executes_a_candidate_above_its_threshold(safe_checkpoi
     best = [float(plan.scores["ldm"].min()) for plan, _, _ in plans_of(scout, 60)]
     threshold = float(np.median(best))  # about half the plans have no candidate under it
     runner = PolicyRunner.from_checkpoint(
-        safe_checkpoint, num_samples=K, safety_filter=FilterConfig(mode="ldm", threshold=threshold)
+        safe_checkpoint,
+        num_samples=K,
+        safety_filter=FilterConfig(mode="ldm", threshold=threshold, choose="first"),
     )
     decisions = []
     for plan, action, signals in plans_of(runner, 80):

@@ -23,7 +23,11 @@ class FilterConfig:
     mode: str = "off"  # off | density | ldm
     # The bound on the mode's score; None: the checkpoint's calibrated one (safety.json).
     threshold: float | None = None
-    choose: str = "first"  # first | lowest
+    # Which candidate under the bound runs: the lowest-scoring (the one the model is surest of) or the
+    # first in sampling order. With `first` the filter ran whichever candidate sat just under the bound,
+    # where the model underestimates most: on a round-0 delta-action push policy `lowest` cut violations
+    # 59% (first: 37%) and cost no success (benchmarks/README.md, safety_filter).
+    choose: str = "lowest"  # lowest | first
 
     def __post_init__(self):
         check_choice(self.mode, FILTER_MODES, "mode")

@@ -8,9 +8,9 @@ every candidate with each safety model of the checkpoint, and picks:
 - ``mode="density"``: a single-step density filter, the score is novelty = -log p(s, a) (the flow);
 - ``mode="ldm"``: the score is the LDM's G(s, a), the lowest density the robot can be forced to later.
 
-Of the candidates whose score is <= the threshold it executes the first in sampling order
-(``choose="first"``, the policy's own choice among the safe ones) or the lowest-scoring one
-(``choose="lowest"``). If none passes it returns None: the runner holds (zero motion, gripper
+Of the candidates whose score is <= the threshold it executes the lowest-scoring one
+(``choose="lowest"``, the default) or the first in sampling order (``choose="first"``, the policy's own
+choice among the safe ones). If none passes it returns None: the runner holds (zero motion, gripper
 unchanged) for Ta steps, then plans again; the hold is reported (``filter``: hold) with ``risk``
 raised to 1 so the fleet routes a human.
 

@@ -24,7 +24,8 @@ go to and when they are asked. The arms:
 - flotilla: Flotilla's rule ranking by the learned risk (allocation.flotilla.signal=risk), its threshold
   fixed each round from the deployed policy's held-out calibration rollouts (sim/round_thresholds.py),
   so requests fall as the policy improves.
-- flotilla_uncertainty: the same, ranking by the sampling spread (as Flotilla did before the learned risk).
+- flotilla_uncertainty, flotilla_combined: the same, ranking by the sampling spread (as Flotilla did before
+  the learned risk), or by both (the rule's default signal, "combined").
 
 Every deployed policy carries safety models (sim/round_safety.py, `flotilla safety`'s fit: the flow
 and the risk classifier, 1000 steps each): the seed's initial one learns from 16 pilot rollouts of its
@@ -66,7 +67,15 @@ from sim.demo import fleet_rounds, fresh_folder, initial_policy, initial_safety,
 from sim.metrics import cumulative, table_header, table_row
 
 # Run in this order: random_budget takes cur's budget.
-ARMS = ("cur", "flotilla", "random_budget", "random", "cur_no_preempt", "flotilla_uncertainty")
+ARMS = (
+    "cur",
+    "flotilla",
+    "random_budget",
+    "random",
+    "cur_no_preempt",
+    "flotilla_uncertainty",
+    "flotilla_combined",
+)
 DEFAULT_ARMS = ("cur", "flotilla", "random_budget")
 # The demo seeds its demos, fleet episodes and training from `seed` on: seeds this far apart share none.
 SEED_STRIDE = 1000
@@ -77,6 +86,7 @@ LABELS = {
     "cur_no_preempt": "C.U.R. without pre-emption",
     "flotilla": "Flotilla",
     "flotilla_uncertainty": "Flotilla ranking by uncertainty",
+    "flotilla_combined": "Flotilla ranking by uncertainty and risk",
 }
 IFL_LAMBDA = 0.01  # the IFL repository's plots: successes - 0.01 * human actions
 FIGURE = Path(__file__).resolve().parent / "figures" / "fleet_allocation.png"
@@ -118,8 +128,8 @@ def arm_overrides(arm: str, seed: int, budget: float | None = None) -> list[str]
     rule = next(name for name in ("random", "cur", "flotilla") if arm.startswith(name))
     extra = [f"server.allocation.rule={rule}", f"server.allocation.seed={seed}"]
     if arm.startswith("flotilla"):
-        # The learned risk (issue 14, section 4), or the sampling spread as Flotilla ranked before.
-        signal = "uncertainty" if arm == "flotilla_uncertainty" else "risk"
+        # The learned risk (issue 14, section 4); flotilla_<signal>: another allocation.flotilla.signal.
+        signal = arm.partition("_")[2] or "risk"
         extra.append(f"+server.allocation.flotilla.signal={signal}")
     else:
         extra.append("calibration.episodes=0")  # the baselines keep the rate-calibrated thresholds

@@ -32,8 +32,8 @@ ROUND_SEED_STRIDE = 100
 
 @dataclass
 class RoundThresholdsConfig:
-    """``calibration`` in configs/demo.yaml: the uncertainty threshold of each round, from the deployed
-    policy's held-out rollouts. episodes 0: the allocator's own thresholds (fixed or rate-calibrated)."""
+    """``calibration`` in configs/demo.yaml: the uncertainty and risk thresholds of each round, from the
+    deployed policy's held-out rollouts. episodes 0: the allocator's own (fixed or rate-calibrated)."""
 
     episodes: int = 16  # held-out rollouts of each deployed policy (push: ~1 s each at 1 thread)
     # Share of the policy's nominal (successful) episodes allowed to ask for help at least once.

@@ -121,3 +121,28 @@ def test_a_bad_setting_is_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("flotilla safety: models: must be one of")
+
+
+def test_a_single_held_out_success_still_calibrates(stores, tmp_path):
+    # One successful episode held out (0.2 of 5): time-varying thresholds need two halves of the episodes,
+    # so they are constant here rather than the job failing after training.
+    from policies.safety.config import SafetyConfig, SafetyJobConfig
+    from policies.safety.train import fit_checkpoint
+
+    checkpoint = tmp_path / "diffusion"
+    shutil.copytree(V1, checkpoint)
+    demos, fleet = stores
+    model = SafetyConfig(hidden=16, flow_steps=20, rnd_steps=20, risk_steps=20, ldm_steps=20)
+    config = SafetyJobConfig(
+        checkpoint=str(checkpoint),
+        data=[str(fleet)],
+        demos=[str(demos)],
+        model=model,
+        models=["flow", "risk"],
+        num_samples=3,
+        calibration_ratio=0.2,
+    )
+    assert fit_checkpoint(config)["calibration_episodes"] == 1
+    thresholds = json.loads((checkpoint / SAFETY_JSON).read_text())["thresholds"]
+    assert {name: len(t["thresholds"]) for name, t in thresholds.items()} == dict.fromkeys(thresholds, 1)
+    assert {"uncertainty", "novelty", "risk"} <= set(thresholds)

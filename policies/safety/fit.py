@@ -237,6 +237,9 @@ def calibrate(
     signal's nominal mean and spread) and the filter's bounds (per step: the share of nominal plans
     whose executed chunk the filter would have refused)."""
     suite.nominal = {}
+    # The functional band takes its shape and its quantile from two halves of the episodes: with a single
+    # calibration episode the thresholds are constant over the episode.
+    time_varying = time_varying and len(nominal) >= 2
     per_rollout = [rollout_scores(suite, r) for r in nominal]
     for name in per_rollout[0]:
         plans = np.concatenate([s[name] for s in per_rollout])

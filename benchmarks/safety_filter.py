@@ -86,7 +86,17 @@ def main() -> None:
     parser.add_argument("--conditions", nargs="+", default=list(DEFAULT_CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--out", type=Path, default=Path("runs/safety"))
+    parser.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="shift every condition's test seeds (a fresh set, e.g. to confirm a choice made on the first)",
+    )
     args = parser.parse_args()
+    if (
+        args.seed_offset < 0 or args.seed_offset + args.episodes > 1000
+    ):  # the conditions' seeds are 1000 apart
+        raise SystemExit("benchmarks.safety_filter: --seed-offset + --episodes must stay within 0..1000")
     set_torch_threads(1)
     print(machine_line(), flush=True)
     rows = []
@@ -101,11 +111,12 @@ def main() -> None:
         out = args.out / f"{task}_filter"
         out.mkdir(parents=True, exist_ok=True)
         for condition in args.conditions:
-            seeds = SEED_BASE[condition] + np.arange(args.episodes)
+            seeds = SEED_BASE[condition] + args.seed_offset + np.arange(args.episodes)
             for mode in args.modes:
                 bound = None if mode == "off" else suite.filter_thresholds[MODE_SIGNAL[mode]]
                 config = FilterConfig(mode=mode, threshold=bound, choose=args.choose)
                 name = f"{condition}_{mode}_{args.choose}_fa{100 * args.filter_false_alarm:g}pct_n{args.episodes}"
+                name += f"_seeds+{args.seed_offset}" if args.seed_offset else ""
                 rollouts = cached_rollouts(
                     out,
                     name,
@@ -122,7 +133,8 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(" | ".join(str(row[h]) for h in HEADERS), flush=True)
-        (args.out / "safety_filter.json").write_text(json.dumps(rows, indent=2))
+        suffix = f"_seeds+{args.seed_offset}" if args.seed_offset else ""
+        (args.out / f"safety_filter{suffix}.json").write_text(json.dumps(rows, indent=2))
     print()
     print_table(HEADERS, [[row[h] if row[h] is not None else "-" for h in HEADERS] for row in rows])
 

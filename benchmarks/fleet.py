@@ -25,7 +25,7 @@ go to and when they are asked. The arms:
   fixed each round from the deployed policy's held-out calibration rollouts (sim/round_thresholds.py),
   so requests fall as the policy improves.
 - flotilla_uncertainty, flotilla_combined: the same, ranking by the sampling spread (as Flotilla did before
-  the learned risk), or by both (the rule's default signal, "combined").
+  the learned risk, and the rule's default since run (b)), or by both ("combined").
 
 Every deployed policy carries safety models (sim/round_safety.py, `flotilla safety`'s fit: the flow
 and the risk classifier, 1000 steps each): the seed's initial one learns from 16 pilot rollouts of its

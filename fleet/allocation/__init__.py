@@ -3,7 +3,7 @@
     core.py      the allocator (t_T, t_R, calibrated thresholds, queue), its config, the rule registry
     random.py    rule "random": the random baselines (among robots in need, all robots, or budget-matched)
     cur.py       rule "cur": C.U.R., constraint violations, then uncertainty, then risk (IFL's settings)
-    flotilla.py  rule "flotilla": Flotilla's default, one combined score with hysteresis
+    flotilla.py  rule "flotilla": Flotilla's default, one calibrated signal (or a combined score) with hysteresis
 
 A rule is one module here: a settings dataclass (the YAML block ``allocation.<name>``) and a class
 registered with ``@register_rule(name, Config)``. Every module of this package is imported with it, so

@@ -274,8 +274,8 @@ def test_flotilla_hysteresis_prevents_flapping():
 
 def test_flotilla_hysteresis_keeps_the_human_until_clearly_below():
     robots = fleet(1)
-    allocator = make_allocator("flotilla", t_T=1, flotilla={"hysteresis": 0.5}, **FIXED)  # leave below 0.25
-    signal(robots, "r0", risk=0.6)
+    allocator = make_allocator("flotilla", t_T=1, flotilla={"hysteresis": 0.5, "signal": "risk"}, **FIXED)
+    signal(robots, "r0", risk=0.6)  # it leaves below 0.25
     allocator.tick(robots.values(), ["op"])
     signal(robots, "r0", risk=0.4)  # under the threshold, inside the band
     for _ in range(5):
@@ -291,7 +291,8 @@ def test_flotilla_combines_signals_where_cur_is_lexicographic():
     for rule, first in (("cur", "r0"), ("flotilla", "r1")):
         for robot in robots.values():
             robot.controller = None
-        decisions = make_allocator(rule, **FIXED).tick(robots.values(), ["op"])
+        settings = {"flotilla": {"signal": "combined"}} if rule == "flotilla" else {}
+        decisions = make_allocator(rule, **settings, **FIXED).tick(robots.values(), ["op"])
         assert assigned(decisions) == {"op": first}
     assert decisions.assignments[0].reason == RISK
 

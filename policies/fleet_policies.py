@@ -69,7 +69,11 @@ class RegistryPolicies:
                 checkpoint = self._checkpoints[version]
         if self.planner is not None:
             return self.planner.runner(
-                checkpoint.policy, version, num_samples=self.num_samples, action_space=checkpoint.action_space
+                checkpoint.policy,
+                version,
+                num_samples=self.num_samples,
+                action_space=checkpoint.action_space,
+                safety=self._safety.get(version),
             )
         return PolicyRunner(
             checkpoint.policy,

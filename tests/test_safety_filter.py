@@ -187,3 +187,24 @@ def test_a_checkpoint_with_safety_models_runs_in_the_agent_and_its_signals_reach
     finally:
         agent.close(timeout=2)
         server.stop()
+
+
+def test_batched_runners_report_the_safety_signals_too(safe_checkpoint):
+    # The GPU fleet's robots plan through one BatchedPlanner; their runners score their own candidates.
+    from policies.batched import BatchedPlanner
+    from policies.checkpoint import load_checkpoint
+
+    checkpoint, suite = load_checkpoint(safe_checkpoint), load_safety(safe_checkpoint)
+    planner = BatchedPlanner()
+    runners = [
+        planner.runner(
+            checkpoint.policy, "v", num_samples=K, action_space=checkpoint.action_space, safety=suite
+        )
+        for _ in range(2)
+    ]
+    first = next(observations(1))
+    for runner in runners:  # outside a tick each plans alone, still through the planner
+        assert runner.act(first).shape == (4,)
+        assert {"risk", "novelty", "ldm", "agree"} <= set(runner.signals) and runner.signals[
+            "filter"
+        ] == "off"

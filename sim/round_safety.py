@@ -108,8 +108,9 @@ def fit_round_safety(config: RoundSafetyConfig, checkpoint: Path, demos: Path, l
         models=list(config.models),
         model=config.model,
         num_samples=config.num_samples,
-        # The suite's own alarm thresholds are not what the allocator uses (sim/round_thresholds.py fixes
-        # the round's); constant ones also fit the few successful pilot episodes a weak policy has.
+        # The suite's own alarm thresholds: the server applies them when the policy is published
+        # (allocation.policy_thresholds) until the round's calibration (sim/round_thresholds.py) replaces
+        # them; constant ones also fit the few successful pilot episodes a weak policy has.
         time_varying=False,
     )
     summary = fit_checkpoint(job)

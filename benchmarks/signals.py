@@ -23,6 +23,11 @@ Rollouts are cached (safetensors + JSON) in --out; delete them to roll out again
 positions: such a policy's z errors add up over an open-loop chunk and run the fingers into the table
 (benchmarks/README.md, policy_results), which gives the safety filter violations to prevent. Give it
 its own --out: the cached demos, checkpoint and rollouts are named by task and demo count only.
+
+--safety-action-steps sets how many executed actions of a chunk the action-scoring models see
+(SafetyConfig.action_steps). The rollouts cache each plan's candidates at that width, so another width
+needs another --out; copy the demos store and the checkpoint folder (without safety.*) there to reuse
+the policy: both are reused when their names, training steps and action space match.
 """
 
 from __future__ import annotations
@@ -129,10 +134,26 @@ def rollout(env, runner: PolicyRunner, condition: str, seed: int) -> Rollout:
     return record
 
 
-def run_rollouts(checkpoint, task, condition, seeds, num_samples, safety_filter=None) -> list[Rollout]:
+def run_rollouts(
+    checkpoint, task, condition, seeds, num_samples, safety_filter=None, action_steps=None
+) -> list[Rollout]:
+    """`action_steps`: the width the candidates are summarized at (None: the checkpoint's safety models'
+    or SafetyConfig's); it must match the checkpoint's safety models if it has some."""
     runner = PolicyRunner.from_checkpoint(
         checkpoint, num_samples=num_samples, device="cpu", safety_filter=safety_filter or FilterConfig()
     )
+    if action_steps is not None:
+        if action_steps > runner.n_action_steps:
+            raise SystemExit(
+                f"{checkpoint}: action_steps {action_steps} exceeds the {runner.n_action_steps} steps it executes"
+            )
+        suite = runner.safety.suite
+        if suite is not None and suite.config.action_steps != action_steps:
+            raise SystemExit(
+                f"{checkpoint}: its safety models see {suite.config.action_steps} action steps, not "
+                f"{action_steps}: give --out another folder"
+            )
+        runner.safety.action_steps = action_steps
     env = make_env(task, seed=int(seeds[0]))
     try:
         return [rollout(env, runner, condition, int(seed)) for seed in seeds]
@@ -173,9 +194,17 @@ def load_rollouts(path: Path) -> list[Rollout] | None:
     ]
 
 
-def cached_rollouts(out: Path, name: str, make) -> list[Rollout]:
+def cached_rollouts(out: Path, name: str, make, width: int | None = None) -> list[Rollout]:
+    """The rollouts cached as `name` in `out`, else `make()`'s (then cached); `width`: the candidate
+    summaries' size they must have (a cache made at another action_steps is refused)."""
     path = out / f"rollouts_{name}"
     rollouts = load_rollouts(path)
+    cached = rollouts[0].candidates[0].shape[-1] if rollouts and rollouts[0].candidates else None
+    if width is not None and cached is not None and cached != width:
+        raise SystemExit(
+            f"{path}: cached candidates are {cached} wide, not {width} (another --safety-action-steps): "
+            "give --out another folder"
+        )
     if rollouts is None:
         started = time.perf_counter()
         rollouts = make()
@@ -290,6 +319,8 @@ def evaluate_task(args, task: str) -> list[dict]:
     out = args.out / f"{task}_signals"
     out.mkdir(parents=True, exist_ok=True)
     K = args.num_samples
+    cfg = SafetyConfig(**args.safety)
+    width = cfg.action_steps * read_config(checkpoint)["shape_meta"]["action_dim"]
     roll = {}
     for split, conditions, count in (
         ("train", CONDITIONS, args.train),
@@ -301,12 +332,18 @@ def evaluate_task(args, task: str) -> list[dict]:
             roll[split] += cached_rollouts(
                 out,
                 f"{split}_{condition}",
-                lambda c=condition, s=split, n=count: run_rollouts(checkpoint, task, c, seeds(s, c, n), K),
+                lambda c=condition, s=split, n=count: run_rollouts(
+                    checkpoint, task, c, seeds(s, c, n), K, action_steps=cfg.action_steps
+                ),
+                width,
             )
     suite = load_safety(checkpoint) if args.reuse_safety else None
+    if suite is not None and suite.config.action_steps != cfg.action_steps:
+        raise SystemExit(
+            f"{checkpoint}: its safety models see {suite.config.action_steps} action steps, not {cfg.action_steps}"
+        )
     if suite is None:
         runner = PolicyRunner.from_checkpoint(checkpoint, device="cpu")
-        cfg = SafetyConfig(**args.safety)
         started = time.perf_counter()
         demos = demo_data(runner.policy, checkpoint, cfg, num_samples=K)
         suite = fit_suite(runner.policy, demos, roll["train"], cfg)
@@ -346,6 +383,12 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=8, help="K candidate chunks per plan")
     parser.add_argument("--filter-false-alarm", type=float, default=0.02)
     parser.add_argument("--safety", nargs="*", default=[], help="SafetyConfig overrides KEY=VALUE")
+    parser.add_argument(
+        "--safety-action-steps",
+        type=int,
+        default=SafetyConfig.action_steps,
+        help="executed actions of a chunk the safety models see (its own --out: see above)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/safety"))
     parser.add_argument(
         "--reuse-safety",
@@ -357,6 +400,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.safety = {k: (float(v) if "." in v else int(v)) for k, v in (p.split("=", 1) for p in args.safety)}
+    if args.safety.setdefault("action_steps", args.safety_action_steps) != args.safety_action_steps:
+        raise SystemExit("benchmarks.signals: give action_steps with --safety-action-steps, not --safety")
     set_torch_threads(1)
     print(machine_line(), flush=True)
     rows = []

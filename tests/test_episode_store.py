@@ -334,15 +334,20 @@ def test_info_job_summarizes_a_store(tmp_path):
     assert "episodes         2" in table and "intervention" in table
 
 
+MIN_MID_COMMIT_KILLS = 5
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_a_committed_episode(tmp_path):
     path = tmp_path / "crash.zarr"
     rng = np.random.default_rng(1234)
     reported = -1
-    kills = 40
-    mid_commit_kills = 0
+    kills = mid_commit_kills = 0
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for _ in range(kills):
+    # At least 40 kills, and more until enough landed inside a commit (~3 in 4 on an idle machine, as few as
+    # 1 in 10 on a loaded one, where the writer spends more of its time outside commits), up to 160.
+    while kills < 40 or (mid_commit_kills < MIN_MID_COMMIT_KILLS and kills < 160):
+        kills += 1
         child = subprocess.Popen(
             [sys.executable, "-m", "tests.store_crash_writer", str(path)],
             cwd=ROOT,
@@ -377,8 +382,8 @@ def test_sigkill_at_random_moments_never_loses_a_committed_episode(tmp_path):
                 np.testing.assert_array_equal(got[key], values, err_msg=f"episode {index} key {key}")
             assert store.episode_meta(index).policy_version == str(index)
     assert reported >= 20, "the writer should have committed many episodes across the kills"
-    # The test is only worth something if many kills landed inside a commit (seen: ~3 in 4).
-    assert mid_commit_kills >= kills // 8, f"only {mid_commit_kills} of {kills} kills hit a commit"
+    # The test is only worth something if kills landed inside a commit.
+    assert mid_commit_kills >= MIN_MID_COMMIT_KILLS, f"only {mid_commit_kills} of {kills} kills hit a commit"
     # The next writer trims what the killed ones left past the commit point and carries on.
     with EpisodeStore.open(path, mode="a") as store:
         count = store.num_episodes

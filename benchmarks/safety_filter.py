@@ -1,6 +1,6 @@
 """The safety filter from perturbed starts and out-of-distribution goals: violations and success.
 
-    python -m benchmarks.safety_filter [--tasks push] [--episodes 40] [--filter-false-alarm 0.02]
+    python -m benchmarks.safety_filter [--tasks push] [--episodes 40] [--filter-false-alarm 0.05]
     python -m benchmarks.safety_filter --out runs/safety_delta --demos 30 --conditions normal perturbed ood_goal
 
 Run after benchmarks.signals, which trains the policy and its safety models into the checkpoint and
@@ -30,6 +30,7 @@ import numpy as np
 
 from benchmarks.common import machine_line, print_table
 from benchmarks.signals import cached_rollouts, load_rollouts, run_rollouts
+from policies.safety.config import FILTER_FALSE_ALARM
 from policies.safety.filter import MODE_SIGNAL, FilterConfig
 from policies.safety.fit import calibrate
 from policies.safety.models import load_safety
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--demos", type=int, default=100)
     parser.add_argument("--episodes", type=int, default=40, help="per condition and mode")
     parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--filter-false-alarm", type=float, default=0.02)
+    parser.add_argument("--filter-false-alarm", type=float, default=FILTER_FALSE_ALARM)
     parser.add_argument("--choose", default=FilterConfig.choose, choices=["first", "lowest"])
     parser.add_argument("--conditions", nargs="+", default=list(DEFAULT_CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)

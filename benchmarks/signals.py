@@ -47,6 +47,7 @@ from benchmarks.policy_results import demos_store, trained_checkpoint
 from flotilla.cli import CONFIG_DIR
 from policies.checkpoint import read_config
 from policies.runner import PolicyRunner
+from policies.safety.config import FILTER_FALSE_ALARM
 from policies.safety.filter import FilterConfig
 from policies.safety.fit import Rollout, calibrate, demo_data, fit_suite, rollout_scores
 from policies.safety.models import SafetyConfig, load_safety
@@ -381,7 +382,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=40, help="normal rollouts for calibration")
     parser.add_argument("--test", type=int, default=30, help="rollouts per condition scored")
     parser.add_argument("--num-samples", type=int, default=8, help="K candidate chunks per plan")
-    parser.add_argument("--filter-false-alarm", type=float, default=0.02)
+    parser.add_argument("--filter-false-alarm", type=float, default=FILTER_FALSE_ALARM)
     parser.add_argument("--safety", nargs="*", default=[], help="SafetyConfig overrides KEY=VALUE")
     parser.add_argument(
         "--safety-action-steps",

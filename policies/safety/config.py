@@ -68,6 +68,13 @@ class SafetyConfig:
         check_int(self.seed, "seed")
 
 
+# The filter's bound: the share of nominal plans whose executed chunk it would refuse. At 2% the LDM filter's
+# effect on a policy that breaks constraints depended on the training of its safety models (-34% to -77%
+# violations over six trainings); at 5% every one of the six at least halved them (-61% to -95%) with no
+# loss of success (benchmarks/README.md, safety_filter).
+FILTER_FALSE_ALARM = 0.05
+
+
 @dataclass
 class SafetyJobConfig:
     """`flotilla safety`: train a checkpoint's safety models on its demos and logged episodes, calibrate
@@ -83,7 +90,7 @@ class SafetyJobConfig:
     num_samples: int = 8  # candidate chunks sampled at each next state (the LDM's min over a')
     calibration_ratio: float = 0.3  # share of the successful episodes held out to calibrate
     target_false_alarm: float = 0.05  # alarm thresholds: share of nominal episodes that alarm
-    filter_false_alarm: float = 0.02  # filter bounds: share of nominal plans refused
+    filter_false_alarm: float = FILTER_FALSE_ALARM  # filter bounds: share of nominal plans refused
     time_varying: bool = True
     bin_steps: int = 10
     threads: int = 1

@@ -2,7 +2,7 @@
 
     demos = demo_data(checkpoint_dir, stores)             # (s, a) where the policy's data is
     suite = fit_suite(policy, demos, rollouts, SafetyConfig())
-    calibrate(suite, nominal_rollouts, target_false_alarm=0.05, filter_false_alarm=0.02)
+    calibrate(suite, nominal_rollouts, target_false_alarm=0.05, filter_false_alarm=0.05)
     suite.save(checkpoint_dir)                            # safety.safetensors + safety.json beside the policy
 
 What each model learns from (policies/safety/models.py): the flow and RND from the demos the policy was
@@ -25,6 +25,7 @@ from torch import nn
 from policies.checkpoint import read_config
 from policies.data.windows import WindowDataset, load_episodes
 from policies.safety.calibration import ConformalThreshold
+from policies.safety.config import FILTER_FALSE_ALARM
 from policies.safety.models import (
     SafetyConfig,
     SafetySuite,
@@ -229,7 +230,7 @@ def calibrate(
     suite: SafetySuite,
     nominal: list[Rollout],
     target_false_alarm: float = 0.05,
-    filter_false_alarm: float = 0.02,
+    filter_false_alarm: float = FILTER_FALSE_ALARM,
     time_varying: bool = True,
     bin_steps: int = 10,
 ) -> SafetySuite:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -309,6 +310,10 @@ def train(cfg: TrainConfig) -> Path:
             f"checkpoint: {final}"
         )
     if world > 1:
+        # Free the DDP wrapper while every rank is still here: its reducer holds the gloo group, and a gloo
+        # group destroyed after its peers have exited hangs in its destructor (seen: rank 0 stuck at exit).
+        del model
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return final

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fleet import wire
 from fleet.client import RobotClient
 from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
@@ -71,18 +72,12 @@ POLICY, OPERATOR, HOLD_TELEOP, HOLD_SERVER, HOLD_ESTOP, HOLD_OFFLINE, HOLD_VIOLA
 
 # The safety signals a policy may report (policies/safety/filter.py) that travel in Signals.
 SAFETY_SIGNALS = ("risk", "density", "novelty", "rnd", "ldm", "agree")
-SAFETY_FILTER_DECISIONS = {
-    "off": pb.SAFETY_FILTER_DECISION_OFF,
-    "pass": pb.SAFETY_FILTER_DECISION_PASS,
-    "switched": pb.SAFETY_FILTER_DECISION_SWITCHED,
-    "hold": pb.SAFETY_FILTER_DECISION_HOLD,
-}
 
 
 def safety_signals(reported: Mapping) -> dict:
     """The Signals fields of a policy's per-plan report (unknown names and decisions are left out)."""
     signals = {key: float(reported[key]) for key in SAFETY_SIGNALS if key in reported}
-    decision = SAFETY_FILTER_DECISIONS.get(reported.get("filter"))
+    decision = wire.safety_filter_to_wire(reported.get("filter"))
     if decision is not None:
         signals["safety_filter"] = decision
     return signals

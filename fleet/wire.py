@@ -36,6 +36,15 @@ _RELEASE_REASONS = {
 }
 
 
+# The safety filter's decision (policies/safety/filter.py names it) as Signals.safety_filter.
+_SAFETY_FILTER_DECISIONS = {
+    "off": pb.SAFETY_FILTER_DECISION_OFF,
+    "pass": pb.SAFETY_FILTER_DECISION_PASS,
+    "switched": pb.SAFETY_FILTER_DECISION_SWITCHED,
+    "hold": pb.SAFETY_FILTER_DECISION_HOLD,
+}
+
+
 def label_to_wire(label: ControlLabel | str | int) -> int:
     """A store label (or its name) as the wire's ControlLabel value."""
     return _LABEL_TO_WIRE[ControlLabel.parse(label)]
@@ -67,6 +76,16 @@ def release_reason_to_wire(reason: str | None) -> int:
 def release_reason_name(value: int) -> str:
     """The allocator's reason string for a wire ReleaseReason ('' when unspecified)."""
     return next((name for name, wire in _RELEASE_REASONS.items() if wire == value), "")
+
+
+def safety_filter_to_wire(decision: str | None) -> int | None:
+    """The filter's decision as the wire's SafetyFilterDecision; None for no (or an unknown) decision."""
+    return _SAFETY_FILTER_DECISIONS.get(decision or "")
+
+
+def safety_filter_name(value: int) -> str:
+    """The filter's decision for a wire SafetyFilterDecision ('' when unspecified or unknown)."""
+    return next((name for name, wire in _SAFETY_FILTER_DECISIONS.items() if wire == value), "")
 
 
 def error_code_to_wire(status_name: str) -> int:

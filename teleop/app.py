@@ -331,24 +331,14 @@ def _number(message: dict, key: str) -> float:
 # ------------------------------------------------------------------------------------- wire -> JSON
 
 
-# The safety filter's decision as the page shows it ("" without safety models).
-SAFETY_FILTER_NAMES = {
-    pb.SAFETY_FILTER_DECISION_OFF: "off",
-    pb.SAFETY_FILTER_DECISION_PASS: "pass",
-    pb.SAFETY_FILTER_DECISION_SWITCHED: "switched",
-    pb.SAFETY_FILTER_DECISION_HOLD: "hold",
-}
-
-
 def _signals(signals: pb.Signals) -> dict:
-    return {
-        **{
-            name: round(getattr(signals, name), 4)
-            for name in ("uncertainty", "risk", "density", "novelty", "rnd", "ldm", "agree")
-        },
-        "constraint_violation": signals.constraint_violation,
-        "safety_filter": SAFETY_FILTER_NAMES.get(signals.safety_filter, ""),
-    }
+    """Every Signals field: numbers rounded, the filter's decision by name ("" without safety models)."""
+    shown = {}
+    for descriptor in signals.DESCRIPTOR.fields:
+        value = getattr(signals, descriptor.name)
+        shown[descriptor.name] = round(value, 4) if descriptor.type == descriptor.TYPE_FLOAT else value
+    shown["safety_filter"] = wire.safety_filter_name(signals.safety_filter)
+    return shown
 
 
 def _vector(tensor: pb.Tensor) -> list[float]:

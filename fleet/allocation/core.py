@@ -233,9 +233,9 @@ class QuantileThreshold:
     def samples(self) -> int:
         return self._count
 
-    def current(self, step: int = 0) -> Threshold:
-        """The threshold for a robot at ``step`` of its episode (only a schedule depends on it)."""
-        fixed = self.fixed if self.schedule is None else float(self.schedule.threshold(step))
+    def current(self) -> Threshold:
+        """The threshold (with a schedule: at an episode's first step; see ``at``)."""
+        fixed = self.fixed if self.schedule is None else float(self.schedule.threshold(0))
         if self._count < self.min_samples:
             value = math.inf if fixed is None else fixed
             return Threshold(value, 0.0)  # signals are >= 0 by convention, so 0 is a fair typical
@@ -248,6 +248,12 @@ class QuantileThreshold:
             above = window[window > median]
             value = float(above.min()) if above.size else math.inf
         return Threshold(value, float(median))
+
+    def at(self, current: Threshold, step: int) -> Threshold:
+        """``current`` (this tick's) for a robot at ``step`` of its episode: only a schedule moves it."""
+        if self.schedule is None:
+            return current
+        return Threshold(float(self.schedule.threshold(step)), current.typical)
 
 
 # ------------------------------------------------------------------------------------------- rules
@@ -503,14 +509,13 @@ class Allocator:
             (self.uncertainty, "uncertainty", uncertainty, self.config.uncertainty_threshold),
             (self.risk, "risk", risk, self.config.risk_threshold),
         )
-        for _, key, value, _ in settings:  # all checked before any is changed
-            if value is not None and not callable(getattr(value, "threshold", None)):
+        is_schedule = [callable(getattr(value, "threshold", None)) for _, _, value, _ in settings]
+        for (_, key, value, _), schedule in zip(settings, is_schedule, strict=True):  # all checked first
+            if value is not None and not schedule:
                 check_number(f"{key} threshold", value)
-        for threshold, _, value, configured in settings:
-            if value is None or not callable(getattr(value, "threshold", None)):
-                threshold.fixed, threshold.schedule = configured if value is None else float(value), None
-            else:
-                threshold.fixed, threshold.schedule = None, value
+        for (threshold, _, value, configured), schedule in zip(settings, is_schedule, strict=True):
+            threshold.schedule = value if schedule else None
+            threshold.fixed = None if schedule else configured if value is None else float(value)
 
     def tick(self, robots: Iterable[RobotSlot], operators: Iterable[str]) -> Decisions:
         """Advance one tick: count time, release robots that are done, give free operators robots.
@@ -608,12 +613,15 @@ class Allocator:
                     robot.reset_steps_left = max(robot.reset_steps_left - 1, 0)
 
     def _prioritize(self, active: list[RobotSlot]) -> dict[str, Priority]:
-        thresholds = self.thresholds
+        thresholds = current = self.thresholds  # the window quantiles once per tick, not once per robot
         by_step = self.uncertainty.schedule is not None or self.risk.schedule is not None
         priorities = {}
         for robot in active:
             if by_step:
-                thresholds = Thresholds(self.uncertainty.current(robot.step), self.risk.current(robot.step))
+                thresholds = Thresholds(
+                    self.uncertainty.at(current.uncertainty, robot.step),
+                    self.risk.at(current.risk, robot.step),
+                )
             priority = NO_NEED if robot.idle else self.rule(robot, thresholds)
             priorities[robot.robot_id] = priority
             robot.flagged = priority.needs_help

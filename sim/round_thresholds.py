@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from configs.schema import check, check_int
+from fleet.allocation.core import THRESHOLD_SIGNALS
 from policies.safety.calibration import ConformalThreshold
 
 # Calibration starts: past the demos' (seed + episode) and evaluation's (10000 on), before the fleet's
@@ -46,9 +47,6 @@ class RoundThresholdsConfig:
             "target_false_alarm",
             f"must be in (0, 1), got {self.target_false_alarm!r}",
         )
-
-
-SIGNALS = ("uncertainty", "risk")  # the Signals the allocator thresholds (fleet/allocation/core.py)
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def rollout_signals(
         for episode in range(episodes):
             obs, info = env.reset(seed=seed + episode)
             runner.reset()
-            scores: dict[str, list[float]] = {name: [] for name in SIGNALS}
+            scores: dict[str, list[float]] = {name: [] for name in THRESHOLD_SIGNALS}
             logged = store.begin_episode("calibration", task, runner.version) if store is not None else None
             while True:
                 action = runner.act(obs)

@@ -196,6 +196,9 @@ class Thresholds:
     risk: Threshold
 
 
+THRESHOLD_SIGNALS = tuple(field.name for field in dataclasses.fields(Thresholds))  # what has a threshold
+
+
 class ThresholdSchedule(Protocol):
     """A threshold that varies over the episode (policies/safety/calibration.py's ConformalThreshold)."""
 

@@ -18,9 +18,9 @@ import json
 import math
 from pathlib import Path
 
+from fleet.allocation.core import THRESHOLD_SIGNALS
 from policies.safety.calibration import SAFETY_JSON, ConformalThreshold
 
-ALLOCATOR_SIGNALS = ("uncertainty", "risk")  # the signals the allocator thresholds
 MAX_SAFETY_JSON_BYTES = 1024 * 1024  # read in the event loop: KB in practice
 
 
@@ -42,7 +42,7 @@ def published_thresholds(checkpoint: str | Path) -> dict[str, ConformalThreshold
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: 'thresholds' must map signal names to thresholds")
     thresholds = {}
-    for name in ALLOCATOR_SIGNALS:
+    for name in THRESHOLD_SIGNALS:
         if name not in saved:
             continue
         if not isinstance(saved[name], dict):

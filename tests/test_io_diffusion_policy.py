@@ -115,6 +115,40 @@ def test_zarr2_reads_the_export_as_diffusion_policy_does_but_not_the_store(zarr2
     assert result.returncode != 0
 
 
+# ReplayBuffer.copy_from_store's numpy backend (store=None): every meta array and every data array read
+# whole, chunk by chunk, under zarr 2; prints each data array's chunks.
+DP_COPY_TO_NUMPY = r"""
+import json, sys
+import numpy as np
+import zarr
+
+src = zarr.open(sys.argv[1], "r")
+meta = {key: (np.array(value) if len(value.shape) == 0 else value[:]) for key, value in src["meta"].items()}
+data = {key: value[:] for key, value in src["data"].items()}
+assert all(len(value) == meta["episode_ends"][-1] for value in data.values())
+print(json.dumps({key: list(src["data"][key].chunks) for key in data}))
+"""
+
+
+def test_a_large_export_has_dp_sized_chunks_and_copies_into_memory_under_zarr2(zarr2_python, tmp_path):
+    """Images in chunks of about 2 MB as DP's own stores (not a file per frame, nor one chunk of all);
+    low-dim keys in chunks of many steps."""
+    with make_store(tmp_path / "fleet.zarr", episodes=5, length=30, size=96) as store:
+        out = tmp_path / "dp.zarr"
+        dp("export", store.path, out)
+        result = subprocess.run(
+            [zarr2_python, "-c", DP_COPY_TO_NUMPY, str(out)], capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr
+        chunks = json.loads(result.stdout)
+        frame_bytes = 96 * 96 * 3
+        assert 1 < chunks["img"][0] < store.num_steps, chunks["img"]
+        assert chunks["img"][0] * frame_bytes <= 2_000_000 < (chunks["img"][0] + 1) * frame_bytes
+        assert chunks["action"][0] == chunks["state"][0] == store.num_steps  # one chunk: < 1024 steps
+        image_files = [p for p in (out / "data" / "img").iterdir() if not p.name.startswith(".")]
+        assert len(image_files) == -(-store.num_steps // chunks["img"][0])
+
+
 def test_export_then_import_gives_the_store_back(store, tmp_path):
     dp("export", store.path, tmp_path / "dp.zarr")
     dp("import", tmp_path / "dp.zarr", tmp_path / "back.zarr")

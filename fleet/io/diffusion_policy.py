@@ -43,6 +43,9 @@ from fleet.store.episode_store import SIGNAL_PREFIX, EpisodeStore
 
 ATTRS_KEY = "flotilla_export"
 LOWDIM_CHUNK_STEPS = 1024
+# Image chunks of about 2 MB, as DP's own stores have (a chunk per frame is a file per frame on disk and
+# a read per frame for DP's copy into memory; one chunk of everything is read whole for any window).
+IMAGE_CHUNK_BYTES = 2_000_000
 EXPORT_BATCH_STEPS = 4096  # steps read from the store per write
 DEFAULT_CAMERA = "front"  # DP's `img` imports as front_rgb: the camera `flotilla train cameras=true` uses
 
@@ -99,10 +102,12 @@ def export_diffusion_policy(
         else:
             step_shape, dtype = schema[keys[0]].shape, schema[keys[0]].dtype
         image = len(step_shape) == 3 and dtype == np.uint8
+        step_bytes = int(np.prod(step_shape)) * dtype.itemsize
+        chunk_steps = max(IMAGE_CHUNK_BYTES // step_bytes, 1) if image else LOWDIM_CHUNK_STEPS
         arrays[dp_key] = data.create_array(
             dp_key,
             shape=(total, *step_shape),
-            chunks=(1 if image else LOWDIM_CHUNK_STEPS, *step_shape),
+            chunks=(min(chunk_steps, total), *step_shape),
             dtype=dtype,
             compressors=_compressor(image),
         )

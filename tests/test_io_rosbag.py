@@ -168,13 +168,18 @@ def write_arm_bag(path: Path, bag: ArmBag, storage: str = "mcap") -> Path:
         marker_type = "std_msgs/msg/Bool" if isinstance(bag.markers[0][1], bool) else "std_msgs/msg/String"
         topics["marker"] = ("/episode", marker_type)
     with Writer(path, version=9, storage_plugin=plugin) as writer:
-        connections = {
-            name: writer.add_connection(topic, kind, typestore=store)
-            for name, (topic, kind) in topics.items()
-        }
-        for receive, name, msg in sorted(messages, key=lambda item: item[0]):
-            writer.write(connections[name], EPOCH_NS + receive, store.serialize_cdr(msg, topics[name][1]))
+        record(writer, store, topics, messages)
     return path
+
+
+def record(writer, store, topics: dict, messages: list) -> None:
+    """Write `messages` ((receive ns after EPOCH_NS, topic name, message)) in receive order to an open
+    rosbags Writer; `topics`: name -> (topic, message type)."""
+    connections = {
+        name: writer.add_connection(topic, kind, typestore=store) for name, (topic, kind) in topics.items()
+    }
+    for receive, name, msg in sorted(messages, key=lambda item: item[0]):
+        writer.write(connections[name], EPOCH_NS + receive, store.serialize_cdr(msg, topics[name][1]))
 
 
 def arm_mapping(**changes) -> dict:

@@ -447,6 +447,7 @@ def read_bag(path: Path, mapping: BagMapping, result: ImportResult, bar) -> Iter
         for stream in streams:
             by_topic.setdefault(stream.source.topic, []).append(stream)
         connections = [c for c in reader.connections if c.topic in by_topic or c.topic == marker_topic]
+        _check_types(connections, reader.typestore, by_topic, path)
         cameras = {s.source.topic for s in streams if s.is_image}
         bar.total = (bar.total or 0) + sum(c.msgcount * (1 + (c.topic in cameras)) for c in connections)
         bar.refresh()
@@ -476,6 +477,19 @@ def read_bag(path: Path, mapping: BagMapping, result: ImportResult, bar) -> Iter
         yield from _with_frames(reader, streams, planned, bar)
     finally:
         reader.close()
+
+
+def _check_types(connections, typestore, by_topic: dict[str, list[_Stream]], path: Path) -> None:
+    """Every mapped topic's type must be known: a bag without message definitions (sqlite3 before ROS 2
+    Iron) is read with Jazzy's standard types, which lack a vendor's own (kortex_driver/msg/...)."""
+    for connection in connections:
+        if connection.msgtype not in typestore.fielddefs:
+            streams = by_topic.get(connection.topic)
+            where = streams[0].where() if streams else f"episodes.topic: topic {connection.topic}"
+            raise BagError(
+                f"{where}: {path} carries no definition of {connection.msgtype} (a bag recorded before "
+                "ROS 2 Iron has none, and only the standard ROS 2 types are known without one)"
+            )
 
 
 def _marker_topic(mapping: BagMapping) -> str | None:

@@ -119,6 +119,44 @@ def test_joint_positions_by_name_and_missing_joint():
         m.joint_positions(msg, ["j0"])
 
 
+def test_joint_state_with_a_joint_named_twice_is_refused():
+    msg = wire(m.joint_state(["j0", "j1", "j0"], [0.0, 1.0, 2.0], 1.0))
+    with pytest.raises(ValueError, match="names a joint twice"):
+        m.joint_positions(msg, ["j0"])
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "rgb8; jpeg compressed bgr8", "png", "bgr8; png compressed bgr8"])
+def test_compressed_formats_that_drivers_write(fmt):
+    """image_transport's compressed plugin writes "<encoding>; <codec> compressed <encoding>" (Humble on);
+    older drivers plain "jpeg" / "png": the bytes decide, whichever the string."""
+    smooth = np.dstack([np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (24, 1))] * 3)
+    smooth[..., 2] = 40
+    codec = "png" if "png" in fmt else "jpeg"
+    msg = wire(m.rgb_to_compressed_image(smooth, 1.0, fmt=codec, quality=95))
+    msg.format = fmt
+    assert np.abs(m.compressed_image_to_rgb(wire(msg)).astype(int) - smooth).mean() < 3
+
+
+def test_compressed_depth_and_empty_images_are_refused_by_name():
+    msg = wire(m.rgb_to_compressed_image(RGB, 1.0, fmt="png"))
+    msg.format = "16UC1; compressedDepth png"
+    with pytest.raises(ValueError, match="'16UC1; compressedDepth png' is not supported .compressedDepth."):
+        m.compressed_image_to_rgb(msg)
+    empty = image("rgb8", RGB)
+    empty.height = empty.width = empty.step = 0
+    with pytest.raises(ValueError, match="Image is empty"):
+        m.image_to_rgb(empty)
+
+
+def test_8uc3_is_bgr_and_mono16_big_endian_with_padding():
+    assert np.array_equal(m.image_to_rgb(image("8UC3", RGB[..., ::-1].copy(), step=7 * 3 + 3)), RGB)
+    depth = np.array([[0, 1000], [2000, 4000]], ">u2")[..., None]
+    assert m.image_to_rgb(image("mono16", depth, step=8, bigendian=True))[..., 1].tolist() == [
+        [0, 64],
+        [128, 255],
+    ]
+
+
 def test_command_builders_match_ros_definitions():
     array_msg = wire(m.float64_multi_array([0.5, -1.0, 2.0]))
     assert m.float_array(array_msg).tolist() == [0.5, -1.0, 2.0]
@@ -126,6 +164,11 @@ def test_command_builders_match_ros_definitions():
     traj = wire(m.joint_trajectory(["a", "b"], [0.1, 0.2], 0.25))
     assert traj.joint_names == ["a", "b"] and traj.points[0].positions.tolist() == [0.1, 0.2]
     assert (traj.points[0].time_from_start.sec, traj.points[0].time_from_start.nanosec) == (0, 250_000_000)
+    names = [f"joint_{i}" for i in range(1, 7)]
+    six = wire(m.joint_trajectory(names, np.linspace(-1, 1, 6), 1.25, stamp_s=3.5))
+    assert six.joint_names == names and six.points[0].positions == pytest.approx(np.linspace(-1, 1, 6))
+    assert (six.points[0].time_from_start.sec, six.points[0].time_from_start.nanosec) == (1, 250_000_000)
+    assert m.stamp_seconds(six) == 3.5 and len(six.points[0].velocities) == 0
     with pytest.raises(ValueError, match="3 positions for 2 joints"):
         m.joint_trajectory(["a", "b"], [1, 2, 3], 0.1)
     twist = wire(m.twist_stamped([0.1, 0, 0], [0, 0, 0.3], 7.5, "base_link"))

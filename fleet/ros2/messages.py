@@ -69,6 +69,8 @@ def image_to_rgb(msg) -> np.ndarray:
         )
     channels, kind, convert = _ENCODINGS[encoding]
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height == 0 or width == 0:
+        raise ValueError(f"Image is empty ({width}x{height} {encoding})")
     dtype = np.dtype(kind).newbyteorder(">" if msg.is_bigendian else "<")
     row_bytes = width * channels * dtype.itemsize
     if step < row_bytes:
@@ -98,22 +100,35 @@ def image_to_rgb(msg) -> np.ndarray:
 
 def compressed_image_to_rgb(msg) -> np.ndarray:
     """sensor_msgs/CompressedImage (JPEG or PNG; `format` as image_transport writes it) -> (H, W, 3) RGB."""
+    fmt = str(msg.format)
+    if "compresseddepth" in fmt.lower():  # image_transport's depth plugin: a header, then 16/32-bit PNG/RVL
+        raise ValueError(
+            f"CompressedImage format {fmt!r} is not supported (compressedDepth): subscribe to the raw Image"
+        )
     image = cv2.imdecode(octets(msg.data), cv2.IMREAD_COLOR)
     if image is None:
-        raise ValueError(f"CompressedImage (format {str(msg.format)!r}) could not be decoded as JPEG or PNG")
+        raise ValueError(f"CompressedImage (format {fmt!r}) could not be decoded as JPEG or PNG")
     return np.ascontiguousarray(image[..., ::-1])
+
+
+def joint_state_positions(msg) -> dict[str, float]:
+    """sensor_msgs/JointState -> {joint name: position}; ValueError when names and positions disagree."""
+    names = [str(name) for name in msg.name]
+    position = np.asarray(msg.position, np.float64).reshape(-1)
+    if position.size != len(names):
+        raise ValueError(f"JointState has {len(names)} names but {position.size} positions ({names})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"JointState names a joint twice: {names}")
+    return dict(zip(names, position.tolist(), strict=True))
 
 
 def joint_positions(msg, names: Sequence[str]) -> np.ndarray:
     """sensor_msgs/JointState -> positions of `names` in that order (float64); KeyError names a missing joint."""
-    index = {str(name): i for i, name in enumerate(msg.name)}
-    position = np.asarray(msg.position, np.float64)
-    if position.size != len(index):
-        raise ValueError(f"JointState has {len(index)} names but {position.size} positions")
-    missing = [name for name in names if name not in index]
+    by_name = joint_state_positions(msg)
+    missing = [name for name in names if name not in by_name]
     if missing:
-        raise KeyError(f"JointState has no joint {missing[0]!r} (it has {sorted(index)})")
-    return position[[index[name] for name in names]]
+        raise KeyError(f"JointState has no joint {missing[0]!r} (it has {sorted(by_name)})")
+    return np.array([by_name[name] for name in names], np.float64)
 
 
 def float_array(msg) -> np.ndarray:

@@ -32,7 +32,8 @@ PANDA_JOINTS = [f"panda_joint{i}" for i in range(1, 8)]
 PANDA_FINGERS = ["panda_finger_joint1", "panda_finger_joint2"]
 JOINT_STATES, CAMERA, COMMANDS = "/joint_states", "/front_camera/image_raw", "/flotilla/commands"
 # Franka Panda, Craig DH [a, d, alpha, theta_offset] per joint (Franka's robot documentation), and the TCP
-# (pybullet_data's panda_grasptarget) in the last joint's frame: flange 0.107 m + hand to grasp target 0.105 m.
+# (pybullet_data's panda_grasptarget) in the last joint's frame: flange 0.107 m + hand to grasp target 0.105 m,
+# the hand turned -45 degrees about the flange's z (so ee_quat is the sim's).
 PANDA_DH = [
     *(0.0, 0.333, 0.0, 0.0),
     *(0.0, 0.0, -np.pi / 2, 0.0),
@@ -42,7 +43,7 @@ PANDA_DH = [
     *(0.0, 0.0, np.pi / 2, 0.0),
     *(0.088, 0.0, np.pi / 2, 0.0),
 ]
-PANDA_TCP = [0.0, 0.0, 0.212]
+PANDA_TCP = [0.0, 0.0, 0.212, 0.0, 0.0, -np.pi / 4]
 COMMAND_TIMEOUT_S = 0.3
 ROOT = Path(__file__).resolve().parent.parent
 

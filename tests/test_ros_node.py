@@ -2,6 +2,7 @@
 and the deadman, limits, dry-run, protective stop and the lifecycle, around the real RobotAgent talking to a
 real fleet server on 127.0.0.1. Messages are rosbags' Jazzy dataclasses after a CDR round trip."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from fleet.ros2.node import (
 )
 from fleet.store import EpisodeStore
 from tests.fleet_harness import wait_until
-from tests.ros_harness import PANDA_DH
+from tests.ros_harness import PANDA_DH, PANDA_TCP
 
 TS = get_typestore(Stores.ROS2_JAZZY)
 JOINTS = ["j1", "j2", "j3"]
@@ -117,7 +118,8 @@ def test_token_file_errors(tmp_path):
 
 
 def test_dh_forward_kinematics_matches_pybullets_panda():
-    """Franka's published DH parameters against pybullet_data's Panda URDF: the flange (panda_link8) agrees."""
+    """Franka's published DH parameters against pybullet_data's Panda URDF: the flange (panda_link8) and,
+    with the hand's turn in fk_tcp's rpy, the sim's TCP (panda_grasptarget: position and orientation)."""
     from sim.tasks.bullet import PhysicsClient, pybullet, pybullet_data
 
     p = PhysicsClient(pybullet.DIRECT)
@@ -129,12 +131,80 @@ def test_dh_forward_kinematics_matches_pybullets_panda():
             q[3] = rng.uniform(-3.0, -0.1)  # joint 4's range is negative
             for joint, angle in enumerate(q):
                 p.resetJointState(robot, joint, angle)
-            link = p.getLinkState(robot, 7, computeForwardKinematics=True)  # panda_link8 (the flange)
-            position, quat = dh_forward_kinematics(q, PANDA_DH, PANDA_FLANGE)
-            assert np.allclose(position, link[4], atol=1e-5)
-            assert abs(abs(np.dot(quat, link[5])) - 1) < 1e-6  # the same rotation (q or -q)
+            for index, tcp in ((7, PANDA_FLANGE), (11, PANDA_TCP)):  # panda_link8, panda_grasptarget
+                link = p.getLinkState(robot, index, computeForwardKinematics=True)
+                position, quat = dh_forward_kinematics(q, PANDA_DH, tcp)
+                assert np.allclose(position, link[4], atol=1e-5)
+                assert abs(abs(np.dot(quat, link[5])) - 1) < 1e-6  # the same rotation (q or -q)
     finally:
         p.disconnect()
+
+
+UR5E_TABLE = [  # Universal Robots' published UR5e table (standard DH): a, d, alpha per joint
+    (0.0, 0.1625, np.pi / 2),
+    (-0.425, 0.0, 0.0),
+    (-0.3922, 0.0, 0.0),
+    (0.0, 0.1333, np.pi / 2),
+    (0.0, 0.0997, -np.pi / 2),
+    (0.0, 0.0996, 0.0),
+]
+
+
+def standard_dh_product(q, table):
+    """The textbook product of Rz(theta) Tz(d) Tx(a) Rx(alpha), written out apart from node.py."""
+    transform = np.eye(4)
+    for theta, (a, d, alpha) in zip(q, table, strict=True):
+        rz = np.array(
+            [
+                [np.cos(theta), -np.sin(theta), 0, 0],
+                [np.sin(theta), np.cos(theta), 0, 0],
+                [0, 0, 1, 0],
+                [0, 0, 0, 1],
+            ]
+        )
+        tz, tx = np.eye(4), np.eye(4)
+        tz[2, 3], tx[0, 3] = d, a
+        rx = np.array(
+            [
+                [1, 0, 0, 0],
+                [0, np.cos(alpha), -np.sin(alpha), 0],
+                [0, np.sin(alpha), np.cos(alpha), 0],
+                [0, 0, 0, 1],
+            ]
+        )
+        transform = transform @ rz @ tz @ tx @ rx
+    return transform
+
+
+def quaternion_matrix(q):
+    x, y, z, w = q
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def test_standard_dh_ur5e_flange_pose():
+    """A UR5e with its published (standard) table: the flange at zero joints is where UR's numbers put it
+    (x = a2 + a3, y = -(d4 + d6), z = d1 - d5), and other poses agree with an independent product."""
+    dh = [v for a, d, alpha in UR5E_TABLE for v in (a, d, alpha, 0.0)]
+    position, quat = dh_forward_kinematics(np.zeros(6), dh, convention="standard")
+    assert position == pytest.approx([-0.8172, -0.2329, 0.0628], abs=1e-9)
+    # the alphas add up to Rx(pi/2): the flange's z points along the base's -y
+    assert abs(abs(np.dot(quat, [np.sqrt(0.5), 0.0, 0.0, np.sqrt(0.5)])) - 1) < 1e-9
+    rng = np.random.default_rng(3)
+    for q in rng.uniform(-np.pi, np.pi, (4, 6)):
+        expected = standard_dh_product(q, UR5E_TABLE)
+        position, quat = dh_forward_kinematics(q, dh, [0.0, 0.0, 0.05], "standard")
+        assert position == pytest.approx(expected[:3, 3] + expected[:3, 2] * 0.05, abs=1e-9)
+        assert np.allclose(quaternion_matrix(quat), expected[:3, :3], atol=1e-9)
+    # the same rows read as Craig's are another robot: the convention must be said, and is checked
+    assert not np.allclose(dh_forward_kinematics(np.zeros(6), dh)[0], [-0.8172, -0.2329, 0.0628])
+    with pytest.raises(ConfigError, match="fk_convention: must be one of"):
+        config(fk_convention="dh")
 
 
 # -- sensors, deadman, limits ------------------------------------------------------------------------------------
@@ -168,6 +238,47 @@ def test_sensors_assemble_convert_and_go_stale():
     clock.now += 0.1  # the cameras are 0.25 s old, the joints 0.1 s
     obs, problem = node.sensors.assemble()
     assert obs is None and problem.startswith("front_rgb is stale (0.250 s old")
+
+
+def test_joint_states_are_taken_by_name_whatever_the_driver_sends():
+    """Another order, extra joints (wheels), the gripper in a message of its own: each joint by its name. A
+    joint never measured holds with its name; a message that cannot be read is refused and the hold says why."""
+    clock = Clock()
+    node = RobotNodeLogic(config(gripper_joints=["f1", "f2"], max_sensor_age_s=0.2), clock=clock)
+    node.sensors.on_joint_state(wire(m.joint_state(["wheel_l", "j3", "j1", "wheel_r"], [9, 3, 1, 8], 5.0)))
+    obs, problem = node.sensors.assemble()
+    assert obs is None and problem.startswith("no joint 'j2' measured yet (the last JointState has [")
+    node.sensors.on_joint_state(wire(m.joint_state(["j2", "j1", "j3"], [2, 1, 3], 5.0)))
+    assert node.sensors.assemble()[1].startswith("no joint 'f1' measured yet")
+    node.sensors.on_joint_state(wire(m.joint_state(["f2", "f1"], [0.01, 0.02], 5.0)))  # the gripper's driver
+    obs, problem = node.sensors.assemble()
+    assert (
+        problem == "" and obs["joint_pos"].tolist() == [1, 2, 3] and obs["gripper"] == pytest.approx([0.03])
+    )
+    node.sensors.on_joint_state(wire(m.joint_state(["base_x"], [7.0], 5.1)))  # another device's: ignored
+    clock.now += 0.1
+    node.sensors.on_joint_state(wire(m.joint_state(["j1", "j2", "j3"], [4, 5, 6], 5.2)))
+    clock.now += 0.15  # the arm is fresh, the fingers (0.25 s) are not: the whole joint state is stale
+    obs, problem = node.sensors.assemble()
+    assert obs is None and problem.startswith("joints is stale (0.250 s old")
+    bad = wire(m.joint_state(["f1", "f2"], [0.0, 0.0], 5.3))
+    bad.position = bad.position[:1]
+    with pytest.raises(ValueError, match="2 names but 1 positions"):
+        node.sensors.on_joint_state(bad)
+    assert node.sensors.assemble()[1].endswith(
+        "its last message was refused: JointState has 2 names but 1 positions (['f1', 'f2'])"
+    )
+
+
+def test_a_bad_image_is_refused_and_the_hold_names_it():
+    node = RobotNodeLogic(config(camera_names=["front"], camera_topics=["/front/image_raw"]), clock=Clock())
+    feed(node)
+    image = wire(m.rgb_to_image(np.zeros((4, 4, 3), np.uint8), 1.0))
+    image.encoding = "32FC1"
+    with pytest.raises(ValueError, match="'32FC1' is not supported"):
+        node.sensors.on_image("front", image)
+    problem = node.sensors.assemble()[1]
+    assert problem.startswith("no front_rgb yet; its last message was refused: Image encoding '32FC1'")
 
 
 def test_limits_box_joints_velocity_and_workspace():
@@ -308,10 +419,11 @@ def test_twist_output_and_unconfigured_shutdown():
 
 
 def test_latest_checkpoint_is_fetched_verified_and_drives_the_node(
-    server, token_file, tmp_path, one_torch_thread
+    server, token_file, tmp_path, one_torch_thread, caplog
 ):
-    """checkpoint "latest": the registry's newest version is fetched (sha256-checked) and run; a damaged one
-    is never loaded, and the node stays unconfigured saying why."""
+    """checkpoint "latest": the registry's newest version is fetched (sha256-checked) and run; a later one
+    that does not fit the robot is not swapped in; a damaged one is never loaded, and the node stays
+    unconfigured saying why."""
     import grpc
 
     from fleet.client import publish_checkpoint
@@ -342,10 +454,105 @@ def test_latest_checkpoint_is_fetched_verified_and_drives_the_node(
     tick = node.tick()
     assert node.agent.version == "v7" and tick.control == "dry_run"
     assert tick.action.shape == (4,) and np.all(np.isfinite(tick.action))
+    # A later version for another robot (5 joints) reaches it: refused, v7 keeps driving.
+    other = ShapeMeta(obs={"joint_pos": (5,)}, action_dim=4, goal_dim=3)
+    misfit = build_policy("mlp", other, horizon=8, n_action_steps=4, hidden_dims=(16,))
+    publish_checkpoint(
+        server.address, "trainer-token", save_checkpoint(tmp_path / "v8", misfit, other, "v8"), "v8"
+    )
+    with caplog.at_level(logging.ERROR, logger="fleet.agent"):
+        wait_until(
+            lambda: node.agent.poll_policy() is None and "version v8 failed" in caplog.text, 10, "v8 refused"
+        )
+    assert (
+        "v8 does not fit robot robot_0: joint_pos is (5,) in the checkpoint, (3,) on this robot"
+        in caplog.text
+    )
+    assert node.agent.poll_policy() is None and node.agent.version == "v7"
     node.shutdown()
 
-    tamper(next(Path(server.config.registry_dir).rglob("*.safetensors")))
+    tamper(Path(server.config.registry_dir) / "v8" / "model.safetensors")  # the latest
     damaged = RobotNodeLogic(config(**{**vars(cfg), "cache_dir": str(tmp_path / "cache2")}))
     with pytest.raises(grpc.RpcError, match="damaged"):
         damaged.configure()
     assert damaged.state == UNCONFIGURED and damaged.agent is None
+
+
+# -- checkpoints that fit the robot, or do not ------------------------------------------------------------------
+
+V1 = Path(__file__).resolve().parent / "fixtures" / "checkpoints_v1"  # written by the project's first format
+
+
+def panda_config(**overrides):
+    from tests.ros_harness import PANDA_JOINTS
+
+    values = dict(
+        joint_names=PANDA_JOINTS,
+        camera_names=["front"],
+        camera_topics=["/front/image_raw"],
+        image_size=24,
+        ee_pose="fk",
+        fk_dh=PANDA_DH,
+        fk_tcp=PANDA_TCP,
+        goal=[0.5, 0.0, 0.2],
+    )
+    return RosRobotConfig(**{**values, **overrides})
+
+
+def test_a_first_format_checkpoint_drives_the_node_as_it_acted_when_written(
+    server, token_file, one_torch_thread
+):
+    """tests/fixtures/checkpoints_v1/mlp_images (format 1) through the node's own path (checkpoint: a
+    folder): the recorded camera frame and the joints (ee_pos by fk) give the action recorded with it."""
+    import base64
+    import json
+
+    record = json.loads((V1 / "expected.json").read_text())
+    frame = record["inputs"][0]
+    rgb = np.frombuffer(base64.b64decode(frame["front_rgb"]["uint8_b64"]), np.uint8)
+    rgb = rgb.reshape(frame["front_rgb"]["shape"])
+    cfg = panda_config(
+        fleet=server.address, token_file=token_file, checkpoint=str(V1 / "mlp_images"), goal=frame["goal"]
+    )
+    node = RobotNodeLogic(cfg)
+    node.configure()
+    try:
+        node.activate()
+        node.sensors.on_joint_state(wire(m.joint_state(cfg.joint_names, frame["joint_pos"], 1.0)))
+        node.sensors.on_image("front", wire(m.rgb_to_image(rgb, 1.0)))
+        tick = node.tick()
+        assert node.agent.version == "mlp_images-v1" and tick.control == "dry_run"
+        expected = record["expected"]["mlp_images"]["num_samples_1"]["actions"][0]
+        assert tick.action == pytest.approx(expected, abs=1e-4)  # no action box in this config
+    finally:
+        node.shutdown()
+
+
+def test_a_checkpoint_for_another_robot_is_refused_at_configure(tmp_path, token_file, one_torch_thread):
+    """A 7-joint arm given a policy trained on 3 joints (and one with another camera size, action size and
+    goal): one ConfigError line at configure naming each mismatch, before any fleet session or tick."""
+    from policies.checkpoint import save_checkpoint
+    from policies.models import ShapeMeta, build_policy
+
+    meta = ShapeMeta(obs={"joint_pos": (3,), "wrist_rgb": (24, 24, 3)}, action_dim=4, goal_dim=3)
+    policy = build_policy("mlp", meta, horizon=8, n_action_steps=4, hidden_dims=(16,))
+    folder = save_checkpoint(tmp_path / "three_joints", policy, meta, "v3")
+    cfg = panda_config(fleet="127.0.0.1:1", token_file=token_file, checkpoint=str(folder), action_dim=8)
+    node = RobotNodeLogic(cfg)
+    with pytest.raises(ConfigError) as err:
+        node.configure()
+    message = str(err.value)
+    assert message.startswith("checkpoint: v3 does not fit robot robot_0: ") and "\n" not in message
+    assert "it observes wrist_rgb (24, 24, 3), which this robot does not" in message
+    assert "joint_pos is (3,) in the checkpoint, (7,) on this robot" in message
+    assert "its actions have 4 values, action_dim is 8" in message
+    assert node.state == UNCONFIGURED and node.agent is None
+    old = panda_config(token_file=token_file, checkpoint=str(V1 / "gc_diffusion"), goal=[0.5, 0.0])
+    with pytest.raises(ConfigError, match="its goal has 3 values, goal has 2"):
+        RobotNodeLogic(old).configure()
+    with pytest.raises(ConfigError, match="trained with 0.03 m per action unit, ee_step_m is 0.05"):
+        RobotNodeLogic(
+            panda_config(token_file=token_file, checkpoint=str(V1 / "mlp_images"), ee_step_m=0.05)
+        ).configure()
+    with pytest.raises(ConfigError, match="checkpoint: .*none is not a checkpoint folder"):
+        RobotNodeLogic(panda_config(token_file=token_file, checkpoint=str(tmp_path / "none"))).configure()

@@ -94,6 +94,41 @@ def test_setup_installs_launch_config_marker_and_the_node(tmp_path):
     assert next((tmp_path / "prefix").rglob("flotilla_ros/robot_node.py"))
 
 
+def test_colcon_install_puts_the_executable_where_ros2_run_looks(tmp_path):
+    """colcon builds an ament_python package with `setup.py install --single-version-externally-managed`
+    (`develop` with --symlink-install); `ros2 run` and launch's executable= look in <prefix>/lib/<package>,
+    which only setup.cfg's install_scripts / script_dir make them use (without it: <prefix>/bin)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(PACKAGE / "setup.cfg")
+    assert cfg["develop"]["script_dir"] == cfg["install"]["install_scripts"] == "$base/lib/flotilla_ros"
+    source = shutil.copytree(PACKAGE, tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    prefix = tmp_path / "install"
+    subprocess.run(
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "install",
+            "--prefix",
+            str(prefix),
+            "--record",
+            str(tmp_path / "r"),
+        ]
+        + ["--single-version-externally-managed"],
+        cwd=source,
+        check=True,
+        capture_output=True,
+    )
+    script = prefix / "lib/flotilla_ros/robot_node"
+    assert script.is_file() and script.stat().st_mode & 0o111
+    assert (
+        "'console_scripts', 'robot_node'" in script.read_text() and not (prefix / "bin/robot_node").exists()
+    )
+    assert (prefix / "share/flotilla_ros/launch/robot.launch.py").is_file()
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (PACKAGE / "config").glob("*.yaml")))
 def test_parameter_files_match_the_nodes_typed_parameters(name):
     kinds = parameter_types()
@@ -208,6 +243,14 @@ def test_robot_launch_builds_the_lifecycle_node_and_starts_it(monkeypatch):
     )
     context["autostart"] = "false"
     assert len(setup(context)) == 1  # only the node: configure and activate by hand
+    # Every launch argument is used: each override reaches the node as its parameter, typed as ROS wants.
+    kinds = parameter_types()
+    context.update({name: "x" for name in arguments if name not in ("robot_id", "params_file", "autostart")})
+    context["dry_run"] = "true"
+    [node] = setup(context)
+    overrides = node.kwargs["parameters"][1]
+    assert set(overrides) == set(arguments) - {"params_file", "autostart"}
+    assert all(kinds[name] == ("bool" if name == "dry_run" else "string") for name in overrides)
 
 
 def test_fleet_launch_includes_one_robot_launch_per_robot(monkeypatch):

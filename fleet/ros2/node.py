@@ -53,6 +53,9 @@ OUTPUT_TYPES = {
 OUTPUTS = tuple(OUTPUT_TYPES)
 ACTION_MODES = ("delta", "absolute")
 EE_POSE_SOURCES = ("none", "fk", "tf")
+# fk_dh's convention: "modified" (Craig: Rx(alpha_{i-1}) Tx(a_{i-1}) Rz(theta_i) Tz(d_i); Franka publishes
+# these) or "standard" (Denavit-Hartenberg: Rz(theta_i) Tz(d_i) Tx(a_i) Rx(alpha_i); Universal Robots, KUKA).
+DH_CONVENTIONS = ("modified", "standard")
 
 
 @dataclass
@@ -80,8 +83,11 @@ class RosRobotConfig:
     )  # one per camera; ".../compressed": CompressedImage
     image_size: int = 96  # images are resized to image_size x image_size (the policy's input)
     ee_pose: str = "none"  # "fk" (fk_dh below) or "tf" (a TF lookup) -> observations "ee_pos", "ee_quat"
-    fk_dh: list[float] = field(default_factory=list)  # Craig DH rows [a, d, alpha, theta_offset] per joint
-    fk_tcp: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # TCP in the last DH frame, m
+    fk_dh: list[float] = field(default_factory=list)  # DH rows [a, d, alpha, theta_offset] per joint
+    fk_convention: str = "modified"  # fk_dh's rows: "modified" (Craig) or "standard" (DH_CONVENTIONS)
+    # The TCP in the last DH frame: [x, y, z] (m), or [x, y, z, roll, pitch, yaw] (rad, URDF's rpy) when the
+    # tool is turned on the flange (a Franka Hand: yaw -pi/4); ee_quat is the TCP frame's orientation.
+    fk_tcp: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     base_frame: str = "base_link"  # TF: target frame; TwistStamped's frame
     ee_frame: str = "tcp"  # TF: the end effector's frame
     output: str = "float64_multi_array"  # or "joint_trajectory", "twist_stamped"
@@ -127,7 +133,8 @@ class RosRobotConfig:
                 "fk_dh",
                 f"needs 4 numbers [a, d, alpha, theta_offset] per joint ({4 * len(self.joint_names)}), got {len(self.fk_dh)}",
             )
-        check(len(self.fk_tcp) == 3, "fk_tcp", f"needs 3 numbers, got {len(self.fk_tcp)}")
+        check_choice(self.fk_convention, DH_CONVENTIONS, "fk_convention")
+        check(len(self.fk_tcp) in (3, 6), "fk_tcp", f"needs 3 or 6 numbers, got {len(self.fk_tcp)}")
         check_choice(self.output, OUTPUTS, "output")
         check_choice(self.action_mode, ACTION_MODES, "action_mode")
         if self.output == "joint_trajectory":
@@ -212,20 +219,41 @@ def read_token(path: str) -> str:
 # -- forward kinematics (the "fk" end-effector pose) ----------------------------------------------------
 
 
-def dh_forward_kinematics(q, dh, tcp=(0.0, 0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
-    """TCP position (m) and orientation (xyzw) from joint angles and Craig (modified) DH rows
-    [a_{i-1}, d_i, alpha_{i-1}, theta_offset_i], as robot makers publish them (Franka's Panda docs)."""
+def dh_forward_kinematics(
+    q, dh, tcp=(0.0, 0.0, 0.0), convention: str = "modified"
+) -> tuple[np.ndarray, np.ndarray]:
+    """TCP position (m) and orientation (xyzw) from joint angles and DH rows [a, d, alpha, theta_offset]
+    as robot makers publish them: "modified" (Craig) rows [a_{i-1}, d_i, alpha_{i-1}, offset_i] (Franka's
+    Panda docs) or "standard" rows [a_i, d_i, alpha_i, offset_i] (Universal Robots' DH tables)."""
+    if convention not in DH_CONVENTIONS:
+        raise ValueError(f"DH convention {convention!r}: use one of {', '.join(DH_CONVENTIONS)}")
     transform = np.eye(4)
     for angle, (a, d, alpha, offset) in zip(
         np.asarray(q, float), np.asarray(dh, float).reshape(-1, 4), strict=True
     ):
         theta = angle + offset
         ca, sa, ct, st = math.cos(alpha), math.sin(alpha), math.cos(theta), math.sin(theta)
-        transform = transform @ np.array(
-            [[ct, -st, 0, a], [st * ca, ct * ca, -sa, -sa * d], [st * sa, ct * sa, ca, ca * d], [0, 0, 0, 1]]
-        )
-    position = transform[:3, :3] @ np.asarray(tcp, float) + transform[:3, 3]
-    return position, rotation_to_quaternion(transform[:3, :3])
+        if convention == "modified":
+            link = [[ct, -st, 0, a], [st * ca, ct * ca, -sa, -sa * d], [st * sa, ct * sa, ca, ca * d]]
+        else:
+            link = [[ct, -st * ca, st * sa, a * ct], [st, ct * ca, -ct * sa, a * st], [0, sa, ca, d]]
+        transform = transform @ np.array([*link, [0, 0, 0, 1]])
+    tcp = np.asarray(tcp, float)
+    position = transform[:3, :3] @ tcp[:3] + transform[:3, 3]
+    rotation = transform[:3, :3] @ rpy_to_rotation(*tcp[3:6]) if tcp.size == 6 else transform[:3, :3]
+    return position, rotation_to_quaternion(rotation)
+
+
+def rpy_to_rotation(roll: float, pitch: float, yaw: float) -> np.ndarray:
+    """URDF's rpy (fixed axes x, y, z): Rz(yaw) Ry(pitch) Rx(roll)."""
+    cr, sr, cp, sp, cy, sy = (f(v) for v in (roll, pitch, yaw) for f in (math.cos, math.sin))
+    return np.array(
+        [
+            [cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr],
+            [sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr],
+            [-sp, cp * sr, cp * cr],
+        ]
+    )
 
 
 def rotation_to_quaternion(r: np.ndarray) -> np.ndarray:
@@ -248,55 +276,108 @@ class _Latest:
 
 
 class Sensors:
-    """The latest joint state and camera frames (converted on arrival, on the subscription's thread)."""
+    """The latest joint positions and camera frames (converted on arrival, on the subscription's thread).
+
+    Joints are kept by name: a JointState may list them in any order, carry other joints (a gripper,
+    wheels) and hold only some of them (a gripper's driver publishing apart from the arm's); each joint
+    is as fresh as the last message that named it. A message that cannot be read (names and positions
+    disagree, an unknown encoding) is refused, and a hold says why while the sensor has no fresh value."""
 
     def __init__(self, config: RosRobotConfig, clock: Callable[[], float] = time.monotonic):
         self.config, self.clock = config, clock
         self._lock = threading.Lock()
-        self._latest: dict[str, _Latest] = {}
+        self._latest: dict[str, _Latest] = {}  # "<joint name>" / "<camera>_rgb" -> its latest value
+        self._problems: dict[str, str] = {}  # sensor -> why its last message was refused
         self._cameras = {
             topic: name for name, topic in zip(config.camera_names, config.camera_topics, strict=True)
         }
+        self._joints = [*config.joint_names, *config.gripper_joints]
+        self._joint_state_names: list[str] = []  # the last JointState's joints (to say which one lacks)
 
     def on_joint_state(self, msg) -> None:
-        positions = m.joint_positions(msg, self.config.joint_names)
-        gripper = m.joint_positions(msg, self.config.gripper_joints) if self.config.gripper_joints else None
-        self._put("joints", (positions, gripper), m.stamp_seconds(msg))
+        received = self.clock()
+        try:
+            by_name = m.joint_state_positions(msg)
+        except ValueError as err:
+            self._refuse("joints", str(err))
+            raise
+        ours = [name for name in self._joints if name in by_name]
+        if not ours:  # another robot's or device's joints on the same topic
+            self._refuse("joints", f"JointState names none of this robot's joints (it has {sorted(by_name)})")
+            return
+        stamp = m.stamp_seconds(msg)
+        with self._lock:
+            self._joint_state_names = sorted(by_name)
+            for name in ours:
+                self._latest[f"joint:{name}"] = _Latest(by_name[name], received, stamp)
+            self._problems.pop("joints", None)
 
     def on_image(self, camera: str, msg) -> None:
         """A camera's Image or CompressedImage (told apart by CompressedImage's `format`)."""
-        rgb = m.compressed_image_to_rgb(msg) if hasattr(msg, "format") else m.image_to_rgb(msg)
+        try:
+            rgb = m.compressed_image_to_rgb(msg) if hasattr(msg, "format") else m.image_to_rgb(msg)
+        except ValueError as err:
+            self._refuse(f"{camera}_rgb", str(err))
+            raise
         size = self.config.image_size
         if rgb.shape[:2] != (size, size):
             rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
-        self._put(f"{camera}_rgb", rgb, m.stamp_seconds(msg))
-
-    def _put(self, key: str, value, stamp: float) -> None:
         with self._lock:
-            self._latest[key] = _Latest(value, self.clock(), stamp)
+            self._latest[f"{camera}_rgb"] = _Latest(rgb, self.clock(), m.stamp_seconds(msg))
+            self._problems.pop(f"{camera}_rgb", None)
+
+    def _refuse(self, key: str, why: str) -> None:
+        with self._lock:
+            self._problems[key] = why
 
     def latest(self, key: str) -> _Latest | None:
+        """A camera's latest frame, or for "joints" ((positions, gripper positions or None), the oldest
+        arrival and stamp among them) once every joint has been measured."""
         with self._lock:
-            return self._latest.get(key)
+            if key != "joints":
+                return self._latest.get(key)
+            joints = [self._latest.get(f"joint:{name}") for name in self._joints]
+        if any(item is None for item in joints):
+            return None
+        values = np.array([item.value for item in joints], np.float64)
+        n = len(self.config.joint_names)
+        gripper = values[n:] if self.config.gripper_joints else None
+        received = min(item.received for item in joints)
+        return _Latest((values[:n], gripper), received, min(item.stamp for item in joints))
+
+    def _missing(self, key: str) -> str:
+        if key == "joints":
+            with self._lock:
+                never = [name for name in self._joints if f"joint:{name}" not in self._latest]
+                seen = self._joint_state_names
+            if never and seen:
+                return f"no joint {never[0]!r} measured yet (the last JointState has {seen})"
+            return "no joints yet"
+        return f"no {key} yet"
 
     def assemble(self, ee_pose=None) -> tuple[dict[str, np.ndarray] | None, str]:
-        """(observation, "") or (None, why not): a sensor missing or older than max_sensor_age_s."""
+        """(observation, "") or (None, why not): a sensor missing or older than max_sensor_age_s (and
+        why its last message was refused, if it was)."""
         now = self.clock()
         keys = ["joints"] + [f"{name}_rgb" for name in self.config.camera_names]
-        with self._lock:
-            latest = {key: self._latest.get(key) for key in keys}
+        latest = {key: self.latest(key) for key in keys}
         for key, item in latest.items():
+            problem = ""
             if item is None:
-                return None, f"no {key} yet"
-            age = now - item.received
-            if age > self.config.max_sensor_age_s:
-                return None, f"{key} is stale ({age:.3f} s old, limit {self.config.max_sensor_age_s} s)"
+                problem = self._missing(key)
+            elif (age := now - item.received) > self.config.max_sensor_age_s:
+                problem = f"{key} is stale ({age:.3f} s old, limit {self.config.max_sensor_age_s} s)"
+            if problem:
+                with self._lock:
+                    refused = self._problems.get(key)
+                return None, f"{problem}; its last message was refused: {refused}" if refused else problem
         positions, gripper = latest["joints"].value
         obs = {"joint_pos": positions.astype(np.float32)}
         if gripper is not None:
             obs["gripper"] = np.array([gripper.sum()], np.float32)
         if self.config.ee_pose == "fk":
-            ee_pose = dh_forward_kinematics(positions, self.config.fk_dh, self.config.fk_tcp)
+            cfg = self.config
+            ee_pose = dh_forward_kinematics(positions, cfg.fk_dh, cfg.fk_tcp, cfg.fk_convention)
         if self.config.ee_pose != "none":
             if ee_pose is None:
                 return None, "no end-effector pose (TF lookup failed)"
@@ -399,6 +480,43 @@ class Tick:
     action: np.ndarray | None = None  # after the limits
 
 
+def policy_mismatch(policy, config: RosRobotConfig) -> str:
+    """Why a loaded policy cannot drive this robot ("" when it can): an observation it needs that the robot
+    does not make or makes in another shape, another action or goal size, another metres-per-unit step.
+    A scripted policy (no `policy.shape_meta`) is taken as it is."""
+    meta = getattr(getattr(policy, "policy", None), "shape_meta", None)
+    if meta is None:
+        return ""
+    spec = {key: tuple(shape) for key, (shape, _dtype) in config.observation_spec().items()}
+    problems = []
+    for key, shape in meta.obs.items():
+        if key not in spec:
+            problems.append(
+                f"it observes {key} {tuple(shape)}, which this robot does not (it has {list(spec)})"
+            )
+        elif tuple(shape) != spec[key]:
+            problems.append(f"{key} is {tuple(shape)} in the checkpoint, {spec[key]} on this robot")
+    if meta.action_dim != config.action_dim:
+        problems.append(f"its actions have {meta.action_dim} values, action_dim is {config.action_dim}")
+    if meta.goal_dim and meta.goal_dim != len(config.goal):
+        problems.append(f"its goal has {meta.goal_dim} values, goal has {len(config.goal)}")
+    space = getattr(policy, "action_space", None)
+    if space is not None and space.kind != "delta" and config.action_mode == "delta":
+        if not math.isclose(space.step_m, config.ee_step_m):
+            problems.append(
+                f"it was trained with {space.step_m} m per action unit, ee_step_m is {config.ee_step_m}"
+            )
+    return "; ".join(problems)
+
+
+def fitting(policy, config: RosRobotConfig, version: str = ""):
+    """`policy` when it fits this robot, else ConfigError("checkpoint", why) (one line)."""
+    problem = policy_mismatch(policy, config)
+    name = version or str(getattr(policy, "version", "")) or config.checkpoint
+    check(not problem, "checkpoint", f"{name} does not fit robot {config.robot_id}: {problem}")
+    return policy
+
+
 def default_agent(config: RosRobotConfig, policy=None):
     """The fleet agent for `config`: its token from token_file, the policy from the registry ("latest",
     fetched and sha256-verified by the client SDK before loading) or a local checkpoint, later versions
@@ -427,7 +545,10 @@ def default_agent(config: RosRobotConfig, policy=None):
         else:
             from policies.runner import PolicyRunner
 
-            policy = PolicyRunner.from_checkpoint(Path(config.checkpoint).expanduser(), device=config.device)
+            folder = Path(config.checkpoint).expanduser()
+            check(folder.is_dir(), "checkpoint", f"{folder} is not a checkpoint folder (or say 'latest')")
+            policy = PolicyRunner.from_checkpoint(folder, device=config.device)
+    fitting(policy, config)  # refused here, at configure, not by the first tick
     client = RobotClient(
         config.fleet,
         token,
@@ -443,7 +564,7 @@ def default_agent(config: RosRobotConfig, policy=None):
     return RobotAgent(
         client,
         policy,
-        load_policy=registry,
+        load_policy=lambda version: fitting(registry(version), config, version),  # a misfit is not swapped in
         gripper_index=config.gripper_index,
         camera_key=camera,
         # the episode logs what the limits let through (the node applies them again, last: idempotent)

@@ -64,6 +64,11 @@ COOKIE = "flotilla_session"
 FATAL_SIGNIN = {"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "ALREADY_EXISTS"}
 MAX_ACTION_DIM = 64
 MAX_MESSAGE_BYTES = 4096  # a page message is a small JSON object
+# A page sends actions at 25 Hz; a tab sending faster than this (a script, a hostile client) has the excess
+# dropped, all but protective stops, so it cannot crowd out other operators on the console's loop.
+MAX_MESSAGES_PER_S = 100
+MAX_QUEUED = 512  # messages waiting for a tab that does not read: past this it is closed (it reconnects)
+LINK_CHECK_S = 0.1  # how often a session looks at its link to the fleet server (the page shows it)
 SIGNIN_PENALTY_S = 1.0  # a refused sign-in answers after this long
 MODE_NAMES = {pb.MODE_UNSPECIFIED: "unknown", pb.MODE_AUTONOMOUS: "autonomous", pb.MODE_TELEOP: "teleop"}
 MODE_NAMES[pb.MODE_HOLD] = "hold"
@@ -88,20 +93,53 @@ class BadRequest(ValueError):
 
 @dataclass(eq=False)  # a tab is itself (hashable by identity)
 class Tab:
-    """One open page: control messages in order, camera frames latest-only."""
+    """One open page: control messages in order, camera frames latest-only. `end` closes it."""
 
     socket: WebSocket
     messages: asyncio.Queue = field(default_factory=asyncio.Queue)
     frame: bytes | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closing: tuple[int, str] | None = None  # (close code, reason) once the tab is to be closed
+    # Messages it may still send now, refilled over time: protective stops have a budget of their own.
+    budgets: dict = field(default_factory=lambda: {"stop": MAX_MESSAGES_PER_S, "other": MAX_MESSAGES_PER_S})
+    budgets_at: float = field(default_factory=time.monotonic)
+    dropped_told_at: float = 0.0
 
     def send(self, message: dict) -> None:
+        if self.closing is not None:
+            return
+        if (
+            self.messages.qsize() >= MAX_QUEUED
+        ):  # not reading: drop what waits, it gets all afresh on reconnect
+            self.end(1013, "the page fell behind; reconnect")
+            return
         self.messages.put_nowait(json.dumps(message))
         self.wake.set()
 
-    def send_frame(self, frame: bytes) -> None:
-        self.frame = frame  # a newer frame replaces one not sent yet
-        self.wake.set()
+    def end(self, code: int, reason: str) -> None:
+        """Close the socket once what is queued is sent (a tab that fell behind: at once)."""
+        if self.closing is None:
+            self.closing = (code, reason)
+            if self.messages.qsize() >= MAX_QUEUED:
+                self.messages = asyncio.Queue()
+            self.wake.set()
+
+    def admit(self, text: str) -> bool:
+        """Whether this message is within the tab's rate (a flood of others never holds back a stop)."""
+        now = time.monotonic()
+        refill, self.budgets_at = (now - self.budgets_at) * MAX_MESSAGES_PER_S, now
+        for kind, budget in self.budgets.items():
+            self.budgets[kind] = min(MAX_MESSAGES_PER_S, budget + refill)
+        kind = "stop" if '"estop"' in text else "other"
+        if self.budgets[kind] >= 1.0:
+            self.budgets[kind] -= 1.0
+            return True
+        if now - self.dropped_told_at >= 1.0:
+            self.dropped_told_at = now
+            self.send(
+                error_message(f"more than {MAX_MESSAGES_PER_S} messages a second: the excess is dropped")
+            )
+        return False
 
     async def pump(self) -> None:
         try:
@@ -110,6 +148,9 @@ class Tab:
                 self.wake.clear()
                 while not self.messages.empty():
                     await self.socket.send_text(self.messages.get_nowait())
+                if self.closing is not None:
+                    await self.socket.close(*self.closing)
+                    return
                 if self.frame is not None:
                     frame, self.frame = self.frame, None
                     await self.socket.send_bytes(frame)
@@ -134,8 +175,12 @@ class OperatorSession:
         self.fleet: dict | None = None
         self.first_update = asyncio.Event()
         self.client: OperatorClient | None = None
+        self.ended = False
+        self.link = ""  # the fleet link as the tabs were last told: "up", "down" or "" (not yet)
         self._closer: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self._poller: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
 
     # -- the fleet session ----------------------------------------------------------------------------
 
@@ -146,10 +191,21 @@ class OperatorSession:
             self.token,
             self.operator_id,
             root_certificates=config.root_certificates or None,
-            on_update=lambda update: self.loop.call_soon_threadsafe(self._update, update),
+            on_update=self._from_client_thread,
             backoff=(0.1, 2.0),
         ).start()
         self._poller = self.loop.create_task(self._poll_status())
+        self._watcher = self.loop.create_task(self._watch_link())
+
+    def _from_client_thread(self, update: pb.OperatorUpdate) -> None:
+        with contextlib.suppress(RuntimeError):  # the console's loop has closed (shutting down)
+            self.loop.call_soon_threadsafe(self._update, update)
+
+    def accepted(self) -> None:
+        """Signed in: the session lives until signed out, expired (session_ttl_s) or refused by the fleet."""
+        self._expiry = self.loop.call_later(
+            self.console.config.session_ttl_s, self.console.end_session, self, "your session expired"
+        )
 
     def refusal(self) -> str | None:
         """Why the fleet server refused this session (None while it has not)."""
@@ -160,13 +216,34 @@ class OperatorSession:
                 return f"{error.code.name}: {error.details}"
         return None
 
-    def close(self) -> threading.Thread | None:
-        """End the session (its tabs are told); returns the thread closing the fleet session, if any."""
-        if self._closer is not None:
-            self._closer.cancel()
+    def close(self, reason: str = "signed out") -> threading.Thread | None:
+        """End the session (its tabs are told why and closed); returns the thread closing the fleet
+        session, if any."""
+        self.ended = True
+        for timer in (self._closer, self._expiry):
+            if timer is not None:
+                timer.cancel()
         for tab in list(self.tabs):
-            tab.send({"t": "session", "state": "ended"})
+            tab.send({"t": "session", "state": "ended", "reason": reason})
+            tab.end(1008, reason[:100])
         return self._end_fleet_session(force=True)
+
+    async def _watch_link(self) -> None:
+        """Tell the tabs when the link to the fleet server goes down or comes back (the page shows it and
+        stops driving); a session the fleet server ended for good (token revoked, say) is ended here too."""
+        started, self.link = time.monotonic(), ""
+        while (client := self.client) is not None:
+            if client.stopped and client.error is not None:
+                self.console.end_session(self, f"the fleet server ended your session: {client.error}")
+                return
+            link = "up" if client.connected else "down"
+            # News: a change after the first connection, or no connection a second after (re)connecting.
+            if link != self.link and (self.link or link == "up" or time.monotonic() - started > 1.0):
+                if self.link or link == "down":
+                    for tab in self.tabs:
+                        tab.send(link_message(link, client))
+                self.link = link
+            await asyncio.sleep(LINK_CHECK_S)
 
     def _update(self, update: pb.OperatorUpdate) -> None:  # on the console's loop
         self.first_update.set()
@@ -238,6 +315,8 @@ class OperatorSession:
             self.connect()
         self.tabs.add(tab)
         tab.send({"t": "session", "state": "open", "operator": self.operator_id})
+        if self.link == "down":
+            tab.send(link_message("down", self.client))
         tab.send(self.queue)
         for message in self.assigned.values():
             tab.send(message)
@@ -255,8 +334,9 @@ class OperatorSession:
         self._closer = None
         if self.tabs and not force:
             return None
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in (self._poller, self._watcher):
+            if task is not None:
+                task.cancel()
         client, self.client = self.client, None
         self.assigned.clear()
         if client is None:
@@ -282,9 +362,13 @@ class OperatorSession:
             if (
                 not isinstance(action, list)
                 or not 0 < len(action) <= MAX_ACTION_DIM
-                or not all(isinstance(v, int | float) and math.isfinite(v) for v in action)
+                or not all(map(_finite, action))
             ):
                 raise BadRequest(f"act: a must be a list of at most {MAX_ACTION_DIM} finite numbers")
+            if (
+                not client.connected
+            ):  # it would be dropped at the reconnect (a stale action is never replayed)
+                raise BadRequest("act: the console has no link to the fleet server now; actions are not sent")
             client.act(
                 robot,
                 np.clip(np.asarray(action, np.float32), -1.0, 1.0),
@@ -314,6 +398,16 @@ class OperatorSession:
             raise BadRequest(f"unknown request {str(kind)[:32]!r}")
 
 
+def _finite(value) -> bool:
+    """A JSON number that is a finite float (not a bool, not an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return False
+
+
 def _int(message: dict, key: str) -> int:
     value = message.get(key, 0)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**62:
@@ -323,9 +417,19 @@ def _int(message: dict, key: str) -> int:
 
 def _number(message: dict, key: str) -> float:
     value = message.get(key, 0.0)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+    if not _finite(value) or value < 0:
         raise BadRequest(f"{key} must be a non-negative number")
     return float(value)
+
+
+def link_message(link: str, client: OperatorClient) -> dict:
+    """The console's link to the fleet server for the page: "up", or "down" with the latest error."""
+    return {"t": "link", "fleet": link, "message": str(client.last_error or "") if link == "down" else ""}
+
+
+def error_message(text: str) -> dict:
+    """What the page gets for a message the console refused (the socket stays open)."""
+    return {"t": "error", "request": "page", "robot": "", "message": text}
 
 
 # ------------------------------------------------------------------------------------- wire -> JSON
@@ -452,10 +556,16 @@ class ConsoleApp:
     def session_of(self, cookies) -> OperatorSession | None:
         session = self.sessions.get(cookies.get(COOKIE, ""))
         if session is not None and time.monotonic() - session.created > self.config.session_ttl_s:
-            self.sessions.pop(session.cookie, None)
-            session.close()
+            self.end_session(session, "your session expired")
             return None
         return session
+
+    def end_session(self, session: OperatorSession, reason: str) -> threading.Thread | None:
+        """Forget the session's cookie and end it (its open tabs are told why and closed)."""
+        if self.sessions.get(session.cookie) is session:
+            del self.sessions[session.cookie]
+            log.info("console: operator %s: session ended (%s)", session.operator_id, reason)
+        return None if session.ended else session.close(reason)
 
     def origin_ok(self, origin: str | None, host: str | None, secure: bool) -> bool:
         """A browser names the page's origin; it must be this console's own (or an allowed one)."""
@@ -472,8 +582,8 @@ class ConsoleApp:
     async def signin(self, request: Request) -> Response:
         if not self.origin_ok(request.headers.get("origin"), request.headers.get("host"), _secure(request)):
             return signin_page("This sign-in did not come from the console's own page.", 403)
-        body = await request.body()
-        if len(body) > MAX_MESSAGE_BYTES:
+        body = await _bounded_body(request, MAX_MESSAGE_BYTES)
+        if body is None:
             return signin_page("That sign-in form is too large.", 413)
         form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
         operator_id = form.get("operator", [""])[0].strip()
@@ -487,7 +597,7 @@ class ConsoleApp:
             for cookie, s in self.sessions.items()
             if s.operator_id == operator_id and secrets.compare_digest(s.token.encode(), token.encode())
         ]:
-            closing = self.sessions.pop(cookie).close()
+            closing = self.end_session(self.sessions[cookie], "you signed in again elsewhere")
             if closing is not None:
                 await asyncio.to_thread(closing.join, 5.0)
         session = OperatorSession(self, operator_id, token)
@@ -499,6 +609,7 @@ class ConsoleApp:
             await asyncio.sleep(SIGNIN_PENALTY_S)  # guessing tokens one after another is slow
             return signin_page(f"Sign-in refused by the fleet server: {refused}", 401)
         self.sessions[session.cookie] = session
+        session.accepted()
         log.info("console: operator %s signed in", operator_id)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(
@@ -529,11 +640,11 @@ class ConsoleApp:
     async def signout(self, request: Request) -> Response:
         if not self.origin_ok(request.headers.get("origin"), request.headers.get("host"), _secure(request)):
             return Response("sign-out must come from the console's own page", 403)
-        session = self.sessions.pop(request.cookies.get(COOKIE, ""), None)
+        session = self.sessions.get(request.cookies.get(COOKIE, ""))
         if session is not None:
-            session.close()
+            self.end_session(session, "signed out")
         response = RedirectResponse("/", status_code=303)
-        response.delete_cookie(COOKIE, path="/")
+        response.delete_cookie(COOKIE, path="/", secure=_secure(request), httponly=True, samesite="strict")
         return response
 
     async def socket(self, websocket: WebSocket) -> None:
@@ -551,19 +662,26 @@ class ConsoleApp:
         pump = asyncio.create_task(tab.pump())
         try:
             while True:
-                text = await websocket.receive_text()
+                received = await websocket.receive()
+                if received["type"] == "websocket.disconnect":
+                    break
+                text = received.get("text")
                 try:
+                    if text is None:
+                        raise BadRequest("binary messages are not accepted: send JSON text")
                     if len(text) > MAX_MESSAGE_BYTES:
-                        raise BadRequest(f"message of {len(text)} bytes, at most {MAX_MESSAGE_BYTES}")
+                        raise BadRequest(f"message of {len(text)} characters, at most {MAX_MESSAGE_BYTES}")
+                    if not tab.admit(text):
+                        continue
                     try:
                         message = json.loads(text)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         raise BadRequest("not JSON") from None
                     if not isinstance(message, dict):
                         raise BadRequest("a message is a JSON object")
                     session.request(message)
                 except BadRequest as err:
-                    tab.send({"t": "error", "request": "page", "robot": "", "message": str(err)})
+                    tab.send(error_message(str(err)))
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
@@ -580,6 +698,19 @@ class ConsoleApp:
 
 def _secure(request) -> bool:
     return request.url.scheme in ("https", "wss")
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None when it is longer than `limit` (read no further than that)."""
+    with contextlib.suppress(ValueError):
+        if int(request.headers.get("content-length", "0")) > limit:
+            return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
 
 
 class _SecurityHeaders:

@@ -5,6 +5,9 @@ job's config errors."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +15,10 @@ import time
 
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fleet import allocation
+from fleet.client import OperatorClient
 from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 from fleet.server.app import AdminService
@@ -266,3 +271,234 @@ def test_the_demo_serves_the_console_and_prints_its_url(make_server, capsys):
             assert b"Operator token" in response.read()
     finally:
         console.stop()
+
+
+# ------------------------------------------------------------------ the console's surface, raw clients
+
+
+@contextlib.contextmanager
+def console_of(server, **config):
+    from teleop.app import ConsoleThread
+    from teleop.config import ConsoleConfig
+
+    with ConsoleThread(ConsoleConfig(server=server.address, port=0, **config)) as console:
+        yield console
+
+
+def request(console, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """(status, headers, body) of one request with the console's own Origin (a browser's form post)."""
+    connection = http.client.HTTPConnection(console.url.split("//")[1], timeout=10)
+    connection.request(method, path, body=body, headers={"Origin": console.url, **(headers or {})})
+    response = connection.getresponse()
+    return response.status, response.headers, response.read()
+
+
+def sign_in(console, operator: str, token: str = "operator-token") -> str:
+    """The session cookie ("name=value") of a sign-in through the form."""
+    status, headers, _ = request(
+        console,
+        "POST",
+        "/signin",
+        f"operator={operator}&token={token}".encode(),
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 303, status
+    return headers["set-cookie"].split(";")[0]
+
+
+def page_socket(console, cookie: str):
+    from websockets.sync.client import connect
+
+    url = console.url.replace("http", "ws") + "/ws"
+    return connect(url, origin=console.url, additional_headers={"Cookie": cookie}, open_timeout=5)
+
+
+def next_message(ws, kind: str, timeout: float = 5.0, containing: str = "") -> dict:
+    """The next JSON message of `kind` (with `containing` in its text) on a page socket; others are skipped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = ws.recv(max(0.0, deadline - time.monotonic()))
+        if isinstance(data, str) and (message := json.loads(data))["t"] == kind and containing in data:
+            return message
+
+
+def closed_with(ws, timeout: float = 5.0):
+    """The close frame the console sent once the socket is closed (messages before it are skipped)."""
+    deadline = time.monotonic() + timeout
+    with pytest.raises(ConnectionClosed) as closed:
+        while time.monotonic() < deadline:
+            ws.recv(max(0.01, deadline - time.monotonic()))
+    return closed.value.rcvd
+
+
+def test_console_socket_answers_malformed_messages_and_floods_without_moving_a_robot(make_server, clients):
+    server = make_server(t_T=10_000, teleop_watchdog_s=10.0)
+    robot = clients(robot_client(server))
+    with (
+        console_of(server) as console,
+        page_socket(console, sign_in(console, "alice")) as alice,
+        page_socket(console, sign_in(console, "bob")) as bob,
+    ):
+        robot.start_episode(1)
+        send(robot, 1, range(5), uncertainty=0.1)
+        send(robot, 1, [5], uncertainty=0.9)
+        assert next_message(alice, "assignment", 10)["robot"] == "r1"
+        hostile = bob  # not assigned r1: nothing it sends may move the robot
+        for sent, expected in (
+            (b"\x00\x01binary", "binary messages are not accepted"),
+            ("{{{", "not JSON"),
+            ("[" * 5000 + "]" * 5000, "at most 4096"),
+            ("[" * 2000 + "]" * 2000, "not JSON"),  # nested too deep for the parser
+            ("[1, 2]", "a JSON object"),
+            ('{"t": "act", "robot": "r1", "a": [NaN]}', "finite numbers"),
+            ('{"t": "act", "robot": "r1", "a": [Infinity]}', "finite numbers"),
+            ('{"t": "act", "robot": "r1", "a": [1e999]}', "finite numbers"),
+            ('{"t": "act", "robot": "r1", "a": [' + "9" * 400 + "]}", "finite numbers"),
+            ('{"t": "act", "robot": "r1", "a": [true, false]}', "finite numbers"),
+            ('{"t": "act", "robot": "r1", "a": "up"}', "finite numbers"),
+            (
+                '{"t": "act", "robot": "r1", "a": [0.5, 0.5], "frame_age_ms": ' + "9" * 400 + "}",
+                "frame_age_ms",
+            ),
+            ('{"t": "act", "robot": "r1", "a": [0.5, 0.5], "seq": -1}', "seq must be"),
+            ('{"t": "act", "robot": ["r1"], "a": [0.5, 0.5]}', "robot must be a robot id"),
+            ('{"t": "estop", "robot": "r1", "engage": "no"}', "engage must be true or false"),
+            ('{"t": "note", "robot": "r1", "text": 5}', "text must be a string"),
+            ('{"t": "launch"}', "unknown request 'launch'"),
+            ('{"t": "act", "robot": "r9", "a": [0.5, 0.5]}', "unknown robot 'r9'"),
+            ('{"t": "act", "robot": "r1", "a": [0.5, 0.5]}', "not assigned to operator 'bob'"),
+            ('{"t": "reset", "robot": "r1"}', "not assigned to operator 'bob'"),
+            ('{"t": "release", "robot": "r1"}', "not assigned to operator 'bob'"),
+        ):
+            hostile.send(sent)
+            assert expected in next_message(hostile, "error")["message"], sent[:60]
+        assert robot.state.action is None and robot.state.mode == pb.MODE_TELEOP
+        assert robot.state.operator_id == "alice"
+
+        # A flood: the excess over the page's rate is dropped (and said so), a stop in it still goes
+        # through, and the other operator keeps driving.
+        flood = json.dumps({"t": "note", "robot": "r2", "text": "x"})
+        for _ in range(2000):
+            hostile.send(flood)
+        next_message(hostile, "error", 10, containing="messages a second: the excess is dropped")
+        alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.25, 0.5], "seq": 7}))
+        wait_until(lambda: robot.state.action_seq == 7, 5, "alice's action through the flood")
+        for _ in range(500):
+            hostile.send(flood)
+        hostile.send(json.dumps({"t": "estop", "robot": "r1"}))  # any operator may stop any robot
+        wait_until(lambda: robot.state.estop and robot.state.mode == pb.MODE_HOLD, 5, "the stop in a flood")
+        alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.5, 0.5], "seq": 8}))
+        assert "stopped" in next_message(alice, "error")["message"]  # the stop wins over driving
+        # A 10 MB message closes that socket (too big), not the console or anyone else's session.
+        with contextlib.suppress(
+            OSError, ConnectionClosed
+        ):  # the console may close it while the frame is still going out
+            hostile.send("x" * (10 << 20))
+        assert closed_with(hostile).code == 1009
+        alice.send(json.dumps({"t": "note", "robot": "r9", "text": "still here"}))
+        assert "no intervention" in next_message(alice, "error")["message"]
+        with page_socket(console, sign_in(console, "carol")) as carol:  # the console still signs people in
+            assert next_message(carol, "session")["operator"] == "carol"
+
+
+def test_console_sessions_end_at_sign_out_and_expiry_and_their_sockets_close(make_server, clients):
+    server = make_server(t_T=10_000, teleop_watchdog_s=10.0)
+    robot = clients(robot_client(server))
+    with console_of(server, session_ttl_s=2.0) as console:
+        cookie = sign_in(console, "alice")
+        with page_socket(console, cookie) as alice:
+            robot.start_episode(1)
+            send(robot, 1, range(5), uncertainty=0.1)
+            send(robot, 1, [5], uncertainty=0.9)
+            assert next_message(alice, "assignment", 10)["robot"] == "r1"
+            # The session expires while its page is open: told why, closed, and what it sends goes nowhere.
+            ended = next_message(alice, "session", 10)
+            assert ended["state"] == "ended" and "expired" in ended["reason"]
+            with contextlib.suppress(OSError, ConnectionClosed):
+                alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.5, 0.5], "seq": 3}))
+            assert closed_with(alice).code == 1008
+        assert robot.state.action is None
+        status, _, page = request(console, "GET", "/", headers={"Cookie": cookie})
+        assert status == 200 and b'action="/signin"' in page  # the cookie is no good any more
+
+    with console_of(server) as console:
+        cookie = sign_in(console, "bob")
+        with page_socket(console, cookie) as bob:
+            assert next_message(bob, "session")["state"] == "open"
+            status, headers, _ = request(
+                console, "POST", "/signout", headers={"Cookie": cookie, "Origin": ""}
+            )
+            assert status == 403  # a sign-out from no page (or another site's) is refused
+            status, headers, _ = request(console, "POST", "/signout", headers={"Cookie": cookie})
+            assert status == 303 and "Max-Age=0" in headers["set-cookie"]
+            assert "HttpOnly" in headers["set-cookie"] and "SameSite=strict" in headers["set-cookie"]
+            assert next_message(bob, "session")["reason"] == "signed out"
+            assert closed_with(bob).code == 1008
+        # The same cookie replayed after the sign-out: no page, no socket.
+        status, _, page = request(console, "GET", "/", headers={"Cookie": cookie})
+        assert b'action="/signin"' in page
+        with pytest.raises(InvalidStatus):
+            page_socket(console, cookie)
+
+
+def test_console_sign_in_refuses_an_oversized_body_without_waiting_for_it(make_server):
+    server = make_server()
+    with console_of(server) as console:
+        connection = http.client.HTTPConnection(console.url.split("//")[1], timeout=5)
+        connection.putrequest("POST", "/signin")
+        for header, value in (("Origin", console.url), ("Content-Length", str(1 << 30))):
+            connection.putheader(header, value)
+        connection.endheaders(b"operator=alice&token=")  # a gigabyte announced, a few bytes sent
+        assert connection.getresponse().status == 413
+        status, _, page = request(console, "POST", "/signin", b"operator=a&token=" + b"x" * 10_000)
+        assert status == 413 and b"too large" in page
+
+
+def test_console_shows_a_lost_fleet_link_and_ends_a_session_whose_token_was_revoked(tmp_path):
+    from fleet.server import ServerThread
+    from tests.fleet_harness import TOKENS, free_port
+    from tests.test_fleet_server import make_config
+
+    port = free_port()
+    server = ServerThread(make_config(tmp_path, port=port)).start()
+    try:
+        with console_of(server) as console, page_socket(console, sign_in(console, "alice")) as alice:
+            assert next_message(alice, "session")["state"] == "open"
+            server.stop()  # the fleet server goes away: the page is told, and cannot drive
+            assert next_message(alice, "link", 10)["fleet"] == "down"
+            alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.5, 0.5]}))
+            assert "no link to the fleet server" in next_message(alice, "error")["message"]
+            # It comes back without the operator's token (revoked): the console ends the session.
+            revoked = {**TOKENS, "operator": ["another-operator-token"]}
+            server = ServerThread(make_config(tmp_path, port=port, tokens=revoked)).start()
+            ended = next_message(alice, "session", 15)
+            assert ended["state"] == "ended" and "UNAUTHENTICATED" in ended["reason"]
+            assert closed_with(alice).code == 1008
+            assert not console.console.sessions
+    finally:
+        server.stop()
+
+
+def test_a_robot_stays_stopped_until_everyone_who_stopped_it_releases(make_server, clients):
+    server = make_server(t_T=10_000)
+    robot = clients(robot_client(server))
+    robot.start_episode(1)
+    send(robot, 1, [0], uncertainty=0.0)
+    wait_until(lambda: robot.state.mode == pb.MODE_AUTONOMOUS, 5, "the robot")
+    alice, bob = clients(operator_client(server, "alice")), clients(operator_client(server, "bob"))
+    alice.estop("r1")
+    bob.estop("r1")
+    wait_until(lambda: server.server.fleet.robots["r1"].estop_by == {"alice", "bob"}, 5, "both stops")
+    alice.estop("r1", engage=False)  # alice's stop is released, bob's still holds the robot
+    error = alice.next_update(5, kind="error").error
+    assert "stays stopped" in error.message and "bob" in error.message
+    time.sleep(0.2)
+    assert robot.state.estop and robot.state.mode == pb.MODE_HOLD
+    bob.estop("r1", engage=False)
+    wait_until(lambda: not robot.state.estop and robot.state.mode == pb.MODE_AUTONOMOUS, 5, "the release")
+    alice.estop("r1")
+    bob.estop("r1")
+    admin = clients(OperatorClient(server.address, "admin-token", "root"))
+    wait_until(lambda: server.server.fleet.robots["r1"].estop_by == {"alice", "bob"}, 5, "both stops")
+    admin.estop("r1", engage=False)  # an admin releases them all
+    wait_until(lambda: not robot.state.estop, 5, "the admin's release")

@@ -726,10 +726,26 @@ class Fleet:
                     f"estop: robot {robot_id!r} was stopped by {sorted(robot.estop_by)}; only they or an "
                     "admin may release it",
                 )
-            new_by = robot.estop_by | {by} if engage else set()
+            if engage:
+                new_by = robot.estop_by | {by}
+            else:  # each engager's stop is their own: one released leaves another's latched (an admin: all)
+                new_by = set() if operator.is_admin else robot.estop_by - {by}
             if new_by == robot.estop_by:
                 return  # nothing changes: no log line, no disk write (a flood of these costs nothing)
             robot.estop_by = new_by
+            if new_by and not engage:
+                self._save_estops()
+                log.warning(
+                    "protective stop on %s: %s released theirs; still held by %s",
+                    robot_id,
+                    by,
+                    sorted(new_by),
+                )
+                raise FleetError(
+                    PRECONDITION,
+                    f"estop: your stop on robot {robot_id!r} is released, but it stays stopped: "
+                    f"{sorted(new_by)} stopped it too (they or an admin release theirs)",
+                )
             targets = [robot]
         else:
             if not engage and not operator.is_admin and self.fleet_estop:

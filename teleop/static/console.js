@@ -11,10 +11,12 @@ const $ = (id) => document.getElementById(id);
 // Figures the tests and benchmarks/console_latency.py read (nothing secret: the page never sees the token).
 const stats = (window.flotillaStats = {
   frames: 0, frameAges: [], lastFrame: null, keyEvents: [], sent: 0, errors: [], notices: [],
-  fleet: null, queue: [], assigned: null,
+  fleet: null, queue: [], assigned: null, fleetLink: "up",
 });
 
 let socket = null;
+let ended = false; // the console ended this session (signed out, expired, refused by the fleet server)
+let fleetUp = true; // the console's link to the fleet server (while down, driving is pointless: not sent)
 let me = "";
 let assigned = null; // robot id under my control
 let assignment = null;
@@ -39,8 +41,9 @@ function connect() {
   socket.binaryType = "arraybuffer";
   socket.onopen = () => setLink("connected", true);
   socket.onclose = () => {
-    setLink("disconnected: reconnecting", false);
     releaseAll();
+    if (ended) return;
+    setLink("disconnected: reconnecting", false);
     setTimeout(connect, 1000);
   };
   socket.onmessage = (event) => {
@@ -72,7 +75,15 @@ function log(text, kind) {
 function onMessage(m) {
   switch (m.t) {
     case "session":
-      if (m.state === "ended") { location.reload(); return; }
+      if (m.state === "ended") {
+        ended = true;
+        releaseAll();
+        setLink(`signed out: ${m.reason || "session ended"}`, false);
+        log(`session ended: ${m.reason || ""}`, "error");
+        setTimeout(() => location.reload(), 3000); // back to the sign-in page
+        return;
+      }
+      fleetUp = true;
       me = m.operator;
       $("who").textContent = `operator ${me}`;
       break;
@@ -89,6 +100,13 @@ function onMessage(m) {
       if (m.robot === assigned) { assigned = stats.assigned = null; assignment = null; releaseAll(); }
       log(`${m.robot} left you (${m.reason || "released"})`, "notice");
       renderDrive();
+      break;
+    case "link":
+      fleetUp = m.fleet === "up";
+      stats.fleetLink = m.fleet;
+      if (!fleetUp) releaseAll();
+      setLink(fleetUp ? "connected" : `fleet server unreachable: ${m.message || "reconnecting"}`, fleetUp);
+      log(fleetUp ? "the fleet server is back" : `lost the fleet server: ${m.message || "reconnecting"}`, fleetUp ? "notice" : "error");
       break;
     case "error": stats.errors.push(m); log(`${m.request} ${m.robot}: ${m.message}`, "error"); break;
     case "notice": stats.notices.push(m); log(m.message, "notice"); break;
@@ -199,7 +217,7 @@ function currentAction() {
 }
 
 function sendAction() {
-  if (!assigned || (assignment && assignment.needs_reset)) return 0;
+  if (!assigned || !fleetUp || (assignment && assignment.needs_reset)) return 0;
   const action = currentAction();
   if (!action) return 0;
   seq += 1;

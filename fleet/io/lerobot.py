@@ -428,9 +428,16 @@ def read_lerobot(
     pq, pd = require("pyarrow.parquet"), require("pandas")
     src, keys = Path(src), dict(keys or {})
     info = _read_json(src / "meta" / "info.json")
-    if info.get("codebase_version") != CODEBASE_VERSION:
+    version = info.get("codebase_version")
+    if version != CODEBASE_VERSION:
+        convert = (  # LeRobot's own converter (lerobot >= 0.4) rewrites v2.1 as v3.0
+            "; convert it first with LeRobot's `python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 "
+            "--repo-id=NAME --root=DIR`"
+            if str(version).startswith("v2")
+            else ""
+        )
         raise DataIOError(
-            f"{src}: codebase_version {info.get('codebase_version')!r}; this reads {CODEBASE_VERSION}"
+            f"{src} is a LeRobotDataset {version}, which is not supported: this reads {CODEBASE_VERSION}{convert}"
         )
     features, fps = info.get("features") or {}, info.get("fps")
     if not isinstance(fps, int | float) or fps <= 0:

@@ -57,3 +57,22 @@ def test_view_errors_are_one_line(store, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     result = flotilla("view", str(store.path), "keys=[nope]", check=False)
     assert result.returncode == 2 and "nope" in result.stderr
+
+
+def line_pixels(png, rgb) -> int:
+    image = cv2.imread(str(png))[..., ::-1].astype(int)
+    return int(np.sum(np.all(np.abs(image - np.array(rgb)) <= 3, axis=-1)))
+
+
+def test_view_of_a_one_step_episode_and_of_a_store_without_cameras(tmp_path):
+    # One step and no recorded control rate: nothing to read a frame rate from; the video still plays.
+    with make_store(tmp_path / "one.zarr", episodes=1, length=1, control_hz=None) as store:
+        flotilla("view", str(store.path), f"out={tmp_path / 'one'}")
+    with av.open(str(tmp_path / "one.mp4")) as container:
+        assert len(list(container.decode(video=0))) == 1
+    # Its one value per key is drawn as a point (a one-point line draws nothing): the first line's colour.
+    assert line_pixels(tmp_path / "one.png", (31, 119, 180)) > 20
+    with make_store(tmp_path / "lowdim.zarr", episodes=2, cameras=()) as store:
+        out = flotilla("view", str(store.path), "episode=1", f"out={tmp_path / 'lowdim'}").stdout
+    assert "lowdim.png" in out and not (tmp_path / "lowdim.mp4").exists()
+    assert band_pixels(tmp_path / "lowdim.png", ControlLabel.INTERVENTION) > 50_000

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.io.common import check_keys, control_rate, image_keys, lowdim_obs_keys, require
+from fleet.io.common import DataIOError, check_keys, control_rate, image_keys, lowdim_obs_keys, require
 from fleet.labels import ControlLabel
 from fleet.store.episode_store import SIGNAL_PREFIX, EpisodeStore
 
@@ -27,6 +27,7 @@ LABEL_COLORS = {
 MIN_VIDEO_SIDE = 256  # frames are scaled up (nearest) to at least this many pixels wide
 TIMELINE_PX = 24
 MAX_PLOTS = 8
+DEFAULT_FPS = 10  # the video's frame rate when the store does not tell its control rate
 
 
 def write_view(
@@ -56,7 +57,10 @@ def write_view(
     title = f"{store.path.name} episode {meta.index}: {meta.task}, {meta.robot_id}, {meta.outcome}"
     written = [_plot(prefix.with_suffix(".png"), steps, keys, labels, title)]
     if cameras:
-        rate = control_rate(store, fps)[0]
+        try:
+            rate = control_rate(store, fps)[0]
+        except DataIOError:  # no control_hz and no step spacing to read (e.g. one-step episodes)
+            rate = DEFAULT_FPS
         written.append(_video(prefix.with_suffix(".mp4"), steps[cameras[0]], labels, rate))
     return written
 
@@ -82,7 +86,7 @@ def _plot(path: Path, steps: dict, keys: list[str], labels: np.ndarray, title: s
         for start, end, label in _label_spans(labels):
             color = np.array(LABEL_COLORS[ControlLabel(label)]) / 255
             axis.axvspan(start - 0.5, end - 0.5, color=color, alpha=0.25, lw=0)
-        axis.plot(values, lw=1)
+        axis.plot(values, lw=1, marker="o" if len(labels) == 1 else None)  # one step: a line is invisible
         axis.set_ylabel(key, rotation=0, ha="right", va="center")
     axes[-1, 0].set_xlabel("step")
     present = sorted({int(code) for code in labels})

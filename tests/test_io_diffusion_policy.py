@@ -235,6 +235,20 @@ def test_bad_dp_inputs_get_one_line_errors(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
+def test_a_real_robot_dataset_folder_points_at_its_replay_buffer(tmp_path):
+    """DP's real-robot layout: replay_buffer.zarr (low-dim) beside videos/<episode>/<camera>.mp4."""
+    write_pusht(tmp_path / "real" / "replay_buffer.zarr", 2)
+    (tmp_path / "real" / "videos" / "0").mkdir(parents=True)
+    (tmp_path / "real" / "videos" / "0" / "0.mp4").write_bytes(b"")
+    result = dp("import", tmp_path / "real", tmp_path / "s.zarr", check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "real-robot dataset: import its replay_buffer.zarr" in result.stderr
+    result = dp("import", tmp_path / "real" / "replay_buffer.zarr", tmp_path / "s.zarr")
+    assert "camera mp4s in" in result.stdout and "not imported" in result.stdout
+    with EpisodeStore.open(tmp_path / "s.zarr") as store:
+        assert store.num_episodes == 4
+
+
 @pytest.mark.slow
 def test_train_on_an_imported_pusht_dataset(tmp_path):
     """The two commands a DP user runs: import, then train (with the camera, on the imported state)."""

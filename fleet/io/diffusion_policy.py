@@ -48,6 +48,8 @@ LOWDIM_CHUNK_STEPS = 1024
 IMAGE_CHUNK_BYTES = 2_000_000
 EXPORT_BATCH_STEPS = 4096  # steps read from the store per write
 DEFAULT_CAMERA = "front"  # DP's `img` imports as front_rgb: the camera `flotilla train cameras=true` uses
+# DP's real-robot datasets: this zarr (low-dim arrays) beside videos/<episode>/<camera>.mp4
+REAL_ROBOT_BUFFER = "replay_buffer.zarr"
 
 
 def _compressor(image: bool):
@@ -156,6 +158,11 @@ def export_diffusion_policy(
 def open_replay_buffer(src: str | os.PathLike) -> tuple[zarr.Group, np.ndarray]:
     """The DP group at `src` (format 2 or 3) and its episode_ends, checked as DP's ReplayBuffer checks
     them: data/ and meta/episode_ends present, ends increasing, every data array as long as the last end."""
+    if (Path(src) / REAL_ROBOT_BUFFER).is_dir():
+        raise DataIOError(
+            f"{src} is a Diffusion Policy real-robot dataset: import its {REAL_ROBOT_BUFFER} "
+            "(the camera mp4s in its videos/ are not imported)"
+        )
     try:
         root = zarr.open_group(str(src), mode="r")
     except Exception as err:  # zarr raises several kinds for "not a group"
@@ -210,6 +217,9 @@ def read_diffusion_policy(
         else:
             targets[key] = keys.get(key, key)
     episodes_meta = info.get("episodes") or []
+    videos = Path(src).parent / "videos"
+    if Path(src).name == REAL_ROBOT_BUFFER and videos.is_dir():
+        print(f"note: the camera mp4s in {videos} are not imported, only the replay buffer's arrays")
 
     def episodes() -> Iterator[ImportedEpisode]:
         scales: dict[str, float] = {}  # per image array, from its first episode

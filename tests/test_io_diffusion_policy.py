@@ -211,6 +211,56 @@ def test_import_pusht_style(tmp_path, zarr_format, scale):
         assert store.episode_meta(0).extra["control_hz"] == 10
 
 
+# Push-T as DP ships it, written by zarr-python 2 with the numcodecs compressors DP's stores use.
+PUSHT_ZARR2 = r"""
+import sys
+import numcodecs
+import numpy as np
+import zarr
+
+path, compressor = sys.argv[1], sys.argv[2]
+compressor = {
+    "blosc-lz4": numcodecs.Blosc("lz4", 5, numcodecs.Blosc.NOSHUFFLE),
+    "blosc-zstd": numcodecs.Blosc("zstd", 5, numcodecs.Blosc.BITSHUFFLE),
+    "zstd": numcodecs.Zstd(3),
+}[compressor]
+ends = np.array([7, 12, 21])
+root = zarr.open(path, "w")
+data = root.create_group("data")
+steps = np.arange(ends[-1], dtype=np.float32)
+img = np.broadcast_to((steps * 10 % 256)[:, None, None, None], (ends[-1], 96, 96, 3))
+data.create_dataset("img", data=img, chunks=(4, 96, 96, 3), compressor=compressor)
+data.create_dataset("state", data=np.stack([steps] * 5, 1), chunks=(10, 5), compressor=compressor)
+data.create_dataset("keypoint", data=np.stack([steps] * 18, 1).reshape(-1, 9, 2), compressor=compressor)
+data.create_dataset("action", data=np.stack([steps, -steps], 1), compressor=compressor)
+data.create_dataset("n_contacts", data=(steps % 2)[:, None], compressor=compressor)
+root.create_group("meta").create_dataset("episode_ends", data=ends, compressor=None)
+"""
+
+
+@pytest.mark.parametrize("compressor", ["blosc-lz4", "blosc-zstd", "zstd"])
+def test_import_a_pusht_store_zarr2_wrote(zarr2_python, tmp_path, compressor):
+    path = tmp_path / "pusht.zarr"
+    written = subprocess.run(
+        [zarr2_python, "-c", PUSHT_ZARR2, str(path), compressor], capture_output=True, text=True, timeout=300
+    )
+    assert written.returncode == 0, written.stderr
+    dp("import", path, tmp_path / "s.zarr")
+    with EpisodeStore.open(tmp_path / "s.zarr") as store:
+        assert store.episode_ends.tolist() == [7, 12, 21]
+        shapes = {key: spec.shape for key, spec in store.schema.items()}
+        assert shapes == {
+            "front_rgb": (96, 96, 3), "state": (5,), "keypoint": (9, 2), "action": (2,), "n_contacts": (1,),
+            "label": (), "timestamp": (),
+        }  # fmt: skip
+        second = store.episode(1)
+        steps = np.arange(7, 12)
+        np.testing.assert_array_equal(second["front_rgb"][:, 50, 50, 0], steps * 10 % 256)
+        np.testing.assert_array_equal(second["action"], np.stack([steps, -steps], 1))
+        np.testing.assert_array_equal(second["keypoint"][:, 8, 1], steps)
+        np.testing.assert_array_equal(second["n_contacts"][:, 0], steps % 2)
+
+
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_info_and_train_on_a_dp_dataset_point_at_import(tmp_path, zarr_format):
     write_pusht(tmp_path / "pusht.zarr", zarr_format)

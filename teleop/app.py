@@ -79,6 +79,7 @@ SECURITY_HEADERS = {
         "style-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
     ),
     "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",  # frame-ancestors for browsers without CSP 2: no page that moves robots in a frame
     "Referrer-Policy": "same-origin",  # "no-referrer" makes Chromium send Origin: null on posts
     "Cache-Control": "no-store",
 }
@@ -140,6 +141,11 @@ class Tab:
                 error_message(f"more than {MAX_MESSAGES_PER_S} messages a second: the excess is dropped")
             )
         return False
+
+    def send_frame(self, frame: bytes) -> None:
+        if self.closing is None:
+            self.frame = frame  # a newer frame replaces one not sent yet
+            self.wake.set()
 
     async def pump(self) -> None:
         try:
@@ -582,6 +588,11 @@ class ConsoleApp:
     async def signin(self, request: Request) -> Response:
         if not self.origin_ok(request.headers.get("origin"), request.headers.get("host"), _secure(request)):
             return signin_page("This sign-in did not come from the console's own page.", 403)
+        if (
+            request.headers.get("content-type", "").split(";")[0].strip()
+            != "application/x-www-form-urlencoded"
+        ):
+            return signin_page("Sign in with the console's form (application/x-www-form-urlencoded).", 415)
         body = await _bounded_body(request, MAX_MESSAGE_BYTES)
         if body is None:
             return signin_page("That sign-in form is too large.", 413)

@@ -23,10 +23,12 @@ from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 from fleet.server.app import AdminService
 from tests.test_fleet_server import (
+    NEEDS_OPENSSL,
     committed,
     obs,
     operator_client,
     robot_client,
+    self_signed_certificate,
     send,
     take_over,
     wait_until,
@@ -244,16 +246,36 @@ def test_console_serves_sign_in_with_strict_headers(make_server):
             page = response.read().decode()
             assert 'action="/signin"' in page and response.headers["X-Content-Type-Options"] == "nosniff"
         # A sign-in posted from another site's page (login CSRF) is refused.
-        request = urllib.request.Request(
+        forged = urllib.request.Request(
             console.url + "/signin",
             data=b"operator=alice&token=operator-token",
             headers={"Origin": "http://evil.example"},
         )
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=5)
+            urllib.request.urlopen(forged, timeout=5)
         assert refused.value.code == 403
         with urllib.request.urlopen(console.url + "/static/console.js", timeout=5) as response:
             assert b"flotillaStats" in response.read()
+            assert (
+                response.headers["X-Frame-Options"] == "DENY"
+                and response.headers["Cache-Control"] == "no-store"
+            )
+        for path in (
+            "/static/../app.py",
+            "/static/..%2fapp.py",
+            "/static/%2e%2e/config.py",
+            "/static/..%5capp.py",
+        ):
+            status, _, body = request(console, "GET", path)
+            assert status == 404 and b"import" not in body, path
+        status, _, page = request(  # the form only: JSON is refused, saying so
+            console,
+            "POST",
+            "/signin",
+            json.dumps({"operator": "alice", "token": "operator-token"}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        assert status == 415 and b"form" in page
 
 
 def test_the_demo_serves_the_console_and_prints_its_url(make_server, capsys):
@@ -274,6 +296,9 @@ def test_the_demo_serves_the_console_and_prints_its_url(make_server, capsys):
 
 
 # ------------------------------------------------------------------ the console's surface, raw clients
+
+
+FORM = "application/x-www-form-urlencoded"  # what the sign-in page posts
 
 
 @contextlib.contextmanager
@@ -300,7 +325,7 @@ def sign_in(console, operator: str, token: str = "operator-token") -> str:
         "POST",
         "/signin",
         f"operator={operator}&token={token}".encode(),
-        {"Content-Type": "application/x-www-form-urlencoded"},
+        {"Content-Type": FORM},
     )
     assert status == 303, status
     return headers["set-cookie"].split(";")[0]
@@ -320,6 +345,15 @@ def next_message(ws, kind: str, timeout: float = 5.0, containing: str = "") -> d
         data = ws.recv(max(0.0, deadline - time.monotonic()))
         if isinstance(data, str) and (message := json.loads(data))["t"] == kind and containing in data:
             return message
+
+
+def next_frame(ws, timeout: float = 5.0) -> dict:
+    """The JSON header of the next camera frame on a page socket (a 4-byte length, the header, the image)."""
+    deadline = time.monotonic() + timeout
+    while not isinstance(data := ws.recv(max(0.0, deadline - time.monotonic())), bytes):
+        pass
+    length = int.from_bytes(data[:4], "big")
+    return json.loads(data[4 : 4 + length])
 
 
 def closed_with(ws, timeout: float = 5.0):
@@ -343,6 +377,8 @@ def test_console_socket_answers_malformed_messages_and_floods_without_moving_a_r
         send(robot, 1, range(5), uncertainty=0.1)
         send(robot, 1, [5], uncertainty=0.9)
         assert next_message(alice, "assignment", 10)["robot"] == "r1"
+        robot.step(1, 6, obs(6), [0.0, 0.0], INTERVENTION, operator_id="alice")
+        assert next_frame(alice)["robot"] == "r1"  # the camera frame of the step alice answers
         hostile = bob  # not assigned r1: nothing it sends may move the robot
         for sent, expected in (
             (b"\x00\x01binary", "binary messages are not accepted"),
@@ -446,11 +482,16 @@ def test_console_sign_in_refuses_an_oversized_body_without_waiting_for_it(make_s
     with console_of(server) as console:
         connection = http.client.HTTPConnection(console.url.split("//")[1], timeout=5)
         connection.putrequest("POST", "/signin")
-        for header, value in (("Origin", console.url), ("Content-Length", str(1 << 30))):
+        for header, value in (
+            ("Origin", console.url),
+            ("Content-Type", FORM),
+            ("Content-Length", str(1 << 30)),
+        ):
             connection.putheader(header, value)
         connection.endheaders(b"operator=alice&token=")  # a gigabyte announced, a few bytes sent
         assert connection.getresponse().status == 413
-        status, _, page = request(console, "POST", "/signin", b"operator=a&token=" + b"x" * 10_000)
+        form = {"Content-Type": FORM}
+        status, _, page = request(console, "POST", "/signin", b"operator=a&token=" + b"x" * 10_000, form)
         assert status == 413 and b"too large" in page
 
 
@@ -502,3 +543,35 @@ def test_a_robot_stays_stopped_until_everyone_who_stopped_it_releases(make_serve
     wait_until(lambda: server.server.fleet.robots["r1"].estop_by == {"alice", "bob"}, 5, "both stops")
     admin.estop("r1", engage=False)  # an admin releases them all
     wait_until(lambda: not robot.state.estop, 5, "the admin's release")
+
+
+@NEEDS_OPENSSL
+def test_console_over_tls_marks_its_cookie_secure_and_reaches_a_tls_fleet_server(make_server, tmp_path):
+    import ssl
+
+    from websockets.sync.client import connect
+
+    cert, key = self_signed_certificate(tmp_path)
+    server = make_server(tls_cert=str(cert), tls_key=str(key))
+    tls = dict(tls_cert=str(cert), tls_key=str(key), root_certificates=str(cert))
+    with console_of(server, **tls) as console:
+        assert console.url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        connection = http.client.HTTPSConnection(console.url.split("//")[1], timeout=10, context=trusted)
+        connection.request(
+            "POST",
+            "/signin",
+            body=b"operator=alice&token=operator-token",
+            headers={"Origin": console.url, "Content-Type": FORM},
+        )
+        response = connection.getresponse()
+        assert response.status == 303  # the console's own session with the fleet server is over TLS too
+        cookie = response.headers["set-cookie"]
+        connection.close()
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        url = console.url.replace("https", "wss") + "/ws"
+        headers = {"Cookie": cookie.split(";")[0]}
+        with connect(url, origin=console.url, additional_headers=headers, ssl=trusted, open_timeout=5) as ws:
+            assert next_message(ws, "session")["operator"] == "alice"
+        with pytest.raises(InvalidStatus):  # the plain-http origin of the same host is another origin
+            connect(url, origin=console.url.replace("https", "http"), additional_headers=headers, ssl=trusted)

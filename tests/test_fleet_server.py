@@ -685,8 +685,8 @@ def test_metrics_endpoint_serves_prometheus_text(server, clients):
 # ------------------------------------------------------------------------------------ TLS, `serve`
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
-def test_tls_is_one_setting_away(make_server, clients, tmp_path):
+def self_signed_certificate(tmp_path) -> tuple:
+    """(cert, key) PEM files of a one-day certificate for 127.0.0.1 and localhost (the openssl command)."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
@@ -712,6 +712,15 @@ def test_tls_is_one_setting_away(make_server, clients, tmp_path):
         check=True,
         capture_output=True,
     )
+    return cert, key
+
+
+NEEDS_OPENSSL = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+
+@NEEDS_OPENSSL
+def test_tls_is_one_setting_away(make_server, clients, tmp_path):
+    cert, key = self_signed_certificate(tmp_path)
     server = make_server(tls_cert=str(cert), tls_key=str(key))
     robot = clients(robot_client(server, root_certificates=cert))
     wait_until(lambda: robot.connected, what="a TLS session")

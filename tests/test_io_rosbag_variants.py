@@ -227,11 +227,12 @@ def humble_sqlite3(path: Path, topics, messages) -> Path:
     return path
 
 
-def bare_mcap(path: Path, topics, messages) -> Path:
-    """The .mcap file alone (no metadata.yaml beside it)."""
-    bag = write_bag(path.with_name(path.name + "_bag"), topics, messages)
+def bare_file(path: Path, topics, messages, storage: str) -> Path:
+    """The .mcap or .db3 file alone (no metadata.yaml beside it)."""
+    bag = write_bag(path.with_name(path.name + "_bag"), topics, messages, storage)
     path.mkdir()
-    return shutil.move(next(bag.glob("*.mcap")), path / "recording.mcap")
+    suffix = {"mcap": ".mcap", "sqlite3": ".db3"}[storage]
+    return shutil.move(next(bag.glob("*" + suffix)), path / ("recording" + suffix))
 
 
 MODE = rosbag2.enums.CompressionMode
@@ -245,7 +246,8 @@ RECORDINGS = {
     "sqlite3-split": lambda p, t, m: split_in_two(p, t, m, "sqlite3"),
     "sqlite3-humble": humble_sqlite3,
     "mcap-version-8": lambda p, t, m: write_bag(p, t, m, "mcap", version=8),
-    "bare-mcap-file": bare_mcap,
+    "bare-mcap-file": lambda p, t, m: bare_file(p, t, m, "mcap"),
+    "bare-db3-file": lambda p, t, m: bare_file(p, t, m, "sqlite3"),
 }
 
 
@@ -312,6 +314,20 @@ def test_large_frames_of_another_aspect_are_resized_to_the_mapping_size(tmp_path
 
 
 # ------------------------------------------------------------------------------------------ clear errors
+def test_an_unsupported_encoding_is_one_line_naming_the_topic(tmp_path):
+    topics, messages = kinova_messages(camera="rgb8")
+    for _, name, msg in messages:
+        if name == "camera":
+            msg.encoding = "yuv422_yuy2"
+    bag = write_bag(tmp_path / "bag", topics, messages)
+    mapping = kinova_mapping(wrist_rgb={"topic": "/camera/color/image_raw"})
+    with pytest.raises(
+        ConfigError,
+        match=r"observation.wrist_rgb: topic /camera/color/image_raw .*'yuv422_yuy2' is not supported \(supported: rgb8, bgr8",
+    ):
+        import_bag(tmp_path, bag, mapping)
+
+
 def test_a_vendor_type_without_definitions_is_one_line_naming_the_topic(tmp_path):
     bag = humble_sqlite3(tmp_path / "humble", *kinova_messages(vendor=True))
     with import_bag(tmp_path, bag, kinova_mapping(), "unmapped") as store:  # unmapped: no matter

@@ -240,7 +240,8 @@ class OperatorSession:
         started, self.link = time.monotonic(), ""
         while (client := self.client) is not None:
             if client.stopped and client.error is not None:
-                self.console.end_session(self, f"the fleet server ended your session: {client.error}")
+                if self._expiry is not None:  # signed in (a refused sign-in is the sign-in's to answer)
+                    self.console.end_session(self, f"the fleet server ended your session: {client.error}")
                 return
             link = "up" if client.connected else "down"
             # News: a change after the first connection, or no connection a second after (re)connecting.

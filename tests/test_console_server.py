@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -493,6 +494,26 @@ def test_console_sign_in_refuses_an_oversized_body_without_waiting_for_it(make_s
         form = {"Content-Type": FORM}
         status, _, page = request(console, "POST", "/signin", b"operator=a&token=" + b"x" * 10_000, form)
         assert status == 413 and b"too large" in page
+
+
+def test_console_answers_a_burst_of_wrong_sign_ins_and_still_signs_in_operators(make_server):
+    server = make_server()
+    with console_of(server) as console:
+        statuses = []
+
+        def wrong(index: int) -> None:
+            body = f"operator=mallory{index}&token=guess-{index}".encode()
+            statuses.append(request(console, "POST", "/signin", body, {"Content-Type": FORM})[0])
+
+        guesses = [threading.Thread(target=wrong, args=(index,)) for index in range(30)]
+        for guess in guesses:
+            guess.start()
+        for guess in guesses:
+            guess.join(30)
+        assert statuses == [401] * 30
+        assert not console.console.sessions
+        with page_socket(console, sign_in(console, "alice")) as alice:
+            assert next_message(alice, "session")["operator"] == "alice"
 
 
 def test_console_shows_a_lost_fleet_link_and_ends_a_session_whose_token_was_revoked(tmp_path):

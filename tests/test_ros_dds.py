@@ -160,10 +160,20 @@ def test_sim_robot_on_ros2_topics_end_to_end(server, token_file):
     assert ticks and all(0 <= latency < 2.0 for latency in ticks)
 
 
-def test_runner_reads_the_ros_packages_parameter_file():
+def test_runner_reads_the_ros_packages_parameter_file(tmp_path):
     params = load_params(ROOT / "ros_ws/src/flotilla_ros/config/robot.yaml")
     config = config_from_params(params)
     assert config.dry_run is True  # dry-run by default: a new robot is checked before it moves
+    # Every section matching the node's name applies, in file order, as ROS 2 applies them.
+    two_arms = ROOT / "ros_ws/src/flotilla_ros/config/two_arms.yaml"
+    assert load_params(two_arms, "arm_right")["goal"] == [0.55, -0.1, 0.15]
+    assert load_params(two_arms, "arm_left")["goal"] == [0.55, 0.1, 0.15]
+    assert load_params(two_arms, "arm_left")["joint_states_topic"] == "joint_states"
+    only_right = tmp_path / "right.yaml"
+    only_right.write_text("/arm_right/flotilla_robot:\n  ros__parameters:\n    joint_names: [a]\n")
+    assert load_params(only_right, "arm_right") == {"joint_names": ["a"]}
+    with pytest.raises(ValueError, match="no section applies to the node /arm_left/flotilla_robot"):
+        load_params(only_right, "arm_left")
 
 
 def test_robot_job_config_errors_are_one_line(tmp_path):
@@ -231,3 +241,130 @@ def test_two_robots_on_one_domain_read_their_own_namespaced_topics():
         assert node.logic.sensors.latest("joints").value[0].tolist() == [value]
         assert node.logic.sensors.latest("front_rgb").value.shape == (8, 8, 3)
         assert int(node.logic.sensors.latest("front_rgb").value[0, 0, 0]) == 100 * value
+
+
+class Still:
+    """A policy that asks for no motion (the agent takes any object with this interface)."""
+
+    version, uncertainty = "still", 0.0
+
+    def reset(self):
+        pass
+
+    def act(self, obs, goal=None):
+        return np.zeros(4, np.float32)
+
+
+def test_a_second_node_for_the_same_robot_stops_both_until_it_leaves(server, token_file):
+    """Two nodes for one robot would take turns commanding it (the second, refused by the fleet server,
+    holds): each sees the other's writer on the command topic and publishes nothing while it is there."""
+    params = dict(
+        joint_names=["j1"], robot_id="twin", fleet=server.address, token_file=token_file, dry_run=False
+    )
+    config = config_from_params(params)
+    first, second = (dds.DdsTransport(DOMAIN, dds.LOOPBACK_CONFIG) for _ in range(2))
+    try:
+        nodes = [
+            DdsRobotNode(config, t, make_agent=lambda c: default_agent(c, Still())) for t in (first, second)
+        ]
+        for node in nodes:
+            node.logic.configure()
+            node.logic.activate()
+
+        def tick(node):
+            node.logic.sensors.on_joint_state(m.joint_state(["j1"], [0.0], 1.0))
+            return node.logic.tick()
+
+        wait_until(lambda: all(tick(node).control == "rival" for node in nodes), 10, "both see the other")
+        held = tick(nodes[0])
+        assert not held.published and not held.commands
+        assert held.reason == (
+            "not publishing: 1 other publisher(s) on /forward_position_controller/commands "
+            "(another node for robot twin?)"
+        )
+        nodes[1].logic.shutdown(timeout=1.0)
+        second.close()
+        wait_until(lambda: tick(nodes[0]).published, 10, "the first publishes once the second has gone")
+        nodes[0].close(timeout=1.0)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_stopping_while_sensor_messages_are_in_flight(server, token_file):
+    """A publisher floods joint states and 320x240 images while the node stops and its transport closes,
+    three times over: the stop is clean (a listener firing into a deleted reader would crash the process)."""
+    import threading
+
+    config = config_from_params(
+        dict(
+            joint_names=["j1"],
+            camera_names=["c"],
+            camera_topics=["/c/image_raw"],
+            image_size=8,
+            fleet=server.address,
+            token_file=token_file,
+        )
+    )
+    source = dds.DdsTransport(DOMAIN, dds.LOOPBACK_CONFIG)
+    joints = source.publisher("/joint_states", "sensor_msgs/msg/JointState", "sensor_data")
+    camera = source.publisher("/c/image_raw", "sensor_msgs/msg/Image", "sensor_data")
+    image = m.rgb_to_image(np.zeros((240, 320, 3), np.uint8), 0.0)
+    stop = threading.Event()
+
+    def flood():
+        while not stop.is_set():
+            joints(m.joint_state(["j1"], [0.0], 1.0))
+            camera(image)
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3):
+            with dds.DdsTransport(DOMAIN, dds.LOOPBACK_CONFIG) as transport:
+                node = DdsRobotNode(config, transport, make_agent=lambda c: default_agent(c, Still())).start()
+                wait_until(
+                    lambda node=node: node.logic.sensors.latest("c_rgb") is not None,
+                    10,
+                    "an image",
+                    interval=0.05,
+                )
+                node.close(timeout=1.0)
+            assert node.logic.state == "finalized" and len(node.timing) > 0
+    finally:
+        stop.set()
+        thread.join(5)
+        source.close()
+
+
+def bound_udp_addresses() -> set[str]:
+    """The IPv4 addresses this process's UDP sockets are bound to (/proc: socket inodes -> /proc/net/udp)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    addresses = set()
+    for line in open("/proc/self/net/udp").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            raw = fields[1].split(":")[0]
+            addresses.add(".".join(str(int(raw[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return addresses
+
+
+def test_flotilla_robot_keeps_dds_on_loopback_by_default():
+    """`flotilla robot` without loopback=false: no socket bound to another interface's address, no
+    multicast (cyclonedds binds its receive sockets to 0.0.0.0 whatever the configuration; it announces
+    and sends on 127.0.0.1 only). With cyclonedds' defaults, its transmit socket takes the default interface's."""
+    from fleet.ros2.runner import RobotJobConfig, dds_config
+
+    config = dds_config(RobotJobConfig(params="robot.yaml"))
+    assert config == dds.LOOPBACK_CONFIG and "<AllowMulticast>false</AllowMulticast>" in config
+    with dds.DdsTransport(DOMAIN, config) as transport:
+        transport.publisher("/joint_states", "sensor_msgs/msg/JointState")
+        bound = bound_udp_addresses()
+    assert "127.0.0.1" in bound and bound <= {"127.0.0.1", "0.0.0.0"}, bound

@@ -94,6 +94,10 @@ class LifecycleNode:
         )
         self._logger = Logger()
         self.managed = []
+        self.others = {}  # topic -> publishers of other nodes (the ROS graph)
+
+    def count_publishers(self, topic):
+        return sum(p.topic == topic for p in self.managed) + self.others.get(topic, 0)
 
     def declare_parameter(self, name, value=None, descriptor=None, ignore_override=False):
         assert isinstance(value, Parameter.Type) and name not in self._parameters
@@ -264,6 +268,16 @@ def test_node_module_configures_ticks_publishes_stops_and_shuts_down(robot_node,
     assert clear.callback(None, clear.msg_type.Response()).success
     timer.callback()
     assert m.float_array(publisher.sent[-1])[0] == pytest.approx(0.4)
+    node.others[publisher.topic] = 1  # a second node for this robot: neither publishes while both are up
+    sent = len(publisher.sent)
+    timer.callback()
+    assert len(publisher.sent) == sent and node.get_logger().lines[-1] == (
+        "warning",
+        f"holding: not publishing: 1 other publisher(s) on {publisher.topic} (another node for robot robot_0?)",
+    )
+    node.others.clear()
+    timer.callback()
+    assert len(publisher.sent) == sent + 1
 
     lines = len(node.get_logger().lines)
     joints.callback(  # another device's joints on the topic: not ours, nothing to say while ours arrive

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 from cyclonedds.builtin import BuiltinDataReader, BuiltinTopicDcpsPublication
-from cyclonedds.core import Listener, Qos
+from cyclonedds.core import InstanceState, Listener, Qos, ReadCondition, SampleState, ViewState
 from cyclonedds.domain import Domain, DomainParticipant
 from cyclonedds.idl import IdlStruct, make_idl_struct
 from cyclonedds.idl import types as t
@@ -267,12 +267,21 @@ class DdsTransport:
         return reader
 
     def discovered_publications(self) -> list:
-        """The writers this participant has discovered (DCPSPublication samples: topic_name, type_name and
-        qos, USER_DATA included): what any ROS 2 node on the network sees of them."""
+        """The writers this participant has discovered and that are still there (DCPSPublication samples:
+        key, topic_name, type_name and qos, USER_DATA included): what any ROS 2 node on the network sees."""
         if self._publications is None:
             self._publications = BuiltinDataReader(self.participant, BuiltinTopicDcpsPublication)
-            self._entities.append(self._publications)
-        return [s for s in self._publications.read(N=10_000) if hasattr(s, "topic_name")]
+            self._alive = ReadCondition(
+                self._publications, SampleState.Any | ViewState.Any | InstanceState.Alive
+            )
+            self._entities += [self._alive, self._publications]  # deleted in this order
+        samples = self._publications.read(N=10_000, condition=self._alive)
+        return [s for s in samples if hasattr(s, "topic_name")]
+
+    def other_writers(self, topic: str, publish) -> int:
+        """How many writers other than `publish`'s (one of this transport's publishers) are on `topic`."""
+        name, own = dds_topic_name(topic), publish.writer.guid
+        return sum(1 for s in self.discovered_publications() if s.topic_name == name and s.key != own)
 
     def close(self) -> None:
         """Delete readers (listeners detached first), writers, topics, then the participant, in that order:

@@ -11,6 +11,8 @@ A control tick (`tick()`, on the node's timer):
     reported to it as a constraint violation, so the fleet sends a human), then
     hold when the agent holds or the protective stop is latched, and the limits are applied last
     (action box, joint position and velocity limits, workspace box) whatever produced the action.
+A node that sees another publisher on its command topic (a second node for the same robot, a teleop node)
+publishes nothing and does not step its agent while it is there; both stop rather than take turns.
 Dry-run (the default) computes and logs every command but publishes nothing and logs no episode to the
 fleet (the robot's session is open, so it shows up in the fleet): a new robot is checked before it moves.
 
@@ -585,9 +587,11 @@ class RobotNodeLogic:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         ee_pose: Callable[[], tuple | None] | None = None,
+        rivals: Callable[[], int] | None = None,
     ):
         self.config, self.kit, self.clock, self.wall_clock = config, kit, clock, wall_clock
         self._make_agent, self._ee_pose = make_agent, ee_pose
+        self._rivals = rivals  # how many others publish on command_topic (the transport's count)
         self.sensors = Sensors(config, clock)
         self.state = UNCONFIGURED
         self.agent = None
@@ -655,6 +659,8 @@ class RobotNodeLogic:
         )
         if obs is None:
             return self._hold_tick(problem, "stale")
+        if rival := self._rival():  # neither steps nor logs: what it would send is not what the robot does
+            return Tick(control="rival", reason=rival)
         agent = self.agent
         if self.config.dry_run:
             action = np.asarray(agent.policy.act(obs, self._goal()), np.float64)
@@ -671,6 +677,16 @@ class RobotNodeLogic:
         if self.stopped or step.holding:
             return self._hold_tick(self.stopped or step.control, step.control, obs, step.action)
         return self._command(apply_limits(step.action, obs, self.config), obs, step.control)
+
+    def _rival(self) -> str:
+        """Why not to publish when another node publishes on command_topic (a second node started for this
+        robot, a teleop node): two sources would take turns moving it. Both stop, and say so."""
+        if self.config.dry_run or self._rivals is None or not (others := self._rivals()):
+            return ""
+        return (
+            f"not publishing: {others} other publisher(s) on {self.config.command_topic} "
+            f"(another node for robot {self.config.robot_id}?)"
+        )
 
     def _goal(self):
         return np.asarray(self.config.goal, np.float32) if self.config.goal else None
@@ -698,7 +714,9 @@ class RobotNodeLogic:
                 )
             )
         self._last_action = action
-        publish = not self.config.dry_run
+        rival = self._rival()
+        publish = not self.config.dry_run and not rival
+        reason = rival or reason
         if not publish:
             log.debug("robot %s dry run: %s %s", self.config.robot_id, control, np.round(action, 4).tolist())
         return Tick(tuple(commands), publish, control, reason, action)

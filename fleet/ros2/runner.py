@@ -1,6 +1,6 @@
 """The robot node on DDS without ROS: RobotNodeLogic's topics through DdsTransport, its tick on a timer.
 
-    flotilla robot ros_ws/src/flotilla_ros/config/robot.yaml [domain=0] [loopback=true] [+node.dry_run=false]
+    flotilla robot ros_ws/src/flotilla_ros/config/robot.yaml [domain=0] [loopback=false] [+node.dry_run=false]
 
 reads the same parameter file as `ros2 launch flotilla_ros robot.launch.py` (`<node>: ros__parameters:`),
 so a robot computer without ROS joins the fleet with the ROS package's configuration. The node's private
@@ -11,6 +11,7 @@ Runs until SIGINT/SIGTERM, then stops cleanly (hold published, episode ended, fl
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -63,7 +64,7 @@ class DdsRobotNode:
             "tf needs a ROS install (tf2); on DDS alone use fk (fk_dh, fk_tcp)",
         )
         self.config, self.transport = config, transport
-        self.logic = RobotNodeLogic(config, make_agent)
+        self.logic = RobotNodeLogic(config, make_agent, rivals=self._rivals)
         self.timing: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,6 +98,12 @@ class DdsRobotNode:
             self._publishers[config.gripper_topic] = transport.publisher(
                 resolve(config.gripper_topic, rid), "std_msgs/msg/Float64MultiArray"
             )
+
+    def _rivals(self) -> int:
+        return self.transport.other_writers(
+            resolve(self.config.command_topic, self.config.robot_id),
+            self._publishers[self.config.command_topic],
+        )
 
     def start(self) -> DdsRobotNode:
         """configure (policy, fleet session) + activate, then the control timer."""
@@ -140,13 +147,39 @@ class DdsRobotNode:
         self._publish(self.logic.shutdown(timeout))
 
 
-def load_params(path: str | Path) -> dict:
-    """The first node's `ros__parameters` of a ROS 2 parameter file."""
+def node_name_matches(pattern: str, name: str) -> bool:
+    """ROS 2's rule for a parameter file's node key: a fully qualified name where `/**` stands for any
+    number of namespaces (none too) and `*` for one name."""
+    pattern = pattern if pattern.startswith("/") else f"/{pattern}"
+    regex = re.escape(pattern).replace(r"/\*\*", "(/[^/]+)*").replace(r"\*", "[^/]+")
+    return re.fullmatch(regex, name) is not None
+
+
+def load_params(path: str | Path, robot_id: str | None = None) -> dict:
+    """The `ros__parameters` that ROS 2 gives the node /<robot_id>/flotilla_robot from a parameter file:
+    every section whose key matches its name, later ones over earlier ones (two_arms.yaml: `/**/...` for
+    both arms, `/arm_right/...` for one). robot_id: the given one, else the file's, else the default."""
     data = yaml.safe_load(Path(path).read_text()) or {}
-    for node in data.values():
-        if isinstance(node, dict) and "ros__parameters" in node:
-            return dict(node["ros__parameters"])
-    raise ValueError(f"{path}: no '<node>: ros__parameters:' section")
+    sections = [
+        (str(key), dict(body["ros__parameters"] or {}))
+        for key, body in data.items()
+        if isinstance(body, dict) and "ros__parameters" in body
+    ]
+    if not sections:
+        raise ValueError(f"{path}: no '<node>: ros__parameters:' section")
+    if robot_id is None:
+        ids = [body["robot_id"] for _key, body in sections if "robot_id" in body]
+        robot_id = str(ids[0]) if ids else RosRobotConfig.robot_id
+    name = f"/{robot_id}/{NODE_NAME}"
+    params = {}
+    for key, body in sections:
+        if node_name_matches(key, name):
+            params.update(body)
+    if not params:
+        raise ValueError(
+            f"{path}: no section applies to the node {name} (sections: {[k for k, _ in sections]})"
+        )
+    return params
 
 
 @dataclass
@@ -155,7 +188,9 @@ class RobotJobConfig:
 
     params: str | None = None  # a ROS 2 parameter file (ros_ws/src/flotilla_ros/config/*.yaml)
     domain: int = 0  # the DDS domain id (ROS_DOMAIN_ID of the ROS 2 nodes it talks to)
-    loopback: bool = False  # DDS on 127.0.0.1 only (no multicast): a robot talking to itself
+    # DDS announces and sends on 127.0.0.1 only, no multicast (the driver and controllers on this computer);
+    # false: cyclonedds' defaults (its default interface, multicast), for ROS 2 nodes on other computers
+    loopback: bool = True
     node: dict[str, Any] = field(default_factory=dict)  # parameters over the file's: +node.dry_run=false
 
     def __post_init__(self):
@@ -171,14 +206,19 @@ class RobotJobConfig:
 register_job("robot", RobotJobConfig)
 
 
+def dds_config(job: RobotJobConfig) -> str | None:
+    """The cyclonedds configuration for the job: loopback-only unless `loopback=false` ($CYCLONEDDS_URI's)."""
+    return dds.LOOPBACK_CONFIG if job.loopback else None
+
+
 def run(job: RobotJobConfig) -> None:
     """Run the node until SIGINT/SIGTERM, then stop it cleanly."""
     try:
-        params = load_params(job.params)
+        params = load_params(job.params, job.node.get("robot_id"))
     except (OSError, yaml.YAMLError, ValueError) as err:
         raise ConfigError("params", f"{job.params}: {err}") from None
     config = config_from_params({**params, **job.node})
-    with dds.DdsTransport(job.domain, dds.LOOPBACK_CONFIG if job.loopback else None) as transport:
+    with dds.DdsTransport(job.domain, dds_config(job)) as transport:
         node = DdsRobotNode(config, transport).start()  # a token or certificate problem: ConfigError
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -81,7 +81,9 @@ class FlotillaRobotNode(Node):
         try:
             config = config_from_params(params)
             ee_pose = self._tf_pose if config.ee_pose == "tf" else None
-            self.logic = RobotNodeLogic(config, kit=RCLPY, wall_clock=self._now_s, ee_pose=ee_pose)
+            self.logic = RobotNodeLogic(
+                config, kit=RCLPY, wall_clock=self._now_s, ee_pose=ee_pose, rivals=self._rivals
+            )
             self.logic.configure()
         except Exception as err:  # a config error is one line; the node stays unconfigured
             self.get_logger().error(f"configure failed: {err}")
@@ -194,7 +196,7 @@ class FlotillaRobotNode(Node):
                 return
             tick = self.logic.tick()
             self._publish(tick)
-        if tick.reason and tick.control in ("stale", "hold"):
+        if tick.reason and tick.control in ("stale", "hold", "rival"):
             self.get_logger().warning(f"holding: {tick.reason}", throttle_duration_sec=2.0)
         elif tick.control == "dry_run":
             action = [round(float(a), 4) for a in tick.action]
@@ -219,6 +221,10 @@ class FlotillaRobotNode(Node):
             return None
         t, r = transform.translation, transform.rotation
         return (t.x, t.y, t.z), (r.x, r.y, r.z, r.w)
+
+    def _rivals(self) -> int:
+        """Publishers on the command topic other than this node's own (the graph counts ours too)."""
+        return max(0, self.count_publishers(self.logic.config.command_topic) - 1)
 
     def _now_s(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9

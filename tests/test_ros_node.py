@@ -3,6 +3,7 @@ and the deadman, limits, dry-run, protective stop and the lifecycle, around the 
 real fleet server on 127.0.0.1. Messages are rosbags' Jazzy dataclasses after a CDR round trip."""
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from fleet.ros2.node import (
     config_from_params,
     default_agent,
     dh_forward_kinematics,
+    first_policy,
 )
 from fleet.store import EpisodeStore
 from tests.fleet_harness import wait_until
@@ -424,7 +426,6 @@ def test_latest_checkpoint_is_fetched_verified_and_drives_the_node(
     """checkpoint "latest": the registry's newest version is fetched (sha256-checked) and run; a later one
     that does not fit the robot is not swapped in; a damaged one is never loaded, and the node stays
     unconfigured saying why."""
-    import grpc
 
     from fleet.client import publish_checkpoint
     from policies.checkpoint import save_checkpoint
@@ -473,9 +474,33 @@ def test_latest_checkpoint_is_fetched_verified_and_drives_the_node(
 
     tamper(Path(server.config.registry_dir) / "v8" / "model.safetensors")  # the latest
     damaged = RobotNodeLogic(config(**{**vars(cfg), "cache_dir": str(tmp_path / "cache2")}))
-    with pytest.raises(grpc.RpcError, match="damaged"):
+    with pytest.raises(
+        ConfigError, match="checkpoint: the registry at .* refused 'latest': DATA_LOSS: .*v8"
+    ) as err:
         damaged.configure()
+    assert "\n" not in str(err.value) and "damaged" in str(err.value)
     assert damaged.state == UNCONFIGURED and damaged.agent is None
+    # A download whose bytes do not hash to what the server says (a man in the middle, a bad disk on its
+    # side): the SDK's own check, one line too.
+    from fleet.client.registry import CheckpointError as FetchError
+
+    def corrupted(version):
+        raise FetchError(
+            f"fetch of policy version 'v7' from {server.address}: file 'model.safetensors' "
+            "does not match its sha256: ...; nothing was kept"
+        )
+
+    with pytest.raises(
+        ConfigError, match="checkpoint: fetch of policy version 'v7' .* does not match its sha256"
+    ):
+        first_policy(cfg, corrupted)
+    # a damaged local folder (format 1, its weights truncated)
+    folder = shutil.copytree(V1 / "mlp_ensemble", tmp_path / "truncated")
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(
+        ConfigError, match="checkpoint: .*truncated/model.safetensors: damaged safetensors file"
+    ):
+        first_policy(config(checkpoint=str(folder)), None)
 
 
 # -- checkpoints that fit the robot, or do not ------------------------------------------------------------------

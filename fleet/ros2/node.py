@@ -519,6 +519,29 @@ def fitting(policy, config: RosRobotConfig, version: str = ""):
     return policy
 
 
+def first_policy(config: RosRobotConfig, registry):
+    """The policy configure starts with: the registry's latest (fetched, sha256-verified) or a local
+    checkpoint folder. Whatever keeps it from loading (the server's refusal of a damaged version, a file
+    that does not match its sha256, a damaged local folder, no server) is one ConfigError line."""
+    import grpc
+
+    from fleet.client.registry import CheckpointError as FetchError
+    from policies.checkpoint import CheckpointError
+    from policies.runner import PolicyRunner
+
+    try:
+        if config.checkpoint == "latest":
+            return registry("")
+        folder = Path(config.checkpoint).expanduser()
+        check(folder.is_dir(), "checkpoint", f"{folder} is not a checkpoint folder (or say 'latest')")
+        return PolicyRunner.from_checkpoint(folder, device=config.device)
+    except grpc.RpcError as err:
+        problem = f"the registry at {config.fleet} refused 'latest': {err.code().name}: {err.details()}"
+    except (FetchError, CheckpointError) as err:
+        problem = str(err)
+    raise ConfigError("checkpoint", " ".join(problem.split())) from None
+
+
 def default_agent(config: RosRobotConfig, policy=None):
     """The fleet agent for `config`: its token from token_file, the policy from the registry ("latest",
     fetched and sha256-verified by the client SDK before loading) or a local checkpoint, later versions
@@ -541,15 +564,7 @@ def default_agent(config: RosRobotConfig, policy=None):
         root_certificates=certificates,
         device=config.device,
     )
-    if policy is None:
-        if config.checkpoint == "latest":
-            policy = registry("")
-        else:
-            from policies.runner import PolicyRunner
-
-            folder = Path(config.checkpoint).expanduser()
-            check(folder.is_dir(), "checkpoint", f"{folder} is not a checkpoint folder (or say 'latest')")
-            policy = PolicyRunner.from_checkpoint(folder, device=config.device)
+    policy = first_policy(config, registry) if policy is None else policy
     fitting(policy, config)  # refused here, at configure, not by the first tick
     client = RobotClient(
         config.fleet,

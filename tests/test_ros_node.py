@@ -581,3 +581,44 @@ def test_a_checkpoint_for_another_robot_is_refused_at_configure(tmp_path, token_
         ).configure()
     with pytest.raises(ConfigError, match="checkpoint: .*none is not a checkpoint folder"):
         RobotNodeLogic(panda_config(token_file=token_file, checkpoint=str(tmp_path / "none"))).configure()
+
+
+def test_the_ur5e_parameter_file_drives_a_ur5e(server, token_file):
+    """config/ur5e.yaml as shipped: joint states in ur_robot_driver's order (elbow first, and no others) go
+    to the policy in the file's order, ee_pos is UR's standard-DH flange, and the command is a 6-joint
+    JointTrajectory limited to max_joint_velocity from the measured joints."""
+    from fleet.ros2.runner import load_params
+    from tests.fleet_harness import ROOT
+
+    params = load_params(ROOT / "ros_ws/src/flotilla_ros/config/ur5e.yaml")
+    params.update(
+        fleet=server.address, token_file=token_file, camera_names=[], camera_topics=[], dry_run=False
+    )
+    cfg = config_from_params(params)
+    node = RobotNodeLogic(cfg, make_agent=lambda c: default_agent(c, ConstantPolicy([0.5] * 6)))
+    node.configure()
+    try:
+        wait_until(
+            lambda: node.agent.client.state.mode == pb.MODE_AUTONOMOUS, 10, "the server's first command"
+        )
+        node.activate()
+        driver_order = ["elbow_joint", "shoulder_lift_joint", "shoulder_pan_joint", "wrist_1_joint"]
+        driver_order += ["wrist_2_joint", "wrist_3_joint"]
+        q = {name: 0.1 * (i + 1) for i, name in enumerate(cfg.joint_names)}  # pan 0.1 ... wrist_3 0.6
+        node.sensors.on_joint_state(wire(m.joint_state(driver_order, [q[n] for n in driver_order], 1.0)))
+        obs, problem = node.sensors.assemble()
+        assert problem == "" and obs["joint_pos"] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+        expected = standard_dh_product(obs["joint_pos"].astype(float), UR5E_TABLE)
+        assert obs["ee_pos"] == pytest.approx(expected[:3, 3], abs=1e-6)
+        tick = node.tick()
+        assert (
+            tick.published and tick.commands[0][0] == "/scaled_joint_trajectory_controller/joint_trajectory"
+        )
+        trajectory = wire(tick.commands[0][1])
+        assert trajectory.joint_names == cfg.joint_names
+        step = 0.5 / cfg.rate_hz  # 0.5 rad/s at 10 Hz from where each joint is
+        assert trajectory.points[0].positions == pytest.approx(
+            [min(0.5, v + step) if v < 0.5 else max(0.5, v - step) for v in obs["joint_pos"]], abs=1e-6
+        )
+    finally:
+        node.shutdown()

@@ -330,3 +330,44 @@ def test_the_page_fits_a_tablet_and_works_from_the_keyboard(fleet):
     wait_for(lambda: not fleet["server"].server.fleet.fleet_estop, 5, "the release by an admin")
     admin.close()
     context.close()
+
+
+def test_a_fleet_of_twenty_robots_without_cameras_and_one_going_offline_mid_takeover(fleet, tmp_path):
+    from tests.test_fleet_server import INTERVENTION, obs, robot_client, send
+
+    server = ServerThread(make_config(tmp_path, t_T=10_000, teleop_watchdog_s=10.0)).start()
+    console = ConsoleThread(ConsoleConfig(server=server.address, port=0)).start()
+    robots = [robot_client(server, f"r{index:02d}").start() for index in range(20)]  # no camera
+    try:
+        for robot in robots:
+            robot.start_episode(1)
+            send(robot, 1, [0], uncertainty=0.0)
+        context = fleet["browser"].new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+        fleet["contexts"].append(context)
+        page = context.new_page()
+        problems = []
+        page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        sign_in(page, console.url, "alice", "operator-token")
+        page.wait_for_function("document.querySelectorAll('#fleet tbody tr').length === 20", timeout=10_000)
+        for robot in robots[:5]:
+            send(robot, 1, [1], uncertainty=0.9)
+        page.wait_for_function("window.flotillaStats.assigned !== null", timeout=10_000)
+        page.wait_for_function("document.querySelectorAll('#queue tbody tr').length === 5", timeout=10_000)
+        mine = page.evaluate("window.flotillaStats.assigned")
+        robot = robots[int(mine[1:])]
+        robot.step(1, 2, obs(2), [0.0, 0.0], INTERVENTION, operator_id="alice")  # a frame without an image
+        page.wait_for_function("window.flotillaStats.frames > 0", timeout=10_000)
+        robot.close()  # offline in the middle of the takeover: the page lets it go and shows it offline
+        page.wait_for_function(f"window.flotillaStats.assigned !== {json.dumps(mine)}", timeout=10_000)
+        row = f"#fleet tbody tr[data-robot={mine}]"
+        page.wait_for_function(
+            f"document.querySelector('{row}').textContent.includes('offline')", timeout=10_000
+        )
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert not problems, problems
+    finally:
+        console.stop()
+        for robot in robots:
+            robot.close(1)
+        server.stop()

@@ -21,7 +21,7 @@ from tests.fleet_harness import ROOT
 
 PACKAGE = ROOT / "ros_ws/src/flotilla_ros"
 # Non-message ROS packages the node uses (ROS 2 Jazzy and Humble both ship them), and rosdep keys.
-ROS_PACKAGES = {"rclpy", "tf2_ros", "launch", "launch_ros", "std_srvs", "builtin_interfaces"}
+ROS_PACKAGES = {"rclpy", "tf2_ros", "launch", "launch_ros", "ros2launch", "std_srvs", "builtin_interfaces"}
 ROSDEP_KEYS = {"python3-pytest"}
 
 
@@ -39,6 +39,7 @@ def test_package_xml_is_format_3_with_real_dependencies():
     assert [e.content for e in package.exports if e.tagname == "build_type"] == ["ament_python"]
     names = {dep.name for dep in package.exec_depends + package.build_depends + package.test_depends}
     assert {"rclpy", "sensor_msgs", "std_msgs", "trajectory_msgs", "lifecycle_msgs", "geometry_msgs"} <= names
+    assert {"launch", "launch_ros", "ros2launch"} <= names  # launch files, and `ros2 launch` to run them
     unknown = names - message_packages() - ROS_PACKAGES - ROSDEP_KEYS
     assert not unknown, f"not ROS package names: {unknown}"
 
@@ -251,6 +252,13 @@ def test_robot_launch_builds_the_lifecycle_node_and_starts_it(monkeypatch):
     overrides = node.kwargs["parameters"][1]
     assert set(overrides) == set(arguments) - {"params_file", "autostart"}
     assert all(kinds[name] == ("bool" if name == "dry_run" else "string") for name in overrides)
+    for flag, live in (("True", False), ("FALSE", True)):
+        context["dry_run"] = flag
+        assert setup(context)[0].kwargs["parameters"][1]["dry_run"] is not live
+    for flag in ("1", "yes", "flase"):  # not read as false (live): refused
+        context["dry_run"] = flag
+        with pytest.raises(RuntimeError, match=f"dry_run:={flag} .say true or false."):
+            setup(context)
 
 
 def test_fleet_launch_includes_one_robot_launch_per_robot(monkeypatch):

@@ -36,7 +36,12 @@ def launch_setup(context):
     for name in OVERRIDES:
         value = LaunchConfiguration(name).perform(context)
         if value:
-            overrides[name] = value.lower() == "true" if name == "dry_run" else value
+            overrides[name] = value
+    if "dry_run" in overrides:  # anything but true/false is refused: dry_run:=1 must not mean "live"
+        flag = overrides["dry_run"].lower()
+        if flag not in ("true", "false"):
+            raise RuntimeError(f"robot.launch.py: dry_run:={overrides['dry_run']} (say true or false)")
+        overrides["dry_run"] = flag == "true"
     node = LifecycleNode(
         package="flotilla_ros",
         executable="robot_node",

@@ -249,6 +249,10 @@ class OperatorSession:
                 if self.link or link == "down":
                     for tab in self.tabs:
                         tab.send(link_message(link, client))
+                if link == "down":  # the robots hold; whichever are still ours come back as assignments
+                    for robot in list(self.assigned):
+                        lost = pb.Release(robot_id=robot, reason=pb.RELEASE_REASON_OPERATOR_DISCONNECTED)
+                        self._update(pb.OperatorUpdate(released=lost))
                 self.link = link
             await asyncio.sleep(LINK_CHECK_S)
 

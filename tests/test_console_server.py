@@ -522,12 +522,17 @@ def test_console_shows_a_lost_fleet_link_and_ends_a_session_whose_token_was_revo
     from tests.test_fleet_server import make_config
 
     port = free_port()
-    server = ServerThread(make_config(tmp_path, port=port)).start()
+    server = ServerThread(make_config(tmp_path, port=port, t_T=10_000)).start()
+    robot = robot_client(server).start()
     try:
         with console_of(server) as console, page_socket(console, sign_in(console, "alice")) as alice:
-            assert next_message(alice, "session")["state"] == "open"
-            server.stop()  # the fleet server goes away: the page is told, and cannot drive
+            robot.start_episode(1)
+            send(robot, 1, range(5), uncertainty=0.1)
+            send(robot, 1, [5], uncertainty=0.9)
+            assert next_message(alice, "assignment", 10)["robot"] == "r1"
+            server.stop()  # the fleet server goes away: the page is told, lets the robot go, cannot drive
             assert next_message(alice, "link", 10)["fleet"] == "down"
+            assert next_message(alice, "released")["robot"] == "r1"
             alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.5, 0.5]}))
             assert "no link to the fleet server" in next_message(alice, "error")["message"]
             # It comes back without the operator's token (revoked): the console ends the session.
@@ -538,6 +543,7 @@ def test_console_shows_a_lost_fleet_link_and_ends_a_session_whose_token_was_revo
             assert closed_with(alice).code == 1008
             assert not console.console.sessions
     finally:
+        robot.close(1)
         server.stop()
 
 

@@ -272,6 +272,24 @@ def test_joint_states_are_taken_by_name_whatever_the_driver_sends():
     )
 
 
+def test_a_joint_without_a_reading_is_refused_and_a_non_finite_hold_sends_nothing():
+    """A driver's NaN position is never observed nor held at (absolute actions hold the measured joints:
+    a NaN hold recursed until the stack ran out); a policy's NaN action is a hold."""
+    clock = Clock()
+    cfg = config(action_mode="absolute", action_dim=3, dry_run=False)
+    node = RobotNodeLogic(cfg, clock=clock)
+    node.state = ACTIVE
+    with pytest.raises(ValueError, match="JointState position of 'j2' is nan"):
+        node.sensors.on_joint_state(wire(m.joint_state(JOINTS, [0.1, np.nan, 0.3], 1.0)))
+    assert node.sensors.assemble()[1].endswith("refused: JointState position of 'j2' is nan")
+    feed(node)
+    hold = node._command(np.array([0.2, np.nan, 0.1]), None, POLICY)
+    assert hold.action.tolist() == [0.1, 0.2, 0.3] and hold.reason.startswith("non-finite action from policy")
+    node.sensors._latest["joint:j2"].value = np.nan  # as if the check were bypassed: still no recursion
+    nothing = node._hold_tick("stale", "stale")
+    assert nothing.commands == () and nothing.reason.endswith("no finite hold to send")
+
+
 def test_a_bad_image_is_refused_and_the_hold_names_it():
     node = RobotNodeLogic(config(camera_names=["front"], camera_topics=["/front/image_raw"]), clock=Clock())
     feed(node)

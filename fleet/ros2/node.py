@@ -307,6 +307,10 @@ class Sensors:
         if not ours:  # another robot's or device's joints on the same topic
             self._refuse("joints", f"JointState names none of this robot's joints (it has {sorted(by_name)})")
             return
+        unknown = [name for name in ours if not math.isfinite(by_name[name])]
+        if unknown:  # a driver's "no reading": never a position to act on or hold at
+            self._refuse("joints", f"JointState position of {unknown[0]!r} is {by_name[unknown[0]]}")
+            raise ValueError(self._problems["joints"])
         stamp = m.stamp_seconds(msg)
         with self._lock:
             self._joint_state_names = sorted(by_name)
@@ -718,6 +722,8 @@ class RobotNodeLogic:
 
     def _command(self, action, obs, control: str, reason: str = "") -> Tick:
         if not np.all(np.isfinite(action)):
+            if control == "hold":  # the hold itself (from the last joints) is not finite: send nothing
+                return Tick(control=control, reason=f"{reason}; no finite hold to send")
             return self._hold_tick(f"non-finite action from {control}: {action.tolist()}", "hold")
         now = self.wall_clock()
         commands = [(self.config.command_topic, self._output(action, obs, self.config, self.kit, now))]

@@ -235,6 +235,13 @@ def bare_file(path: Path, topics, messages, storage: str) -> Path:
     return shutil.move(next(bag.glob("*" + suffix)), path / ("recording" + suffix))
 
 
+def without_metadata(path: Path, topics, messages, storage: str) -> Path:
+    """A split bag whose recorder was killed before it wrote metadata.yaml: only the storage files."""
+    split_in_two(path, topics, messages, storage)
+    (path / "metadata.yaml").unlink()
+    return path
+
+
 MODE = rosbag2.enums.CompressionMode
 RECORDINGS = {
     "mcap-zstd-chunks": lambda p, t, m: write_bag(p, t, m, "mcap", MODE.STORAGE),
@@ -248,6 +255,8 @@ RECORDINGS = {
     "mcap-version-8": lambda p, t, m: write_bag(p, t, m, "mcap", version=8),
     "bare-mcap-file": lambda p, t, m: bare_file(p, t, m, "mcap"),
     "bare-db3-file": lambda p, t, m: bare_file(p, t, m, "sqlite3"),
+    "mcap-no-metadata": lambda p, t, m: without_metadata(p, t, m, "mcap"),
+    "sqlite3-no-metadata": lambda p, t, m: without_metadata(p, t, m, "sqlite3"),
 }
 
 

@@ -432,7 +432,7 @@ def read_bag(path: Path, mapping: BagMapping, result: ImportResult, bar) -> Iter
     """The episodes of one bag, in time order, with their frames."""
     highlevel = require("rosbags.highlevel")
     try:
-        reader = highlevel.AnyReader([path], default_typestore=_fallback_typestore())
+        reader = highlevel.AnyReader(_storage_files(path), default_typestore=_fallback_typestore())
         reader.open()
     except (highlevel.AnyReaderError, FileNotFoundError) as err:
         raise BagError(f"{path} is not a readable rosbag2 recording ({err})", "paths") from None
@@ -490,6 +490,16 @@ def _check_types(connections, typestore, by_topic: dict[str, list[_Stream]], pat
                 f"{where}: {path} carries no definition of {connection.msgtype} (a bag recorded before "
                 "ROS 2 Iron has none, and only the standard ROS 2 types are known without one)"
             )
+
+
+def _storage_files(path: Path) -> list[Path]:
+    """What to open for `path`: the bag folder, or, when it has no metadata.yaml (the recorder was killed
+    before writing it), its .mcap / .db3 files, which rosbags reads as they are."""
+    if path.is_dir() and not (path / "metadata.yaml").exists():
+        files = sorted([*path.glob("*.mcap"), *path.glob("*.db3")])
+        if files:
+            return files
+    return [path]
 
 
 def _marker_topic(mapping: BagMapping) -> str | None:

@@ -223,13 +223,14 @@ import numpy as np
 import zarr
 
 path, compressor = sys.argv[1], sys.argv[2]
+store = zarr.ZipStore(path, mode="w") if path.endswith(".zip") else zarr.DirectoryStore(path)  # DP's caches
 compressor = {
     "blosc-lz4": numcodecs.Blosc("lz4", 5, numcodecs.Blosc.NOSHUFFLE),
     "blosc-zstd": numcodecs.Blosc("zstd", 5, numcodecs.Blosc.BITSHUFFLE),
     "zstd": numcodecs.Zstd(3),
 }[compressor]
 ends = np.array([7, 12, 21])
-root = zarr.open(path, "w")
+root = zarr.group(store=store, overwrite=True)
 data = root.create_group("data")
 steps = np.arange(ends[-1], dtype=np.float32)
 img = np.broadcast_to((steps * 10 % 256)[:, None, None, None], (ends[-1], 96, 96, 3))
@@ -239,12 +240,15 @@ data.create_dataset("keypoint", data=np.stack([steps] * 18, 1).reshape(-1, 9, 2)
 data.create_dataset("action", data=np.stack([steps, -steps], 1), compressor=compressor)
 data.create_dataset("n_contacts", data=(steps % 2)[:, None], compressor=compressor)
 root.create_group("meta").create_dataset("episode_ends", data=ends, compressor=None)
+store.close()
 """
 
 
-@pytest.mark.parametrize("compressor", ["blosc-lz4", "blosc-zstd", "zstd"])
-def test_import_a_pusht_store_zarr2_wrote(zarr2_python, tmp_path, compressor):
-    path = tmp_path / "pusht.zarr"
+@pytest.mark.parametrize(
+    "compressor,name", [("blosc-lz4", "pusht.zarr"), ("blosc-zstd", "pusht.zarr"), ("zstd", "cache.zarr.zip")]
+)
+def test_import_a_pusht_store_zarr2_wrote(zarr2_python, tmp_path, compressor, name):
+    path = tmp_path / name
     written = subprocess.run(
         [zarr2_python, "-c", PUSHT_ZARR2, str(path), compressor], capture_output=True, text=True, timeout=300
     )

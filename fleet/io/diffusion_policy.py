@@ -19,6 +19,7 @@ uint8), other arrays keep their name unless `keys` renames them, every step is l
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -160,11 +161,13 @@ def open_replay_buffer(src: str | os.PathLike) -> tuple[zarr.Group, np.ndarray]:
     them: data/ and meta/episode_ends present, ends increasing, every data array as long as the last end."""
     if (Path(src) / REAL_ROBOT_BUFFER).is_dir():
         raise DataIOError(
-            f"{src} is a Diffusion Policy real-robot dataset: import its {REAL_ROBOT_BUFFER} "
-            "(the camera mp4s in its videos/ are not imported)"
+            f"{src} is a Diffusion Policy real-robot dataset: import its {REAL_ROBOT_BUFFER} (low-dim only: "
+            "the camera mp4s in its videos/ are not read), or the .zarr.zip cache DP's training wrote, with frames"
         )
+    # DP caches datasets as .zarr.zip (a zarr.ZipStore), e.g. its real-robot datasets' image caches
+    zipped = Path(src).is_file() and zipfile.is_zipfile(src)
     try:
-        root = zarr.open_group(str(src), mode="r")
+        root = zarr.open_group(zarr.storage.ZipStore(src, mode="r") if zipped else str(src), mode="r")
     except Exception as err:  # zarr raises several kinds for "not a group"
         raise DataIOError(f"{src} is not a zarr group ({type(err).__name__}: {err})") from None
     for name in ("data", "meta"):

@@ -366,7 +366,7 @@ class OperatorSession:
             raise BadRequest("not connected to the fleet server")
         kind = message.get("t")
         robot = message.get("robot", "")
-        if not isinstance(robot, str) or len(robot) > 64:
+        if not _text(robot) or len(robot) > 64:
             raise BadRequest("robot must be a robot id")
         if kind == "act":
             action = message.get("a")
@@ -400,13 +400,24 @@ class OperatorSession:
             client.discard(robot)
         elif kind == "note":
             text = message.get("text")
-            if not isinstance(text, str):
-                raise BadRequest("note: text must be a string")
+            if not _text(text):
+                raise BadRequest("note: text must be a string (of Unicode characters)")
             client.note(robot, text)
         elif kind == "pick":
             client.pick(robot)
         else:
             raise BadRequest(f"unknown request {str(kind)[:32]!r}")
+
+
+def _text(value) -> bool:
+    """A JSON string the fleet's protobuf strings can carry (JSON's escapes can make lone surrogates)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _finite(value) -> bool:
@@ -603,9 +614,13 @@ class ConsoleApp:
             return signin_page("That sign-in form is too large.", 413)
         form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
         operator_id = form.get("operator", [""])[0].strip()
-        token = form.get("token", [""])[0]
+        token = form.get("token", [""])[0].strip()  # as the fleet server reads it
         if not operator_id or not token:
             return signin_page("Give your operator id and your operator token.", 400)
+        if not token.isascii() or not token.isprintable() or " " in token:
+            # gRPC metadata cannot carry it: no fleet server would ever accept it (it would time out).
+            await asyncio.sleep(SIGNIN_PENALTY_S)
+            return signin_page("An operator token is printable ASCII without spaces.", 401)
         # Signing in again with the same token replaces the operator's older console session (the fleet
         # allows one session per operator). Anything else must not end it: the fleet server then refuses.
         for cookie in [
@@ -698,6 +713,9 @@ class ConsoleApp:
                     session.request(message)
                 except BadRequest as err:
                     tab.send(error_message(str(err)))
+                except Exception:  # a message the checks above missed: its sender is told, the socket stays
+                    log.exception("console: operator %s: a page message failed", session.operator_id)
+                    tab.send(error_message("the console could not handle that message"))
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:

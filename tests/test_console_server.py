@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -401,6 +402,8 @@ def test_console_socket_answers_malformed_messages_and_floods_without_moving_a_r
             ('{"t": "act", "robot": ["r1"], "a": [0.5, 0.5]}', "robot must be a robot id"),
             ('{"t": "estop", "robot": "r1", "engage": "no"}', "engage must be true or false"),
             ('{"t": "note", "robot": "r1", "text": 5}', "text must be a string"),
+            ('{"t": "note", "robot": "r1", "text": "\\ud800"}', "text must be a string"),  # a lone surrogate
+            ('{"t": "discard", "robot": "\\udfff"}', "robot must be a robot id"),
             ('{"t": "launch"}', "unknown request 'launch'"),
             ('{"t": "act", "robot": "r9", "a": [0.5, 0.5]}', "unknown robot 'r9'"),
             ('{"t": "act", "robot": "r1", "a": [0.5, 0.5]}', "not assigned to operator 'bob'"),
@@ -498,19 +501,22 @@ def test_console_sign_in_refuses_an_oversized_body_without_waiting_for_it(make_s
 
 def test_console_answers_a_burst_of_wrong_sign_ins_and_still_signs_in_operators(make_server):
     server = make_server()
+    # Wrong tokens, and tokens no gRPC metadata can carry (refused at the console, not timed out).
+    tokens = [f"guess-{index}" for index in range(26)] + ["t\u00e9t\u00e9", "a\nb", "a\x00b", "a b"]
     with console_of(server) as console:
-        statuses = []
+        answers = {}
 
-        def wrong(index: int) -> None:
-            body = f"operator=mallory{index}&token=guess-{index}".encode()
-            statuses.append(request(console, "POST", "/signin", body, {"Content-Type": FORM})[0])
+        def wrong(token: str) -> None:
+            body = urllib.parse.urlencode({"operator": f"mallory{len(answers)}", "token": token}).encode()
+            answers[token] = request(console, "POST", "/signin", body, {"Content-Type": FORM})
 
-        guesses = [threading.Thread(target=wrong, args=(index,)) for index in range(30)]
+        guesses = [threading.Thread(target=wrong, args=(token,)) for token in tokens]
         for guess in guesses:
             guess.start()
         for guess in guesses:
             guess.join(30)
-        assert statuses == [401] * 30
+        assert [answers[token][0] for token in tokens] == [401] * len(tokens)
+        assert all(b"printable ASCII" in answers[token][2] for token in tokens[26:])
         assert not console.console.sessions
         with page_socket(console, sign_in(console, "alice")) as alice:
             assert next_message(alice, "session")["operator"] == "alice"

@@ -8,7 +8,8 @@ wheels link libtorch_cuda ("operator torchvision::nms does not exist" on a CPU t
 uses one thing of torchvision, `transforms.ToTensor` (PIL image -> float CHW in [0, 1]), so the venv gets
 a ten-line stand-in for exactly that; everything else is LeRobot's code. Video decoding needs torchcodec
 (or torchvision's video reader) built for this torch, so only PNG datasets are loaded here; the mp4
-export is checked with PyAV in test_io_lerobot.py.
+export is checked with PyAV in test_io_lerobot.py. LeRobot's writer needs no decoder: a video dataset it
+wrote (AV1, episodes in one mp4) is imported here too.
 """
 
 import json
@@ -75,6 +76,28 @@ for e in range(2):
                       "observation.images.top": rng.integers(0, 256, (16, 16, 3)).astype(np.uint8),
                       "action": rng.normal(size=2).astype(np.float32), "is_intervention": np.array([t > 2]),
                       "task": "pick the cube"})
+    ds.save_episode()
+ds.finalize()
+"""
+
+# LeRobot's own video path: every episode encoded with its default codec (AV1, libsvtav1 through PyAV)
+# and concatenated into one mp4, found again by videos/<key>/from_timestamp.
+WRITE_VIDEO = r"""
+import sys
+import numpy as np
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+features = {
+    "observation.state": {"dtype": "float32", "shape": (2,), "names": ["episode", "frame"]},
+    "observation.images.top": {"dtype": "video", "shape": (32, 48, 3), "names": ["height", "width", "channels"]},
+    "action": {"dtype": "float32", "shape": (2,), "names": ["a", "b"]},
+}
+ds = LeRobotDataset.create("me/video", fps=15, root=sys.argv[1], features=features, use_videos=True)
+for e in range(3):
+    for t in range(5 + e):
+        image = np.full((32, 48, 3), 100, np.uint8)
+        image[..., 0], image[..., 1] = 20 + 40 * e, 10 + 8 * t
+        ds.add_frame({"observation.state": np.array([e, t], np.float32), "observation.images.top": image,
+                      "action": np.array([e, t], np.float32), "task": "pick the cube"})
     ds.save_episode()
 ds.finalize()
 """
@@ -159,3 +182,26 @@ def test_import_a_dataset_lerobot_wrote(lerobot_python, tmp_path):
             labels = [ControlLabel.INTERVENTION if t > 2 else ControlLabel.ROBOT for t in range(5 + e)]
             assert episode["label"].tolist() == labels
             np.testing.assert_allclose(np.diff(episode["timestamp"]), 1 / 15)
+
+
+def test_import_an_av1_video_dataset_lerobot_wrote(lerobot_python, tmp_path):
+    result = lerobot_python(WRITE_VIDEO, str(tmp_path / "made"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((tmp_path / "made" / "meta" / "info.json").read_text())
+    assert info["features"]["observation.images.top"]["info"]["video.codec"] == "av1"
+    assert len(list((tmp_path / "made" / "videos").rglob("*.mp4"))) == 1  # the episodes share one file
+    flotilla(
+        "import", str(tmp_path / "made"), "format=lerobot", f"out={tmp_path / 's.zarr'}", "progress=false"
+    )
+    with EpisodeStore.open(tmp_path / "s.zarr") as store:
+        assert store.episode_ends.tolist() == [5, 11, 18]
+        for e in range(3):
+            episode = store.episode(e)
+            # Each episode's own frames (flat colours saying episode and frame), within AV1's error.
+            red, green = (
+                episode["top_rgb"][..., 0].mean(axis=(1, 2)),
+                episode["top_rgb"][..., 1].mean(axis=(1, 2)),
+            )
+            assert np.round((red - 20) / 40).astype(int).tolist() == [e] * (5 + e)
+            assert np.round((green - 10) / 8).astype(int).tolist() == list(range(5 + e))
+            np.testing.assert_array_equal(episode["state"][:, 1], np.arange(5 + e))

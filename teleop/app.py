@@ -67,6 +67,7 @@ MAX_MESSAGE_BYTES = 4096  # a page message is a small JSON object
 # A page sends actions at 25 Hz; a tab sending faster than this (a script, a hostile client) has the excess
 # dropped, all but protective stops, so it cannot crowd out other operators on the console's loop.
 MAX_MESSAGES_PER_S = 100
+MAX_TABS = 8  # open pages per signed-in operator (each costs the console a fleet view per status_hz)
 MAX_QUEUED = 512  # messages waiting for a tab that does not read: past this it is closed (it reconnects)
 LINK_CHECK_S = 0.1  # how often a session looks at its link to the fleet server (the page shows it)
 SIGNIN_PENALTY_S = 1.0  # a refused sign-in answers after this long
@@ -686,6 +687,9 @@ class ConsoleApp:
         session = self.session_of(websocket.cookies)
         if session is None:
             await websocket.close(code=1008, reason="not signed in")
+            return
+        if len(session.tabs) >= MAX_TABS:
+            await websocket.close(code=1008, reason=f"at most {MAX_TABS} open pages per operator")
             return
         await websocket.accept()
         tab = Tab(websocket)

@@ -442,6 +442,8 @@ def test_console_socket_answers_malformed_messages_and_floods_without_moving_a_r
 
 
 def test_console_sessions_end_at_sign_out_and_expiry_and_their_sockets_close(make_server, clients):
+    from teleop.app import MAX_TABS
+
     server = make_server(t_T=10_000, teleop_watchdog_s=10.0)
     robot = clients(robot_client(server))
     with console_of(server, session_ttl_s=2.0) as console:
@@ -463,7 +465,15 @@ def test_console_sessions_end_at_sign_out_and_expiry_and_their_sockets_close(mak
 
     with console_of(server) as console:
         cookie = sign_in(console, "bob")
-        with page_socket(console, cookie) as bob:
+        with contextlib.ExitStack() as tabs:
+            pages = [tabs.enter_context(page_socket(console, cookie)) for _ in range(MAX_TABS)]
+            with pytest.raises(InvalidStatus):  # one session cannot open sockets without end
+                page_socket(console, cookie)
+            for page in pages:
+                assert next_message(page, "session")["state"] == "open"
+        sessions = console.console.sessions.values()
+        wait_until(lambda: not any(session.tabs for session in sessions), 5, "the pages closed")
+        with page_socket(console, cookie) as bob:  # the closed ones made room
             assert next_message(bob, "session")["state"] == "open"
             status, headers, _ = request(
                 console, "POST", "/signout", headers={"Cookie": cookie, "Origin": ""}

@@ -408,6 +408,11 @@ class OperatorSession:
             client.pick(robot)
         else:
             raise BadRequest(f"unknown request {str(kind)[:32]!r}")
+        if kind != "act" and not client.connected:  # kept by the client and sent at the reconnect
+            raise BadRequest(
+                f"{kind}: NOT in effect yet: the console has no link to the fleet server (it is sent when the "
+                "link is back)"
+            )
 
 
 def _text(value) -> bool:

@@ -371,3 +371,44 @@ def test_a_fleet_of_twenty_robots_without_cameras_and_one_going_offline_mid_take
         for robot in robots:
             robot.close(1)
         server.stop()
+
+
+def test_the_page_shows_a_lost_fleet_server_stops_driving_and_signs_out_when_the_token_is_revoked(
+    fleet, tmp_path
+):
+    from tests.fleet_harness import TOKENS, free_port
+    from tests.test_fleet_server import robot_client, send
+
+    port = free_port()
+    server = ServerThread(make_config(tmp_path, port=port, t_T=10_000, teleop_watchdog_s=10.0)).start()
+    console = ConsoleThread(ConsoleConfig(server=server.address, port=0)).start()
+    robot = robot_client(server).start()
+    try:
+        context = fleet["browser"].new_context(bypass_csp=True)
+        fleet["contexts"].append(context)
+        page = context.new_page()
+        sign_in(page, console.url, "alice", "operator-token")
+        page.wait_for_selector("#link.ok")
+        robot.start_episode(1)
+        send(robot, 1, range(5), uncertainty=0.1)
+        send(robot, 1, [5], uncertainty=0.9)
+        assigned_to(page, "r1")
+        server.stop()
+        page.wait_for_function(
+            "document.getElementById('link').textContent.includes('fleet server unreachable')"
+        )
+        assert page.evaluate("document.getElementById('link').classList.contains('bad')")
+        assert page.evaluate("window.flotillaStats.assigned") is None  # the robot left it: it holds
+        sent = stats(page, "sent")
+        page.keyboard.down("ArrowUp")  # nothing to drive, nothing sent
+        time.sleep(0.3)
+        page.keyboard.up("ArrowUp")
+        assert stats(page, "sent") == sent
+        revoked = {**TOKENS, "operator": ["another-operator-token"]}
+        server = ServerThread(make_config(tmp_path, port=port, tokens=revoked)).start()
+        page.wait_for_function("document.getElementById('link').textContent.includes('UNAUTHENTICATED')")
+        page.wait_for_selector("form[action='/signin']", timeout=10_000)  # back at the sign-in page
+    finally:
+        console.stop()
+        robot.close(1)
+        server.stop()

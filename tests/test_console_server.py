@@ -551,6 +551,10 @@ def test_console_shows_a_lost_fleet_link_and_ends_a_session_whose_token_was_revo
             assert next_message(alice, "released")["robot"] == "r1"
             alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.5, 0.5]}))
             assert "no link to the fleet server" in next_message(alice, "error")["message"]
+            alice.send(
+                json.dumps({"t": "estop", "robot": "r1"})
+            )  # a stop that cannot reach the fleet: said so
+            assert "estop: NOT in effect yet" in next_message(alice, "error")["message"]
             # It comes back without the operator's token (revoked): the console ends the session.
             revoked = {**TOKENS, "operator": ["another-operator-token"]}
             server = ServerThread(make_config(tmp_path, port=port, tokens=revoked)).start()

@@ -363,3 +363,12 @@ def test_a_mapped_topic_without_messages_is_one_line_naming_it(tmp_path):
         ConfigError, match=r"^mapping: observation.gripper: topic /robotiq_gripper/joint_states .*no messages"
     ):
         import_bag(tmp_path, bag, kinova_mapping())
+
+
+def test_a_folder_of_bags_is_one_line_asking_for_the_bags(tmp_path):
+    for name in ("run_1", "run_2"):
+        write_bag(tmp_path / "bags" / name, *kinova_messages())
+    with pytest.raises(
+        ConfigError, match=r"^paths: .*/bags is a folder of 2 bags \(run_1, run_2\), not a bag"
+    ):
+        import_bag(tmp_path, tmp_path / "bags", kinova_mapping())

@@ -499,6 +499,13 @@ def _storage_files(path: Path) -> list[Path]:
         files = sorted([*path.glob("*.mcap"), *path.glob("*.db3")])
         if files:
             return files
+        bags = sorted(p.parent.name for p in path.glob("*/metadata.yaml"))
+        if bags:  # a folder of bags: the user meant them
+            shown = ", ".join(bags[:3]) + (", ..." if len(bags) > 3 else "")
+            raise BagError(
+                f"{path} is a folder of {len(bags)} bags ({shown}), not a bag: give the bags, e.g. {path}/*",
+                "paths",
+            )
     return [path]
 
 

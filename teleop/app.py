@@ -811,7 +811,8 @@ class ConsoleThread:
     def url(self) -> str:
         scheme = "https" if self.config.tls_cert else "http"
         socket = self.server.servers[0].sockets[0]
-        return f"{scheme}://{self.config.host}:{socket.getsockname()[1]}"
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host  # IPv6 in brackets
+        return f"{scheme}://{host}:{socket.getsockname()[1]}"
 
     def start(self, timeout: float = 20.0) -> ConsoleThread:
         self._thread.start()

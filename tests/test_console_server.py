@@ -9,6 +9,7 @@ import contextlib
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -507,6 +508,24 @@ def test_console_sign_in_refuses_an_oversized_body_without_waiting_for_it(make_s
         form = {"Content-Type": FORM}
         status, _, page = request(console, "POST", "/signin", b"operator=a&token=" + b"x" * 10_000, form)
         assert status == 413 and b"too large" in page
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_console_on_ipv6_loopback_prints_a_url_that_works(make_server):
+    server = make_server()
+    with console_of(server, host="::1") as console:
+        assert console.url.startswith("http://[::1]:")
+        with page_socket(console, sign_in(console, "alice")) as alice:  # its own origin: [::1]:port
+            assert next_message(alice, "session")["operator"] == "alice"
 
 
 def test_console_answers_a_burst_of_wrong_sign_ins_and_still_signs_in_operators(make_server):

@@ -160,9 +160,11 @@ def open_replay_buffer(src: str | os.PathLike) -> tuple[zarr.Group, np.ndarray]:
     """The DP group at `src` (format 2 or 3) and its episode_ends, checked as DP's ReplayBuffer checks
     them: data/ and meta/episode_ends present, ends increasing, every data array as long as the last end."""
     if (Path(src) / REAL_ROBOT_BUFFER).is_dir():
+        caches = sorted(p.name for p in Path(src).glob("*.zarr.zip")) or ["<hash>.zarr.zip"]
         raise DataIOError(
             f"{src} is a Diffusion Policy real-robot dataset: import its {REAL_ROBOT_BUFFER} (low-dim only: "
-            "the camera mp4s in its videos/ are not read), or the .zarr.zip cache DP's training wrote, with frames"
+            f"the camera mp4s in its videos/ are not read) or, with the frames, the cache DP's training "
+            f"writes there ({', '.join(caches)})"
         )
     # DP caches datasets as .zarr.zip (a zarr.ZipStore), e.g. its real-robot datasets' image caches
     zipped = Path(src).is_file() and zipfile.is_zipfile(src)

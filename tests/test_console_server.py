@@ -641,3 +641,24 @@ def test_console_over_tls_marks_its_cookie_secure_and_reaches_a_tls_fleet_server
             assert next_message(ws, "session")["operator"] == "alice"
         with pytest.raises(InvalidStatus):  # the plain-http origin of the same host is another origin
             connect(url, origin=console.url.replace("https", "http"), additional_headers=headers, ssl=trusted)
+
+
+def test_an_operator_cannot_sign_in_as_another_or_end_their_session(make_server):
+    from tests.fleet_harness import TOKENS
+
+    bound = [
+        {"token": "alice-operator-token", "ids": ["alice"]},
+        {"token": "mallory-token", "ids": ["mallory"]},
+    ]
+    server = make_server(tokens={**TOKENS, "operator": bound})
+    with (
+        console_of(server) as console,
+        page_socket(console, sign_in(console, "alice", "alice-operator-token")) as alice,
+    ):
+        assert next_message(alice, "session")["operator"] == "alice"
+        body = b"operator=alice&token=mallory-token"
+        status, _, page = request(console, "POST", "/signin", body, {"Content-Type": FORM})
+        assert status == 401 and b"may not speak for operator" in page
+        alice.send(json.dumps({"t": "note", "robot": "r9", "text": "still mine"}))
+        assert "operator 'alice' has no intervention" in next_message(alice, "error")["message"]
+        assert [s.operator_id for s in console.console.sessions.values()] == ["alice"]

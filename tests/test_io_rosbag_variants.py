@@ -372,3 +372,12 @@ def test_a_folder_of_bags_is_one_line_asking_for_the_bags(tmp_path):
         ConfigError, match=r"^paths: .*/bags is a folder of 2 bags \(run_1, run_2\), not a bag"
     ):
         import_bag(tmp_path, tmp_path / "bags", kinova_mapping())
+
+
+def test_a_joint_field_the_driver_leaves_empty_is_one_line(tmp_path):
+    bag = write_bag(tmp_path / "bag", *kinova_messages())  # velocity and effort are published empty
+    mapping = kinova_mapping(joint_vel={"topic": "/joint_states", "joints": KINOVA, "field": "velocity"})
+    with pytest.raises(
+        ConfigError, match="observation.joint_vel: .* a message has 0 velocity values for 7 joints"
+    ):
+        import_bag(tmp_path, bag, mapping)

@@ -159,12 +159,13 @@ class _Stream:
                 if not msg.points:
                     raise BagError(f"{self.where()}: a JointTrajectory has no points")
                 holder = msg.points[0]
-            try:  # joint_positions reads `position`; any per-joint array is picked the same way
-                return joint_positions(
-                    _Named(_joint_names(msg, self.msgtype), getattr(holder, field_name)), self.source.joints
+            names, values = _joint_names(msg, self.msgtype), getattr(holder, field_name)
+            if len(values) != len(names):  # e.g. a driver that leaves velocity or effort empty
+                raise BagError(
+                    f"{self.where()}: a message has {len(values)} {field_name} values for {len(names)} joints"
                 )
-            except ValueError as err:  # as many names as values
-                raise BagError(f"{self.where()}: {field_name}: {err.args[0]}") from None
+            # joint_positions reads `position`; any per-joint array is picked the same way
+            return joint_positions(_Named(names, values), self.source.joints)
         if self.source.field is not None:
             return _numbers(
                 _field(msg, self.source.field, self.where()), f"{self.where()} field {self.source.field}"

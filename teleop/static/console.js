@@ -31,6 +31,9 @@ const padHeld = new Set(); // on-screen buttons held
 const history = new Map(); // robot -> recent signals ({uncertainty, risk, density, ...})
 const frameTimes = [];
 
+// A long session keeps only the latest of each (a robot refusing every action must not grow the page).
+function keep(list, item, most = 5000) { list.push(item); if (list.length > most) list.shift(); }
+
 function now() { return performance.timeOrigin + performance.now(); } // wall clock, ms
 
 // ------------------------------------------------------------------------------------------- socket
@@ -108,8 +111,8 @@ function onMessage(m) {
       setLink(fleetUp ? "connected" : `fleet server unreachable: ${m.message || "reconnecting"}`, fleetUp);
       log(fleetUp ? "the fleet server is back" : `lost the fleet server: ${m.message || "reconnecting"}`, fleetUp ? "notice" : "error");
       break;
-    case "error": stats.errors.push(m); log(`${m.request} ${m.robot}: ${m.message}`, "error"); break;
-    case "notice": stats.notices.push(m); log(m.message, "notice"); break;
+    case "error": keep(stats.errors, m); log(`${m.request} ${m.robot}: ${m.message}`, "error"); break;
+    case "notice": keep(stats.notices, m); log(m.message, "notice"); break;
   }
 }
 
@@ -133,8 +136,7 @@ async function onFrame(buffer) {
   header.ageMs = age;
   lastFrame = stats.lastFrame = header;
   stats.frames += 1;
-  stats.frameAges.push(age);
-  if (stats.frameAges.length > 5000) stats.frameAges.shift();
+  keep(stats.frameAges, age);
   frameTimes.push(header.drawnAt);
   while (frameTimes.length && frameTimes[0] < header.drawnAt - 2000) frameTimes.shift();
   $("frame-age").textContent = age.toFixed(0);
@@ -173,7 +175,7 @@ document.addEventListener("keydown", (event) => {
   if (held.has(key)) return; // auto-repeat
   held.add(key);
   const sentSeq = sendAction(); // at once: a key press is not kept waiting for the next send tick
-  if (sentSeq) stats.keyEvents.push({ key, seq: sentSeq, t: event.timeStamp + performance.timeOrigin });
+  if (sentSeq) keep(stats.keyEvents, { key, seq: sentSeq, t: event.timeStamp + performance.timeOrigin });
 });
 document.addEventListener("keyup", (event) => { held.delete(keyName(event)); });
 window.addEventListener("blur", releaseAll);

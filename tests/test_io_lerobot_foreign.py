@@ -44,7 +44,9 @@ def encode(path, frames: list[np.ndarray], codec: str) -> None:
         container.mux(stream.encode())
 
 
-def write_dataset(root, lengths=(5, 7, 6), codec="libsvtav1", data_files=2, names="list", skipped=3):
+def write_dataset(
+    root, lengths=(5, 7, 6), codec="libsvtav1", data_files=2, names="list", skipped=3, video_order=None
+):
     """A v3.0 folder as LeRobot writes it: episodes concatenated in one mp4 (after `skipped` frames of an
     episode since deleted), each found by its from_timestamp; data rows in `data_files` parquet files."""
     root.mkdir(parents=True)
@@ -76,22 +78,25 @@ def write_dataset(root, lengths=(5, 7, 6), codec="libsvtav1", data_files=2, name
     pd.DataFrame({"task_index": range(len(TASKS))}, index=pd.Index(TASKS, name="task")).to_parquet(
         root / "meta" / "tasks.parquet"
     )
-    frames = [frame(5, i) for i in range(skipped)]
+    # Where each episode's frames sit in the mp4: in episode order unless `video_order` says otherwise.
+    frames, starts = [frame(5, i) for i in range(skipped)], {}
+    for e in video_order or range(len(lengths)):
+        starts[e] = len(frames) / FPS
+        frames += [frame(e, i) for i in range(lengths[e])]
     rows, episodes, per_file = [[] for _ in range(data_files)], [], -(-len(lengths) // data_files)
     for e, length in enumerate(lengths):
-        start, file = len(frames) / FPS, e // per_file
+        start, file = starts[e], e // per_file
         for i in range(length):
             rows[file].append({
                 "observation.state": [float(e), float(i)], "action": [e + 0.5, i + 0.5],
                 "next.reward": float(i == length - 1), "next.done": i == length - 1, "timestamp": i / FPS,
                 "frame_index": i, "episode_index": e, "index": sum(lengths[:e]) + i, "task_index": e % 2,
             })  # fmt: skip
-            frames.append(frame(e, i))
         episodes.append({
             "episode_index": e, "tasks": [TASKS[e % 2]], "length": length, "data/chunk_index": 0,
             "data/file_index": file, "dataset_from_index": sum(lengths[:e]), "dataset_to_index": sum(lengths[: e + 1]),
             f"videos/{CAMERA}/chunk_index": 0, f"videos/{CAMERA}/file_index": 0,
-            f"videos/{CAMERA}/from_timestamp": start, f"videos/{CAMERA}/to_timestamp": len(frames) / FPS,
+            f"videos/{CAMERA}/from_timestamp": start, f"videos/{CAMERA}/to_timestamp": start + length / FPS,
             "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0,
         })  # fmt: skip
     schema = pa.schema(
@@ -136,6 +141,16 @@ def test_a_dataset_as_lerobot_writes_it_imports_each_episode_with_its_own_frames
             np.testing.assert_array_equal(steps["next_done"], np.arange(length) == length - 1)
             assert store.episode_meta(e).task == TASKS[e % 2]
             assert store.episode_meta(e).extra["control_hz"] == FPS
+
+
+def test_episodes_stored_out_of_order_in_the_video_get_their_own_frames(tmp_path):
+    """Episode 0's frames after episode 1's in the mp4 (as after editing a dataset): read by from_timestamp,
+    not by position."""
+    dataset = write_dataset(tmp_path / "dataset", (4, 6), codec("libx264"), data_files=1, video_order=[1, 0])
+    lerobot("import", dataset, tmp_path / "s.zarr")
+    with EpisodeStore.open(tmp_path / "s.zarr") as store:
+        for e, length in enumerate((4, 6)):
+            assert which_frames(store.episode(e)["top_rgb"]) == ([e] * length, list(range(length))), e
 
 
 def test_a_v2_1_dataset_is_one_line_pointing_at_lerobots_converter(tmp_path):

@@ -568,12 +568,18 @@ class _VideoReader:
     """Frames of one mp4 in order, by frame number (pts * time base * fps)."""
 
     def __init__(self, path: Path, fps: float):
-        av = require("av")
         self.path, self.fps = path, fps
-        self.container = av.open(str(path))
+        self._open()
+
+    def _open(self) -> None:
+        self.container = require("av").open(str(self.path))
         self.frames = self.container.decode(video=0)
+        self.next = 0  # the number of the next frame decoded
 
     def read(self, first: int, count: int, what: str) -> np.ndarray:
+        if first < self.next:  # an episode earlier in the file than the one read last: decode from the start
+            self.close()
+            self._open()
         out = []
         while len(out) < count:
             frame = next(self.frames, None)
@@ -585,6 +591,7 @@ class _VideoReader:
             if number > first + len(out):
                 raise DataIOError(f"{what}: frame {first + len(out)} is missing from the video")
             out.append(frame.to_ndarray(format="rgb24"))
+        self.next = first + count
         return np.stack(out)
 
     def close(self) -> None:

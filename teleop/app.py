@@ -629,12 +629,12 @@ class ConsoleApp:
             return signin_page("An operator token is printable ASCII without spaces.", 401)
         # Signing in again with the same token replaces the operator's older console session (the fleet
         # allows one session per operator). Anything else must not end it: the fleet server then refuses.
-        for cookie in [
-            cookie
-            for cookie, s in self.sessions.items()
+        for older in [
+            s
+            for s in self.sessions.values()
             if s.operator_id == operator_id and secrets.compare_digest(s.token.encode(), token.encode())
-        ]:
-            closing = self.end_session(self.sessions[cookie], "you signed in again elsewhere")
+        ]:  # (a concurrent sign-in may have ended one already: end_session takes that)
+            closing = self.end_session(older, "you signed in again elsewhere")
             if closing is not None:
                 await asyncio.to_thread(closing.join, 5.0)
         session = OperatorSession(self, operator_id, token)

@@ -490,6 +490,13 @@ def test_console_sessions_end_at_sign_out_and_expiry_and_their_sockets_close(mak
         assert b'action="/signin"' in page
         with pytest.raises(InvalidStatus):
             page_socket(console, cookie)
+        with page_socket(console, sign_in(console, "carol")) as carol:
+            assert next_message(carol, "session")["state"] == "open"
+            again = sign_in(console, "carol")  # the same operator and token again: the older session ends
+            assert "signed in again" in next_message(carol, "session")["reason"]
+            assert closed_with(carol).code == 1008
+        with page_socket(console, again) as carol:
+            assert next_message(carol, "session")["operator"] == "carol"
 
 
 def test_console_sign_in_refuses_an_oversized_body_without_waiting_for_it(make_server):

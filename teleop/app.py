@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "flotilla_session"
+FORM = "application/x-www-form-urlencoded"  # the sign-in page's form; nothing else signs in
 FATAL_SIGNIN = {"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "ALREADY_EXISTS"}
 MAX_ACTION_DIM = 64
 MAX_MESSAGE_BYTES = 4096  # a page message is a small JSON object
@@ -110,9 +111,8 @@ class Tab:
     def send(self, message: dict) -> None:
         if self.closing is not None:
             return
-        if (
-            self.messages.qsize() >= MAX_QUEUED
-        ):  # not reading: drop what waits, it gets all afresh on reconnect
+        if self.messages.qsize() >= MAX_QUEUED:
+            # Not reading: drop what waits and close it; the page reconnects and gets all afresh.
             self.end(1013, "the page fell behind; reconnect")
             return
         self.messages.put_nowait(json.dumps(message))
@@ -377,9 +377,7 @@ class OperatorSession:
                 or not all(map(_finite, action))
             ):
                 raise BadRequest(f"act: a must be a list of at most {MAX_ACTION_DIM} finite numbers")
-            if (
-                not client.connected
-            ):  # it would be dropped at the reconnect (a stale action is never replayed)
+            if not client.connected:  # (it would be dropped at the reconnect: stale actions are not replayed)
                 raise BadRequest("act: the console has no link to the fleet server now; actions are not sent")
             client.act(
                 robot,
@@ -610,10 +608,7 @@ class ConsoleApp:
     async def signin(self, request: Request) -> Response:
         if not self.origin_ok(request.headers.get("origin"), request.headers.get("host"), _secure(request)):
             return signin_page("This sign-in did not come from the console's own page.", 403)
-        if (
-            request.headers.get("content-type", "").split(";")[0].strip()
-            != "application/x-www-form-urlencoded"
-        ):
+        if request.headers.get("content-type", "").split(";")[0].strip() != FORM:
             return signin_page("Sign in with the console's form (application/x-www-form-urlencoded).", 415)
         body = await _bounded_body(request, MAX_MESSAGE_BYTES)
         if body is None:
@@ -706,13 +701,13 @@ class ConsoleApp:
                 if received["type"] == "websocket.disconnect":
                     break
                 text = received.get("text")
+                if not tab.admit(text or ""):
+                    continue
                 try:
                     if text is None:
                         raise BadRequest("binary messages are not accepted: send JSON text")
                     if len(text) > MAX_MESSAGE_BYTES:
                         raise BadRequest(f"message of {len(text)} characters, at most {MAX_MESSAGE_BYTES}")
-                    if not tab.admit(text):
-                        continue
                     try:
                         message = json.loads(text)
                     except (ValueError, RecursionError):

@@ -85,6 +85,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",  # "no-referrer" makes Chromium send Origin: null on posts
     "Cache-Control": "no-store",
 }
+HSTS = {"Strict-Transport-Security": "max-age=31536000"}  # over HTTPS: browsers never try plain HTTP again
 
 
 class BadRequest(ValueError):
@@ -761,10 +762,12 @@ class _SecurityHeaders:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
+        strict = SECURITY_HEADERS | (HSTS if scope.get("scheme") == "https" else {})
+
         async def with_headers(message):
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                headers += [(k.lower().encode(), v.encode()) for k, v in strict.items()]
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -263,6 +263,7 @@ def test_console_serves_sign_in_with_strict_headers(make_server):
                 response.headers["X-Frame-Options"] == "DENY"
                 and response.headers["Cache-Control"] == "no-store"
             )
+            assert "Strict-Transport-Security" not in response.headers  # plain HTTP (loopback)
         for path in (
             "/static/../app.py",
             "/static/..%2fapp.py",
@@ -646,6 +647,7 @@ def test_console_over_tls_marks_its_cookie_secure_and_reaches_a_tls_fleet_server
         response = connection.getresponse()
         assert response.status == 303  # the console's own session with the fleet server is over TLS too
         cookie = response.headers["set-cookie"]
+        assert response.headers["Strict-Transport-Security"].startswith("max-age=")
         connection.close()
         assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
         url = console.url.replace("https", "wss") + "/ws"

@@ -233,7 +233,7 @@ class OperatorSession:
                 timer.cancel()
         for tab in list(self.tabs):
             tab.send({"t": "session", "state": "ended", "reason": reason})
-            tab.end(1008, reason[:100])
+            tab.end(1008, reason.encode()[:120].decode(errors="ignore"))  # a close reason: at most 123 bytes
         return self._end_fleet_session(force=True)
 
     async def _watch_link(self) -> None:

@@ -321,6 +321,10 @@ class OperatorSession:
     # -- tabs -----------------------------------------------------------------------------------------
 
     def opened(self, tab: Tab) -> None:
+        if self.ended:  # ended while its socket was being accepted: no fleet session for it again
+            tab.send({"t": "session", "state": "ended", "reason": "signed out"})
+            tab.end(1008, "signed out")
+            return
         if self._closer is not None:
             self._closer.cancel()
             self._closer = None

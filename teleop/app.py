@@ -618,7 +618,10 @@ class ConsoleApp:
         body = await _bounded_body(request, MAX_MESSAGE_BYTES)
         if body is None:
             return signin_page("That sign-in form is too large.", 413)
-        form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
+        try:
+            form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
+        except ValueError:  # more fields than the form has
+            return signin_page("That is not the sign-in form (operator, token).", 400)
         operator_id = form.get("operator", [""])[0].strip()
         token = form.get("token", [""])[0].strip()  # as the fleet server reads it
         if not operator_id or not token:

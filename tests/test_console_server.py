@@ -522,6 +522,8 @@ def test_console_sign_in_refuses_an_oversized_body_without_waiting_for_it(make_s
         form = {"Content-Type": FORM}
         status, _, page = request(console, "POST", "/signin", b"operator=a&token=" + b"x" * 10_000, form)
         assert status == 413 and b"too large" in page
+        status, _, page = request(console, "POST", "/signin", b"&".join([b"operator=a"] * 9), form)
+        assert status == 400 and b"not the sign-in form" in page  # (it was a 500)
 
 
 def ipv6_loopback() -> bool:

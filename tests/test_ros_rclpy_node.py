@@ -233,7 +233,9 @@ def joint_state(positions=(0.1, 0.2, 0.3)):
 RCLPY_LIKE = m.MessageKit(floats=lambda a: array.array("d", a.tobytes()))
 
 
-def test_node_module_configures_ticks_publishes_stops_and_shuts_down(robot_node, server, token_file):
+def test_node_module_configures_ticks_publishes_stops_and_shuts_down(
+    robot_node, server, token_file, monkeypatch
+):
     node = robot_node.FlotillaRobotNode(parameter_overrides=params(server, token_file))
     assert node._name == NODE_NAME
     assert robot_node.FlotillaRobotNode.__mro__[1] is LifecycleNode
@@ -268,6 +270,7 @@ def test_node_module_configures_ticks_publishes_stops_and_shuts_down(robot_node,
     assert clear.callback(None, clear.msg_type.Response()).success
     timer.callback()
     assert m.float_array(publisher.sent[-1])[0] == pytest.approx(0.4)
+    monkeypatch.setattr("fleet.ros2.node.RIVALS_EVERY_S", 0.0)  # counted at every tick here
     node.others[publisher.topic] = 1  # a second node for this robot: neither publishes while both are up
     sent = len(publisher.sent)
     timer.callback()

@@ -245,7 +245,11 @@ class DdsTransport:
         last_warning = [-WARNING_INTERVAL_S]
 
         def on_data_available(reader) -> None:
-            if reader is None:  # fired while the reader is being deleted
+            # None: fired while the reader is being deleted. No topic yet: fired (a publisher already
+            # sending) before cyclonedds' DataReader.__init__ set it, where take() fails; subscribe()
+            # takes those samples once the reader is built. (Attaching the listener afterwards instead,
+            # set_listener calls it at once under cyclonedds' lock: a deadlock with a writer in this process.)
+            if reader is None or getattr(reader, "_topic", None) is None:
                 return
             for sample in reader.take(N=64):
                 if isinstance(sample, InvalidSample):  # a writer went away: no data
@@ -264,6 +268,7 @@ class DdsTransport:
         )
         self._entities.append(reader)
         self._listeners.append(listener)  # ctypes callbacks must outlive the reader
+        on_data_available(reader)  # what arrived while cyclonedds was still building the reader
         return reader
 
     def discovered_publications(self) -> list:

@@ -53,6 +53,9 @@ OUTPUT_TYPES = {
     "twist_stamped": "geometry_msgs/msg/TwistStamped",  # MoveIt Servo (Cartesian policies)
 }
 OUTPUTS = tuple(OUTPUT_TYPES)
+# The command topic's other publishers are counted this often (a graph query: ~0.5 ms over DDS with a
+# handful of writers, more on a busy graph; a rival is seen within this long).
+RIVALS_EVERY_S = 0.5
 ACTION_MODES = ("delta", "absolute")
 EE_POSE_SOURCES = ("none", "fk", "tf")
 # fk_dh's convention: "modified" (Craig: Rx(alpha_{i-1}) Tx(a_{i-1}) Rz(theta_i) Tz(d_i); Franka publishes
@@ -611,6 +614,7 @@ class RobotNodeLogic:
         self.config, self.kit, self.clock, self.wall_clock = config, kit, clock, wall_clock
         self._make_agent, self._ee_pose = make_agent, ee_pose
         self._rivals = rivals  # how many others publish on command_topic (the transport's count)
+        self._rival_count, self._rivals_counted = 0, -math.inf
         self.sensors = Sensors(config, clock)
         self.state = UNCONFIGURED
         self.agent = None
@@ -700,7 +704,11 @@ class RobotNodeLogic:
     def _rival(self) -> str:
         """Why not to publish when another node publishes on command_topic (a second node started for this
         robot, a teleop node): two sources would take turns moving it. Both stop, and say so."""
-        if self.config.dry_run or self._rivals is None or not (others := self._rivals()):
+        if self.config.dry_run or self._rivals is None:
+            return ""
+        if self.clock() - self._rivals_counted >= RIVALS_EVERY_S:
+            self._rival_count, self._rivals_counted = self._rivals(), self.clock()
+        if not (others := self._rival_count):
             return ""
         return (
             f"not publishing: {others} other publisher(s) on {self.config.command_topic} "

@@ -9,6 +9,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -679,3 +680,67 @@ def test_an_operator_cannot_sign_in_as_another_or_end_their_session(make_server)
         alice.send(json.dumps({"t": "note", "robot": "r9", "text": "still mine"}))
         assert "operator 'alice' has no intervention" in next_message(alice, "error")["message"]
         assert [s.operator_id for s in console.console.sessions.values()] == ["alice"]
+
+
+def fuzzed_value(rng: random.Random, depth: int = 0):
+    """A random JSON value of the kinds a hostile page could send (seeded)."""
+    atoms = [
+        None,
+        rng.random() < 0.5,
+        rng.randint(-(2**70), 2**70),
+        rng.uniform(-1e308, 1e308),
+        rng.choice([float("nan"), float("inf"), -0.0, 1e-320, 10**400]),
+        rng.choice(["", "r1", "r9", "alice", "\ud800", "a" * 100, "\x00", "estop", "act"]),
+    ]
+    if depth < 3:
+        atoms.append([fuzzed_value(rng, depth + 1) for _ in range(rng.randrange(4))])
+        atoms.append(
+            {rng.choice(list(FIELDS)): fuzzed_value(rng, depth + 1) for _ in range(rng.randrange(5))}
+        )
+    return rng.choice(atoms)
+
+
+def fuzzed_field(rng: random.Random, key: str):
+    """Half the time a value near the field's type (so the checks past the first are reached too)."""
+    if rng.random() < 0.5:
+        return fuzzed_value(rng, 1)
+    if key == "a":
+        return [
+            fuzzed_value(rng, 3) if rng.random() < 0.3 else rng.uniform(-2, 2)
+            for _ in range(rng.randrange(6))
+        ]
+    return FIELDS[key](rng)
+
+
+FIELDS = {
+    "robot": lambda rng: rng.choice(["r1", "r9", "", "\ud800", "r1\x00", "a" * 65]),
+    "a": None,  # fuzzed_field's own
+    "seq": lambda rng: rng.choice([0, 7, -1, 2**62, 10**30, 1.5, True]),
+    "frame_seq": lambda rng: rng.choice([0, 7, -1, 2**62, 10**30, 1.5, True]),
+    "frame_age_ms": lambda rng: rng.choice([0, 12.5, -1, 1e308, 10**400, True]),
+    "engage": lambda rng: rng.choice([True, False, 0, 1, "yes", None]),
+    "text": lambda rng: rng.choice(["a note", "", "\ud800", "\udfff\ud800", "x" * 3000]),
+}
+KINDS = ["act", "estop", "release", "reset", "discard", "note", "pick", "other"]
+
+
+def test_console_socket_survives_a_seeded_fuzz_of_page_messages(make_server, clients):
+    server = make_server(t_T=10_000, teleop_watchdog_s=10.0)
+    robot = clients(robot_client(server))
+    robot.start_episode(1)
+    send(robot, 1, [0], uncertainty=0.0)
+    rng = random.Random(11)
+    with console_of(server) as console, page_socket(console, sign_in(console, "alice")) as alice:
+        for index in range(200):
+            keys = rng.sample(list(FIELDS), rng.randrange(len(FIELDS) + 1))
+            fields = {key: fuzzed_field(rng, key) for key in keys}
+            alice.send(json.dumps({"t": rng.choice(KINDS), **fields}))
+            if index % 80 == 79:
+                time.sleep(0.8)  # within the page's allowance: every message is handled, none dropped
+        time.sleep(0.8)
+        alice.send(json.dumps({"t": "launch"}))
+        answers = []
+        while "launch" not in (answer := next_message(alice, "error", 10)["message"]):
+            answers.append(answer)
+        assert len(answers) > 100 and not any("could not handle" in answer for answer in answers)
+        assert not any("messages a second" in answer for answer in answers)

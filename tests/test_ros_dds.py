@@ -279,8 +279,7 @@ def test_a_second_node_for_the_same_robot_stops_both_until_it_leaves(server, tok
         held = tick(nodes[0])
         assert not held.published and not held.commands
         assert held.reason == (
-            "not publishing: 1 other publisher(s) on /forward_position_controller/commands "
-            "(another node for robot twin?)"
+            "not publishing: 1 other publisher(s) on /flotilla/commands (another node for robot twin?)"
         )
         nodes[1].logic.shutdown(timeout=1.0)
         second.close()

@@ -246,7 +246,7 @@ def test_node_module_configures_ticks_publishes_stops_and_shuts_down(
     stop = node.subscription("~/protective_stop")
     assert stop.qos.reliability.name == "RELIABLE" and stop.qos.durability.name == "VOLATILE"
     [publisher] = node.managed
-    assert publisher.topic == "/forward_position_controller/commands"
+    assert publisher.topic == "/flotilla/commands"
     [timer] = node._timers
     assert timer.name == pytest.approx(0.1)
     wait_until(

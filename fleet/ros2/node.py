@@ -96,7 +96,8 @@ class RosRobotConfig:
     base_frame: str = "base_link"  # TF: target frame; TwistStamped's frame
     ee_frame: str = "tcp"  # TF: the end effector's frame
     output: str = "float64_multi_array"  # or "joint_trajectory", "twist_stamped"
-    command_topic: str = "/forward_position_controller/commands"
+    # delta actions are no joint positions: by default they go to a bridge's topic, not to a controller's
+    command_topic: str = "/flotilla/commands"
     gripper_topic: str = ""  # Float64MultiArray [gripper command] ("" : none)
     action_mode: str = "delta"  # "delta": actions are motions (hold = zero); "absolute": joint positions
     gripper_index: int = -1  # the action's gripper dimension (kept during holds); -1: the last one

@@ -87,6 +87,15 @@ def test_parameters_are_checked_with_one_line_errors():
         ({"joint_names": ["a"], "action_low": [0] * 4, "action_high": [1] * 3}, "action_high: has 3 values"),
         ({"joint_names": ["a"], "workspace_low": [0] * 3, "workspace_high": [1] * 3}, "needs ee_pose"),
         ({"joint_names": ["a"], "dry_run": "no"}, "dry_run: must be true or false"),
+        (
+            {"joint_names": ["a"], "camera_names": ["d"], "camera_topics": ["/d/image_raw/compressedDepth"]},
+            "camera_topics: /d/image_raw/compressedDepth: compressedDepth .depth images. is not supported",
+        ),
+        (
+            {"joint_names": ["a"], "fk_convention": "craig"},
+            "fk_convention: must be one of modified, standard",
+        ),
+        ({"joint_names": ["a"], "fk_tcp": [0.0] * 4}, "fk_tcp: needs 3 or 6 numbers, got 4"),
     ]
     for params, message in cases:
         with pytest.raises(ConfigError, match=message):

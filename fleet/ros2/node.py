@@ -131,6 +131,12 @@ class RosRobotConfig:
             "camera_topics",
             f"needs one topic per camera name ({len(self.camera_names)}), got {len(self.camera_topics)}",
         )
+        for topic in self.camera_topics:
+            check(
+                not topic.endswith("/compressedDepth"),
+                "camera_topics",
+                f"{topic}: compressedDepth (depth images) is not supported; name the camera's colour topic",
+            )
         check_int(self.image_size, "image_size", 8)
         check_choice(self.ee_pose, EE_POSE_SOURCES, "ee_pose")
         if self.ee_pose == "fk":

@@ -551,20 +551,32 @@ def panda_config(**overrides):
     return RosRobotConfig(**{**values, **overrides})
 
 
+@pytest.mark.parametrize("source", ["folder", "registry"])
 def test_a_first_format_checkpoint_drives_the_node_as_it_acted_when_written(
-    server, token_file, one_torch_thread
+    server, token_file, one_torch_thread, tmp_path, source
 ):
-    """tests/fixtures/checkpoints_v1/mlp_images (format 1) through the node's own path (checkpoint: a
-    folder): the recorded camera frame and the joints (ee_pos by fk) give the action recorded with it."""
+    """tests/fixtures/checkpoints_v1/mlp_images (format 1) through the node's own paths (checkpoint: its
+    folder, or "latest" after it was published to the registry): the recorded camera frame and the joints
+    (ee_pos by fk) give the action recorded with it."""
     import base64
     import json
+
+    from fleet.client import publish_checkpoint
 
     record = json.loads((V1 / "expected.json").read_text())
     frame = record["inputs"][0]
     rgb = np.frombuffer(base64.b64decode(frame["front_rgb"]["uint8_b64"]), np.uint8)
     rgb = rgb.reshape(frame["front_rgb"]["shape"])
+    checkpoint, version = str(V1 / "mlp_images"), "mlp_images-v1"
+    if source == "registry":
+        publish_checkpoint(server.address, "trainer-token", V1 / "mlp_images", "old-v1")
+        checkpoint, version = "latest", "old-v1"
     cfg = panda_config(
-        fleet=server.address, token_file=token_file, checkpoint=str(V1 / "mlp_images"), goal=frame["goal"]
+        fleet=server.address,
+        token_file=token_file,
+        checkpoint=checkpoint,
+        goal=frame["goal"],
+        cache_dir=str(tmp_path / "cache"),
     )
     node = RobotNodeLogic(cfg)
     node.configure()
@@ -573,7 +585,7 @@ def test_a_first_format_checkpoint_drives_the_node_as_it_acted_when_written(
         node.sensors.on_joint_state(wire(m.joint_state(cfg.joint_names, frame["joint_pos"], 1.0)))
         node.sensors.on_image("front", wire(m.rgb_to_image(rgb, 1.0)))
         tick = node.tick()
-        assert node.agent.version == "mlp_images-v1" and tick.control == "dry_run"
+        assert node.agent.version == version and tick.control == "dry_run"
         expected = record["expected"]["mlp_images"]["num_samples_1"]["actions"][0]
         assert tick.action == pytest.approx(expected, abs=1e-4)  # no action box in this config
     finally:

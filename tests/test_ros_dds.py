@@ -402,3 +402,46 @@ def test_subscribing_while_a_publisher_is_sending():
         finally:
             stop.set()
             thread.join(5)
+
+
+class Broken:
+    """A policy that raises (a bug, an observation it cannot take)."""
+
+    version, uncertainty = "broken", 0.0
+
+    def reset(self):
+        pass
+
+    def act(self, obs, goal=None):
+        raise RuntimeError("policy bug")
+
+
+def test_a_tick_that_raises_holds_the_robot(server, token_file, caplog):
+    """The policy raising at every tick: the node publishes holds (zero motion), saying why, rather than
+    nothing (which leaves the controller on its last command)."""
+    from fleet.proto import flotilla_pb2 as pb
+
+    config = config_from_params(
+        dict(
+            joint_names=["j1"], robot_id="broken", fleet=server.address, token_file=token_file, dry_run=False
+        )
+    )
+    commands = []
+    with dds.DdsTransport(DOMAIN, dds.LOOPBACK_CONFIG) as transport:
+        transport.subscribe("/flotilla/commands", "std_msgs/msg/Float64MultiArray", commands.append)
+        joints = transport.publisher("/joint_states", "sensor_msgs/msg/JointState", "sensor_data")
+        node = DdsRobotNode(config, transport, make_agent=lambda c: default_agent(c, Broken()))
+        try:
+            node.start()
+
+            def feed():
+                joints(m.joint_state(["j1"], [0.0], 1.0))
+                return node.logic.agent.client.state.mode == pb.MODE_AUTONOMOUS
+
+            wait_until(feed, 10, "the fleet's autonomy", interval=0.02)
+            commands.clear()  # from here on the policy is asked, and raises
+            wait_until(lambda: not feed() or len(commands) >= 3, 10, "three holds", interval=0.02)
+        finally:
+            node.close(timeout=1.0)
+    assert all(m.float_array(c).tolist() == [0.0, 0.0, 0.0, 0.0] for c in commands[:3])
+    assert "control tick failed" in caplog.text and "policy bug" in caplog.text

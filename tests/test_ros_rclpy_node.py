@@ -281,6 +281,15 @@ def test_node_module_configures_ticks_publishes_stops_and_shuts_down(
     node.others.clear()
     timer.callback()
     assert len(publisher.sent) == sent + 1
+    policy = node.logic.agent.policy
+    policy.act = lambda obs, goal=None: 1 / 0  # raised out of the timer, it would end the executor
+    timer.callback()
+    assert m.float_array(publisher.sent[-1]).tolist() == [0, 0, 0, 1.0]  # held, gripper kept
+    assert node.get_logger().lines[-2:] == [
+        ("error", "tick failed: ZeroDivisionError: division by zero"),
+        ("warning", "holding: tick failed: ZeroDivisionError: division by zero"),
+    ]
+    del policy.act
 
     lines = len(node.get_logger().lines)
     joints.callback(  # another device's joints on the topic: not ours, nothing to say while ours arrive

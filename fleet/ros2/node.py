@@ -722,6 +722,13 @@ class RobotNodeLogic:
             f"(another node for robot {self.config.robot_id}?)"
         )
 
+    def failed(self, error: BaseException) -> Tick:
+        """After tick() raised (a policy's error, a message it could not build): hold, saying why, as for
+        a stale sensor, rather than leave the controller on its last command; nothing when not active."""
+        if self.state != ACTIVE:
+            return Tick(reason=f"node is {self.state}")
+        return self._hold_tick(f"tick failed: {type(error).__name__}: {error}", "hold")
+
     def _goal(self):
         return np.asarray(self.config.goal, np.float32) if self.config.goal else None
 

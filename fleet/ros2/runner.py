@@ -130,15 +130,24 @@ class DdsRobotNode:
             try:
                 tick = self.logic.tick()
                 self._publish(tick)
-            except Exception:
+            except Exception as err:
                 log.exception("robot %s: control tick failed", self.config.robot_id)
-                tick = None
+                tick = self._hold_after(err)
             joints = self.logic.sensors.latest("joints")
             latency = time.time() - joints.stamp if joints is not None and tick and tick.published else np.nan
             self.timing.append((started, time.monotonic() - started, latency))
             deadline += period
             if deadline < time.monotonic():  # overran: skip the missed ticks rather than burst
                 deadline = time.monotonic()
+
+    def _hold_after(self, error: Exception):
+        try:
+            tick = self.logic.failed(error)
+            self._publish(tick)
+            return tick
+        except Exception:
+            log.exception("robot %s: the hold after a failed tick failed too", self.config.robot_id)
+            return None
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()

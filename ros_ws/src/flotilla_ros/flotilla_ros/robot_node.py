@@ -194,7 +194,13 @@ class FlotillaRobotNode(Node):
         with self._lock:
             if self.logic is None:
                 return
-            tick = self.logic.tick()
+            try:
+                tick = self.logic.tick()
+            except Exception as err:  # raised out of the timer it would end the executor: hold instead
+                self.get_logger().error(
+                    f"tick failed: {type(err).__name__}: {err}", throttle_duration_sec=2.0
+                )
+                tick = self.logic.failed(err)
             self._publish(tick)
         if tick.reason and tick.control in ("stale", "hold", "rival"):
             self.get_logger().warning(f"holding: {tick.reason}", throttle_duration_sec=2.0)

@@ -298,7 +298,7 @@ class Sensors:
     def __init__(self, config: RosRobotConfig, clock: Callable[[], float] = time.monotonic):
         self.config, self.clock = config, clock
         self._lock = threading.Lock()
-        self._latest: dict[str, _Latest] = {}  # "<joint name>" / "<camera>_rgb" -> its latest value
+        self._latest: dict[str, _Latest] = {}  # "joint:<name>" / "<camera>_rgb" -> its latest value
         self._problems: dict[str, str] = {}  # sensor -> why its last message was refused
         self._cameras = {
             topic: name for name, topic in zip(config.camera_names, config.camera_topics, strict=True)

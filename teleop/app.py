@@ -652,10 +652,11 @@ class ConsoleApp:
         session.accepted()
         log.info("console: operator %s signed in", operator_id)
         response = RedirectResponse("/", status_code=303)
+        lifetime = max(1, math.ceil(self.config.session_ttl_s))  # int() made a 0.5 s session a 0 s cookie
         response.set_cookie(
             COOKIE,
             session.cookie,
-            max_age=int(self.config.session_ttl_s),
+            max_age=lifetime,
             httponly=True,
             samesite="strict",
             secure=_secure(request),

@@ -304,9 +304,9 @@ def test_camera_encodings_with_padded_rows_become_rgb(tmp_path, encoding):
     shown = np.floor(grid_s * CAMERA_HZ + 1e-6).astype(int)  # by header stamp: the newest frame taken
     for image, k in zip(steps["wrist_rgb"], shown, strict=True):
         want = scene(k)
-        if encoding in ("mono8", "16UC1"):  # grey from the red ramp (16-bit: scaled to the frame's max)
+        if encoding in ("mono8", "16UC1"):  # grey from the red ramp (depth: 10 mm a level, up to 2.55 m)
             red = want[..., 0].astype(np.float64)
-            want = np.repeat((red * (255 / red.max()) if encoding == "16UC1" else red)[..., None], 3, -1)
+            want = np.repeat((np.clip(red * 10, 0, 255) if encoding == "16UC1" else red)[..., None], 3, -1)
             want = np.round(want).astype(np.uint8)
         np.testing.assert_array_equal(image, want, err_msg=f"step showing frame {k}")
 

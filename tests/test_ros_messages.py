@@ -59,11 +59,20 @@ def test_mono8_rgba8_bgra8():
 
 
 @pytest.mark.parametrize("bigendian", [False, True])
-def test_16uc1_either_byte_order_scaled_to_full_range(bigendian):
+def test_16uc1_depth_either_byte_order_on_one_fixed_scale(bigendian):
+    """10 mm a grey level whatever else the frame holds: the same distance is the same grey in every frame."""
     depth = np.array([[0, 1000], [2000, 4000]], np.uint16)
     stored = depth.astype(">u2" if bigendian else "<u2")[..., None]
     out = m.image_to_rgb(image("16UC1", stored, step=6, bigendian=bigendian))
-    assert out[..., 0].tolist() == [[0, 64], [128, 255]]
+    assert out[..., 0].tolist() == [[0, 100], [200, 255]]  # 4 m is past the 2.55 m range: saturates
+    near_only = np.array([[0, 1000], [500, 600]], "<u2")[..., None]
+    assert m.image_to_rgb(image("16UC1", near_only, step=6))[0, 1, 0] == 100  # not rescaled to its max
+
+
+def test_32fc1_depth_in_metres_on_the_same_scale_and_nan_is_no_return():
+    depth = np.array([[np.nan, 1.0], [2.0, np.inf]], "<f4")[..., None]
+    out = m.image_to_rgb(image("32FC1", depth, step=2 * 4 + 4))
+    assert out[..., 2].tolist() == [[0, 100], [200, 0]]
 
 
 def test_bad_images_name_the_problem():
@@ -150,8 +159,8 @@ def test_compressed_depth_and_empty_images_are_refused_by_name():
 
 def test_8uc3_is_bgr_and_mono16_big_endian_with_padding():
     assert np.array_equal(m.image_to_rgb(image("8UC3", RGB[..., ::-1].copy(), step=7 * 3 + 3)), RGB)
-    depth = np.array([[0, 1000], [2000, 4000]], ">u2")[..., None]
-    assert m.image_to_rgb(image("mono16", depth, step=8, bigendian=True))[..., 1].tolist() == [
+    intensity = np.array([[0, 257 * 64], [257 * 128, 65535]], ">u2")[..., None]  # full 16-bit range
+    assert m.image_to_rgb(image("mono16", intensity, step=8, bigendian=True))[..., 1].tolist() == [
         [0, 64],
         [128, 255],
     ]

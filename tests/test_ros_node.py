@@ -303,11 +303,11 @@ def test_a_bad_image_is_refused_and_the_hold_names_it():
     node = RobotNodeLogic(config(camera_names=["front"], camera_topics=["/front/image_raw"]), clock=Clock())
     feed(node)
     image = wire(m.rgb_to_image(np.zeros((4, 4, 3), np.uint8), 1.0))
-    image.encoding = "32FC1"
-    with pytest.raises(ValueError, match="'32FC1' is not supported"):
+    image.encoding = "yuv422"
+    with pytest.raises(ValueError, match="'yuv422' is not supported"):
         node.sensors.on_image("front", image)
     problem = node.sensors.assemble()[1]
-    assert problem.startswith("no front_rgb yet; its last message was refused: Image encoding '32FC1'")
+    assert problem.startswith("no front_rgb yet; its last message was refused: Image encoding 'yuv422'")
 
 
 def test_limits_box_joints_velocity_and_workspace():

@@ -32,8 +32,12 @@ _ENCODINGS: dict[str, tuple[int, str, str]] = {
     "8UC1": (1, "u1", "mono"),
     "8UC3": (3, "u1", "bgr"),  # OpenCV's default channel order
     "mono16": (1, "u2", "mono16"),
-    "16UC1": (1, "u2", "mono16"),  # depth in millimetres: scaled to 0..255 over its full range
+    "16UC1": (1, "u2", "depth_mm"),  # REP 118 depth: millimetres, 0 = no return
+    "32FC1": (1, "f4", "depth_m"),  # REP 118 depth: metres, NaN = no return
 }
+# Depth becomes grey on one fixed scale, 1 level per DEPTH_MM_PER_LEVEL mm up to 2.55 m (a tabletop
+# camera's range), so a distance has the same grey in every frame and every episode; farther saturates.
+DEPTH_MM_PER_LEVEL = 10.0
 IMAGE_ENCODINGS = tuple(_ENCODINGS)
 
 
@@ -92,9 +96,12 @@ def image_to_rgb(msg) -> np.ndarray:
         return np.ascontiguousarray(pixels[..., :3])
     if convert == "bgra":
         return np.ascontiguousarray(pixels[..., 2::-1])
-    if convert == "mono16":
-        top = max(int(pixels.max(initial=0)), 1)
-        pixels = (pixels.astype(np.float32) * (255.0 / top)).round().astype(np.uint8)
+    if convert == "mono16":  # intensity over the full 16-bit range, as cv_bridge converts it to mono8
+        pixels = (pixels.astype(np.float32) * (255.0 / 65535.0)).round()
+    elif convert in ("depth_mm", "depth_m"):
+        millimetres = pixels.astype(np.float32) * (1000.0 if convert == "depth_m" else 1.0)
+        millimetres = np.nan_to_num(millimetres, nan=0.0, posinf=0.0, neginf=0.0)
+        pixels = np.clip(millimetres / DEPTH_MM_PER_LEVEL, 0.0, 255.0).round()
     return np.repeat(pixels.astype(np.uint8), 3, axis=2)
 
 

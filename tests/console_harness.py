@@ -69,10 +69,11 @@ class ReachPolicy(StillPolicy):
 class Applied:
     """One control tick of a robot: when (time.time()), what controlled it, the operator action applied."""
 
-    at: float
+    at: float  # after the simulation stepped
     control: str
     operator_action_seq: int
     ee_pos: np.ndarray
+    decided: float = 0.0  # before the agent chose the control (a command heard later cannot count here)
 
 
 @dataclass
@@ -163,6 +164,7 @@ class LiveRobots:
             robot.agent.end_episode(False, "test_end")
             robot.obs, robot.info = robot.env.reset()
             robot.agent.begin_episode(robot.obs["goal"])
+        decided = time.time()
         result = robot.agent.step(robot.obs, robot.info)
         if result.reset:
             robot.obs, robot.info = robot.env.reset()
@@ -175,6 +177,7 @@ class LiveRobots:
                 result.control,
                 result.operator_action_seq if result.control == OPERATOR else 0,
                 np.asarray(robot.obs["ee_pos"], np.float64).copy(),
+                decided,
             )
         )
         if terminated or truncated:

@@ -426,7 +426,7 @@ def test_console_socket_answers_malformed_messages_and_floods_without_moving_a_r
         next_message(hostile, "error", 10, containing="messages a second: the excess is dropped")
         alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.25, 0.5], "seq": 7}))
         wait_until(lambda: robot.state.action_seq == 7, 5, "alice's action through the flood")
-        for _ in range(300):  # refused messages count too: a binary flood gets a bounded answer
+        for _ in range(1000):  # refused messages count too: a binary flood gets a bounded answer
             hostile.send(b"\x00")
         hostile.send(json.dumps({"t": "estop", "robot": "r1"}))  # any operator may stop any robot
         wait_until(lambda: robot.state.estop and robot.state.mode == pb.MODE_HOLD, 5, "the stop in a flood")
@@ -437,7 +437,7 @@ def test_console_socket_answers_malformed_messages_and_floods_without_moving_a_r
         answers = []
         while "launch" not in (answer := next_message(hostile, "error")["message"]):
             answers.append(answer)
-        assert 0 < sum("binary" in answer for answer in answers) < 150
+        assert 0 < sum("binary" in answer for answer in answers) < 600  # ~100 and the refill while it lasts
         # A 10 MB message closes that socket (too big), not the console or anyone else's session.
         with contextlib.suppress(
             OSError, ConnectionClosed
@@ -743,4 +743,3 @@ def test_console_socket_survives_a_seeded_fuzz_of_page_messages(make_server, cli
         while "launch" not in (answer := next_message(alice, "error", 10)["message"]):
             answers.append(answer)
         assert len(answers) > 100 and not any("could not handle" in answer for answer in answers)
-        assert not any("messages a second" in answer for answer in answers)

@@ -234,18 +234,24 @@ def test_take_over_drive_with_keyboard_and_gamepad_hand_back_and_discard(fleet):
         return None
 
     labels, extra = wait_for(alice_episode, 15, "robot-0's episode with alice's intervention in the store")
-    (intervention,) = [i for i in extra["interventions"] if i["operator_id"] == "alice"]
-    steps = labels[intervention["start"] : intervention["end"]]
+    # One takeover; two on an overloaded machine, where the robot's session can go silent for longer than
+    # robot_silence_s (it then comes back and is assigned to alice again).
+    mine = [i for i in extra["interventions"] if i["operator_id"] == "alice"]
+    assert 1 <= len(mine) <= 2, mine
+    steps = labels[mine[0]["start"] : mine[-1]["end"]]
     assert np.count_nonzero(steps == ControlLabel.INTERVENTION) >= 15
-    seqs = [s for s in intervention["frame_seqs"] if s]
+    seqs = [s for intervention in mine for s in intervention["frame_seqs"] if s]
     assert len(seqs) >= 15 and seqs == sorted(seqs)  # frames the actions answered, in order
-    assert all(0 <= step < intervention["end"] for step in intervention["frame_steps"] if step >= 0)
-    assert intervention["frame_age_ms"]["n"] >= 15 and intervention["round_trip_ms"]["n"] >= 10
-    (discarded,) = extra["discarded"]
+    for intervention in mine:
+        assert all(0 <= step < intervention["end"] for step in intervention["frame_steps"] if step >= 0)
+    assert (
+        sum(i["frame_age_ms"]["n"] for i in mine) >= 15 and sum(i["round_trip_ms"]["n"] for i in mine) >= 10
+    )
+    (discarded,) = extra["discarded"]  # her last correction
     assert (discarded["operator_id"], discarded["start"], discarded["end"]) == (
         "alice",
-        intervention["start"],
-        intervention["end"],
+        mine[-1]["start"],
+        mine[-1]["end"],
     )
     assert extra["notes"][0]["text"] == "drove around the goal marker"
     context.close()

@@ -91,13 +91,14 @@ class SimRosRobot:
             self._command = (m.float_array(msg), time.monotonic())
             self.commands += 1
 
-    def run(self, seconds: float) -> None:
+    def run(self, seconds: float, stop: threading.Event | None = None) -> None:
         from sim.conventions import CONTROL_HZ
 
+        stop = stop or threading.Event()
         start = time.monotonic()
         next_joint = next_camera = next_control = start
         gripper = -1.0
-        while (now := time.monotonic()) < start + seconds:
+        while (now := time.monotonic()) < start + seconds and not stop.is_set():
             if now >= next_control:
                 with self._lock:
                     command = self._command
@@ -165,14 +166,15 @@ def main(argv=None) -> None:
     parser.add_argument("--joint-hz", type=float, default=100.0)
     parser.add_argument("--camera-hz", type=float, default=30.0)
     args = parser.parse_args(argv)
+    # stop_sim_robot's SIGINT only sets a flag: a KeyboardInterrupt raised inside a DDS call could leave
+    # the transport's locks held, and the process then hung in its shutdown on a loaded machine
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     with dds.DdsTransport(args.domain, dds.LOOPBACK_CONFIG) as transport:
         robot = SimRosRobot(transport, args.goal, joint_hz=args.joint_hz, camera_hz=args.camera_hz)
         start_ee = robot.obs["ee_pos"].tolist()
         print(json.dumps({"ready": True}), flush=True)
-        try:
-            robot.run(args.seconds)
-        except KeyboardInterrupt:  # stop_sim_robot: the caller is done with it
-            pass
+        robot.run(args.seconds, stop)
     result = {
         "start_ee": start_ee,
         "end_ee": robot.obs["ee_pos"].tolist(),

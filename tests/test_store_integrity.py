@@ -499,7 +499,8 @@ def test_readers_open_a_store_while_a_writer_commits(tmp_path):
     try:
         assert writer.stdout.readline().strip() == "ready"
         seen, opens = 0, 0
-        while seen < 40:
+        # at least 40 commits and 20 opens among them, whichever of reader and writer a loaded machine slows
+        while seen < 40 or opens < 20:
             with EpisodeStore.open(path) as store:  # raised StoreCorruptError mid-commit before the fix
                 assert store.num_episodes >= seen
                 seen, opens = store.num_episodes, opens + 1
@@ -508,7 +509,6 @@ def test_readers_open_a_store_while_a_writer_commits(tmp_path):
                     expected = expected_episode(seen - 1)
                     np.testing.assert_array_equal(last["state"], expected["state"])
                     np.testing.assert_array_equal(last["action"], expected["action"])
-        assert opens > seen // 2  # the reader really opened the store over and over during the commits
     finally:
         writer.kill()
         writer.wait()

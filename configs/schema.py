@@ -178,7 +178,9 @@ def error_line(err: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         problem = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
         if "not in struct" in problem:
-            problem = "no such setting"
+            # A map setting (import's cameras, keys) takes new entries only with hydra's `+`.
+            is_map = getattr(cause, "object_type", None) is dict
+            problem = f"no such entry: add one with +{cause.full_key}=VALUE" if is_map else "no such setting"
         return f"{cause.full_key}: {problem}"
     return _one_line(str(err))
 

@@ -92,6 +92,10 @@ def test_a_bad_value_in_any_job_is_one_line_naming_the_key(args, line):
             "flotilla train: steps: Value 'many' of type 'str' could not be converted to Integer",
         ),
         (["train", "policy.down_dimz=[8]"], "flotilla train: policy.down_dimz: "),
+        (
+            ["import", "x", "format=diffusion_policy", "out=y", "cameras.img=front"],
+            "flotilla import: cameras.img: no such entry: add one with +cameras.img=VALUE",
+        ),
         (["train", "policy=transformer"], "flotilla train: policy: no config 'transformer'"),
         (["demo", "train.weighting=best"], "flotilla demo: train.weighting: must be one of sirius, uniform"),
         (

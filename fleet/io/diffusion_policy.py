@@ -209,7 +209,7 @@ def read_diffusion_policy(
     if unknown:
         raise DataIOError(f"{src}: no data array(s) {unknown}; it has {sorted(data)}")
     if "action" not in data and "action" not in keys.values():
-        raise DataIOError(f"{src}: no data/action (map one with keys.<name>=action); it has {sorted(data)}")
+        raise DataIOError(f"{src}: no data/action (map one with +keys.<name>=action); it has {sorted(data)}")
     info = root.attrs.get(ATTRS_KEY) or {}
     split = info.get("state_keys") if "state" not in keys and "state" in data else None
     targets, images = {}, set()

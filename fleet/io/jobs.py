@@ -2,7 +2,7 @@
 
 flotilla export STORE format=diffusion_policy out=X.zarr [state_keys=[ee_pos,gripper]] [camera=front]
 flotilla export STORE format=lerobot out=DIR [video=true] [fps=10]
-flotilla import SRC format=diffusion_policy|lerobot out=STORE [cameras.img=front] [keys.keypoint=kp]
+flotilla import SRC format=diffusion_policy|lerobot out=STORE [+cameras.img=front] [+keys.keypoint=kp]
 flotilla view STORE [episode=N] [out=PREFIX]
 """
 

@@ -194,6 +194,8 @@ def run_job(name: str, args: list[str]) -> None:
             _load(job.target)(config if job.typed else cfg)
         except config_errors() as err:  # caught here, before hydra reports a failed job on its own
             refuse(err)
+        except BrokenPipeError:
+            _reader_gone()
 
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=name, version_base="1.3")(task)
     saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
@@ -203,12 +205,20 @@ def run_job(name: str, args: list[str]) -> None:
         app()
     except config_errors() as err:  # the config could not be composed (an unknown key, a bad type or group)
         refuse(err)
+    except BrokenPipeError:  # hydra printing --help or --cfg
+        _reader_gone()
     finally:
         sys.argv = saved_argv
         if saved_full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved_full_error
+
+
+def _reader_gone():
+    """Stdout's reader went away (`flotilla info X | head`): stop quietly, as a shell tool does."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would raise again
+    raise SystemExit(141)  # 128 + SIGPIPE: what a shell tool ended by the closed pipe reports
 
 
 def _schema(job: Job, name: str):

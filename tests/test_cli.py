@@ -88,3 +88,22 @@ def test_bad_config_values_get_clear_errors(tmp_path):
     assert EpisodeStore.open(tmp_path / "y").num_episodes == 1  # nothing saved was lost
     result = flotilla("info", str(tmp_path / "missing"), check=False)
     assert result.returncode != 0 and "does not exist" in result.stderr
+
+
+def test_a_reader_that_closes_stdout_ends_the_job_quietly(tmp_path):
+    """`flotilla info X | head`, `flotilla demo --cfg job | head`: no traceback once the reader has gone."""
+    store = EpisodeStore.open(tmp_path / "s.zarr", mode="a")
+    episode = store.begin_episode("robot-0", "reach")
+    episode.append({"ee_pos": np.zeros(3, np.float32)}, np.zeros(4, np.float32), "robot")
+    episode.commit(success=True)
+    for args in (["info", str(tmp_path / "s.zarr")], ["demo", "--cfg", "job"]):
+        job = subprocess.Popen(
+            [sys.executable, "-m", "flotilla.cli", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        job.stdout.close()  # before the job writes: its first write finds the pipe closed
+        stderr = job.stderr.read()
+        assert job.wait(timeout=120) == 141 and stderr == "", (args, stderr)

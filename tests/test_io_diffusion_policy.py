@@ -282,6 +282,17 @@ def test_info_and_train_on_a_dp_dataset_point_at_import(tmp_path, zarr_format):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_info_on_a_zipped_dp_cache_points_at_import(tmp_path):
+    import zipfile
+
+    cache = tmp_path / "pusht_cache.zarr.zip"
+    with zipfile.ZipFile(cache, "w") as archive:
+        archive.writestr(".zgroup", '{"zarr_format": 2}')
+    result = flotilla("info", str(cache), check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"flotilla import {cache} format=diffusion_policy out=STORE" in result.stderr
+
+
 def test_bad_dp_inputs_get_one_line_errors(tmp_path):
     write_pusht(tmp_path / "pusht.zarr", 3)
     root = zarr.open_group(str(tmp_path / "pusht.zarr"), mode="a")

@@ -891,6 +891,8 @@ def _foreign_dataset_hint(path: Path) -> str:
     which and how to import it (fleet/io)."""
     if (path / "meta" / "info.json").is_file() and not (path / "zarr.json").is_file():
         kind = ("a LeRobot dataset", "lerobot")
+    elif path.name.endswith(".zarr.zip") and path.is_file():  # how Diffusion Policy caches its datasets
+        kind = ("a zipped zarr store (a Diffusion Policy dataset cache?)", "diffusion_policy")
     elif (path / ".zgroup").is_file():
         kind = ("a zarr format-2 group (a Diffusion Policy replay buffer?)", "diffusion_policy")
     elif (path / "meta" / "episode_ends" / "zarr.json").is_file() and not any(

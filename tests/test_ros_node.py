@@ -251,6 +251,20 @@ def test_sensors_assemble_convert_and_go_stale():
     assert obs is None and problem.startswith("front_rgb is stale (0.250 s old")
 
 
+def test_a_one_joint_gripper_maps_its_joint_to_the_opening():
+    """A Robotiq 2F-85's finger_joint: 0 rad is open (85 mm), 0.8 rad closed; NaN in the map is refused."""
+    node = RobotNodeLogic(
+        config(gripper_joints=["finger_joint"], gripper_scale=-0.10625, gripper_offset=0.085), clock=Clock()
+    )
+    for angle, opening in [(0.0, 0.085), (0.4, 0.0425), (0.8, 0.0)]:
+        node.sensors.on_joint_state(
+            wire(m.joint_state(["j1", "j2", "j3", "finger_joint"], [1, 2, 3, angle], 5.0))
+        )
+        assert node.sensors.assemble()[0]["gripper"] == pytest.approx([opening], abs=1e-7)
+    with pytest.raises(ConfigError, match="gripper_scale: must be a number"):
+        config(gripper_joints=["finger_joint"], gripper_scale=float("nan"))
+
+
 def test_joint_states_are_taken_by_name_whatever_the_driver_sends():
     """Another order, extra joints (wheels), the gripper in a message of its own: each joint by its name. A
     joint never measured holds with its name; a message that cannot be read is refused and the hold says why."""

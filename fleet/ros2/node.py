@@ -80,7 +80,12 @@ class RosRobotConfig:
     joint_names: list[str] = field(default_factory=list)  # observation "joint_pos", in this order
     gripper_joints: list[str] = field(
         default_factory=list
-    )  # observation "gripper": their sum (finger opening)
+    )  # observation "gripper": gripper_offset + gripper_scale * their sum (the finger opening, m)
+    # A Franka Hand's two finger joints sum to the opening (scale 1, offset 0); a one-joint gripper maps
+    # its joint linearly, e.g. a Robotiq 2F-85's finger_joint, 0 (open, 85 mm) .. 0.8 rad (closed):
+    # scale -0.10625, offset 0.085.
+    gripper_scale: float = 1.0
+    gripper_offset: float = 0.0
     joint_states_topic: str = "/joint_states"
     camera_names: list[str] = field(default_factory=list)  # observation "<name>_rgb"
     camera_topics: list[str] = field(
@@ -163,6 +168,8 @@ class RosRobotConfig:
         check_number(self.ee_step_m, "ee_step_m", 0.0, low_open=True)
         check_number(self.rate_hz, "rate_hz", 0.0, 1000.0, low_open=True)
         check_number(self.max_sensor_age_s, "max_sensor_age_s", 0.0, low_open=True)
+        for key in ("gripper_scale", "gripper_offset"):
+            check_number(getattr(self, key), key, -1e3, 1e3)  # also refuses NaN and inf
         check(isinstance(self.dry_run, bool), "dry_run", f"must be true or false, got {self.dry_run!r}")
         check_int(self.max_episode_steps, "max_episode_steps", 0)
         check_number(self.trajectory_time_s, "trajectory_time_s", 0.0)
@@ -390,7 +397,8 @@ class Sensors:
         positions, gripper = latest["joints"].value
         obs = {"joint_pos": positions.astype(np.float32)}
         if gripper is not None:
-            obs["gripper"] = np.array([gripper.sum()], np.float32)
+            opening = self.config.gripper_offset + self.config.gripper_scale * gripper.sum()
+            obs["gripper"] = np.array([opening], np.float32)
         if self.config.ee_pose == "fk":
             cfg = self.config
             ee_pose = dh_forward_kinematics(positions, cfg.fk_dh, cfg.fk_tcp, cfg.fk_convention)

@@ -562,33 +562,38 @@ def run(cfg) -> None:
     """`flotilla fleet` (configs/fleet.yaml): sim robots and operators against a running server."""
     import json
 
+    import grpc
     from omegaconf import OmegaConf
 
+    from configs.schema import ConfigError
     from sim.metrics import table_header, table_row
 
     logging.getLogger().setLevel(cfg.log_level)
     set_torch_threads(cfg.threads)
     print(table_header(), flush=True)
-    results = run_fleet(
-        cfg.server,
-        {"robot": cfg.tokens.robot, "operator": cfg.tokens.operator},
-        cfg.task.name,
-        cfg.robots,
-        cfg.operators,
-        cfg.episodes_per_robot,
-        cfg.rounds,
-        policy=cfg.policy_version or "",
-        on_round=lambda metrics: print(table_row(metrics), flush=True),
-        cache_dir=cfg.cache_dir,
-        num_samples=cfg.num_samples,
-        device=cfg.device,
-        batched=cfg.batched,
-        control_hz=cfg.control_hz,
-        env_kwargs={"max_steps": cfg.task.max_steps, **cfg.task.env},
-        expert_kwargs=OmegaConf.to_container(cfg.operator.expert, resolve=True),
-        operator_extra_steps=cfg.operator.extra_steps,
-        seed=cfg.seed,
-    )
+    try:
+        results = run_fleet(
+            cfg.server,
+            {"robot": cfg.tokens.robot, "operator": cfg.tokens.operator},
+            cfg.task.name,
+            cfg.robots,
+            cfg.operators,
+            cfg.episodes_per_robot,
+            cfg.rounds,
+            policy=cfg.policy_version or "",
+            on_round=lambda metrics: print(table_row(metrics), flush=True),
+            cache_dir=cfg.cache_dir,
+            num_samples=cfg.num_samples,
+            device=cfg.device,
+            batched=cfg.batched,
+            control_hz=cfg.control_hz,
+            env_kwargs={"max_steps": cfg.task.max_steps, **cfg.task.env},
+            expert_kwargs=OmegaConf.to_container(cfg.operator.expert, resolve=True),
+            operator_extra_steps=cfg.operator.extra_steps,
+            seed=cfg.seed,
+        )
+    except grpc.RpcError as err:  # the first policy fetch: no server there, an empty registry, a bad token
+        raise ConfigError("server", f"{cfg.server}: {err.code().name}: {err.details()}") from None
     if cfg.metrics_out:
         Path(cfg.metrics_out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.metrics_out).write_text(json.dumps([m.to_dict() for m in results], indent=2))

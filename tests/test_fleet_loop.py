@@ -336,6 +336,36 @@ def test_operator_disconnect_holds_the_robot_and_requeues_it(tmp_path):
         server.stop()
 
 
+def test_flotilla_fleet_against_an_empty_registry_is_one_line(tmp_path):
+    """`flotilla fleet` before any policy is published: the server's answer in one line, not a traceback."""
+    server = start_server(tmp_path)
+    try:
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flotilla.cli",
+                "fleet",
+                f"server={server.address}",
+                "robots=1",
+                "operators=1",
+                f"tokens.robot={TOKEN['robot']}",
+                f"tokens.operator={TOKEN['operator']}",
+                f"cache_dir={tmp_path / 'cache'}",
+            ],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.stop()
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == (
+        f"flotilla fleet: server: {server.address}: NOT_FOUND: the registry is empty: nothing is published yet"
+    )
+
+
 def test_unreachable_server_makes_the_robot_hold_and_loses_no_step(tmp_path):
     with socket.socket() as probe:  # a free port, with nobody listening on it yet
         probe.bind(("127.0.0.1", 0))

@@ -174,7 +174,11 @@ def test_export_state_keys_and_camera_choose_the_mapping(store, tmp_path):
     bad = dp("export", store.path, tmp_path / "x.zarr", "state_keys=[nope]", check=False)
     assert bad.returncode == 2 and "nope" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     again = dp("export", store.path, out, check=False)
-    assert again.returncode == 2 and "overwrite=true" in again.stderr
+    assert (
+        again.stderr.strip()
+        == f"flotilla export: out: {out} already exists; pass overwrite=true to replace it"
+    )
+    assert again.returncode == 2
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.partial").exists()
 
 

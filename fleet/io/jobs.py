@@ -112,7 +112,10 @@ def export(cfg: ExportConfig) -> None:
     store = _open_store(cfg.path)
     started = time.perf_counter()
     try:
-        partial = start_output(cfg.out, cfg.overwrite, _MARKER[cfg.format])
+        try:
+            partial = start_output(cfg.out, cfg.overwrite, _MARKER[cfg.format])
+        except DataIOError as err:  # out exists: the setting to change is out (or overwrite)
+            raise ConfigError("out", str(err)) from None
         try:
             if cfg.format == "diffusion_policy":
                 from fleet.io.diffusion_policy import export_diffusion_policy

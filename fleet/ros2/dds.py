@@ -17,6 +17,7 @@ keeps the bytes it arrived as (`wire_bytes(sample)`): a test compares them with 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -205,6 +206,18 @@ def _configured_domain(domain_id: int, config: str) -> None:
                 raise ValueError(f"DDS domain {domain_id} already runs with another configuration here")
             return
         _DOMAINS[domain_id] = (Domain(domain_id, config), config)
+
+
+@atexit.register
+def _delete_domains() -> None:
+    """Delete the configured domains at exit while every thread can still run: left to the interpreter's
+    finalization, a domain's teardown waited on cyclonedds threads that could no longer take the GIL, and
+    `flotilla robot` hung after Ctrl-C (1 exit in 4-6)."""
+    with _DOMAINS_LOCK:
+        domains = [domain for domain, _ in _DOMAINS.values()]
+        _DOMAINS.clear()
+    for domain in domains:
+        domain.__del__()  # cyclonedds' Entity deletes once (later calls are no-ops)
 
 
 class DdsTransport:

@@ -238,5 +238,8 @@ def run(job: RobotJobConfig) -> None:
             job.domain,
             "dry run" if config.dry_run else "live",
         )
-        stop.wait()
+        # Wait with a timeout: a signal may land on one of cyclonedds' or gRPC's threads, and Python runs
+        # its handler only when the main thread next runs bytecode (a bare wait() never woke: a hung Ctrl-C)
+        while not stop.wait(0.2):
+            pass
         node.close()

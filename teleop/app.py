@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import secrets
+import signal
 import struct
 import threading
 import time
@@ -845,8 +846,9 @@ def run(config: ConsoleConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console = ConsoleThread(config).start()
     print(f"flotilla console: {console.url} (operators of the fleet server at {config.server}; Ctrl-C stops)")
-    try:
-        while console._thread.is_alive():
-            console._thread.join(0.5)
-    except KeyboardInterrupt:
-        console.stop()
+    stop = threading.Event()  # Ctrl-C or a service manager's SIGTERM: the same graceful stop
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while console._thread.is_alive() and not stop.wait(0.5):  # a timeout: handlers run between waits
+        pass
+    console.stop()

@@ -237,6 +237,34 @@ def test_console_job_refuses_bad_settings_in_one_line():
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])
+def test_console_job_stops_gracefully_on_ctrl_c_and_a_service_managers_sigterm(server, stop_signal):
+    """`flotilla console` under systemd gets SIGTERM: the same graceful stop as Ctrl-C, exit 0 (it was
+    killed by the signal, -15, without closing its operators' sessions)."""
+    import signal
+
+    console = subprocess.Popen(
+        [sys.executable, "-m", "flotilla.cli", "console", f"server={server.address}", "port=0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    try:
+        lines = []
+        for line in console.stdout:
+            lines.append(line)
+            if line.startswith("flotilla console: http"):
+                break
+        assert console.poll() is None, "".join(lines)
+        console.send_signal(getattr(signal, stop_signal))
+        out = console.communicate(timeout=30)[0]
+        assert console.returncode == 0, "".join(lines) + out
+    finally:
+        console.kill()
+        console.wait()
+
+
 def test_console_serves_sign_in_with_strict_headers(make_server):
     import urllib.error
     import urllib.request

@@ -322,7 +322,7 @@ def test_flotilla_serve_beyond_loopback_with_defaults_is_one_line_refusal(tmp_pa
         timeout=60,
         cwd=tmp_path,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "refusing to listen beyond loopback" in result.stderr and "Traceback" not in result.stderr
     assert "dev" in result.stderr and "TLS is off" in result.stderr
 

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -284,7 +285,8 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(
-        f"flotilla serve: fleet server on {server.address}, metrics on port {server.metrics_port} "
+        f"flotilla serve: fleet server on {server.address}, "
+        f"{'metrics off' if server.metrics_port is None else f'metrics on port {server.metrics_port}'} "
         f"(Ctrl-C stops gracefully)",
         flush=True,
     )
@@ -307,4 +309,5 @@ def run(cfg) -> None:
         StoreError,
         OSError,
     ) as err:  # a bad setting, store or address: one line, no traceback
-        raise SystemExit(f"flotilla serve: {err}") from None
+        print(f"flotilla serve: {err}", file=sys.stderr)
+        raise SystemExit(2) from None  # the exit code of every other job's one-line config error

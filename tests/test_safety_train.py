@@ -101,6 +101,7 @@ def test_flotilla_safety_trains_calibrates_and_saves_into_the_checkpoint(stores,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "calibrated on 2" in result.stdout  # half of the 5 successful episodes, rounded
+    assert "warning" not in result.stderr
     meta = json.loads((checkpoint / SAFETY_JSON).read_text())
     assert meta["models"] == ["flow", "ldm", "risk", "rnd"]
     assert set(meta["thresholds"]) == {"uncertainty", "novelty", "rnd", "risk", "ldm", "agree"}
@@ -146,3 +147,21 @@ def test_a_single_held_out_success_still_calibrates(stores, tmp_path):
     thresholds = json.loads((checkpoint / SAFETY_JSON).read_text())["thresholds"]
     assert {name: len(t["thresholds"]) for name, t in thresholds.items()} == dict.fromkeys(thresholds, 1)
     assert {"uncertainty", "novelty", "risk"} <= set(thresholds)
+
+
+def test_flotilla_safety_without_calibration_episodes_warns_that_no_threshold_was_set(stores, tmp_path):
+    checkpoint = tmp_path / "diffusion"
+    shutil.copytree(V1, checkpoint)
+    demos, fleet = stores
+    steps = [f"model.{key}=5" for key in ("flow_steps", "rnd_steps", "risk_steps", "ldm_steps")]
+    result = subprocess.run(
+        [sys.executable, "-m", "flotilla.cli", "safety", f"checkpoint={checkpoint}", f"data=[{fleet}]"]
+        + [f"demos=[{demos}]", "model.hidden=8", "num_samples=2", "calibration_ratio=0.05", *steps],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "calibrated on 0" in result.stdout  # 5% of 5 successful episodes rounds to none
+    assert "warning: no successful episode to calibrate on" in result.stderr

@@ -16,6 +16,8 @@ is saved into the checkpoint folder (safety.safetensors + safety.json). Settings
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -148,3 +150,10 @@ def run(cfg: SafetyJobConfig) -> None:
         f"{summary['train_episodes']} logged episodes ({summary['failed_train_episodes']} failed), "
         f"calibrated on {summary['calibration_episodes']}; saved into {summary['checkpoint']}"
     )
+    if not summary["calibration_episodes"]:  # nothing to set the bounds from: the filter will refuse to run
+        print(
+            "warning: no successful episode to calibrate on, so no request or filter thresholds were set; "
+            "eval/deploy need explicit thresholds (safety_filter.threshold=...) until you rerun with data "
+            "that holds successful episodes",
+            file=sys.stderr,
+        )

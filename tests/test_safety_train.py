@@ -75,31 +75,28 @@ def test_logged_episodes_become_the_policys_rollouts(stores):
     assert takeover.plan_steps == [0, 4, 8] and all(c.shape == (3, 16) for c in takeover.candidates)
 
 
-def test_flotilla_safety_trains_calibrates_and_saves_into_the_checkpoint(stores, tmp_path):
+def flotilla_safety(stores, tmp_path, train_steps: int, *settings: str):
+    """`flotilla safety` on a copy of the format-1 diffusion checkpoint: (its folder, the finished run)."""
     checkpoint = tmp_path / "diffusion"
     shutil.copytree(V1, checkpoint)
     demos, fleet = stores
-    steps = [f"model.{key}=30" for key in ("flow_steps", "rnd_steps", "risk_steps", "ldm_steps")]
+    steps = [f"model.{key}={train_steps}" for key in ("flow_steps", "rnd_steps", "risk_steps", "ldm_steps")]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flotilla.cli",
-            "safety",
-            f"checkpoint={checkpoint}",
-            f"data=[{fleet}]",
-            f"demos=[{demos}]",
-            "model.hidden=16",
-            "num_samples=3",
-            "calibration_ratio=0.5",
-            *steps,
-        ],
+        [sys.executable, "-m", "flotilla.cli", "safety", f"checkpoint={checkpoint}", f"data=[{fleet}]"]
+        + [f"demos=[{demos}]", *settings, *steps],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return checkpoint, result
+
+
+def test_flotilla_safety_trains_calibrates_and_saves_into_the_checkpoint(stores, tmp_path):
+    checkpoint, result = flotilla_safety(
+        stores, tmp_path, 30, "model.hidden=16", "num_samples=3", "calibration_ratio=0.5"
+    )
     assert "calibrated on 2" in result.stdout  # half of the 5 successful episodes, rounded
     assert "warning" not in result.stderr
     meta = json.loads((checkpoint / SAFETY_JSON).read_text())
@@ -150,18 +147,8 @@ def test_a_single_held_out_success_still_calibrates(stores, tmp_path):
 
 
 def test_flotilla_safety_without_calibration_episodes_warns_that_no_threshold_was_set(stores, tmp_path):
-    checkpoint = tmp_path / "diffusion"
-    shutil.copytree(V1, checkpoint)
-    demos, fleet = stores
-    steps = [f"model.{key}=5" for key in ("flow_steps", "rnd_steps", "risk_steps", "ldm_steps")]
-    result = subprocess.run(
-        [sys.executable, "-m", "flotilla.cli", "safety", f"checkpoint={checkpoint}", f"data=[{fleet}]"]
-        + [f"demos=[{demos}]", "model.hidden=8", "num_samples=2", "calibration_ratio=0.05", *steps],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    _, result = flotilla_safety(
+        stores, tmp_path, 5, "model.hidden=8", "num_samples=2", "calibration_ratio=0.05"
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "calibrated on 0" in result.stdout  # 5% of 5 successful episodes rounds to none
     assert "warning: no successful episode to calibrate on" in result.stderr

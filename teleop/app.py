@@ -366,6 +366,13 @@ class OperatorSession:
 
     # -- requests from the page -------------------------------------------------------------------------
 
+    def action_dim(self, robot: str) -> int:
+        """The size of `robot`'s actions in the latest fleet view (0: not known yet)."""
+        for entry in (self.fleet or {}).get("robots", ()):
+            if entry["robot"] == robot:
+                return entry["action_dim"]
+        return 0
+
     def request(self, message: dict) -> None:
         """A page message -> the fleet server (BadRequest when it is malformed)."""
         client = self.client
@@ -385,6 +392,12 @@ class OperatorSession:
                 raise BadRequest(f"act: a must be a list of at most {MAX_ACTION_DIM} finite numbers")
             if not client.connected:  # (it would be dropped at the reconnect: stale actions are not replayed)
                 raise BadRequest("act: the console has no link to the fleet server now; actions are not sent")
+            wanted = self.action_dim(robot)
+            if wanted and wanted != len(action):  # a ROS arm taking joint positions, say: say so once here
+                raise BadRequest(
+                    f"act: {robot} takes {wanted}-D actions and the console drives {len(action)}-D ones "
+                    "([dx, dy, dz, gripper]): it cannot drive this robot; hand it back or stop it"
+                )
             client.act(
                 robot,
                 np.clip(np.asarray(action, np.float32), -1.0, 1.0),
@@ -538,6 +551,7 @@ def fleet_message(status: pb.FleetStatus) -> dict:
                 "steps": r.steps,
                 "episodes": r.episodes,
                 "signals": _signals(r.signals),
+                "action_dim": r.action_dim,
             }
             for r in status.robots
         ],

@@ -752,6 +752,25 @@ FIELDS = {
 KINDS = ["act", "estop", "release", "reset", "discard", "note", "pick", "other"]
 
 
+def test_console_says_it_cannot_drive_a_robot_with_another_action_size(make_server, clients):
+    """RobotStatus.action_dim reaches the page; an action of another size (the page's 4-D Cartesian delta
+    for a robot taking 2 values) is refused by the console in one line naming both sizes, not sent."""
+    server = make_server(t_T=10_000, teleop_watchdog_s=10.0)
+    robot = clients(robot_client(server))
+    with console_of(server) as console, page_socket(console, sign_in(console, "alice")) as alice:
+        robot.start_episode(1)
+        send(robot, 1, range(5), uncertainty=0.1)
+        send(robot, 1, [5], uncertainty=0.9)
+        assert next_message(alice, "assignment", 10)["robot"] == "r1"
+        view = next_message(alice, "fleet", 10)
+        assert [entry["action_dim"] for entry in view["robots"] if entry["robot"] == "r1"] == [2]
+        alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.1, 0.0, 0.0, 1.0], "seq": 3}))
+        error = next_message(alice, "error")["message"]
+        assert "r1 takes 2-D actions and the console drives 4-D ones" in error
+        alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.25, 0.5], "seq": 4}))
+        wait_until(lambda: robot.state.action_seq == 4, 5, "an action of the robot's size")
+
+
 def test_console_socket_survives_a_seeded_fuzz_of_page_messages(make_server, clients):
     server = make_server(t_T=10_000, teleop_watchdog_s=10.0)
     robot = clients(robot_client(server))

@@ -987,6 +987,7 @@ class Fleet:
                 blocked=r.alloc.blocked,
                 task=r.task,
                 goal=codec.to_tensor(r.episode_goal) if r.episode_goal is not None else None,
+                action_dim=r.spec.action_dim,
             )
             for r in self.robots.values()
         ]

@@ -4,6 +4,7 @@
 "use strict";
 
 const SEND_HZ = 25;
+const CONSOLE_ACTION_DIM = 4; // what the console sends: [dx, dy, dz, gripper], the simulation's Cartesian deltas
 const SLOW = 0.3;
 const HISTORY = 60; // sparkline points per robot
 const $ = (id) => document.getElementById(id);
@@ -90,7 +91,7 @@ function onMessage(m) {
       me = m.operator;
       $("who").textContent = `operator ${me}`;
       break;
-    case "fleet": fleet = stats.fleet = m; renderFleet(); renderMetrics(); break;
+    case "fleet": fleet = stats.fleet = m; renderFleet(); renderMetrics(); if (assigned) renderDrive(); break;
     case "queue": queue = stats.queue = m.entries; renderQueue(); renderFleet(); break;
     case "assignment":
       assigned = stats.assigned = previous = m.robot;
@@ -218,8 +219,14 @@ function currentAction() {
   return [...move.map((v) => Math.max(-1, Math.min(1, v))), grip];
 }
 
+// The assigned robot's action size when it is not the console's (a ROS arm taking joint positions), else 0.
+function undrivable() {
+  const entry = fleet && fleet.robots ? fleet.robots.find((r) => r.robot === assigned) : null;
+  return entry && entry.action_dim && entry.action_dim !== CONSOLE_ACTION_DIM ? entry.action_dim : 0;
+}
+
 function sendAction() {
-  if (!assigned || !fleetUp || (assignment && assignment.needs_reset)) return 0;
+  if (!assigned || !fleetUp || (assignment && assignment.needs_reset) || undrivable()) return 0;
   const action = currentAction();
   if (!action) return 0;
   seq += 1;
@@ -362,7 +369,9 @@ function renderQueue() {
 
 function renderDrive() {
   $("robot-name").textContent = assigned || "none assigned";
-  $("assignment").textContent = assignment ? `${assignment.reason}${assignment.needs_reset ? ", resetting" : ""}, at least ${assignment.min_steps} steps` : "";
+  const other = undrivable();
+  $("assignment").textContent = (assignment ? `${assignment.reason}${assignment.needs_reset ? ", resetting" : ""}, at least ${assignment.min_steps} steps` : "") +
+    (other ? ` · it takes ${other}-D actions; this console drives ${CONSOLE_ACTION_DIM}-D [dx, dy, dz, gripper] robots only: hand it back or stop it` : "");
   for (const id of ["release", "reset", "robot-stop", "robot-release"]) $(id).disabled = !assigned;
   renderQueue();
 }

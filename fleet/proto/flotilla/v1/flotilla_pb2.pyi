@@ -517,7 +517,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RobotStatus(_message.Message):
-    __slots__ = ("robot_id", "mode", "operator_id", "policy_version", "steps", "episodes", "signals", "connected", "estop", "blocked", "task", "goal")
+    __slots__ = ("robot_id", "mode", "operator_id", "policy_version", "steps", "episodes", "signals", "connected", "estop", "blocked", "task", "goal", "action_dim")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     OPERATOR_ID_FIELD_NUMBER: _ClassVar[int]
@@ -530,6 +530,7 @@ class RobotStatus(_message.Message):
     BLOCKED_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_DIM_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     mode: Mode
     operator_id: str
@@ -542,7 +543,8 @@ class RobotStatus(_message.Message):
     blocked: bool
     task: str
     goal: Tensor
-    def __init__(self, robot_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., operator_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., steps: _Optional[int] = ..., episodes: _Optional[int] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., connected: _Optional[bool] = ..., estop: _Optional[bool] = ..., blocked: _Optional[bool] = ..., task: _Optional[str] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    action_dim: int
+    def __init__(self, robot_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., operator_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., steps: _Optional[int] = ..., episodes: _Optional[int] = ..., signals: _Optional[_Union[Signals, _Mapping]] = ..., connected: _Optional[bool] = ..., estop: _Optional[bool] = ..., blocked: _Optional[bool] = ..., task: _Optional[str] = ..., goal: _Optional[_Union[Tensor, _Mapping]] = ..., action_dim: _Optional[int] = ...) -> None: ...
 
 class OperatorTally(_message.Message):
     __slots__ = ("operator_id", "interventions", "control_s", "intervention_steps", "discarded")

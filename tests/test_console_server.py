@@ -94,14 +94,14 @@ def test_round_trips_frame_seqs_discard_and_note_reach_the_episode_metadata(make
     take_over(robot, operator)  # steps t = 0..5 (seqs 2..7) logged before the takeover
     robot.step(1, 6, obs(6), [0.0, 0.0], INTERVENTION, operator_id="alice")  # holds: no action yet
     for t in range(7, 13):  # the action answering step t-1's frame is applied at step t
-        frame = operator.next_update(5, kind="frame").frame
+        frame = operator.next_update(15, kind="frame").frame
         operator.act("r1", [0.1 * t, 0.0], seq=t, frame_seq=frame.seq, frame_age_ms=12.5)
-        wait_until(lambda: robot.state.action_seq == t, 5, f"action {t}")  # noqa: B023
+        wait_until(lambda: robot.state.action_seq == t, 15, f"action {t}")  # noqa: B023
         robot.step(1, t, obs(t), robot.state.action, INTERVENTION, operator_id="alice", operator_action_seq=t)
     operator.release("r1")
-    operator.next_update(5, kind="released")
+    operator.next_update(15, kind="released")
     operator.discard("r1")
-    notice = operator.next_update(5, kind="notice").notice
+    notice = operator.next_update(15, kind="notice").notice
     assert notice.request == "discard" and "7 steps" in notice.message
     robot.end_episode(1, success=False)
     store = committed(server, 1)
@@ -118,11 +118,11 @@ def test_round_trips_frame_seqs_discard_and_note_reach_the_episode_metadata(make
 
     # A note after the episode was committed: written into the committed episode's metadata.
     operator.note("r1", "knocked the cube, sorry")
-    assert operator.next_update(5, kind="notice").notice.request == "note"
-    wait_until(lambda: "notes" in store.episode_meta(0).extra, 5, "the note in the store")
+    assert operator.next_update(15, kind="notice").notice.request == "note"
+    wait_until(lambda: "notes" in store.episode_meta(0).extra, 15, "the note in the store")
     assert store.episode_meta(0).extra["notes"][0]["text"] == "knocked the cube, sorry"
     operator.note("r2", "no such robot")
-    assert "no intervention" in operator.next_update(5, kind="error").error.message
+    assert "no intervention" in operator.next_update(15, kind="error").error.message
 
     fleet = status(server)
     (tally,) = fleet.tallies
@@ -145,11 +145,11 @@ def test_the_trainer_leaves_discarded_corrections_out(server, clients):
     send(robot, 1, range(6, 10), label=INTERVENTION, operator_id="alice")
     robot.wait_acked()
     operator.release("r1")
-    operator.next_update(5, kind="released")
+    operator.next_update(15, kind="released")
     robot.end_episode(1, success=True)
     committed(server, 1)
     operator.discard("r1")  # after the commit: the committed episode's metadata is updated
-    assert operator.next_update(5, kind="notice").notice.request == "discard"
+    assert operator.next_update(15, kind="notice").notice.request == "discard"
     wait_until(
         lambda: committed(server, 1).episode_meta(0).extra.get("discarded"), 5, "the discard in the store"
     )
@@ -208,14 +208,14 @@ def test_a_pick_over_the_protocol(make_server, clients):
     for robot in (first, second):
         robot.start_episode(1)
         send(robot, 1, [0], uncertainty=0.9)
-    wait_until(lambda: len(status(server).robots) == 2, 5, "two robots")
-    wait_until(lambda: len(server.server.fleet.allocator.queue()) == 2, 5, "two robots in the queue")
+    wait_until(lambda: len(status(server).robots) == 2, 15, "two robots")
+    wait_until(lambda: len(server.server.fleet.allocator.queue()) == 2, 15, "two robots in the queue")
     bob = clients(operator_client(server, "bob"))
     bob.pick("r2")  # races the next tick's assignment: either way bob ends up with a robot
-    update = bob.next_update(5, kind="assignment")
+    update = bob.next_update(15, kind="assignment")
     assert update is not None and update.assignment.robot_id in ("r1", "r2")
     bob.pick("r1" if update.assignment.robot_id == "r2" else "r2")
-    error = bob.next_update(5, kind="error").error
+    error = bob.next_update(15, kind="error").error
     assert error.request == "pick" and "already controls" in error.message
 
 
@@ -368,10 +368,10 @@ def page_socket(console, cookie: str):
     from websockets.sync.client import connect
 
     url = console.url.replace("http", "ws") + "/ws"
-    return connect(url, origin=console.url, additional_headers={"Cookie": cookie}, open_timeout=5)
+    return connect(url, origin=console.url, additional_headers={"Cookie": cookie}, open_timeout=20)
 
 
-def next_message(ws, kind: str, timeout: float = 5.0, containing: str = "") -> dict:
+def next_message(ws, kind: str, timeout: float = 15.0, containing: str = "") -> dict:
     """The next JSON message of `kind` (with `containing` in its text) on a page socket; others are skipped."""
     deadline = time.monotonic() + timeout
     while True:
@@ -453,11 +453,11 @@ def test_console_socket_answers_malformed_messages_and_floods_without_moving_a_r
             hostile.send(flood)
         next_message(hostile, "error", 10, containing="messages a second: the excess is dropped")
         alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.25, 0.5], "seq": 7}))
-        wait_until(lambda: robot.state.action_seq == 7, 5, "alice's action through the flood")
+        wait_until(lambda: robot.state.action_seq == 7, 15, "alice's action through the flood")
         for _ in range(1000):  # refused messages count too: a binary flood gets a bounded answer
             hostile.send(b"\x00")
         hostile.send(json.dumps({"t": "estop", "robot": "r1"}))  # any operator may stop any robot
-        wait_until(lambda: robot.state.estop and robot.state.mode == pb.MODE_HOLD, 5, "the stop in a flood")
+        wait_until(lambda: robot.state.estop and robot.state.mode == pb.MODE_HOLD, 15, "the stop in a flood")
         alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.5, 0.5], "seq": 8}))
         assert "stopped" in next_message(alice, "error")["message"]  # the stop wins over driving
         time.sleep(0.1)  # its allowance refills
@@ -509,7 +509,7 @@ def test_console_sessions_end_at_sign_out_and_expiry_and_their_sockets_close(mak
             for page in pages:
                 assert next_message(page, "session")["state"] == "open"
         sessions = console.console.sessions.values()
-        wait_until(lambda: not any(session.tabs for session in sessions), 5, "the pages closed")
+        wait_until(lambda: not any(session.tabs for session in sessions), 15, "the pages closed")
         with page_socket(console, cookie) as bob:  # the closed ones made room
             assert next_message(bob, "session")["state"] == "open"
             status, headers, _ = request(
@@ -636,24 +636,24 @@ def test_a_robot_stays_stopped_until_everyone_who_stopped_it_releases(make_serve
     robot = clients(robot_client(server))
     robot.start_episode(1)
     send(robot, 1, [0], uncertainty=0.0)
-    wait_until(lambda: robot.state.mode == pb.MODE_AUTONOMOUS, 5, "the robot")
+    wait_until(lambda: robot.state.mode == pb.MODE_AUTONOMOUS, 15, "the robot")
     alice, bob = clients(operator_client(server, "alice")), clients(operator_client(server, "bob"))
     alice.estop("r1")
     bob.estop("r1")
-    wait_until(lambda: server.server.fleet.robots["r1"].estop_by == {"alice", "bob"}, 5, "both stops")
+    wait_until(lambda: server.server.fleet.robots["r1"].estop_by == {"alice", "bob"}, 15, "both stops")
     alice.estop("r1", engage=False)  # alice's stop is released, bob's still holds the robot
-    error = alice.next_update(5, kind="error").error
+    error = alice.next_update(15, kind="error").error
     assert "stays stopped" in error.message and "bob" in error.message
     time.sleep(0.2)
     assert robot.state.estop and robot.state.mode == pb.MODE_HOLD
     bob.estop("r1", engage=False)
-    wait_until(lambda: not robot.state.estop and robot.state.mode == pb.MODE_AUTONOMOUS, 5, "the release")
+    wait_until(lambda: not robot.state.estop and robot.state.mode == pb.MODE_AUTONOMOUS, 15, "the release")
     alice.estop("r1")
     bob.estop("r1")
     admin = clients(OperatorClient(server.address, "admin-token", "root"))
-    wait_until(lambda: server.server.fleet.robots["r1"].estop_by == {"alice", "bob"}, 5, "both stops")
+    wait_until(lambda: server.server.fleet.robots["r1"].estop_by == {"alice", "bob"}, 15, "both stops")
     admin.estop("r1", engage=False)  # an admin releases them all
-    wait_until(lambda: not robot.state.estop, 5, "the admin's release")
+    wait_until(lambda: not robot.state.estop, 15, "the admin's release")
 
 
 @NEEDS_OPENSSL
@@ -683,7 +683,7 @@ def test_console_over_tls_marks_its_cookie_secure_and_reaches_a_tls_fleet_server
         assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
         url = console.url.replace("https", "wss") + "/ws"
         headers = {"Cookie": cookie.split(";")[0]}
-        with connect(url, origin=console.url, additional_headers=headers, ssl=trusted, open_timeout=5) as ws:
+        with connect(url, origin=console.url, additional_headers=headers, ssl=trusted, open_timeout=20) as ws:
             assert next_message(ws, "session")["operator"] == "alice"
         with pytest.raises(InvalidStatus):  # the plain-http origin of the same host is another origin
             connect(url, origin=console.url.replace("https", "http"), additional_headers=headers, ssl=trusted)
@@ -768,7 +768,7 @@ def test_console_says_it_cannot_drive_a_robot_with_another_action_size(make_serv
         error = next_message(alice, "error")["message"]
         assert "r1 takes 2-D actions and the console drives 4-D ones" in error
         alice.send(json.dumps({"t": "act", "robot": "r1", "a": [0.25, 0.5], "seq": 4}))
-        wait_until(lambda: robot.state.action_seq == 4, 5, "an action of the robot's size")
+        wait_until(lambda: robot.state.action_seq == 4, 15, "an action of the robot's size")
 
 
 def test_console_socket_survives_a_seeded_fuzz_of_page_messages(make_server, clients):

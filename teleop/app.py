@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import secrets
-import signal
 import struct
 import threading
 import time
@@ -56,6 +55,7 @@ from fleet.client import OperatorClient
 from fleet.client._session import _credentials, _metadata
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
+from fleet.stop_signals import StopSignals
 from teleop.config import ConsoleConfig
 
 log = logging.getLogger(__name__)
@@ -859,10 +859,7 @@ def run(config: ConsoleConfig) -> None:
     """`flotilla console` (configs/console.yaml): serve the console until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console = ConsoleThread(config).start()
+    stop = StopSignals()  # before the URL is printed: a stop sent as soon as it is must be graceful too
     print(f"flotilla console: {console.url} (operators of the fleet server at {config.server}; Ctrl-C stops)")
-    stop = threading.Event()  # Ctrl-C or a service manager's SIGTERM: the same graceful stop
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while console._thread.is_alive() and not stop.wait(0.5):  # a timeout: handlers run between waits
-        pass
+    stop.wait(running=console._thread.is_alive)
     console.stop()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from fleet.ros2.node import (
     config_from_params,
     default_agent,
 )
+from fleet.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -229,17 +229,12 @@ def run(job: RobotJobConfig) -> None:
     config = config_from_params({**params, **job.node})
     with dds.DdsTransport(job.domain, dds_config(job)) as transport:
         node = DdsRobotNode(config, transport).start()  # a token or certificate problem: ConfigError
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+        stop = StopSignals()
         log.info(
             "robot %s on DDS domain %d (%s)",
             config.robot_id,
             job.domain,
             "dry run" if config.dry_run else "live",
         )
-        # Wait with a timeout: a signal may land on one of cyclonedds' or gRPC's threads, and Python runs
-        # its handler only when the main thread next runs bytecode (a bare wait() never woke: a hung Ctrl-C)
-        while not stop.wait(0.2):
-            pass
+        stop.wait()
         node.close()

@@ -33,7 +33,6 @@ class Policy(nn.Module, ABC):
     def compute_loss(self, batch: dict) -> torch.Tensor:
         """Per-sample loss (B,) of an unnormalized batch, differentiable (see policies/models/__init__.py)."""
 
-    @abstractmethod
     def predict_action(
         self,
         obs: dict[str, torch.Tensor],
@@ -42,6 +41,19 @@ class Policy(nn.Module, ABC):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """(B, num_samples, Tp, action_dim) unnormalized actions."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        return self._predict(obs, goal, num_samples, generator)
+
+    @abstractmethod
+    def _predict(
+        self,
+        obs: dict[str, torch.Tensor],
+        goal: torch.Tensor | None,
+        num_samples: int,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """``predict_action`` with ``num_samples`` (>= 1) checked."""
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.compute_loss(batch)
@@ -58,3 +70,21 @@ class Policy(nn.Module, ABC):
                 f"normalizer lacks fitted statistics for {missing}; it has {normalizer.fitted_keys()}"
             )
         self.normalizer.load_from(normalizer, self.normalizer_keys())
+
+
+class StepwiseSampling(ABC):
+    """``num_inference_steps`` of a policy that samples in steps: changeable after loading, kept in its config."""
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self._num_inference_steps
+
+    @num_inference_steps.setter
+    def num_inference_steps(self, steps: int) -> None:
+        steps = int(steps)
+        self._schedule(steps)
+        self._num_inference_steps = self.config.num_inference_steps = steps
+
+    @abstractmethod
+    def _schedule(self, steps: int) -> None:
+        """Check ``steps`` (ValueError) and precompute what sampling in that many steps needs."""

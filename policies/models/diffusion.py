@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from policies.models.base import StepwiseSampling
 from policies.models.configs import DiffusionConfig
 from policies.models.encoders import PolicyBase, ShapeMeta, chunk_loss
 from policies.models.unet1d import ConditionalUnet1D
 
 
-class DiffusionPolicy(PolicyBase):
+class DiffusionPolicy(StepwiseSampling, PolicyBase):
     kind = "diffusion"
     config_class = DiffusionConfig
     config: DiffusionConfig
@@ -47,13 +48,7 @@ class DiffusionPolicy(PolicyBase):
         self.num_inference_steps = config.num_inference_steps
 
     # ------------------------------------------------------------------------------ settings
-    @property
-    def num_inference_steps(self) -> int:
-        return self._num_inference_steps
-
-    @num_inference_steps.setter
-    def num_inference_steps(self, steps: int) -> None:
-        steps = int(steps)
+    def _schedule(self, steps: int) -> None:
         if not 1 <= steps <= self.noise_scheduler.config.num_train_timesteps:
             raise ValueError(
                 f"num_inference_steps must be in [1, {self.noise_scheduler.config.num_train_timesteps}],"
@@ -61,7 +56,6 @@ class DiffusionPolicy(PolicyBase):
             )
         self.sampler.set_timesteps(steps)
         self._timesteps = [int(t) for t in self.sampler.timesteps]
-        self._num_inference_steps = self.config.num_inference_steps = steps
 
     # ------------------------------------------------------------------------------ training
     def _condition(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None) -> torch.Tensor:
@@ -85,16 +79,8 @@ class DiffusionPolicy(PolicyBase):
         return chunk_loss(F.mse_loss(pred, target, reduction="none"), batch)
 
     # ------------------------------------------------------------------------------ inference
-    def predict_action(
-        self,
-        obs: dict[str, torch.Tensor],
-        goal: torch.Tensor | None = None,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def _predict(self, obs, goal, num_samples, generator) -> torch.Tensor:
         """(B, num_samples, Tp, action_dim) unnormalized actions; all samples in one batched DDIM run."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         cond = self._condition(obs, goal)
         batch = cond.shape[0]
         if num_samples > 1:

@@ -139,16 +139,8 @@ class PolicyEnsemble(Policy):
             counts = counts.pin_memory()
         return counts.to(device=losses.device, dtype=losses.dtype, non_blocking=True)
 
-    def predict_action(
-        self,
-        obs: dict[str, torch.Tensor],
-        goal: torch.Tensor | None = None,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def _predict(self, obs, goal, num_samples, generator) -> torch.Tensor:
         """(B, num_samples, Tp, action_dim) unnormalized; sample k from member k mod E (sample 0: member 0)."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         size = len(self.members)
         out = None
         for i, member in enumerate(self.members[:num_samples]):

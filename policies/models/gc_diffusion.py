@@ -39,6 +39,7 @@ import math
 import torch
 from torch import nn
 
+from policies.models.base import StepwiseSampling
 from policies.models.configs import SAMPLERS, GCDiffusionConfig
 from policies.models.encoders import PolicyBase, ShapeMeta, chunk_loss
 from policies.models.unet1d import ConditionalUnet1D
@@ -55,7 +56,7 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return [float((hi + i / (n - 1) * (lo - hi)) ** rho) for i in range(n)] + [0.0]
 
 
-class GCDiffusionPolicy(PolicyBase):
+class GCDiffusionPolicy(StepwiseSampling, PolicyBase):
     kind = "gc_diffusion"
     config_class = GCDiffusionConfig
     config: GCDiffusionConfig
@@ -83,19 +84,12 @@ class GCDiffusionPolicy(PolicyBase):
         self.num_inference_steps = config.num_inference_steps
 
     # ------------------------------------------------------------------------------ settings (changeable after loading)
-    @property
-    def num_inference_steps(self) -> int:
-        return self._num_inference_steps
-
-    @num_inference_steps.setter
-    def num_inference_steps(self, steps: int) -> None:
-        steps = int(steps)
+    def _schedule(self, steps: int) -> None:
         if steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
         self._sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
         # per-step scalars (c_skip, c_out, c_in, time input), computed once
         self._coeffs = [self._preconditioning(s) for s in self._sigmas[:-1]]
-        self._num_inference_steps = self.config.num_inference_steps = steps
 
     @property
     def sampler(self) -> str:
@@ -176,16 +170,8 @@ class GCDiffusionPolicy(PolicyBase):
         d_cond, d_uncond = (c_skip * pair + c_out * self.model(pair * c_in, t_in, cond)).chunk(2, dim=0)
         return d_uncond + (1.0 + self._cfg_weight) * (d_cond - d_uncond)
 
-    def predict_action(
-        self,
-        obs: dict[str, torch.Tensor],
-        goal: torch.Tensor | None = None,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def _predict(self, obs, goal, num_samples, generator) -> torch.Tensor:
         """(B, num_samples, Tp, action_dim) unnormalized actions; samples (and the guidance pair) batched."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         features, ngoal = self._features(obs, goal)
         batch = features.shape[0]
         cond = torch.cat([features, ngoal], dim=-1)

@@ -41,15 +41,7 @@ class MLPPolicy(PolicyBase):
         target = self.normalizer.normalize("action", batch["action"])
         return chunk_loss(F.mse_loss(pred, target, reduction="none"), batch)
 
-    def predict_action(
-        self,
-        obs: dict[str, torch.Tensor],
-        goal: torch.Tensor | None = None,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def _predict(self, obs, goal, num_samples, generator) -> torch.Tensor:
         """(B, num_samples, Tp, action_dim): the one deterministic chunk repeated num_samples times."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         action = self.normalizer.unnormalize("action", self._forward(obs, goal))
         return action.unsqueeze(1).expand(-1, num_samples, -1, -1).contiguous()

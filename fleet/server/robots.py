@@ -17,7 +17,7 @@ import numpy as np
 from fleet import codec
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
-from fleet.server.streams import FleetError, serve_session
+from fleet.server.streams import FleetError, SessionService
 from fleet.store import FieldSpec, Schema, StepError, check_schema
 from fleet.store.episode_store import RESERVED_KEYS, SIGNAL_PREFIX
 from fleet.text import clip
@@ -293,23 +293,14 @@ def _decode_checked(
     return flat
 
 
-class RobotService(pb_grpc.RobotServiceServicer):
-    def __init__(self, fleet, auth):
-        self.fleet = fleet
-        self.auth = auth
+class RobotService(SessionService, pb_grpc.RobotServiceServicer):
+    peer = "a robot"
 
-    async def Session(self, requests, context):  # noqa: N802 - the generated servicer's name
+    def callbacks(self) -> dict:
         fleet = self.fleet
-        identity = self.auth.identity_of(context.invocation_metadata())
-        async for command in serve_session(
-            requests,
-            context,
-            "a robot",
-            identity,
+        return dict(
             hello=fleet.robot_hello,
             handle=fleet.robot_message,
             left=fleet.robot_left,
-            spawn=fleet.spawn,
             on_sent=fleet.metrics.observe_step_latency,
-        ):
-            yield command
+        )

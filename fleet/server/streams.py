@@ -7,6 +7,7 @@ other sessions) pushes into it without waiting, so no robot ever waits on anothe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,11 @@ from dataclasses import dataclass
 import grpc
 
 log = logging.getLogger(__name__)
+
+
+# A stream's unsent replies: a peer this far behind has stopped reading (a live one reads each at once).
+MAX_PENDING = 4096
+NOT_READING = "the server's replies on this stream were not read; reconnect and read them"
 
 
 class FleetError(Exception):
@@ -59,16 +65,28 @@ class _End:
 
 
 class Outbox:
-    """Messages for one stream, in order. `send` never blocks; `fail` ends the stream with a status."""
+    """Messages for one stream, in order. `send` never blocks; `fail` ends the stream with a status.
 
-    def __init__(self, max_droppable: int = 32):
+    Bounded: a peer whose stream holds `max_pending` unsent messages is not reading them (gRPC's flow
+    control has stopped the writes), and every message it sends would queue one more reply forever; its
+    stream is ended with RESOURCE_EXHAUSTED and the queue dropped (see also write_replies)."""
+
+    def __init__(self, max_droppable: int = 32, max_pending: int = MAX_PENDING):
         self._queue: asyncio.Queue = asyncio.Queue()
         self._max_droppable = max_droppable
+        self._max_pending = max_pending
         self.ended = False
 
     def send(self, message, received_at: float | None = None) -> None:
-        if not self.ended:
-            self._queue.put_nowait((message, received_at))
+        if self.ended:
+            return
+        if self._queue.qsize() >= self._max_pending:
+            self.ended = True
+            while not self._queue.empty():  # never sent, and never will be: free them now
+                self._queue.get_nowait()
+            self._queue.put_nowait((_End(grpc.StatusCode.RESOURCE_EXHAUSTED, NOT_READING), None))
+            return
+        self._queue.put_nowait((message, received_at))
 
     def send_droppable(self, message) -> bool:
         """Send unless the reader is behind (live camera frames: a late one is worth nothing)."""
@@ -112,12 +130,14 @@ async def serve_session(
     handle: Callable,
     left: Callable,
     spawn: Callable,
+    hello_timeout_s: float,
     on_sent: Callable[[float], None] | None = None,
 ) -> AsyncIterator:
     """Run one bidirectional session (robot or operator); yields what the handler streams back.
 
-    The first message must be a hello: `hello(message.hello, outbox, identity)` returns the session's
-    state; each later message goes to `handle(state, outbox, message)` after `state.last_heard` is set
+    The first message must be a hello, within `hello_timeout_s` (a stream opened and left silent would
+    hold its memory for as long as the connection lives: thousands of them, a lot of it):
+    `hello(message.hello, outbox, identity)` returns the session's state; each later message goes to `handle(state, outbox, message)` after `state.last_heard` is set
     (the liveness check reads it); `left(state, outbox)` runs at the end, however the stream ends. A
     FleetError (or a bug) ends only this stream, with its status.
     """
@@ -128,7 +148,14 @@ async def serve_session(
         nonlocal state
         try:
             messages = aiter(requests)
-            first = await anext(messages, None)
+            try:
+                async with asyncio.timeout(hello_timeout_s):
+                    first = await anext(messages, None)
+            except TimeoutError:
+                raise FleetError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no hello within {hello_timeout_s:g} s of opening {what} session; send it first",
+                ) from None
             if first is None:
                 outbox.close()
                 return
@@ -175,6 +202,49 @@ async def serve_session(
         reader.cancel()
         if state is not None:
             left(state, outbox)
+
+
+class SessionService:
+    """The Session handler of one kind of peer (a robot, an operator): names the caller from its
+    metadata and runs serve_session with the fleet's callbacks for that kind. Put it before the
+    generated servicer in the bases, so its Session is the one gRPC calls."""
+
+    peer: str  # "a robot": how error messages name the peer
+
+    def __init__(self, fleet, auth):
+        self.fleet = fleet
+        self.auth = auth
+
+    def callbacks(self) -> dict[str, Callable]:
+        """serve_session's hello, handle and left (and optionally on_sent) for this kind of peer."""
+        raise NotImplementedError
+
+    async def Session(self, requests, context) -> None:  # noqa: N802 - the generated servicer's name
+        identity = self.auth.identity_of(context.invocation_metadata())
+        config = self.fleet.config
+        replies = serve_session(
+            requests,
+            context,
+            self.peer,
+            identity,
+            spawn=self.fleet.spawn,
+            hello_timeout_s=config.hello_timeout_s,
+            **self.callbacks(),
+        )
+        await write_replies(replies, context, config.stalled_reader_s)
+
+
+async def write_replies(replies: AsyncIterator, context: grpc.aio.ServicerContext, stall_s: float) -> None:
+    """Write a session's replies; a write the peer has not taken within `stall_s` ends the stream with
+    RESOURCE_EXHAUSTED. (A handler that yields its replies would wait in that write forever when the peer
+    never reads: gRPC's flow control stops it, and the stream, its task and its outbox stay.)"""
+    async with contextlib.aclosing(replies):  # the session's own cleanup runs however this ends
+        async for reply in replies:
+            try:
+                async with asyncio.timeout(stall_s):
+                    await context.write(reply)
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, NOT_READING)
 
 
 def peer_of(context) -> str:

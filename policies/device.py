@@ -26,8 +26,9 @@ torch is imported inside the functions: the typed configs (torch-free) import th
 from __future__ import annotations
 
 import contextlib
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from configs.schema import ConfigError
@@ -46,6 +47,7 @@ __all__ = [
     "enable_tf32",
     "out_of_memory",
     "parameter_count",
+    "process_device",
     "resolve_device",
     "resolve_precision",
 ]
@@ -113,6 +115,39 @@ def resolve_device(name: str | torch.device = "auto", key: str = "device") -> to
             f"{name} requested but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}", key
         )
     return torch.device("cuda", index)
+
+
+def process_device(
+    name: str = "auto", env: Mapping[str, str] | None = None, key: str = "device"
+) -> torch.device:
+    """This process's device, under torchrun too (``env``: torchrun's WORLD_SIZE, LOCAL_WORLD_SIZE,
+    LOCAL_RANK; default os.environ). With several processes, auto and cuda take cuda:LOCAL_RANK, one
+    GPU each (NCCL refuses two ranks on one GPU); an explicit cuda:N shared by more than one process
+    on this machine is a DeviceError. A single process gets ``resolve_device(name)``."""
+    import torch
+
+    env = os.environ if env is None else env
+    check_device(name, key)
+    world = int(env.get("WORLD_SIZE", "1"))
+    local = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    if world > 1 and local > 1 and name.startswith("cuda:"):
+        raise DeviceError(
+            f"{name} would put all {local} processes torchrun started on this machine on one GPU (NCCL "
+            f"needs one each): set {key}=cuda (or auto) and process LOCAL_RANK takes cuda:LOCAL_RANK; "
+            "CUDA_VISIBLE_DEVICES picks which GPUs",
+            key,
+        )
+    device = resolve_device(name, key)
+    if world > 1 and device.type == "cuda" and name in ("auto", "cuda"):
+        rank, count = int(env.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if rank >= count:
+            raise DeviceError(
+                f"torchrun started {local} processes on this machine, which has {count} CUDA device(s): "
+                f"start at most --nproc_per_node={count}",
+                key,
+            )
+        device = torch.device("cuda", rank)
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -62,7 +62,7 @@ from policies.device import (
     enable_tf32,
     is_out_of_memory,
     out_of_memory,
-    resolve_device,
+    process_device,
     resolve_precision,
 )
 from policies.models.base import Policy
@@ -141,12 +141,10 @@ def restore_optimizer(
 
 def _distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world size, this process's device). Under torchrun on CUDA each process takes
-    cuda:LOCAL_RANK (unless device names one) and NCCL; on the CPU gloo."""
+    cuda:LOCAL_RANK (policies/device.py:process_device) and NCCL; on the CPU gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
+    device = process_device(device_name)
     if device.type == "cuda":
-        if world > 1 and device_name in ("auto", "cuda"):
-            device = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -219,9 +217,9 @@ def train(cfg: TrainConfig) -> Path:
 
     model = policy
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            policy, device_ids=[device.index] if device.index is not None else None
-        )
+        # No device_ids: the batches are on the device already, and with device_ids DDP would copy every
+        # input there, batch["index"] too, which an ensemble reads on the host (a GPU sync every step).
+        model = nn.parallel.DistributedDataParallel(policy)
     if cfg.compile:
         model = torch.compile(model)
     drop_last = len(train_set) >= cfg.batch_size * world
@@ -419,7 +417,7 @@ def run(cfg: TrainConfig) -> None:
             raise
         raise out_of_memory(
             err,
-            resolve_device(cfg.device),
+            process_device(cfg.device),
             f"training at batch_size={cfg.batch_size}",
             hint="lower batch_size",
         ) from None

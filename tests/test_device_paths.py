@@ -1,0 +1,54 @@
+"""The CUDA-only paths driven on the CPU: what would break the first time they run on a GPU.
+
+No GPU here, so the checks use what a CPU can show:
+- torch's ``meta`` device stands in for "another device than the CPU": a meta tensor has no data, so
+  ``.item()``, ``.cpu()``/``.numpy()``, a Python branch on a tensor's value and an op mixing it with a
+  non-scalar CPU tensor all raise, exactly the things CUDA graph capture (and a sync-free training step)
+  cannot have; a ``TorchDispatchMode`` also records every host-to-device copy;
+- torchrun's environment (WORLD_SIZE, LOCAL_WORLD_SIZE, LOCAL_RANK) is set by hand;
+- bf16 runs through CPU autocast.
+"""
+
+import pytest
+import torch
+
+from configs.schema import ConfigError
+from policies.device import DeviceError, process_device
+from tests.test_device import D, write_store
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------- torchrun
+
+
+def test_torchrun_processes_take_one_gpu_each_and_a_shared_cuda_index_is_refused():
+    node = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "3"}
+    for name in ("cuda:0", "cuda:1"):  # NCCL refuses two ranks on one GPU: say so before anything starts
+        with pytest.raises(DeviceError, match=rf"^device: {name} would put all 2 processes .* LOCAL_RANK"):
+            process_device(name, node)
+    assert process_device("cpu", node) == CPU  # gloo on the CPU, as before
+    alone = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # one process per machine
+    if torch.cuda.device_count() >= 2:
+        assert process_device("auto", node) == process_device("cuda", node) == torch.device("cuda", 1)
+        assert process_device("cuda:1", alone) == torch.device("cuda", 1)
+    elif not torch.cuda.is_available():
+        assert process_device("auto", node) == CPU
+        with pytest.raises(DeviceError, match="^device: cuda:1 requested but"):
+            process_device("cuda:1", alone)  # a machine's own GPU may be named: only CUDA is missing
+    with pytest.raises(ConfigError, match="must be auto, cpu, cuda or cuda:N"):
+        process_device("gpu", node)
+
+
+def test_flotilla_train_under_torchrun_with_one_cuda_index_is_a_one_line_error(tmp_path, monkeypatch):
+    from tests.test_cli import flotilla
+
+    write_store(tmp_path / "a.zarr", [[D] * 30])
+    for key, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "0", "RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    result = flotilla(
+        "train", f"data={tmp_path / 'a.zarr'}", f"out={tmp_path / 'run'}", "device=cuda:0", check=False
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("flotilla train: device: cuda:0 would put all 2 processes")
+    assert "LOCAL_RANK" in result.stderr

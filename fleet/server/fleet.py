@@ -181,14 +181,20 @@ class Fleet:
 
     # -- robots -----------------------------------------------------------------------------------
 
-    def robot_hello(self, hello: pb.RobotHello, outbox: Outbox, identity: Identity | None) -> Robot:
+    def _claimed_id(self, claimed: str, field: str, who: str, identity: Identity | None) -> str:
+        """The id a hello claims, once the fleet is open, the id is well formed and the caller's token
+        may speak for that robot or operator (`who`)."""
         if self.closing:
             raise FleetError(grpc.StatusCode.UNAVAILABLE, "the fleet server is shutting down")
-        robot_id = check_id(hello.robot_id, "robot_id")
-        if identity is None or not identity.may_use(robot_id):
+        checked = check_id(claimed, field)
+        if identity is None or not identity.may_use(checked):
             raise FleetError(
-                grpc.StatusCode.PERMISSION_DENIED, f"this token may not speak for robot {robot_id!r}"
+                grpc.StatusCode.PERMISSION_DENIED, f"this token may not speak for {who} {checked!r}"
             )
+        return checked
+
+    def robot_hello(self, hello: pb.RobotHello, outbox: Outbox, identity: Identity | None) -> Robot:
+        robot_id = self._claimed_id(hello.robot_id, "robot_id", "robot", identity)
         if self.config.robot_ids and robot_id not in self.config.robot_ids:
             raise FleetError(
                 grpc.StatusCode.PERMISSION_DENIED, f"robot id {robot_id!r} is not in this fleet's robot_ids"
@@ -550,13 +556,7 @@ class Fleet:
     # -- operators --------------------------------------------------------------------------------
 
     def operator_hello(self, hello: pb.OperatorHello, outbox: Outbox, identity: Identity | None) -> Operator:
-        if self.closing:
-            raise FleetError(grpc.StatusCode.UNAVAILABLE, "the fleet server is shutting down")
-        operator_id = check_id(hello.operator_id, "operator_id")
-        if identity is None or not identity.may_use(operator_id):
-            raise FleetError(
-                grpc.StatusCode.PERMISSION_DENIED, f"this token may not speak for operator {operator_id!r}"
-            )
+        operator_id = self._claimed_id(hello.operator_id, "operator_id", "operator", identity)
         check_boot_id(hello.boot_id, "operator client")
         old = self.operators.get(operator_id)
         if old is not None and old.boot_id != hello.boot_id:

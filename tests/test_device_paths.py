@@ -14,7 +14,9 @@ import torch
 
 from configs.schema import ConfigError
 from policies.device import DeviceError, process_device
+from policies.safety.models import load_safety
 from tests.test_device import D, write_store
+from tests.test_safety_filter import ACTION_DIM, ACTION_STEPS, STATE_DIM, safe_checkpoint  # noqa: F401
 
 CPU = torch.device("cpu")
 
@@ -52,3 +54,25 @@ def test_flotilla_train_under_torchrun_with_one_cuda_index_is_a_one_line_error(t
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("flotilla train: device: cuda:0 would put all 2 processes")
     assert "LOCAL_RANK" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------- safety models
+
+
+def test_safety_scores_run_where_the_models_are_in_fp32_whatever_the_inputs(safe_checkpoint):  # noqa: F811
+    # A CUDA runner's filter moves the suite to the GPU; calibration then scores rollouts recorded on the
+    # host (benchmarks/signals.py keeps them there), and a bf16 runner hands bf16 features.
+    suite = load_safety(safe_checkpoint)
+    state = torch.randn(3, STATE_DIM)
+    candidates = torch.randn(3, 5, ACTION_STEPS * ACTION_DIM)
+    on_cpu = suite.score(state, candidates)
+    assert set(on_cpu) == {"novelty", "rnd", "risk", "ldm"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = suite.score(state.bfloat16(), candidates.bfloat16())
+    for name, values in mixed.items():
+        assert values.dtype == torch.float32 and values.shape == (3, 5)
+        torch.testing.assert_close(values, on_cpu[name], rtol=0.05, atol=0.05 * on_cpu[name].abs().max())
+    for module in suite.modules().values():
+        module.to("meta")  # another device than the inputs'
+    elsewhere = suite.score(state, candidates)
+    assert {values.device.type for values in elsewhere.values()} == {"meta"}

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from configs.schema import check, check_choice, check_int, check_number, register_job, unset
+from policies.device import check_device
 
 MODELS = ("flow", "rnd", "risk", "ldm")
 FILTER_MODES = ("off", "density", "ldm")
@@ -94,6 +95,9 @@ class SafetyJobConfig:
     time_varying: bool = True
     bin_steps: int = 10
     threads: int = 1
+    # Where the policy embeds and samples and the safety models train (policies/device.py): auto (CUDA
+    # when present) | cpu | cuda | cuda:N. The saved models are device-free, like the policy's weights.
+    device: str = "auto"
 
     def __post_init__(self):
         check(
@@ -125,6 +129,7 @@ class SafetyJobConfig:
         check_number(self.filter_false_alarm, "filter_false_alarm", 0.0, 1.0, low_open=True, high_open=True)
         check_int(self.bin_steps, "bin_steps", 1)
         check_int(self.threads, "threads", 0)
+        check_device(self.device)
 
 
 register_job("safety", SafetyJobConfig)

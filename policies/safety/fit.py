@@ -35,6 +35,7 @@ from policies.safety.models import (
     fit_ldm,
     fit_risk,
     fit_rnd,
+    module_device,
     policy_features,
     risk_labels,
 )
@@ -86,7 +87,8 @@ class DemoData:
 def demo_data(
     policy: nn.Module, checkpoint_dir, cfg: SafetyConfig, num_samples: int = 8, stores=None, batch: int = 512
 ) -> DemoData:
-    """Embed the policy's training demos (the stores its checkpoint names unless `stores` is given)."""
+    """Embed the policy's training demos (the stores its checkpoint names unless `stores` is given), on
+    the policy's device."""
     from policies.action_space import ActionSpace
 
     config = read_config(checkpoint_dir)
@@ -105,8 +107,10 @@ def demo_data(
     windows = WindowDataset(data, episodes, obs_keys, policy.n_obs_steps, policy.horizon)
     loader = torch.utils.data.DataLoader(windows, batch_size=batch, shuffle=False)
     start, ta = policy.n_obs_steps - 1, policy.n_action_steps
+    device = module_device(policy)
     states, actions = [], []
     for item in loader:
+        item = _to_device(item, device)
         states.append(policy_features(policy, item["obs"], item.get("goal")))
         actions.append(chunk_summary(policy, item["action"][:, start : start + ta], cfg.action_steps))
     states, actions = torch.cat(states), torch.cat(actions)
@@ -125,12 +129,21 @@ def demo_data(
     candidates = []
     for chunk in np.array_split(nexts, max(1, len(nexts) // 64)):
         items = [windows[int(i)] for i in chunk]
-        obs = {key: torch.stack([it["obs"][key] for it in items]) for key in obs_keys}
-        goal = torch.stack([it["goal"] for it in items]) if "goal" in items[0] else None
+        obs = {key: torch.stack([it["obs"][key] for it in items]).to(device) for key in obs_keys}
+        goal = torch.stack([it["goal"] for it in items]).to(device) if "goal" in items[0] else None
         samples = policy.predict_action(obs, goal, num_samples=num_samples)  # (B, K, Tp, A)
         candidates.append(chunk_summary(policy, samples[:, :, start : start + ta], cfg.action_steps))
     x = torch.cat([states[anchors], actions[anchors]], -1)
-    return DemoData(states, actions, (x, states[nexts], torch.cat(candidates), torch.as_tensor(done)))
+    return DemoData(
+        states, actions, (x, states[nexts], torch.cat(candidates), torch.as_tensor(done, device=device))
+    )
+
+
+def _to_device(value, device: torch.device):
+    """A batch (tensors in nested dicts) on ``device``."""
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def rollout_transitions(rollouts: list[Rollout]) -> tuple[torch.Tensor, ...]:
@@ -174,7 +187,9 @@ def fit_suite(
     cfg: SafetyConfig,
     models=("flow", "rnd", "risk", "ldm"),
 ) -> SafetySuite:
-    """Train the safety models (see the module docstring); rollouts are needed for risk and the LDM."""
+    """Train the safety models (see the module docstring); rollouts are needed for risk and the LDM. They
+    train on the demos' device (the policy's); rollouts recorded elsewhere are moved there."""
+    device = demos.states.device
     suite = SafetySuite(cfg, demos.states.shape[1], demos.actions.shape[1])
     suite.flow = fit_flow(torch.cat([demos.states, demos.actions], -1), cfg)
     if "rnd" in models:
@@ -186,14 +201,16 @@ def fit_suite(
         for r in rollouts:
             executed = [i for i, c in enumerate(r.choices) if c >= 0]
             xs.append(
-                torch.stack([torch.cat([r.states[i], r.candidates[i][r.choices[i]]]) for i in executed])
+                torch.stack([torch.cat([r.states[i], r.candidates[i][r.choices[i]]]) for i in executed]).to(
+                    device
+                )
             )
             steps = np.asarray(r.plan_steps)[executed]
             labels.append(torch.from_numpy(risk_labels(steps, r.failure_step, cfg.risk_horizon)))
         suite.risk = fit_risk(torch.cat(xs), torch.cat(labels), cfg)
     if "ldm" in models:
         dx, dns, dnc, ddone = demos.transitions
-        rx, rns, rnc, rdone, rviolation = rollout_transitions(rollouts)
+        rx, rns, rnc, rdone, rviolation = (t.to(device) for t in rollout_transitions(rollouts))
         x = torch.cat([dx, rx])
         next_x = torch.cat([_joint(dns, dnc), _joint(rns, rnc)])
         done = torch.cat([ddone, rdone])
@@ -218,9 +235,9 @@ def rollout_scores(suite: SafetySuite | None, rollout: Rollout) -> dict[str, np.
     states = torch.stack(rollout.states)
     candidates = torch.stack(rollout.candidates)
     scores = suite.score(states, candidates)  # signal -> (P, K)
-    shown = torch.as_tensor([max(c, 0) for c in rollout.choices])
+    shown = [max(c, 0) for c in rollout.choices]
     for name, values in scores.items():
-        out[name] = values[torch.arange(len(shown)), shown].numpy().astype(np.float64)
+        out[name] = values[torch.arange(len(shown)), shown].cpu().numpy().astype(np.float64)
     if suite.nominal:
         out[AGREE] = suite.agree(out)
     return out

@@ -50,6 +50,12 @@ MODEL_SIGNAL = {"flow": "novelty", "rnd": "rnd", "risk": "risk", "ldm": "ldm"}
 
 
 # ============================================================================================ inputs
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's weights are (the CPU for one without any)."""
+    weight = next(iter(module.parameters()), None)
+    return weight.device if weight is not None else torch.device("cpu")
+
+
 def policy_features(
     policy: nn.Module, obs: dict[str, torch.Tensor], goal: torch.Tensor | None
 ) -> torch.Tensor:
@@ -140,13 +146,15 @@ class ScoreNet(nn.Module):
 def _train(module: nn.Module, loss_fn, n: int, steps: int, cfg: SafetyConfig, after_step=None) -> list[float]:
     """Minimize loss_fn(indices) over random minibatches of range(n); returns the loss every 100 steps."""
     params = [p for p in module.parameters() if p.requires_grad]
+    device = module_device(module)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     history = []
     module.train()
     for step in range(steps):
-        index = torch.randint(0, n, (min(cfg.batch_size, n),), generator=generator)
+        # Drawn on the CPU (the same minibatches on every device), used where the data is.
+        index = torch.randint(0, n, (min(cfg.batch_size, n),), generator=generator).to(device)
         loss = loss_fn(index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,7 +171,7 @@ def _train(module: nn.Module, loss_fn, n: int, steps: int, cfg: SafetyConfig, af
 
 def fit_flow(x: torch.Tensor, cfg: SafetyConfig) -> FlowDensity:
     torch.manual_seed(cfg.seed)
-    flow = FlowDensity(x.shape[1], cfg.hidden, cfg.flow_transforms)
+    flow = FlowDensity(x.shape[1], cfg.hidden, cfg.flow_transforms).to(x.device)
     flow.scale.fit(x)
     noise = FLOW_NOISE * flow.scale.std
 
@@ -176,7 +184,7 @@ def fit_flow(x: torch.Tensor, cfg: SafetyConfig) -> FlowDensity:
 
 def fit_rnd(x: torch.Tensor, cfg: SafetyConfig) -> RND:
     torch.manual_seed(cfg.seed + 1)
-    rnd = RND(x.shape[1], cfg.hidden, cfg.rnd_features)
+    rnd = RND(x.shape[1], cfg.hidden, cfg.rnd_features).to(x.device)
     rnd.scale.fit(x)
     _train(rnd, lambda i: rnd(x[i]).mean(), len(x), cfg.rnd_steps, cfg)
     return rnd
@@ -186,11 +194,11 @@ def fit_risk(x: torch.Tensor, label: torch.Tensor, cfg: SafetyConfig) -> ScoreNe
     """A classifier of label (1: violation or failure within k steps) with positives reweighted to
     balance the classes."""
     torch.manual_seed(cfg.seed + 2)
-    net = ScoreNet(x.shape[1], cfg.hidden)
+    net = ScoreNet(x.shape[1], cfg.hidden).to(x.device)
     net.scale.fit(x)
-    label = label.float()
+    label = label.to(x.device, torch.float32)
     positive = float(label.mean())
-    weight = torch.tensor((1 - positive) / max(positive, 1e-3))
+    weight = torch.tensor((1 - positive) / max(positive, 1e-3), device=x.device)
     loss = nn.BCEWithLogitsLoss(pos_weight=weight)
     _train(net, lambda i: loss(net(x[i]), label[i]), len(x), cfg.risk_steps, cfg)
     return net
@@ -235,11 +243,11 @@ def ldm_target(
 def fit_ldm(data: Transitions, cfg: SafetyConfig, violation_energy: float) -> ScoreNet:
     """Fitted backups of the LDM with a Polyak-averaged target network (see the module docstring)."""
     torch.manual_seed(cfg.seed + 3)
-    net = ScoreNet(data.x.shape[1], cfg.hidden)
+    net = ScoreNet(data.x.shape[1], cfg.hidden).to(data.x.device)
     net.scale.fit(data.x)
     with torch.no_grad():  # start at G = E, a lower bound of the fixed point; backups raise it
         net.net[-1].bias.fill_(float(data.energy.mean()))
-    target = ScoreNet(data.x.shape[1], cfg.hidden)
+    target = ScoreNet(data.x.shape[1], cfg.hidden).to(data.x.device)
     target.load_state_dict(net.state_dict())
     target.requires_grad_(False).eval()
     done, violation = data.done.bool(), data.violation.bool()
@@ -305,7 +313,17 @@ class SafetySuite:
 
     @torch.no_grad()
     def score(self, state: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each signal for states (B, Ds) and chunk summaries (B, ..., Da): (B, ...) per signal."""
+        """Each signal for states (B, Ds) and chunk summaries (B, ..., Da): (B, ...) per signal, on the
+        models' device (the inputs are moved there: a runner's filter moves the models to its policy's
+        device, rollouts may have been recorded elsewhere)."""
+        modules = list(self.modules().values())
+        device = module_device(modules[0]) if modules else state.device
+        state, action = state.to(device, torch.float32), action.to(device, torch.float32)
+        # fp32 log-densities under a caller's bf16 autocast too
+        with torch.autocast("cuda" if device.type == "cuda" else "cpu", enabled=False):
+            return self._score(state, action)
+
+    def _score(self, state: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
         extra = action.shape[1:-1]
         s = state.reshape(state.shape[0], *([1] * len(extra)), -1).expand(*action.shape[:-1], -1)
         x = torch.cat([s, action], dim=-1)

@@ -26,9 +26,10 @@ from fleet.labels import ControlLabel
 from fleet.store import EpisodeStore, StoreError
 from policies.action_space import ActionSpace
 from policies.checkpoint import CheckpointError, load_checkpoint
+from policies.device import resolve_device
 from policies.safety.config import SafetyJobConfig
 from policies.safety.fit import Rollout, calibrate, demo_data, fit_suite
-from policies.safety.models import chunk_summary, policy_features
+from policies.safety.models import chunk_summary, module_device, policy_features
 from policies.threads import set_torch_threads
 
 VIOLATION_KEY = "signal_constraint_violation"
@@ -44,6 +45,7 @@ def logged_rollouts(
     keys += ["goal"] if policy.shape_meta.goal_dim else []
     keys += [action_space.position_key] if action_space.kind == "target" else []
     to, ta = policy.n_obs_steps, policy.n_action_steps
+    device = module_device(policy)
     rollouts = []
     for path in stores:
         store = EpisodeStore.open(path)
@@ -65,9 +67,9 @@ def logged_rollouts(
                 actions = action_space.to_policy(actions, episode[action_space.position_key][:end])
             plans = np.arange(0, end, ta)
             obs_index = np.clip(plans[:, None] + np.arange(-to + 1, 1), 0, end - 1)
-            obs = {key: torch.from_numpy(episode[key][obs_index]) for key in obs_keys}
-            goal = torch.from_numpy(episode["goal"][plans]) if policy.shape_meta.goal_dim else None
-            logged = torch.from_numpy(actions[np.clip(plans[:, None] + np.arange(ta), 0, end - 1)])
+            obs = {key: torch.from_numpy(episode[key][obs_index]).to(device) for key in obs_keys}
+            goal = torch.from_numpy(episode["goal"][plans]).to(device) if policy.shape_meta.goal_dim else None
+            logged = torch.from_numpy(actions[np.clip(plans[:, None] + np.arange(ta), 0, end - 1)]).to(device)
             candidates = chunk_summary(policy, logged, action_steps)[:, None]
             if num_samples > 1:
                 start = to - 1
@@ -102,7 +104,7 @@ def fit_checkpoint(cfg: SafetyJobConfig) -> dict:
     """Train, calibrate and save; returns a summary (episodes used, thresholds)."""
     set_torch_threads(cfg.threads)
     torch.manual_seed(cfg.model.seed)
-    checkpoint = load_checkpoint(cfg.checkpoint)
+    checkpoint = load_checkpoint(cfg.checkpoint, map_location=resolve_device(cfg.device))
     policy = checkpoint.policy
     rollouts = (
         logged_rollouts(policy, checkpoint.action_space, cfg.data, cfg.model.action_steps, cfg.num_samples)
@@ -141,6 +143,8 @@ def run(cfg: SafetyJobConfig) -> None:
     """`flotilla safety` (settings: policies/safety/config.py:SafetyJobConfig)."""
     try:
         summary = fit_checkpoint(cfg)
+    except ConfigError:  # a bad setting names itself (device: cuda requested but ...)
+        raise
     except CheckpointError as err:
         raise ConfigError("checkpoint", str(err)) from None
     except (StoreError, ValueError) as err:

@@ -226,37 +226,6 @@ def schema_from_example(step: Mapping[str, Any]) -> Schema:
     return schema
 
 
-def flatten_step(
-    obs: Mapping[str, Any],
-    action: Any,
-    label: ControlLabel | str | int,
-    goal: Any = None,
-    signals: Mapping[str, float] | None = None,
-    timestamp: float | None = None,
-) -> dict[str, Any]:
-    """One step as the flat key -> value mapping the store keeps."""
-    clash = [key for key in obs if key in RESERVED_KEYS and key != "goal" or key.startswith(SIGNAL_PREFIX)]
-    if clash:
-        raise StepError(
-            f"observation keys {clash} clash with reserved step keys {RESERVED_KEYS + (SIGNAL_PREFIX + '*',)}"
-        )
-    try:
-        code = np.uint8(ControlLabel.parse(label))
-    except ValueError as err:
-        raise StepError(f"step key 'label': {err}") from None
-    step: dict[str, Any] = {key: value for key, value in obs.items() if key != "goal"}
-    if goal is None:
-        goal = obs.get("goal")
-    if goal is not None:
-        step["goal"] = goal
-    step["action"] = action
-    step["label"] = code
-    step["timestamp"] = np.float64(time.time() if timestamp is None else timestamp)
-    for name, value in (signals or {}).items():
-        step[SIGNAL_PREFIX + name] = np.float32(value)
-    return step
-
-
 def validate_step(schema: Schema, step: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Check a flat step against the schema; return it as arrays of the schema's dtypes."""
     missing = sorted(set(schema) - set(step))
@@ -313,8 +282,30 @@ class OpenEpisode:
         signals: Mapping[str, float] | None = None,
         timestamp: float | None = None,
     ) -> None:
-        """Add one step; a step that does not fit the schema raises StepError and changes nothing."""
-        self.append_flat(flatten_step(obs, action, label, goal, signals, timestamp))
+        """Add one step (flattened to the key -> value mapping the store keeps); a step that does not fit
+        the schema raises StepError and changes nothing."""
+        clash = [
+            key for key in obs if key in RESERVED_KEYS and key != "goal" or key.startswith(SIGNAL_PREFIX)
+        ]
+        if clash:
+            raise StepError(
+                f"observation keys {clash} clash with reserved step keys {RESERVED_KEYS + (SIGNAL_PREFIX + '*',)}"
+            )
+        try:
+            code = np.uint8(ControlLabel.parse(label))
+        except ValueError as err:
+            raise StepError(f"step key 'label': {err}") from None
+        step: dict[str, Any] = {key: value for key, value in obs.items() if key != "goal"}
+        if goal is None:
+            goal = obs.get("goal")
+        if goal is not None:
+            step["goal"] = goal
+        step["action"] = action
+        step["label"] = code
+        step["timestamp"] = np.float64(time.time() if timestamp is None else timestamp)
+        for name, value in (signals or {}).items():
+            step[SIGNAL_PREFIX + name] = np.float32(value)
+        self.append_flat(step)
 
     def append_flat(self, step: Mapping[str, Any]) -> None:
         self._check_open()

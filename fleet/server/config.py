@@ -68,6 +68,12 @@ class ServerConfig:
     # robot holds and goes back to the queue, or its operator is freed.
     robot_silence_s: float = 1.0
     operator_silence_s: float = 1.0
+    # A session whose first message (its hello) does not come within this is ended: an opened, silent
+    # stream holds server memory (~30 kB) for as long as its connection lives.
+    hello_timeout_s: float = 10.0
+    # A session that reads none of the server's replies for this long (gRPC's flow control holds the
+    # write) is ended with RESOURCE_EXHAUSTED: its replies would pile up in the server for ever.
+    stalled_reader_s: float = 10.0
     # The teleop watchdog: a robot under an operator holds when no fresh action came for this long (the
     # console sends 25 per second while the deadman is held), so it holds within this + one control tick
     # of the operator's input stopping, however the page or its network failed.
@@ -112,6 +118,8 @@ class ServerConfig:
             "forget_robot_after_s",
             "label_grace_s",
             "teleop_watchdog_s",
+            "hello_timeout_s",
+            "stalled_reader_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -9,13 +9,17 @@ No GPU here, so the checks use what a CPU can show:
 - bf16 runs through CPU autocast.
 """
 
+import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from configs.schema import ConfigError
+from policies.data.batches import DeviceBatches, DeviceSteps
+from policies.data.windows import WindowDataset
 from policies.device import DeviceError, process_device
 from policies.safety.models import load_safety
-from tests.test_device import D, write_store
+from tests.test_device import D, windows, write_store
 from tests.test_safety_filter import ACTION_DIM, ACTION_STEPS, STATE_DIM, safe_checkpoint  # noqa: F401
 
 CPU = torch.device("cpu")
@@ -76,3 +80,67 @@ def test_safety_scores_run_where_the_models_are_in_fp32_whatever_the_inputs(safe
         module.to("meta")  # another device than the inputs'
     elsewhere = suite.score(state, candidates)
     assert {values.device.type for values in elsewhere.values()} == {"meta"}
+
+
+# ------------------------------------------------------------------------------------------- the demo
+
+
+def test_flotilla_demo_device_reaches_its_training_and_a_missing_gpu_is_one_line(tmp_path):
+    import dataclasses
+
+    from policies.config import TrainConfig
+    from sim.demo import DemoConfig, train_config
+    from tests.test_cli import flotilla
+
+    demo = DemoConfig(task="reach", policy="diffusion", device="cpu", train=TrainConfig(device="cuda:1"))
+    assert train_config(demo, ["d.zarr"], tmp_path, "v").device == "cpu"
+    assert train_config(dataclasses.replace(demo, device="auto"), ["d.zarr"], tmp_path, "v").device == "auto"
+    bad = flotilla("demo", f"out={tmp_path / 'demo'}", "device=gpu", check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "flotilla demo: device: must be auto, cpu, cuda or cuda:N, got 'gpu'"
+    if not torch.cuda.is_available():
+        missing = flotilla("demo", f"out={tmp_path / 'demo'}", "device=cuda", check=False)
+        assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+        assert missing.stderr.startswith("flotilla demo: device: cuda requested but")
+        assert not (tmp_path / "demo" / "demos.zarr").exists()  # refused before collecting anything
+
+
+# ------------------------------------------------------------------------------------------- batches
+
+
+class DeviceToHost(TorchDispatchMode):
+    """Records every copy from another device back to the CPU (a wait for that device on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            source = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            target = out
+            if source.device.type != "cpu" and target.device.type == "cpu":
+                self.copies.append(str(func))
+        return out
+
+
+def test_frames_kept_on_the_host_are_gathered_without_reading_device_indices_back(tmp_path, monkeypatch):
+    import policies.data.batches as batches_module
+
+    data, _ = windows(tmp_path)
+    data.steps["front_rgb"] = np.random.default_rng(0).integers(0, 256, (33, 8, 8, 3), dtype=np.uint8)
+    dataset = WindowDataset(data, np.array([0, 1, 2]), ["state", "front_rgb"], n_obs_steps=2, horizon=4)
+    monkeypatch.setattr(batches_module, "DEVICE_DATA_SHARE", 0.0)  # no room on the device for frames
+    steps = DeviceSteps(data, ["state", "front_rgb", "action", "goal"], "meta")
+    assert steps.host_keys == ["front_rgb"] and steps.tensors["front_rgb"].device == CPU
+    batches = DeviceBatches(dataset, steps, with_index=True)
+    watch = DeviceToHost()
+    with watch:
+        got = list(batches.epoch(4, drop_last=True))
+    assert watch.copies == []  # (the old gather read the device indices back every batch: a GPU sync)
+    assert len(got) == len(dataset) // 4
+    for batch in got:
+        assert batch["obs"]["front_rgb"].shape == (4, 2, 8, 8, 3)
+        assert batch["obs"]["front_rgb"].device.type == batch["action"].device.type == "meta"
+        assert batch["index"].device == CPU

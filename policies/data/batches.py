@@ -46,24 +46,28 @@ class DeviceSteps:
         image_bytes = sum(arrays[key].nbytes for key in images)
         on_device = self.device.type == "cpu" or image_bytes <= DEVICE_DATA_SHARE * device_memory(self.device)
         self.host_keys = [] if on_device else images  # gathered on the host, then copied
+        self._pin = self.device.type == "cuda"  # page-locked: the copies to the GPU are asynchronous
         self.tensors: dict[str, torch.Tensor] = {}
         for key, array in arrays.items():
             tensor = torch.from_numpy(array)
             if key in self.host_keys:
-                self.tensors[key] = tensor.pin_memory()
+                self.tensors[key] = tensor.pin_memory() if self._pin else tensor
             else:
                 self.tensors[key] = tensor.to(self.device)
 
     def gather(self, key: str, index: torch.Tensor) -> torch.Tensor:
-        """steps[key][index] on the device (index: an int64 tensor of any shape, on the device)."""
+        """steps[key][index] on the device (index: an int64 tensor of any shape; on the device, or on the
+        CPU for a key in ``host_keys``: reading device indices back would wait for the GPU every batch)."""
         source, flat = self.tensors[key], index.reshape(-1)
         if (
             key not in self.host_keys
         ):  # index_select copies whole rows: ~20x faster than source[index] on frames
             return torch.index_select(source, 0, flat).reshape(*index.shape, *source.shape[1:])
-        flat = flat.cpu()
-        out = torch.empty((flat.numel(), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+        flat = flat.cpu()  # (a no-op for the host indices DeviceBatches passes)
+        out = torch.empty((flat.numel(), *source.shape[1:]), dtype=source.dtype, pin_memory=self._pin)
         torch.index_select(source, 0, flat, out=out)
+        # `out` may be freed once this returns: the caching host allocator does not hand its pages out
+        # again before the queued copy has read them.
         return out.to(self.device, non_blocking=True).reshape(*index.shape, *source.shape[1:])
 
 
@@ -75,6 +79,10 @@ class DeviceBatches:
         self.steps, self.obs_keys, self.with_index = steps, list(dataset.obs_keys), with_index
         self.size = len(dataset)
         self.obs_index = torch.from_numpy(dataset.obs_index.astype(np.int64)).to(device)
+        # Frames left on the host are gathered with host rows, from the host indices the epoch has anyway.
+        self.host_obs_index = (
+            torch.from_numpy(dataset.obs_index.astype(np.int64)) if steps.host_keys else None
+        )
         self.action_index = torch.from_numpy(dataset.action_index.astype(np.int64)).to(device)
         self.action_mask = torch.from_numpy(dataset.action_mask).to(device)
         self.weights = torch.from_numpy(np.asarray(dataset.weights, np.float32)).to(device)
@@ -86,11 +94,18 @@ class DeviceBatches:
         return self.size
 
     def gather(self, index: torch.Tensor, host_index: torch.Tensor | None = None) -> dict:
-        """The batch of windows ``index`` (int64, on the device). Its "index" entry is ``host_index`` (the
-        same indices on the CPU) when given: an ensemble reads it on the host, without waiting for the GPU."""
+        """The batch of windows ``index`` (int64, on the device). ``host_index``: the same indices on the CPU
+        (``epoch`` passes them): the batch's "index" entry, which an ensemble reads on the host, and the
+        rows of frames kept on the host, both without waiting for the GPU."""
         obs_rows = self.obs_index.index_select(0, index)
+        host_rows = None
+        if self.host_obs_index is not None:
+            host_rows = self.host_obs_index.index_select(0, index.cpu() if host_index is None else host_index)
         batch = {
-            "obs": {key: self.steps.gather(key, obs_rows) for key in self.obs_keys},
+            "obs": {
+                key: self.steps.gather(key, host_rows if key in self.steps.host_keys else obs_rows)
+                for key in self.obs_keys
+            },
             "action": self.steps.gather("action", self.action_index.index_select(0, index)),
             "action_mask": self.action_mask.index_select(0, index),
             "weight": self.weights.index_select(0, index),

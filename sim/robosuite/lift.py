@@ -44,7 +44,6 @@ from sim.conventions import (
     GRIPPER_OPEN,
     IMAGE_SIZE,
     goal_from_options,
-    validate_action,
 )
 from sim.robosuite.backend import (
     OSC_OUTPUT_LIMIT_M,
@@ -276,17 +275,11 @@ class RobosuiteLiftEnv(TaskEnv):
             # Re-render so that the first images already show the marker at the new goal.
             self._env.sim.forward()
             raw = self._env._get_observations(force_update=True)
-        self._steps = 0
-        self._violation = ""
         self._hold_gripper = GRIPPER_OPEN
-        self._needs_reset = False
-        return self._observation(raw), self._info(success=False)
+        return self._start_episode(self._observation(raw))
 
     def step(self, action):
-        action = validate_action(action)
-        if self._needs_reset:
-            raise RuntimeError("call reset() before step()")
-
+        action = self._checked_action(action)
         if self.blocked:
             # Hold where the violation was seen; the fingers keep their last command. A zero delta
             # would not do: OSC re-bases its goal on the moving tool, so momentum carries it on.
@@ -296,16 +289,11 @@ class RobosuiteLiftEnv(TaskEnv):
             command = np.concatenate([self._world_to_base @ action[:3], action[3:]])
             self._hold_gripper = float(action[3])
         raw, _, _, _ = self._env.step(command)
-        self._steps += 1
-
         obs = self._observation(raw)
-        if not self.blocked:
-            self._violation = self._check_violation(obs)
-            if self._violation:
-                self._hold_pos = self._ee_pos()
-        success = not self.blocked and self._is_success(obs)
-        truncated = self._steps >= self.max_steps
-        return obs, float(success), success, truncated, self._info(success)
+        return obs, *self._finish_step(obs)
+
+    def _hold(self, obs: dict) -> None:
+        self._hold_pos = self._ee_pos()
 
     def close(self):
         if getattr(self, "_env", None) is not None:

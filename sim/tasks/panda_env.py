@@ -44,7 +44,6 @@ from sim.conventions import (
     IMAGE_SIZE,
     MAX_EE_STEP_M,
     goal_from_options,
-    validate_action,
 )
 from sim.task_env import TaskEnv
 from sim.tasks.bullet import PhysicsClient, pybullet, pybullet_data
@@ -438,35 +437,23 @@ class PandaEnv(TaskEnv):
         )
 
         self._target = HOME_TCP.copy()
-        self._steps = 0
-        self._violation = ""
-        self._needs_reset = False
-        state = self._read_state()
-        return self._observation(state), self._info(success=False)
+        return self._start_episode(self._observation(self._read_state()))
 
     def step(self, action):
-        action = validate_action(action)
-        if self._needs_reset:
-            raise RuntimeError("call reset() before step()")
-
+        action = self._checked_action(action)
         if self.blocked:
             self._simulate(self._arm_command)
         else:
             self._command_gripper(action[3])
             self._simulate(self._arm_target_for(action))
-        self._steps += 1
-
         state = self._read_state()
-        if not self.blocked:
-            violation = self._check_violation(state)
-            if violation:
-                self._violation = violation
-                # Hold: freeze the arm where it is; the fingers keep their last command.
-                self._arm_command = state["joint_pos"]
-                self._command_arm(self._arm_command)
-        success = not self.blocked and bool(self._is_success(state))
-        truncated = self._steps >= self.max_steps
-        return self._observation(state), float(success), success, truncated, self._info(success)
+        outcome = self._finish_step(state)
+        return self._observation(state), *outcome
+
+    def _hold(self, state: dict) -> None:
+        # Freeze the arm where it is; the fingers keep their last command.
+        self._arm_command = state["joint_pos"]
+        self._command_arm(self._arm_command)
 
     def close(self):
         if getattr(self, "_p", None) is not None:

@@ -21,15 +21,9 @@ import torch
 from benchmarks.common import machine_line, print_table
 from policies.device import resolve_device
 from policies.models.factory import ShapeMeta, build_policy
+from sim.conventions import OBJECT_STATE_SHAPES
 
-LOWDIM = {
-    "joint_pos": (7,),
-    "ee_pos": (3,),
-    "ee_quat": (4,),
-    "gripper": (1,),
-    "object_pos": (3,),
-    "object_quat": (4,),
-}
+LOWDIM = OBJECT_STATE_SHAPES  # the robosuite lift's low-dim observation
 IMAGE = {**LOWDIM, "front_rgb": (96, 96, 3)}
 
 

@@ -45,6 +45,7 @@ from fleet.server import ServerConfig, ServerThread
 from fleet.store import EpisodeStore
 from policies.action_space import ActionSpace
 from policies.config import TrainConfig
+from policies.device import check_device
 from policies.fleet_policies import RegistryPolicies
 from policies.models.configs import PolicyConfig
 from policies.threads import set_torch_threads
@@ -176,6 +177,9 @@ class DemoConfig:
     overwrite: bool = True
     seed: int = 0
     threads: int = 1  # torch threads of the fleet's policies: more than the free cores stalls them
+    # Where everything runs (policies/device.py): training (this replaces train.device), the fleet's policies,
+    # the calibration and pilot rollouts and the safety models. auto: CUDA when present | cpu | cuda | cuda:N.
+    device: str = "auto"
     progress: bool = True
     log_level: str = "WARNING"  # INFO shows every takeover, release and policy swap
     rounds: int = 4  # measured: 7% -> 35% -> 45% -> 53% autonomous success (reach), ~8.5 min
@@ -205,6 +209,7 @@ class DemoConfig:
         check_int(self.rounds, "rounds", 1)
         check_int(self.threads, "threads", 0)
         check_int(self.console_port, "console_port", 0)
+        check_device(self.device)
         check_choice(self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "log_level")
         try:  # what the demo does not set itself must make a valid server
             ServerConfig.from_dict(self.server)
@@ -236,6 +241,7 @@ def train_config(
         version=version,
         steps=steps or cfg.train.steps,
         init_from=str(init_from) if init_from else None,
+        device=cfg.device,
     )
 
 
@@ -334,10 +340,17 @@ def initial_safety(cfg, checkpoint: Path, demos: Path) -> dict:
     cfg = demo_config(cfg)
     started = time.monotonic()
     pilot = record_pilot(
-        cfg.safety, checkpoint, demos, cfg.task.name, cfg.seed, cfg.fleet.num_samples, env_kwargs(cfg)
+        cfg.safety,
+        checkpoint,
+        demos,
+        cfg.task.name,
+        cfg.seed,
+        cfg.fleet.num_samples,
+        env_kwargs(cfg),
+        device=cfg.device,
     )
     timings = {"pilot_s": time.monotonic() - started}
-    return {**timings, **fit_round_safety(cfg.safety, checkpoint, demos, [pilot])}
+    return {**timings, **fit_round_safety(cfg.safety, checkpoint, demos, [pilot], device=cfg.device)}
 
 
 def fleet_rounds(
@@ -363,7 +376,7 @@ def fleet_rounds(
         publish_checkpoint(server.address, tokens["trainer"], initial, version)
         checkpoint = initial  # the deployed policy; with warm_start each retraining fine-tunes it
         loader = RegistryPolicies(
-            server.address, tokens["robot"], out / "policy_cache", cfg.fleet.num_samples
+            server.address, tokens["robot"], out / "policy_cache", cfg.fleet.num_samples, device=cfg.device
         )
         fleet = SimFleet(
             server.address,
@@ -407,7 +420,7 @@ def fleet_rounds(
                 timings["retrain_s"].append(seconds)
                 if cfg.safety.fit:  # from the demos, the pilot and every fleet episode so far
                     logged = [pilot_store(demos), out / "fleet.zarr"]
-                    fitted = fit_round_safety(cfg.safety, checkpoint, demos, logged)
+                    fitted = fit_round_safety(cfg.safety, checkpoint, demos, logged, device=cfg.device)
                     timings.setdefault("safety_s", []).append(fitted["safety_s"])
                 publish_checkpoint(server.address, tokens["trainer"], checkpoint, version)
                 if not fleet.wait_for_policy(version):
@@ -449,6 +462,7 @@ def fix_round_thresholds(cfg: DemoConfig, server: ServerThread, checkpoint: Path
         index,
         cfg.fleet.num_samples,
         env_kwargs(cfg),
+        device=cfg.device,
     )
     server.call(server.server.fleet.allocator.fix_thresholds, fixed.uncertainty, fixed.risk)
     risk = "" if fixed.risk is None else f", risk {fixed.risk:.4g}"
@@ -461,7 +475,10 @@ def fix_round_thresholds(cfg: DemoConfig, server: ServerThread, checkpoint: Path
 
 
 def run_demo(cfg: DemoConfig) -> list[RoundMetrics]:
+    from policies.device import resolve_device
+
     cfg = demo_config(cfg)
+    resolve_device(cfg.device)  # device=cuda without a GPU is a one-line error before anything starts
     out = fresh_folder(Path(cfg.out), cfg.overwrite)
     started = time.monotonic()
     demos, initial, timings = initial_policy(cfg, out)

@@ -73,6 +73,7 @@ def record_pilot(
     seed: int,
     num_samples: int,
     env_kwargs: dict | None = None,
+    device: str = "auto",
 ) -> Path:
     """The initial policy's pilot rollouts, written into pilot_store(demos)."""
     from fleet.store import EpisodeStore
@@ -90,11 +91,14 @@ def record_pilot(
             num_samples,
             env_kwargs,
             store=store,
+            device=device,
         )
     return path
 
 
-def fit_round_safety(config: RoundSafetyConfig, checkpoint: Path, demos: Path, logged: list[Path]) -> dict:
+def fit_round_safety(
+    config: RoundSafetyConfig, checkpoint: Path, demos: Path, logged: list[Path], device: str = "auto"
+) -> dict:
     """`flotilla safety checkpoint=<checkpoint> data=<logged> demos=[<demos>]` with the config's models;
     the stores in `logged` that do not exist yet are left out. Returns its summary and the time taken."""
     from policies.safety.train import fit_checkpoint
@@ -112,6 +116,7 @@ def fit_round_safety(config: RoundSafetyConfig, checkpoint: Path, demos: Path, l
         # (allocation.policy_thresholds) until the round's calibration (sim/round_thresholds.py) replaces
         # them; constant ones also fit the few successful pilot episodes a weak policy has.
         time_varying=False,
+        device=device,
     )
     summary = fit_checkpoint(job)
     seconds = time.monotonic() - started

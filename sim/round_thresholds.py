@@ -79,6 +79,7 @@ def rollout_signals(
     num_samples: int,
     env_kwargs: dict | None = None,
     store=None,
+    device: str = "auto",
 ) -> list[tuple[bool, dict[str, np.ndarray]]]:
     """(success, per-step signals) of each of `episodes` autonomous rollouts from seeds seed, seed+1 ...:
     "uncertainty" always, "risk" when the checkpoint has a risk model. With `store` (an EpisodeStore open
@@ -87,7 +88,7 @@ def rollout_signals(
     from policies.runner import PolicyRunner
     from sim.tasks import make_env
 
-    runner = PolicyRunner.from_checkpoint(checkpoint, num_samples=num_samples)
+    runner = PolicyRunner.from_checkpoint(checkpoint, num_samples=num_samples, device=device)
     env = make_env(task, seed=seed, **dict(env_kwargs or {}))
     results = []
     try:
@@ -151,8 +152,11 @@ def round_thresholds(
     round_index: int,
     num_samples: int,
     env_kwargs: dict | None = None,
+    device: str = "auto",
 ) -> RoundThresholds:
     """Calibration rollouts of `checkpoint` (round `round_index`'s own starts) and their thresholds."""
     start = seed + CALIBRATION_SEED_OFFSET + ROUND_SEED_STRIDE * round_index
-    rollouts = rollout_signals(checkpoint, task, config.episodes, start, num_samples, env_kwargs)
+    rollouts = rollout_signals(
+        checkpoint, task, config.episodes, start, num_samples, env_kwargs, device=device
+    )
     return fit_round_thresholds(rollouts, config.target_false_alarm)

@@ -18,8 +18,9 @@ from configs.schema import ConfigError
 from policies.data.batches import DeviceBatches, DeviceSteps
 from policies.data.windows import WindowDataset
 from policies.device import DeviceError, process_device
+from policies.models.factory import ShapeMeta
 from policies.safety.models import load_safety
-from tests.test_device import D, windows, write_store
+from tests.test_device import META, D, fitted, observation, windows, write_store
 from tests.test_safety_filter import ACTION_DIM, ACTION_STEPS, STATE_DIM, safe_checkpoint  # noqa: F401
 
 CPU = torch.device("cpu")
@@ -144,3 +145,44 @@ def test_frames_kept_on_the_host_are_gathered_without_reading_device_indices_bac
         assert batch["obs"]["front_rgb"].shape == (4, 2, 8, 8, 3)
         assert batch["obs"]["front_rgb"].device.type == batch["action"].device.type == "meta"
         assert batch["index"].device == CPU
+
+
+# ------------------------------------------------------------------------------------------- capture safety
+
+
+class HostToDevice(TorchDispatchMode):
+    """Records the device ops fed from the host: a copy from the CPU, or a CPU tensor of more than one
+    element as an input (0-d CPU tensors are scalars to a CUDA op, baked into a graph like Python floats;
+    ops on the CPU alone, such as a scheduler's table lookups, run at capture and are not recorded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        on_device = any(t.device.type != "cpu" for t in inputs + outputs)
+        from_host = [t for t in inputs if t.device.type == "cpu"]
+        copy = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+        if on_device and (any(t.dim() > 0 for t in from_host) or (copy and from_host)):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "gc_diffusion", "mlp"])
+@pytest.mark.parametrize("ensemble", [1, 2])
+@pytest.mark.parametrize("images", [True, False])
+def test_every_policys_plan_stays_on_its_device_so_a_cuda_graph_can_capture_it(kind, ensemble, images):
+    # On the meta device (no data) .item(), .cpu(), .numpy(), a branch on a tensor's value and an op mixing
+    # a device tensor with a CPU one all raise: what CUDA graph capture cannot have inside predict_action.
+    meta = META if images else ShapeMeta(obs={"state": (5,)}, action_dim=3, goal_dim=2)
+    policy = fitted(kind, meta, ensemble=ensemble).eval().to("meta")
+    obs = {key: value.to("meta") for key, value in observation(meta).items()}
+    goal = torch.zeros(1, meta.goal_dim, device="meta")
+    watch = HostToDevice()
+    with torch.inference_mode(), watch:
+        out = policy.predict_action(obs, goal, num_samples=3)
+    assert out.shape == (1, 3, policy.horizon, meta.action_dim) and out.device.type == "meta"
+    assert watch.ops == []

@@ -1,6 +1,7 @@
 """Action-chunk latency at batch 1 (the robot's control loop waits on it) and training throughput.
 
     python -m benchmarks.policy_latency [--calls 50] [--threads 2] [--device auto|cpu|cuda|cuda:N]
+    python -m benchmarks.policy_latency --quick    # 3 chunks, 1 training step at batch 8 (a rehearsal)
 
 Latency: p50/p95/p99 of one `predict_action` call (a whole chunk of Tp actions) under
 `torch.inference_mode`, for the default diffusion policy (DDIM) and the goal-conditioned EDM policy,
@@ -114,7 +115,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--train-steps", type=int, default=10, help="timed training steps per figure")
+    parser.add_argument("--train-batch", type=int, default=64, help="training batch size")
+    parser.add_argument("--quick", action="store_true", help="3 chunks, 1 training step at batch 8")
     args = parser.parse_args()
+    if args.quick:
+        args.calls, args.train_steps, args.train_batch = 3, 1, 8
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     print(
@@ -136,7 +142,11 @@ def main() -> None:
         kwargs = {"num_inference_steps": steps} if kind != "mlp" else {}
         policy = fitted_policy(kind, meta, **kwargs).to(device)
         latency = chunk_latency(policy, meta, args.calls, device)
-        rate = train_throughput(policy, meta, device=device) if steps in (0, 10) else float("nan")
+        rate = (
+            train_throughput(policy, meta, args.train_batch, args.train_steps, device)
+            if steps in (0, 10)
+            else float("nan")
+        )
         params = sum(p.numel() for p in policy.parameters())
         rows.append(
             [
@@ -159,7 +169,7 @@ def main() -> None:
             "chunk p50 ms",
             "chunk p95 ms",
             "chunk p99 ms",
-            "train samples/s (b=64)",
+            f"train samples/s (b={args.train_batch})",
         ],
         rows,
     )

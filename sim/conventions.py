@@ -37,6 +37,15 @@ ACTION_DIM = 4
 GRIPPER_OPEN = -1.0
 GRIPPER_CLOSED = 1.0
 IMAGE_SIZE = 96
+# The arm's and the object's part of an object task's observation (shapes as above; float32).
+OBJECT_STATE_SHAPES = {
+    "joint_pos": (7,),
+    "ee_pos": (3,),
+    "ee_quat": (4,),
+    "gripper": (1,),
+    "object_pos": (3,),
+    "object_quat": (4,),
+}
 
 
 def validate_action(action) -> np.ndarray:

@@ -17,20 +17,19 @@ pytest.importorskip("robosuite")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from sim.conventions import ACTION_DIM, GRIPPER_CLOSED, GRIPPER_OPEN, IMAGE_SIZE, MAX_EE_STEP_M  # noqa: E402
+from sim.conventions import (  # noqa: E402
+    ACTION_DIM,
+    GRIPPER_CLOSED,
+    GRIPPER_OPEN,
+    IMAGE_SIZE,
+    MAX_EE_STEP_M,
+    OBJECT_STATE_SHAPES,
+)
 from sim.experts import make_expert  # noqa: E402
 from sim.tasks import make_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-STATE_KEYS = {
-    "joint_pos": (7,),
-    "ee_pos": (3,),
-    "ee_quat": (4,),
-    "gripper": (1,),
-    "object_pos": (3,),
-    "object_quat": (4,),
-    "goal": (3,),
-}
+STATE_KEYS = {**OBJECT_STATE_SHAPES, "goal": (3,)}
 INFO_KEYS = {"success", "constraint_violation", "violation", "blocked", "goal"}
 
 

@@ -25,35 +25,23 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCENARIO = REPO / "tests" / "base_install_check.py"
-# What the base must never pull in: the heavy parts a fleet server machine or a robot's client has no use for.
-NOT_BASE = [
-    "torch",
-    "pybullet",
-    "robosuite",
-    "mujoco",
-    "diffusers",
-    "tensorboard",
-    "matplotlib",
-    "gymnasium",
-    "safetensors",
-    "tqdm",
-    "grpcio-tools",
-]
-NOT_BASE_MODULES = [
-    "torch",
-    "pybullet",
-    "pybullet_data",
-    "pybullet_utils",
-    "robosuite",
-    "mujoco",
-    "diffusers",
-    "tensorboard",
-    "matplotlib",
-    "gymnasium",
-    "safetensors",
-    "tqdm",
-    "grpc_tools",
-]
+# What the base must never pull in: the heavy parts a fleet server machine or a robot's client has no use
+# for, each distribution with the modules it installs (the import hook refuses those).
+NOT_BASE_PARTS = {
+    "torch": ["torch"],
+    "pybullet": ["pybullet", "pybullet_data", "pybullet_utils"],
+    "robosuite": ["robosuite"],
+    "mujoco": ["mujoco"],
+    "diffusers": ["diffusers"],
+    "tensorboard": ["tensorboard"],
+    "matplotlib": ["matplotlib"],
+    "gymnasium": ["gymnasium"],
+    "safetensors": ["safetensors"],
+    "tqdm": ["tqdm"],
+    "grpcio-tools": ["grpc_tools"],
+}
+NOT_BASE = list(NOT_BASE_PARTS)
+NOT_BASE_MODULES = [module for modules in NOT_BASE_PARTS.values() for module in modules]
 
 
 def base_requirements() -> list[Requirement]:

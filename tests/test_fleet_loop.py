@@ -5,6 +5,7 @@ The allocator is ticked in lockstep with the robots (sim.fleet_sim.lockstep_tick
 exact in robot steps however busy the machine is.
 """
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -275,12 +276,23 @@ def test_new_policy_is_hot_swapped_between_episodes(fleet_run):
     assert {robot.policy_version for robot in fleet_run["status"].robots} == {"tiny-v2"}
 
 
-def test_robot_disconnect_mid_intervention_frees_the_operator(tmp_path):
+@contextlib.contextmanager
+def unsure_robot_taken_over(tmp_path):
+    """A fleet of one robot whose policy is unsure (it asks for help) and the operator who took it over."""
     server = start_server(tmp_path)
     fleet = make_fleet(server, 1, 1, lambda robot_id: ScriptedPolicy([0, 0, 0, -1], 0.9, "unsure"))
+    operator, robot = fleet.operators[0], fleet.robots[0]
     try:
-        operator, robot = fleet.operators[0], fleet.robots[0]
         drive(fleet, lambda: operator.robot_id == robot.robot_id, what="a takeover")
+        yield server, fleet, operator, robot
+    finally:
+        fleet.close()
+        robot.env.close()  # (the fleet closes only the envs of the robots still in it)
+        server.stop()
+
+
+def test_robot_disconnect_mid_intervention_frees_the_operator(tmp_path):
+    with unsure_robot_taken_over(tmp_path) as (server, fleet, operator, robot):
         drive(fleet, lambda: any(s.control == OPERATOR for s in fleet.steps), what="a teleop step")
         robot.agent.client.close()
         fleet.robots.remove(robot)
@@ -291,18 +303,10 @@ def test_robot_disconnect_mid_intervention_frees_the_operator(tmp_path):
             time.sleep(0.05)
         status = fleet_status(server.address, TOKEN["admin"])
         assert not status.robots[0].connected and status.robots[0].operator_id == ""
-    finally:
-        fleet.close()
-        robot.env.close()
-        server.stop()
 
 
 def test_operator_disconnect_holds_the_robot_and_requeues_it(tmp_path):
-    server = start_server(tmp_path)
-    fleet = make_fleet(server, 1, 1, lambda robot_id: ScriptedPolicy([0, 0, 0, -1], 0.9, "unsure"))
-    try:
-        first, robot = fleet.operators[0], fleet.robots[0]
-        drive(fleet, lambda: first.robot_id == robot.robot_id, what="a takeover")
+    with unsure_robot_taken_over(tmp_path) as (server, fleet, first, robot):
         first.close()
         fleet.operators.remove(first)
         held_from = len(fleet.steps)
@@ -331,9 +335,6 @@ def test_operator_disconnect_holds_the_robot_and_requeues_it(tmp_path):
         )
         assert second.assignments >= 1
         assert robot.agent.client.state.mode in (pb.MODE_TELEOP, pb.MODE_AUTONOMOUS)
-    finally:
-        fleet.close()
-        server.stop()
 
 
 def test_flotilla_fleet_against_an_empty_registry_is_one_line(tmp_path):

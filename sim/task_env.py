@@ -21,7 +21,9 @@ class TaskEnv(gym.Env):
     _violation: str = ""
     _steps: int = 0
     _needs_reset: bool = True
+    default_max_steps: int
     max_steps: int
+    image_size: int
 
     @property
     def blocked(self) -> bool:
@@ -39,6 +41,16 @@ class TaskEnv(gym.Env):
             "blocked": self.blocked,
             "goal": self._goal.astype(np.float32),
         }
+
+    def _set_image_size_and_max_steps(self, image_size: int, max_steps: int | None) -> None:
+        """Camera images of image_size pixels square (>= 8); episodes of max_steps steps (None: the task's
+        default_max_steps)."""
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
+        self.image_size = int(image_size)
+        self.max_steps = int(max_steps if max_steps is not None else self.default_max_steps)
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
 
     def _start_episode(self, observation: dict) -> tuple[dict, dict]:
         """reset()'s return, once the step count and the violation are cleared."""

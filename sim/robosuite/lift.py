@@ -148,12 +148,7 @@ class RobosuiteLiftEnv(TaskEnv):
             cameras = (cameras,)
         self.cameras = tuple(cameras)
         self._rs_cameras = [self._robosuite_camera(name) for name in self.cameras]
-        if image_size < 8:
-            raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
-        self.image_size = int(image_size)
-        self.max_steps = int(max_steps if max_steps is not None else self.default_max_steps)
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        self._set_image_size_and_max_steps(image_size, max_steps)
         low, high = (float(v) for v in goal_height_range)
         if not 0.0 < low <= high:
             raise ValueError(f"goal_height_range must be 0 < low <= high, got {tuple(goal_height_range)}")

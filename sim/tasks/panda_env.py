@@ -181,13 +181,8 @@ class PandaEnv(TaskEnv):
         unknown = [c for c in cameras if c not in CAMERAS]
         if unknown:
             raise ValueError(f"unknown camera(s) {unknown}; known cameras: {', '.join(CAMERAS)}")
-        if image_size < 8:
-            raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
         self.cameras = cameras
-        self.image_size = int(image_size)
-        self.max_steps = int(max_steps if max_steps is not None else self.default_max_steps)
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        self._set_image_size_and_max_steps(image_size, max_steps)
 
         self._p = PhysicsClient(pybullet.DIRECT)
         self._build_scene()

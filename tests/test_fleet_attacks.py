@@ -7,9 +7,13 @@ import time
 
 import grpc
 
+from fleet.client import OperatorClient
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
-from tests.test_fleet_server import committed, hello, robot_client, send, wait_until
+from tests.fleet_harness import ServeProcess, free_port, serve_overrides
+from tests.fleet_harness import robot_client as harness_robot
+from tests.fleet_harness import wait_until as wait_for
+from tests.test_fleet_server import FAST, committed, hello, robot_client, send, wait_until
 
 ROBOT_AUTH = [("authorization", "Bearer robot-token")]
 ADMIN_AUTH = [("authorization", "Bearer admin-token")]
@@ -89,3 +93,30 @@ def test_a_robot_that_never_reads_its_commands_is_ended(make_server, clients):
     assert "not read" in call.details()
     assert received < resends, received  # the rest was dropped in the server, not kept for it
     a_good_robot_still_logs(server, clients)
+
+
+def test_a_stop_the_robot_was_told_of_survives_kill9_at_once(tmp_path):
+    # Before: the stop was pushed to the robot first and saved in a thread after; flotilla serve killed
+    # with SIGKILL the moment the robot saw it came back without it (10 kills of 10), robot AUTONOMOUS.
+    overrides = serve_overrides(tmp_path / "fleet.zarr", tmp_path / "registry", free_port())
+    server = ServeProcess(overrides).start()
+    robot = harness_robot(server.address, 0).start()
+    try:
+        for target in ("r0", ""):  # the robot's own stop, then the whole fleet's
+            operator = OperatorClient(server.address, "operator-token", f"op-{target}", backoff=FAST).start()
+            wait_for(lambda: robot.state.mode == pb.MODE_AUTONOMOUS, 30, "the robot autonomous")
+            operator.estop(target, engage=True)
+            wait_for(lambda: robot.state.estop, 10, "the robot told it is stopped", interval=0.0005)
+            server.kill9()
+            operator.close(timeout=1)
+            server = ServeProcess(overrides).start()
+            # "hello": the restarted server's first command to the robot
+            wait_for(lambda: robot.state.message == "hello", 30, "the robot back")
+            assert robot.state.estop and robot.state.mode == pb.MODE_HOLD, (target, robot.state)
+            admin = OperatorClient(server.address, "admin-token", "admin", backoff=FAST).start()
+            admin.estop(target, engage=False)
+            wait_for(lambda: not robot.state.estop, 10, "the stop released by the admin")
+            admin.close(timeout=1)
+    finally:
+        robot.close(timeout=1)
+        server.kill9()

@@ -43,6 +43,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -170,6 +171,9 @@ class Fleet:
         self.fleet_estop, self._robot_estops = load_estops(self._estop_file)
         self._estops_dirty = False
         self._estop_saver: asyncio.Task | None = None
+        # Saves from the loop and from the saver's thread: one at a time, never an older state last.
+        self._estop_lock = threading.Lock()
+        self._estop_version = self._estop_saved_version = 0
         self.ledger = Ledger(writer.annotate)  # interventions, discards, notes, tallies, rounds
 
     def spawn(self, coro) -> asyncio.Task:
@@ -756,18 +760,25 @@ class Fleet:
                 return
             self.fleet_estop = engage
             targets = list(self.robots.values())
-        self._save_estops()
+        self._save_estops(now=engage)
         what = "engaged" if engage else "released"
         log.warning("protective stop %s on %s by %s", what, robot_id or "the whole fleet", by)
         for target in targets:
             self._push(target, f"protective stop {what} by {by}" + ("" if robot_id else " (whole fleet)"))
 
-    def _save_estops(self) -> None:
-        """Keep the latched stops on disk, off the event loop: one writer at a time, always the latest state
-        (a burst of changes costs one or two writes, not one each)."""
+    def _save_estops(self, now: bool = False) -> None:
+        """Keep the latched stops on disk. An engaged stop is saved `now`, before anyone is told of it (~2 ms
+        on the loop; engaging one already held writes nothing): a server killed the moment after a robot
+        or an operator saw it stopped still starts with it stopped (saved in a thread, the push went out
+        first and kill -9 then lost it every time). A release is saved off the loop (losing one fails
+        safe): one writer at a time, always the latest state, a burst costs one or two writes."""
         self._robot_estops = {r.robot_id: set(r.estop_by) for r in self.robots.values() if r.estop} | {
             robot_id: by for robot_id, by in self._robot_estops.items() if robot_id not in self.robots
         }
+        self._estop_version += 1
+        if now:
+            self._write_estop_state(self._estop_version, self._estop_state())
+            return
         self._estops_dirty = True
         if self._estop_saver is None or self._estop_saver.done():
             self._estop_saver = self.spawn(self._write_estops())
@@ -780,9 +791,19 @@ class Fleet:
     async def _write_estops(self) -> None:
         while self._estops_dirty:
             self._estops_dirty = False
-            state = (self.fleet_estop, {k: set(v) for k, v in self._robot_estops.items()})
+            await asyncio.to_thread(self._write_estop_state, self._estop_version, self._estop_state())
+
+    def _estop_state(self) -> tuple[bool, dict[str, set[str]]]:
+        return self.fleet_estop, {k: set(v) for k, v in self._robot_estops.items()}
+
+    def _write_estop_state(self, version: int, state: tuple[bool, dict[str, set[str]]]) -> None:
+        """Save `state` (the `version`th) unless a later one is on disk already (any thread)."""
+        with self._estop_lock:
+            if version <= self._estop_saved_version:
+                return
             try:
-                await asyncio.to_thread(save_estops, self._estop_file, *state)
+                save_estops(self._estop_file, *state)
+                self._estop_saved_version = version
             except OSError as err:  # still latched in memory; say loudly that a restart would forget it
                 log.error("could not save protective stops to %s: %s", self._estop_file, err)
 

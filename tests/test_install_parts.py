@@ -108,21 +108,26 @@ def refused_modules() -> list[str]:
     return sorted(refused | set(NOT_BASE_MODULES))
 
 
-def test_server_and_clients_run_with_only_the_base(tmp_path):
-    refuse = tmp_path / "refuse.json"
-    refused = refused_modules()
-    refuse.write_text(json.dumps(refused))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_scenario(python, work: Path, env: dict, *args: str) -> dict:
+    """Run the scenario (tests/base_install_check.py) in `work`; its report, the JSON of its last line."""
     result = subprocess.run(
-        [sys.executable, str(SCENARIO), str(tmp_path), "--refuse", str(refuse)],
-        cwd=tmp_path,
+        [str(python), str(SCENARIO), str(work), *args],
+        cwd=work,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    loaded = json.loads(result.stdout.splitlines()[-1])["loaded"]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_server_and_clients_run_with_only_the_base(tmp_path):
+    refuse = tmp_path / "refuse.json"
+    refused = refused_modules()
+    refuse.write_text(json.dumps(refused))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    loaded = run_scenario(sys.executable, tmp_path, env, "--refuse", str(refuse))["loaded"]
     assert not set(loaded) & set(refused)
 
 
@@ -160,16 +165,7 @@ def test_server_and_clients_run_in_a_fresh_venv_with_only_the_base(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     work = tmp_path / "work"
     work.mkdir()
-    result = subprocess.run(
-        [str(python), str(SCENARIO), str(work)],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    report = json.loads(result.stdout.splitlines()[-1])
+    report = run_scenario(python, work, env)
     assert Path(report["fleet"]).is_relative_to(venv), report["fleet"]
     usage = subprocess.run(
         [str(venv / "bin" / "flotilla"), "--help"], capture_output=True, text=True, timeout=60

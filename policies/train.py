@@ -255,16 +255,10 @@ def train(cfg: TrainConfig) -> Path:
         for batch in train_batches.epoch(
             cfg.batch_size, epoch, drop_last=drop_last, seed=cfg.seed, rank=rank, world=world
         ):
-            model.train()
-            with autocast(device, precision):
-                loss, raw = weighted_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss, raw = train_step(
+                model, batch, optimizer, cfg.grad_clip, autocast(device, precision), ema, policy
+            )
             schedule.step()
-            if ema is not None:
-                ema.update(policy)
             step += 1
             samples += len(batch["action"]) * world
             bar.update(1)
@@ -315,6 +309,31 @@ def train(cfg: TrainConfig) -> Path:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return final
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float,
+    precision_context,
+    ema: EMA | None = None,
+    policy: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of ``model`` (the policy, or its DDP / torch.compile wrapper) on ``batch`` in
+    ``precision_context`` (policies/device.py:autocast), then the EMA of ``policy`` (default: model).
+    Returns (weighted loss, loss) as device tensors: nothing here waits for the device (reading a loss
+    does; the loop reads them every log_every steps)."""
+    model.train()
+    with precision_context:
+        loss, raw = weighted_loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if ema is not None:
+        ema.update(model if policy is None else policy)
+    return loss, raw
 
 
 @torch.no_grad()

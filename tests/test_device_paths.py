@@ -19,6 +19,7 @@ from policies.data.batches import DeviceBatches, DeviceSteps
 from policies.data.windows import WindowDataset
 from policies.device import DeviceError, process_device
 from policies.models.factory import ShapeMeta
+from policies.runner import PolicyRunner
 from policies.safety.models import load_safety
 from tests.test_device import META, D, fitted, observation, windows, write_store
 from tests.test_safety_filter import ACTION_DIM, ACTION_STEPS, STATE_DIM, safe_checkpoint  # noqa: F401
@@ -186,3 +187,78 @@ def test_every_policys_plan_stays_on_its_device_so_a_cuda_graph_can_capture_it(k
         out = policy.predict_action(obs, goal, num_samples=3)
     assert out.shape == (1, 3, policy.horizon, meta.action_dim) and out.device.type == "meta"
     assert watch.ops == []
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "gc_diffusion", "mlp"])
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch, kind, ensemble):
+    # Gathering (frames from the host), loss, backward, clipping, AdamW and the EMA: no copy back to the host
+    # and no .item() (on the meta device either would raise or be recorded), for ensembles too.
+    import contextlib
+
+    import policies.data.batches as batches_module
+    from policies.train import EMA, train_step
+
+    data, _ = windows(tmp_path)
+    rng = np.random.default_rng(0)
+    data.steps["front_rgb"] = rng.integers(0, 256, (33, 24, 24, 3), dtype=np.uint8)
+    data.steps["state"] = rng.normal(size=(33, 5)).astype(np.float32)
+    data.steps["action"] = rng.normal(size=(33, 3)).astype(np.float32)
+    data.steps["goal"] = rng.normal(size=(33, 2)).astype(np.float32)
+    dataset = WindowDataset(data, np.array([0, 1, 2]), ["state", "front_rgb"], n_obs_steps=2, horizon=16)
+    monkeypatch.setattr(batches_module, "DEVICE_DATA_SHARE", 0.0)  # frames on the host: the harder case
+    batches = DeviceBatches(
+        dataset, DeviceSteps(data, ["state", "front_rgb", "action", "goal"], "meta"), True
+    )
+    policy = fitted(kind, META, ensemble=ensemble).to("meta")
+    optimizer, ema = torch.optim.AdamW(policy.parameters(), lr=1e-3), EMA(policy)
+    watch = DeviceToHost()
+    with watch:
+        for _, batch in zip(range(3), batches.epoch(4, drop_last=True), strict=False):
+            loss, raw = train_step(policy, batch, optimizer, 1.0, contextlib.nullcontext(), ema)
+    assert watch.copies == []
+    assert loss.device.type == raw.device.type == "meta" and ema.updates == 3
+
+
+# ------------------------------------------------------------------------------------------- bf16 inference
+
+
+def assert_float32_action(action):
+    assert isinstance(action, np.ndarray) and action.dtype == np.float32 and np.isfinite(action).all()
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "gc_diffusion", "mlp"])
+def test_under_bf16_autocast_every_inference_entry_point_hands_float32_numpy(kind, one_torch_thread):
+    # numpy has no bf16 (.numpy() on a bf16 tensor raises): a runner, a batched runner (the fleet's GPU
+    # policies), and so eval and RegistryPolicies built on them, must hand float32 actions and signals.
+    from policies.batched import BatchedPlanner
+
+    policy = fitted(kind, META, ensemble=2 if kind == "mlp" else 1)
+    rng = np.random.default_rng(0)
+    obs = {
+        "state": rng.normal(size=5).astype(np.float32),
+        "front_rgb": rng.integers(0, 256, (24, 24, 3), dtype=np.uint8),
+        "goal": rng.normal(size=2).astype(np.float32),
+    }
+    runners = [PolicyRunner(policy, "v", num_samples=4), BatchedPlanner().runner(policy, "v", num_samples=4)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for runner in runners:
+            for _ in range(5):  # Ta = 4: a second plan
+                assert_float32_action(runner.act(obs))
+            assert isinstance(runner.uncertainty, float) and np.isfinite(runner.uncertainty)
+
+
+def test_under_bf16_autocast_the_safety_filter_scores_and_picks_in_fp32(safe_checkpoint, one_torch_thread):  # noqa: F811
+    from policies.safety.filter import FilterConfig
+    from tests.test_safety_filter import K, observations
+
+    runner = PolicyRunner.from_checkpoint(
+        safe_checkpoint, num_samples=K, device="cpu", safety_filter=FilterConfig(mode="ldm")
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actions = [runner.act(obs) for obs in observations(12)]
+    for action in actions:
+        assert_float32_action(action)
+    assert runner.signals["filter"] in ("pass", "switched", "hold")
+    assert all(isinstance(v, float) for k, v in runner.signals.items() if k != "filter")
+    assert {scores.dtype for scores in runner.safety.last.scores.values()} == {torch.float32}

@@ -58,11 +58,6 @@ class DiffusionPolicy(StepwiseSampling, PolicyBase):
         self._timesteps = [int(t) for t in self.sampler.timesteps]
 
     # ------------------------------------------------------------------------------ training
-    def _condition(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None) -> torch.Tensor:
-        features = self.encode_obs(obs)
-        ngoal = self._normalized_goal(goal, features.shape[0])
-        return features if ngoal is None else torch.cat([features, ngoal], dim=-1)
-
     def compute_loss(self, batch: dict) -> torch.Tensor:
         """Per-sample DDPM loss (B,): MSE of the predicted noise (or clean actions) in normalized space."""
         cond = self._condition(batch["obs"], batch.get("goal"))

@@ -284,6 +284,18 @@ class PolicyBase(Policy):
         nobs.update({key: obs[key] for key in self.shape_meta.image_keys})
         return self.obs_encoder(nobs).reshape(batch, -1)
 
+    def _features(
+        self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The observation features (B, obs_feature_dim) and the normalized goal (None if goal_dim is 0)."""
+        features = self.encode_obs(obs)
+        return features, self._normalized_goal(goal, features.shape[0])
+
+    def _condition(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None) -> torch.Tensor:
+        """What the network is conditioned on: the features, followed by the normalized goal if any."""
+        features, ngoal = self._features(obs, goal)
+        return features if ngoal is None else torch.cat([features, ngoal], dim=-1)
+
     def _check_action(self, action: torch.Tensor, batch: int) -> None:
         if tuple(action.shape) != (batch, self.horizon, self.action_dim):
             raise ValueError(

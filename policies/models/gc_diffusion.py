@@ -124,13 +124,6 @@ class GCDiffusionPolicy(StepwiseSampling, PolicyBase):
         root = math.sqrt(sigma**2 + sd2)
         return sd2 / root**2, sigma * self.sigma_data / root, 1.0 / root, _TIME_SCALE * math.log(sigma) / 4.0
 
-    def _features(
-        self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.encode_obs(obs)
-        ngoal = self._normalized_goal(goal, features.shape[0])
-        return features, ngoal
-
     def _sample_sigmas(self, n: int, device) -> torch.Tensor:
         if self.noise_distribution == "loguniform":
             u = torch.rand(n, device=device)

@@ -28,11 +28,7 @@ class MLPPolicy(PolicyBase):
         self.model = nn.Sequential(*layers)
 
     def _forward(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None) -> torch.Tensor:
-        features = self.encode_obs(obs)
-        ngoal = self._normalized_goal(goal, features.shape[0])
-        if ngoal is not None:
-            features = torch.cat([features, ngoal], dim=-1)
-        return self.model(features).view(-1, self.horizon, self.action_dim)
+        return self.model(self._condition(obs, goal)).view(-1, self.horizon, self.action_dim)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         """Per-sample MSE (B,) between predicted and demonstrated normalized action chunks."""

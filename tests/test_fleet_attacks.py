@@ -10,10 +10,22 @@ import grpc
 from fleet.client import OperatorClient
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
+from fleet.server.ledger import MAX_NOTES
+from fleet.store import EpisodeStore
 from tests.fleet_harness import ServeProcess, free_port, serve_overrides
 from tests.fleet_harness import robot_client as harness_robot
 from tests.fleet_harness import wait_until as wait_for
-from tests.test_fleet_server import FAST, committed, hello, robot_client, send, wait_until
+from tests.test_fleet_server import (
+    FAST,
+    INTERVENTION,
+    committed,
+    hello,
+    operator_client,
+    robot_client,
+    send,
+    take_over,
+    wait_until,
+)
 
 ROBOT_AUTH = [("authorization", "Bearer robot-token")]
 ADMIN_AUTH = [("authorization", "Bearer admin-token")]
@@ -120,3 +132,36 @@ def test_a_stop_the_robot_was_told_of_survives_kill9_at_once(tmp_path):
     finally:
         robot.close(timeout=1)
         server.kill9()
+
+
+def test_an_operators_notes_on_one_intervention_are_bounded(server, clients):
+    # Before: every note was appended to the episode's metadata, without end: each rewrote the episode's
+    # meta/extra chunk with all notes so far (a flood of 500-character notes: quadratic writes on the
+    # writer's commit thread, and one episode's metadata growing by the megabyte).
+    robot, operator = clients(robot_client(server)), clients(operator_client(server, "alice"))
+    take_over(robot, operator)
+    send(robot, 1, range(6, 9), label=INTERVENTION, operator_id="alice")
+    robot.end_episode(1, success=True)
+    wait_until(lambda: committed_count(server) == 1, what="the episode committed")
+    flood = MAX_NOTES + 10
+    for n in range(flood):
+        operator.note("r1", f"note {n} " + "x" * 400)
+    replies, deadline = [], time.monotonic() + 30
+    while len(replies) < flood and time.monotonic() < deadline:
+        update = operator.next_update(1)
+        if update is not None and update.WhichOneof("kind") in ("notice", "error"):
+            replies.append(update)
+    refused = [u.error.message for u in replies if u.WhichOneof("kind") == "error"]
+    assert len(refused) == 10 and all(f"at most {MAX_NOTES} notes" in m for m in refused), refused[:2]
+    wait_until(lambda: len(notes_of(server)) == MAX_NOTES, what=f"{MAX_NOTES} notes in the store")
+    time.sleep(0.5)  # nothing more arrives
+    assert [note["text"].split()[1] for note in notes_of(server)] == [str(n) for n in range(MAX_NOTES)]
+
+
+def committed_count(server) -> int:
+    return server.server.writer.stats.episodes_committed
+
+
+def notes_of(server) -> list:
+    with EpisodeStore.open(server.config.store) as store:
+        return store.episode_meta(0).extra.get("notes", [])

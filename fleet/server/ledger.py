@@ -27,6 +27,8 @@ import numpy as np
 from fleet.proto import flotilla_pb2 as pb
 
 MAX_NOTE_CHARS = 500
+# Notes on one intervention: each rewrites its episode's metadata with all of them, so a flood must end.
+MAX_NOTES = 20
 MAX_PENDING_ACTIONS = 64  # action seq -> receive time kept per robot, for round trips
 MAX_SAMPLES = 10_000  # frame ages / round trips kept per intervention
 
@@ -50,6 +52,7 @@ class Intervention:
     round_trips_ms: list[float] = field(default_factory=list)
     discarded: bool = False
     last_key: str | None = None  # the episode this intervention last touched
+    notes: int = 0
 
     def seconds(self, now: float) -> float:
         return (self.ended if self.ended is not None else now) - self.started
@@ -214,6 +217,9 @@ class Ledger:
             raise LookupError(f"note: operator {operator_id!r} has no intervention on robot {robot_id!r}")
         if not text.strip() or len(text) > MAX_NOTE_CHARS:
             raise ValueError(f"note: must be 1-{MAX_NOTE_CHARS} characters, got {len(text)}")
+        if intervention.notes >= MAX_NOTES:
+            raise ValueError(f"at most {MAX_NOTES} notes per intervention; this one on {robot_id} has them")
+        intervention.notes += 1
         self._annotate(
             intervention.last_key,
             "notes",

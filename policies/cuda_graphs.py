@@ -10,16 +10,25 @@ Noise: the graph draws its initial noise from the device's default generator (ca
 every replay draws fresh numbers). With a fixed ``seed`` the generator is re-seeded for that replay and
 restored after, so every plan starts from the same noise, as the runner's ``noise_seed`` promises.
 Everything inside ``predict_action`` must stay on the device (no ``.item()``, no host-to-device copies):
-the U-Net's step input is a fill, the schedulers' coefficients are Python floats or CPU scalars.
+the U-Net's step input is a fill, the schedulers' coefficients are Python floats or CPU scalars
+(tests/test_device_paths.py checks every policy kind on the meta device).
+
+Threads: robots planning in threads of one process (RegistryPolicies, several agents) may each build a
+graph. Captures take turns (one lock per process), and a capture only forbids unsafe CUDA calls in its
+own thread (``capture_error_mode="thread_local"``): with the default ("global") another robot's eager
+plan allocating or synchronizing during a capture would fail or invalidate it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import torch
 
 __all__ = ["GraphedPlanner"]
+
+_CAPTURE = threading.Lock()  # one capture at a time in this process
 
 
 class GraphedPlanner:
@@ -40,7 +49,7 @@ class GraphedPlanner:
         }
         self.goal = torch.zeros((1, meta.goal_dim), device=device) if meta.goal_dim else None
         self.replays = 0
-        with torch.inference_mode():
+        with _CAPTURE, torch.inference_mode():
             side = torch.cuda.Stream(device)  # warm-up (lazy inits, cuDNN autotuning) off the capture stream
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -48,7 +57,7 @@ class GraphedPlanner:
                     self._predict()
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.out = self._predict()
 
     def _predict(self) -> torch.Tensor:

@@ -262,3 +262,30 @@ def test_under_bf16_autocast_the_safety_filter_scores_and_picks_in_fp32(safe_che
     assert runner.signals["filter"] in ("pass", "switched", "hold")
     assert all(isinstance(v, float) for k, v in runner.signals.items() if k != "filter")
     assert {scores.dtype for scores in runner.safety.last.scores.values()} == {torch.float32}
+
+
+# ------------------------------------------------------------------------------------------- CUDA only
+
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_suite.sh)"
+)
+
+
+@cuda
+def test_robots_in_threads_build_and_replay_their_graphs_while_others_plan_eagerly():
+    from concurrent.futures import ThreadPoolExecutor
+
+    meta = ShapeMeta(obs={"state": (5,), "front_rgb": (24, 24, 3)}, action_dim=3)
+    policy = fitted("diffusion", meta).cuda().eval()
+    obs = {"state": np.zeros(5, np.float32), "front_rgb": np.zeros((24, 24, 3), np.uint8)}
+    reference = PolicyRunner(policy, "v", device="cuda", noise_seed=4).act(obs)
+
+    def robot(i):
+        runner = PolicyRunner(policy, "v", device="cuda", noise_seed=4, cuda_graphs=i % 2 == 0)
+        return [runner.act(obs) for _ in range(9)], runner.graph_replays
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(robot, range(6)))
+    for i, (actions, replays) in enumerate(results):
+        assert replays == (-(-9 // policy.n_action_steps) if i % 2 == 0 else 0)  # a graph per plan
+        np.testing.assert_allclose(actions[0], reference, atol=1e-4)

@@ -43,7 +43,8 @@ Every policy (``Policy``, policies/models/base.py: an abstract ``nn.Module``; at
         unnormalized. All samples (and, for guided gc_diffusion, the conditional/unconditional pair)
         go through the denoiser in one batched forward per sampling step. Call ``policy.eval()``
         first (train mode would random-crop images) and run it under ``torch.inference_mode()``.
-        ``generator`` (optional) makes the initial noise reproducible.
+        ``generator`` (optional) makes the initial noise reproducible. ``Policy.predict_action`` checks
+        ``num_samples`` and calls the kind's ``_predict``.
     ``config`` as above; ``n_obs_steps``, ``horizon``, ``n_action_steps`` attributes.
 
 LinearNormalizer

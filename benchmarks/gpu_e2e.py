@@ -145,7 +145,7 @@ def main() -> None:
     else:
         print(f"e2e: cuda_graphs: skipped (device {device})")
     on_cpu, times = run(cpu, episodes, same_noise=args.seed)
-    print(f"e2e: cpu eager: {latency(times)}")
+    print(f"e2e: cpu eager (CPU-drawn noise): {latency(times)}")
     same_noise_device, _ = run(
         PolicyRunner.from_checkpoint(args.checkpoint, device=device), episodes, same_noise=args.seed
     )

@@ -21,7 +21,9 @@
 #                                PolicyRunner on cuda eager, cuda_graphs and the CPU (benchmarks/gpu_e2e.py:
 #                                action differences within tolerance, chunk latencies); `flotilla eval`
 #                                on cuda and cpu only where pybullet imports (no cp312 wheel exists)
-# Exit status 0 when every step exited 0. The checkpoint and other scratch go to a temporary folder.
+# The end of each step's output is printed as well (what the device tool's output_tail shows). Exit status
+# 0 when every step exited 0. The checkpoint and other scratch go to a temporary folder. Settings
+# (environment): GPU_SUITE_DEVICE (cuda), WHEEL_DIR (.whl), GPU_DATA (.gpu_data), GPU_SUITE_SITE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_suite}
@@ -121,8 +123,8 @@ fi
 
 step tests 70 python3 -m pytest -q -rs -p no:cacheprovider tests/test_device.py "${tests[@]}"
 step policy_latency 60 python3 -m benchmarks.policy_latency --device "$DEVICE" "${latency[@]}"
-step train_throughput 140 python3 -m benchmarks.train_throughput --device "$DEVICE" "${throughput[@]}"
-step train_throughput_compile 80 python3 -m benchmarks.train_throughput --device "$DEVICE" --compile "${compiled[@]}"
+step train_throughput 130 python3 -m benchmarks.train_throughput --device "$DEVICE" "${throughput[@]}"
+step train_throughput_compile 90 python3 -m benchmarks.train_throughput --device "$DEVICE" --compile "${compiled[@]}"
 
 # shellcheck disable=SC2086 # TRAIN_ARGS, EVAL_ARGS, E2E_ARGS: lists of words
 e2e() { # the real trainer and runner on the device: a checkpoint trained there, against the CPU
@@ -153,6 +155,12 @@ export GPU_DATA WORK DEVICE pybullet TRAIN_ARGS EVAL_ARGS E2E_ARGS EPISODES
 export -f e2e
 step e2e 90 bash -c e2e
 
+for name in tests policy_latency train_throughput train_throughput_compile; do # the figures, on stdout too
+  echo "----- $name.txt (end)"
+  tail -n 14 "$OUT/$name.txt"
+done
+echo "----- e2e.txt (its findings)"
+grep -E '^(e2e|trained|Traceback|[A-Za-z]*Error)|"(success_rate|mean_episode_length)"' "$OUT/e2e.txt"
 if [ ${#failed[@]} -eq 0 ]; then
   say "every step exited 0, $(date -u)"
 else

@@ -33,6 +33,8 @@ from policies.safety.config import FilterConfig
 
 __all__ = ["EvalConfig", "MemoryConfig", "TrainConfig"]
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
+
 
 @dataclass
 class MemoryConfig:
@@ -94,6 +96,10 @@ class TrainConfig:
     precision: str = "auto"
     # torch.compile the training step's model (its first steps compile for a while; see README, GPUs).
     compile: bool = False
+    # torch.compile's mode (with compile=true): default | reduce-overhead (CUDA graphs for the forward and
+    # backward on a GPU: for small nets whose step is kernel launches) | max-autotune (longer compile,
+    # tuned kernels). On the CPU reduce-overhead compiles like default (CUDA graphs need CUDA).
+    compile_mode: str = "default"
     tensorboard: bool = True
     progress: bool = True
     # What the policy predicts (policies/action_space.py): `target` = absolute end-effector positions,
@@ -127,6 +133,7 @@ class TrainConfig:
         check_device(self.device)
         check_precision(self.precision)
         check(isinstance(self.compile, bool), "compile", f"must be true or false, got {self.compile!r}")
+        check_choice(self.compile_mode, COMPILE_MODES, "compile_mode")
         check_number(self.lr, "lr", 0.0)
         check_number(self.weight_decay, "weight_decay", 0.0)
         check_number(self.grad_clip, "grad_clip", 0.0, low_open=True)

@@ -221,7 +221,7 @@ def train(cfg: TrainConfig) -> Path:
         # input there, batch["index"] too, which an ensemble reads on the host (a GPU sync every step).
         model = nn.parallel.DistributedDataParallel(policy)
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.compile_mode)
     drop_last = len(train_set) >= cfg.batch_size * world
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps)
@@ -255,6 +255,8 @@ def train(cfg: TrainConfig) -> Path:
         for batch in train_batches.epoch(
             cfg.batch_size, epoch, drop_last=drop_last, seed=cfg.seed, rank=rank, world=world
         ):
+            if cfg.compile:  # a new step: reduce-overhead's CUDA graphs may reuse the last step's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             loss, raw = train_step(
                 model, batch, optimizer, cfg.grad_clip, autocast(device, precision), ema, policy
             )

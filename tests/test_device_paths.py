@@ -289,3 +289,41 @@ def test_robots_in_threads_build_and_replay_their_graphs_while_others_plan_eager
     for i, (actions, replays) in enumerate(results):
         assert replays == (-(-9 // policy.n_action_steps) if i % 2 == 0 else 0)  # a graph per plan
         np.testing.assert_allclose(actions[0], reference, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- compile
+
+
+def test_flotilla_train_compiles_in_reduce_overhead_mode_and_bad_modes_are_one_line(tmp_path):
+    # reduce-overhead is CUDA graphs for the step on a GPU; on the CPU it compiles as default. An ensemble
+    # (its bootstrap counts come from the host: a graph break) trains through it too.
+    from policies.checkpoint import load_checkpoint
+    from tests.test_cli import flotilla
+
+    write_store(tmp_path / "a.zarr", [[D] * 30, [D] * 25])
+    args = [
+        f"data={tmp_path / 'a.zarr'}",
+        f"out={tmp_path / 'run'}",
+        "task.obs_keys=[state]",
+        "action_space.kind=delta",
+        "policy=mlp",
+        "policy.hidden_dims=[16]",
+        "ensemble=2",
+        "steps=6",
+        "batch_size=8",
+        "val_ratio=0",
+        "progress=false",
+        "tensorboard=false",
+        "threads=1",
+        "device=cpu",
+        "compile=true",
+    ]
+    bad = flotilla("train", *args, "compile_mode=fast", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("flotilla train: compile_mode: ")
+    assert "reduce-overhead" in bad.stderr
+    flotilla("train", *args, "compile_mode=reduce-overhead")
+    policy = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest").policy
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+    obs = {"state": np.zeros(policy.shape_meta.obs["state"], np.float32)}
+    obs["goal"] = np.zeros(policy.shape_meta.goal_dim, np.float32)
+    assert_float32_action(PolicyRunner(policy, "v").act(obs))

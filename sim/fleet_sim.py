@@ -566,10 +566,12 @@ def run(cfg) -> None:
     from omegaconf import OmegaConf
 
     from configs.schema import ConfigError
+    from policies.device import resolve_device
     from sim.metrics import table_header, table_row
 
     logging.getLogger().setLevel(cfg.log_level)
     set_torch_threads(cfg.threads)
+    resolve_device(cfg.device)  # device=cuda without a GPU is one line before any robot connects
     print(table_header(), flush=True)
     try:
         results = run_fleet(

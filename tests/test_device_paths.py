@@ -107,6 +107,15 @@ def test_flotilla_demo_device_reaches_its_training_and_a_missing_gpu_is_one_line
         assert not (tmp_path / "demo" / "demos.zarr").exists()  # refused before collecting anything
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_flotilla_fleet_device_cuda_without_a_gpu_is_one_line_before_connecting():
+    from tests.test_cli import flotilla
+
+    result = flotilla("fleet", "server=127.0.0.1:9", "device=cuda", check=False)  # (nothing listens there)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("flotilla fleet: device: cuda requested but")
+
+
 # ------------------------------------------------------------------------------------------- batches
 
 

@@ -1,7 +1,7 @@
 """Where a policy runs and in what precision: one place for device names, their errors and CUDA settings.
 
     device = resolve_device("auto")          # "auto" | "cpu" | "cuda" | "cuda:N"; auto: CUDA when present
-    precision = resolve_precision("auto", device)   # "auto" | "fp32" | "bf16"; auto: bf16 on CUDA
+    precision = resolve_precision("auto", device)   # "auto" | "fp32" | "bf16"; auto: bf16 on CUDA (Ampere+)
     with autocast(device, precision): loss = policy(batch)
 
 Device names are checked without torch (``check_device``, used by the typed configs, so `device=gpu` is a
@@ -151,15 +151,27 @@ def process_device(
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision to train in on ``device``: auto is bf16 on a CUDA device that supports it, else fp32."""
+    """The precision to train in on ``device``: auto is bf16 on a CUDA device that computes it natively
+    (``native_bf16``), else fp32."""
     import torch
 
     check_precision(precision)
     if precision != "auto":
         return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and (
+        torch.cuda.is_bf16_supported()
+        if torch.version.hip
+        else native_bf16(torch.cuda.get_device_capability(device))
+    ):
         return "bf16"
     return "fp32"
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether an NVIDIA GPU of this compute capability computes in bf16 natively (Ampere, 8.0, and later).
+    Older ones (V100, T4, Jetson Xavier) emulate it, slower than fp32, although torch.cuda.is_bf16_supported()
+    says yes there by default (it counts emulation), and it asks about the current device, not this one."""
+    return capability[0] >= 8
 
 
 def autocast(device: torch.device, precision: str):

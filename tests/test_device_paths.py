@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from configs.schema import ConfigError
 from policies.data.batches import DeviceBatches, DeviceSteps
 from policies.data.windows import WindowDataset
-from policies.device import DeviceError, process_device
+from policies.device import DeviceError, process_device, resolve_precision
 from policies.models.factory import ShapeMeta
 from policies.runner import PolicyRunner
 from policies.safety.models import load_safety
@@ -336,3 +336,17 @@ def test_flotilla_train_compiles_in_reduce_overhead_mode_and_bad_modes_are_one_l
     obs = {"state": np.zeros(policy.shape_meta.obs["state"], np.float32)}
     obs["goal"] = np.zeros(policy.shape_meta.goal_dim, np.float32)
     assert_float32_action(PolicyRunner(policy, "v").act(obs))
+
+
+def test_precision_auto_takes_bf16_only_on_gpus_that_compute_it_natively():
+    # torch.cuda.is_bf16_supported() says yes on a V100 or T4 too (emulated, slower than fp32).
+    from policies.device import native_bf16
+
+    assert [native_bf16(c) for c in [(7, 0), (7, 2), (7, 5), (8, 0), (8, 7), (9, 0), (10, 0)]] == [
+        *[False] * 3,
+        *[True] * 4,
+    ]
+    if torch.cuda.is_available():
+        device = torch.device("cuda", 0)
+        expected = "bf16" if native_bf16(torch.cuda.get_device_capability(device)) else "fp32"
+        assert resolve_precision("auto", device) == expected

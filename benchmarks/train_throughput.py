@@ -14,7 +14,7 @@ Pipelines:
                 copied to the device, fp32, AdamW, a per-parameter EMA update.
     flotilla    policies/train.py's: windows gathered on the device (policies/data/batches.py), bf16
                 autocast and TF32 on CUDA (``--precision``), fused AdamW on CUDA, a multi-tensor EMA,
-                ``--compile`` for torch.compile.
+                ``--compile`` for torch.compile (``--compile-mode reduce-overhead``: CUDA graphs too).
 Samples/s at each batch size (steps after warm-up; CUDA timings end with a synchronize). On CUDA, the
 GPU's utilization (nvidia-smi, sampled every 100 ms) during each timed window. Chunk latency: p50/p95
 of one chunk at batch 1 with DDIM-10, eager and, on CUDA, replayed from a CUDA graph.
@@ -34,11 +34,12 @@ import torch
 from benchmarks.common import machine_line, print_table
 from benchmarks.policy_latency import IMAGE, LOWDIM, chunk_latency, device_name, synchronize
 from fleet.labels import ControlLabel
+from policies.config import COMPILE_MODES
 from policies.data.batches import DeviceBatches, DeviceSteps
 from policies.data.windows import EpisodeData, WindowDataset
 from policies.device import autocast, enable_tf32, resolve_device, resolve_precision
 from policies.models.factory import ShapeMeta, build_policy
-from policies.train import EMA, normalizer_data, weighted_loss
+from policies.train import EMA, normalizer_data, train_step, weighted_loss
 
 NETWORKS = {  # name: (observation keys, DiffusionConfig settings)
     "flotilla low-dim": (LOWDIM, {}),
@@ -138,14 +139,15 @@ def reference_rate(policy, dataset, device, batch_size, steps, workers) -> tuple
     return timed(step, batch_size, steps, device)
 
 
-def flotilla_rate(policy, dataset, data, device, batch_size, steps, precision, compile_model):
-    """policies/train.py's loop: device batches, autocast, fused AdamW on CUDA, multi-tensor EMA."""
+def flotilla_rate(policy, dataset, data, device, batch_size, steps, precision, compile_mode=None):
+    """policies/train.py's loop: device batches, its train_step (autocast, fused AdamW on CUDA, multi-tensor
+    EMA)."""
     batches = DeviceBatches(dataset, DeviceSteps(data, [*dataset.obs_keys, "action"], device))
     policy.train()
     enable_tf32(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, fused=device.type == "cuda")
     ema = EMA(policy)
-    model = torch.compile(policy) if compile_model else policy
+    model = torch.compile(policy, mode=compile_mode) if compile_mode else policy
 
     def epochs():
         epoch = 0
@@ -156,16 +158,11 @@ def flotilla_rate(policy, dataset, data, device, batch_size, steps, precision, c
     source = epochs()
 
     def step():
-        batch = next(source)
-        with autocast(device, precision):
-            loss, _ = weighted_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        ema.update(policy)
+        if compile_mode:
+            torch.compiler.cudagraph_mark_step_begin()  # as policies/train.py does
+        train_step(model, next(source), optimizer, 1.0, autocast(device, precision), ema, policy)
 
-    return timed(step, batch_size, steps, device, warmup=10 if compile_model else 3)
+    return timed(step, batch_size, steps, device, warmup=10 if compile_mode else 3)
 
 
 def timed(step, batch_size, steps, device, warmup=3) -> tuple[float, float | None]:
@@ -205,6 +202,12 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=100, help="synthetic episodes of 100 steps")
     parser.add_argument("--precision", default="auto", help="flotilla pipeline: auto | fp32 | bf16")
     parser.add_argument("--compile", action="store_true", help="flotilla pipeline: torch.compile the policy")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile's mode (with --compile)",
+    )
     parser.add_argument("--ref-workers", type=int, default=0, help="reference DataLoader worker processes")
     parser.add_argument("--networks", default=",".join(NETWORKS), help="which networks, comma-separated")
     parser.add_argument("--threads", type=int, default=2)
@@ -219,7 +222,7 @@ def main() -> None:
     print(machine_line(), f"torch {torch.__version__}, {args.threads} threads")
     print(
         f"device {device_name(device)}; flotilla pipeline: {precision}"
-        f"{', TF32' if device.type == 'cuda' else ''}{', torch.compile' if args.compile else ''}; "
+        f"{', TF32' if device.type == 'cuda' else ''}{f', torch.compile ({args.compile_mode})' if args.compile else ''}; "
         f"reference: fp32, DataLoader with {args.ref_workers} workers; {args.episodes} x 100 steps"
         f"{'' if device.type == 'cuda' else '; samples per CPU second of this process'}\n"
     )
@@ -241,7 +244,14 @@ def main() -> None:
             ref, ref_gpu = reference_rate(policy, dataset, device, batch_size, args.steps, args.ref_workers)
             policy.load_state_dict(state)
             ours, our_gpu = flotilla_rate(
-                policy, dataset, data, device, batch_size, args.steps, precision, args.compile
+                policy,
+                dataset,
+                data,
+                device,
+                batch_size,
+                args.steps,
+                precision,
+                args.compile_mode if args.compile else None,
             )
             policy.load_state_dict(state)
             gpu = "-" if ref_gpu is None else f"{ref_gpu:.0f}% / {our_gpu:.0f}%"

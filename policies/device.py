@@ -41,6 +41,7 @@ __all__ = [
     "PRECISIONS",
     "DeviceError",
     "autocast",
+    "check_compiler",
     "check_device",
     "check_fits",
     "device_memory",
@@ -181,6 +182,24 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def check_compiler(device: torch.device, key: str = "compile") -> None:
+    """A ConfigError naming ``key`` when torch.compile cannot build kernels for ``device`` here: inductor
+    compiles C++ on the CPU (CXX, else g++) and Triton's launchers on CUDA (CC, else gcc or clang). Slim
+    CUDA images often have neither; without this check the first training step failed in a traceback."""
+    import shutil
+
+    if device.type == "cuda":
+        names, what = [os.environ.get("CC"), "gcc", "clang"], "a C compiler (gcc or clang, or CC)"
+    else:
+        names, what = [os.environ.get("CXX"), "g++"], "a C++ compiler (g++, or CXX)"
+    if not any(name and shutil.which(name) for name in names):
+        raise ConfigError(
+            key,
+            f"torch.compile on {device.type} needs {what} and none was found: install one "
+            f"(apt-get install build-essential) or set {key}=false",
+        )
 
 
 def enable_tf32(device: torch.device) -> None:

@@ -58,6 +58,7 @@ from policies.data.windows import EpisodeData, WindowDataset, load_episodes, spl
 from policies.device import (
     TRAIN_BYTES_PER_PARAM,
     autocast,
+    check_compiler,
     check_fits,
     enable_tf32,
     is_out_of_memory,
@@ -156,6 +157,8 @@ def train(cfg: TrainConfig) -> Path:
     if not isinstance(cfg, TrainConfig):
         cfg = typed(cfg)
     rank, world, device = _distributed(cfg.device)
+    if cfg.compile:
+        check_compiler(device)
     precision = resolve_precision(cfg.precision, device)
     enable_tf32(device)
     torch.manual_seed(cfg.seed + rank)

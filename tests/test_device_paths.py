@@ -303,7 +303,7 @@ def test_robots_in_threads_build_and_replay_their_graphs_while_others_plan_eager
 # ------------------------------------------------------------------------------------------- compile
 
 
-def test_flotilla_train_compiles_in_reduce_overhead_mode_and_bad_modes_are_one_line(tmp_path):
+def test_flotilla_train_compiles_in_reduce_overhead_mode_and_bad_settings_are_one_line(tmp_path, monkeypatch):
     # reduce-overhead is CUDA graphs for the step on a GPU; on the CPU it compiles as default. An ensemble
     # (its bootstrap counts come from the host: a graph break) trains through it too.
     from policies.checkpoint import load_checkpoint
@@ -330,6 +330,13 @@ def test_flotilla_train_compiles_in_reduce_overhead_mode_and_bad_modes_are_one_l
     bad = flotilla("train", *args, "compile_mode=fast", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("flotilla train: compile_mode: ")
     assert "reduce-overhead" in bad.stderr
+    with monkeypatch.context() as without_compilers:  # a slim image: the step would fail in a traceback
+        without_compilers.setenv("PATH", str(tmp_path / "no-bin"))
+        without_compilers.delenv("CXX", raising=False)
+        bare = flotilla("train", *args, check=False)
+    assert bare.returncode == 2 and len(bare.stderr.strip().splitlines()) == 1, bare.stderr
+    assert bare.stderr.startswith("flotilla train: compile: torch.compile on cpu needs a C++ compiler")
+    assert not (tmp_path / "run").exists()
     flotilla("train", *args, "compile_mode=reduce-overhead")
     policy = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest").policy
     assert all(torch.isfinite(p).all() for p in policy.parameters())

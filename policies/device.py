@@ -186,9 +186,11 @@ def autocast(device: torch.device, precision: str):
 
 def check_compiler(device: torch.device, key: str = "compile") -> None:
     """A ConfigError naming ``key`` when torch.compile cannot build kernels for ``device`` here: inductor
-    compiles C++ on the CPU (CXX, else g++) and Triton's launchers on CUDA (CC, else gcc or clang). Slim
-    CUDA images often have neither; without this check the first training step failed in a traceback."""
+    compiles C++ on the CPU (CXX, else g++) and Triton's launchers on CUDA (CC, else gcc or clang, and
+    Python.h). Slim CUDA images often lack them; without this check the first step failed in a traceback."""
     import shutil
+    import sysconfig
+    from pathlib import Path
 
     if device.type == "cuda":
         names, what = [os.environ.get("CC"), "gcc", "clang"], "a C compiler (gcc or clang, or CC)"
@@ -199,6 +201,13 @@ def check_compiler(device: torch.device, key: str = "compile") -> None:
             key,
             f"torch.compile on {device.type} needs {what} and none was found: install one "
             f"(apt-get install build-essential) or set {key}=false",
+        )
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if device.type == "cuda" and not headers.exists():  # Triton's launchers include it
+        raise ConfigError(
+            key,
+            f"torch.compile on cuda needs Python's C headers ({headers} is missing): install them "
+            f"(apt-get install python3-dev) or set {key}=false",
         )
 
 

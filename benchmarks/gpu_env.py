@@ -55,6 +55,7 @@ ENTRY_MODULES = [
     "benchmarks.gpu_e2e",
     "tests.conftest",
     "tests.test_device",
+    "tests.test_device_paths",
 ]
 
 

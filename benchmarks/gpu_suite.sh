@@ -8,11 +8,12 @@
 #
 # First the environment: the carried wheels the image lacks (benchmarks/gpu_env.py select) are installed
 # into $GPU_SUITE_SITE and put on PYTHONPATH, then every module the suite imports is checked (one line
-# naming what is missing, and the suite stops). Then the steps, each with its own time limit (440 s in
+# naming what is missing, and the suite stops). Then the steps, each with its own time limit (450 s in
 # all), going on after a failure. Writes 7 files to $OUT (the device tool brings back at most 8):
 #   summary.txt                  each step's exit status and seconds, and the verdict
 #   machine.txt                  GPU, driver, Python, torch, load; what was installed; the import check
-#   tests.txt                    tests/test_device.py: the CUDA-only tests run here (skipped in CI)
+#   tests.txt                    tests/test_device.py and test_device_paths.py: the CUDA-only tests run
+#                                here (skipped in CI), the rest with CUDA present (device=auto takes it)
 #   policy_latency.txt           chunk latency at batch 1 and training samples/s, on the device
 #   train_throughput.txt         Flotilla's pipeline vs the reference, batch 64 and 256, GPU utilization,
 #                                chunk latency eager and CUDA-graphed
@@ -100,7 +101,7 @@ pybullet=$(python3 -c "import pybullet" > /dev/null 2>&1 && echo true || echo fa
 
 # ------------------------------------------------------------------------------------------- the steps
 if $rehearsal; then # the same commands at sizes a loaded 2-core CPU runs in about a minute
-  tests=(-k "cuda or pinned")                        # the CUDA-only tests (skipped) and the device errors
+  tests=(--collect-only) # CI runs these tests on the CPU anyway: here their imports and collection
   latency=(--threads 1 --quick)
   throughput=(--threads 1 --quick --batches 8 --networks "flotilla low-dim,flotilla image")
   compiled=(--threads 1 --quick --batches 8 --networks "flotilla low-dim")
@@ -121,7 +122,8 @@ else
   EPISODES=20
 fi
 
-step tests 70 python3 -m pytest -q -rs -p no:cacheprovider tests/test_device.py "${tests[@]}"
+step tests 80 python3 -m pytest -q -rs -p no:cacheprovider tests/test_device.py tests/test_device_paths.py \
+  "${tests[@]}"
 step policy_latency 60 python3 -m benchmarks.policy_latency --device "$DEVICE" "${latency[@]}"
 step train_throughput 130 python3 -m benchmarks.train_throughput --device "$DEVICE" "${throughput[@]}"
 step train_throughput_compile 90 python3 -m benchmarks.train_throughput --device "$DEVICE" --compile "${compiled[@]}"

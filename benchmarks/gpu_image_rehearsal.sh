@@ -3,7 +3,8 @@
 # venv (no system site-packages) with torch and only the packages of the image's list
 # (/work/.library/device/KINDS.md) that the suite touches, and older grpcio/protobuf than pyproject's, as
 # an image may hold. The carried wheels (made by gpu_wheels.sh for this Python) must fill exactly the gap:
-# the suite installs what is missing or too old, checks its imports and runs every step (CPU, tiny sizes).
+# the suite, run in a copy of what the device tool sends, installs what is missing or too old, checks its
+# imports and runs every step (CPU, tiny sizes).
 #
 #   bash benchmarks/gpu_image_rehearsal.sh         # ~2 minutes; prints each step's status
 #
@@ -37,8 +38,13 @@ if [ -f "$IMAGE_LIST" ]; then # what pip brought that the image does not have wo
 fi
 GPU_PYTHON=$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")') \
   WHEEL_DIR="$SCRATCH/whl" GPU_DATA=.gpu_data bash benchmarks/gpu_wheels.sh
-PATH="$VENV/bin:$PATH" GPU_SUITE_DEVICE=cpu WHEEL_DIR="$SCRATCH/whl" GPU_SUITE_SITE="$SCRATCH/site" \
-  OUT="$SCRATCH/out" bash benchmarks/gpu_suite.sh
+# What the device tool sends (tracked and untracked-not-ignored files, the carried .gpu_data), elsewhere:
+# nothing of this checkout's install or ignored files can help the suite there.
+mkdir -p "$SCRATCH/tree"
+git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$SCRATCH/tree"
+cp -r .gpu_data "$SCRATCH/tree/"
+(cd "$SCRATCH/tree" && PATH="$VENV/bin:$PATH" GPU_SUITE_DEVICE=cpu WHEEL_DIR="$SCRATCH/whl" \
+  GPU_SUITE_SITE="$SCRATCH/site" OUT="$SCRATCH/out" bash benchmarks/gpu_suite.sh)
 
 # The wheels that travel (cp312, .whl/) on a Python 3.12 with numpy 2.5 as the image has, without torch
 # (no CPU torch for it here): installed as the suite installs them, imported, the demos read, the protocol's

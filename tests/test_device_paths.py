@@ -108,12 +108,19 @@ def test_flotilla_demo_device_reaches_its_training_and_a_missing_gpu_is_one_line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-def test_flotilla_fleet_device_cuda_without_a_gpu_is_one_line_before_connecting():
+@pytest.mark.parametrize(
+    "job, args",
+    [
+        ("fleet", ["server=127.0.0.1:9"]),  # nothing listens there: the device is refused before connecting
+        ("safety", ["checkpoint=tests/fixtures/checkpoints_v1/diffusion"]),
+    ],
+)
+def test_device_cuda_without_a_gpu_is_one_line_for_the_fleet_and_the_safety_models(job, args):
     from tests.test_cli import flotilla
 
-    result = flotilla("fleet", "server=127.0.0.1:9", "device=cuda", check=False)  # (nothing listens there)
+    result = flotilla(job, *args, "device=cuda", check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("flotilla fleet: device: cuda requested but")
+    assert result.stderr.startswith(f"flotilla {job}: device: cuda requested but")
 
 
 # ------------------------------------------------------------------------------------------- batches

@@ -364,3 +364,23 @@ def test_precision_auto_takes_bf16_only_on_gpus_that_compute_it_natively():
         device = torch.device("cuda", 0)
         expected = "bf16" if native_bf16(torch.cuda.get_device_capability(device)) else "fp32"
         assert resolve_precision("auto", device) == expected
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["diffusion", "gc_diffusion", "mlp"])
+def test_every_policy_kind_replayed_from_a_cuda_graph_gives_its_eager_actions(kind):
+    # The goal is a static input of the graph too; the mlp is a 2-member ensemble (members in one graph).
+    torch.manual_seed(0)
+    policy = fitted(kind, META, ensemble=2 if kind == "mlp" else 1).cuda().eval()
+    rng = np.random.default_rng(1)
+    eager = PolicyRunner(policy, "v", num_samples=2, device="cuda", noise_seed=4)
+    graphed = PolicyRunner(policy, "v", num_samples=2, device="cuda", noise_seed=4, cuda_graphs=True)
+    for _ in range(2 * policy.n_action_steps):  # two plans, from different observations and goals
+        obs = {
+            "state": rng.normal(size=5).astype(np.float32),
+            "front_rgb": rng.integers(0, 256, (24, 24, 3), dtype=np.uint8),
+            "goal": rng.normal(size=2).astype(np.float32),
+        }
+        np.testing.assert_allclose(graphed.act(obs), eager.act(obs), atol=1e-4)
+    assert graphed.graph_replays == 2
+    assert abs(graphed.uncertainty - eager.uncertainty) < 1e-4

@@ -23,6 +23,7 @@ from policies.runner import PolicyRunner
 from policies.safety.models import load_safety
 from tests.test_device import META, D, fitted, observation, windows, write_store
 from tests.test_safety_filter import ACTION_DIM, ACTION_STEPS, STATE_DIM, safe_checkpoint  # noqa: F401
+from tests.test_safety_train import stores  # noqa: F401
 
 CPU = torch.device("cpu")
 
@@ -384,3 +385,52 @@ def test_every_policy_kind_replayed_from_a_cuda_graph_gives_its_eager_actions(ki
         np.testing.assert_allclose(graphed.act(obs), eager.act(obs), atol=1e-4)
     assert graphed.graph_replays == 2
     assert abs(graphed.uncertainty - eager.uncertainty) < 1e-4
+
+
+@cuda
+def test_safety_models_fit_calibrate_and_filter_on_the_gpu(stores, tmp_path):  # noqa: F811
+    safety_models_on(torch.device("cuda"), stores, tmp_path)
+
+
+def safety_models_on(device, stores, tmp_path):  # noqa: F811
+    """`flotilla safety device=...` end to end, then a runner filtering on ``device``, and calibration's
+    scoring of rollouts recorded on the host with the suite on ``device``."""
+    import shutil
+
+    from policies.safety.config import SafetyConfig, SafetyJobConfig
+    from policies.safety.filter import FilterConfig
+    from policies.safety.fit import Rollout, rollout_scores
+    from policies.safety.train import fit_checkpoint
+    from tests.test_safety_train import V1
+
+    checkpoint = tmp_path / "diffusion"
+    shutil.copytree(V1, checkpoint)
+    demos, fleet = stores
+    summary = fit_checkpoint(
+        SafetyJobConfig(
+            checkpoint=str(checkpoint),
+            data=[str(fleet)],
+            demos=[str(demos)],
+            model=SafetyConfig(hidden=16, flow_steps=20, rnd_steps=20, risk_steps=20, ldm_steps=20),
+            num_samples=3,
+            calibration_ratio=0.5,
+            device=str(device),
+        )
+    )
+    assert summary["calibration_episodes"] == 2 and set(summary["filter_thresholds"]) == {"novelty", "ldm"}
+    runner = PolicyRunner.from_checkpoint(
+        checkpoint, num_samples=4, device=str(device), safety_filter=FilterConfig(mode="ldm")
+    )
+    assert_float32_action(
+        runner.act({"ee_pos": np.full(3, 0.4, np.float32), "goal": np.full(3, 0.4, np.float32)})
+    )
+    assert runner.signals["filter"] in ("pass", "switched", "hold")
+    suite, plan = runner.safety.suite, runner.safety.last
+    assert plan.state.device.type == device.type
+    recorded = Rollout([0], [plan.state.cpu()], [plan.candidates.cpu()], [0], [0.0], length=1, success=True)
+    scores = rollout_scores(suite, recorded)
+    assert set(scores) >= {"novelty", "ldm"} and all(np.isfinite(v).all() for v in scores.values())
+
+
+def test_safety_models_fit_calibrate_and_filter_on_the_cpu_the_same_way(stores, tmp_path):  # noqa: F811
+    safety_models_on(CPU, stores, tmp_path)

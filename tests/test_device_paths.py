@@ -311,6 +311,9 @@ def test_robots_in_threads_build_and_replay_their_graphs_while_others_plan_eager
 # ------------------------------------------------------------------------------------------- compile
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a CPU compile (CI runs it): spares the GPU suite's minutes"
+)
 def test_flotilla_train_compiles_in_reduce_overhead_mode_and_bad_settings_are_one_line(tmp_path, monkeypatch):
     # reduce-overhead is CUDA graphs for the step on a GPU; on the CPU it compiles as default. An ensemble
     # (its bootstrap counts come from the host: a graph break) trains through it too.

@@ -102,9 +102,16 @@ def test_format2_safety_models_filter_as_when_written(name):
 
 
 def test_a_registry_written_by_the_last_release_serves_its_version(make_server, tmp_path):
+    """A server started on it serves the version (files as published, acting as recorded, safety signals
+    included) and takes the allocator's request thresholds from the version's own calibration."""
     registry = tmp_path / "registry"
     shutil.copytree(V2 / "registry", registry)
     server = make_server(registry_dir=str(registry))
+    published = V2 / "registry" / REGISTRY_VERSION
+    calibrated = json.loads((published / "safety.json").read_text())["thresholds"]
+    allocator = server.server.fleet.allocator
+    assert allocator.risk.schedule.thresholds == calibrated["risk"]["thresholds"]
+    assert allocator.uncertainty.schedule.thresholds == calibrated["uncertainty"]["thresholds"]
     versions = list_policies(server.address, "robot-token")
     assert (list(versions.versions), versions.latest, list(versions.damaged)) == (
         [REGISTRY_VERSION],
@@ -112,8 +119,7 @@ def test_a_registry_written_by_the_last_release_serves_its_version(make_server, 
         [],
     )
     fetched = fetch_checkpoint(server.address, "robot-token", tmp_path / "fetched")
-    published = V2 / "registry" / REGISTRY_VERSION
-    assert sorted(p.name for p in fetched.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in fetched.iterdir()) == sorted(p.name for p in published.glob("[!.]*"))
     assert all(p.read_bytes() == (published / p.name).read_bytes() for p in fetched.iterdir())
     assert load_checkpoint(fetched).version == REGISTRY_VERSION
     assert_acts_as_recorded(act_through(fetched, 4), RECORD_V2["expected"]["registry"]["num_samples_4"])

@@ -19,7 +19,8 @@ model.safetensors holds `members.<i>.*` for i < E.
 
 Older formats keep loading: format 1 (written before the typed configs) kept the policy's constructor
 arguments flat in `policy_config` beside `kind`, the encoder's as `image_*`; ``read_config`` returns
-every format in format 2's shape (with `format` as written). tests/fixtures/checkpoints_v1 holds some.
+every format in format 2's shape (with `format` as written). tests/fixtures/checkpoints_v1 holds some, and
+tests/fixtures/checkpoints_v2 format-2 ones written by release 0c2d448.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def test_a_registry_written_by_the_last_release_serves_its_version(make_server, 
     assert_acts_as_recorded(act_through(fetched, 4), RECORD_V2["expected"]["registry"]["num_samples_4"])
 
 
-@pytest.mark.parametrize(("folder", "version"), [(V1, "v1"), (V2, "v2")])
+@pytest.mark.parametrize(("folder", "version"), [(V1, "v1"), (V2, "v2")], ids=["v1", "v2"])
 def test_old_checkpoints_keep_their_version_and_settings(folder, version):
     checkpoint = load_checkpoint(folder / "gc_diffusion")
     assert checkpoint.version == f"gc_diffusion-{version}" and checkpoint.action_space.kind == "target"

@@ -22,7 +22,7 @@ plan allocating or synchronizing during a capture would fail or invalidate it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -32,12 +32,22 @@ _CAPTURE = threading.Lock()  # one capture at a time in this process
 
 
 class GraphedPlanner:
-    """``policy.predict_action`` for one observation at fixed shapes, replayed from a CUDA graph."""
+    """``policy.predict_action`` for one observation at fixed shapes, replayed from a CUDA graph.
+    ``features(obs, goal)``, when given, is captured into the same graph (a safety filter's embedding of
+    the observation: no second, eager encoder pass per plan); its result is ``self.features``."""
 
-    def __init__(self, policy, num_samples: int, device: torch.device, warmup: int = 3):
+    def __init__(
+        self,
+        policy,
+        num_samples: int,
+        device: torch.device,
+        warmup: int = 3,
+        features: Callable[[dict, torch.Tensor | None], torch.Tensor] | None = None,
+    ):
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.policy, self.num_samples, self.device = policy, num_samples, device
+        self._features = features
         meta = policy.shape_meta
         self.obs = {
             key: torch.zeros(
@@ -58,10 +68,11 @@ class GraphedPlanner:
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.out = self._predict()
+                self.out, self.features = self._predict()
 
-    def _predict(self) -> torch.Tensor:
-        return self.policy.predict_action(self.obs, self.goal, num_samples=self.num_samples)
+    def _predict(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.policy.predict_action(self.obs, self.goal, num_samples=self.num_samples)
+        return out, (None if self._features is None else self._features(self.obs, self.goal))
 
     def __call__(
         self, obs: Mapping[str, torch.Tensor], goal: torch.Tensor | None, seed: int | None = None

@@ -176,8 +176,9 @@ class PolicyRunner:
                 )
             goal_tensor = torch.as_tensor(np.asarray(goal, dtype=np.float32))[None].to(self.device)
         if self.cuda_graphs:
-            if self._graph is None:
-                self._graph = GraphedPlanner(self.policy, self.num_samples, self.device)
+            if self._graph is None:  # the safety models' input too: one replay, no eager encoder pass
+                features = self.safety.features if self.safety is not None else None
+                self._graph = GraphedPlanner(self.policy, self.num_samples, self.device, features=features)
             samples = self._graph(obs, goal_tensor, self.noise_seed)[0]  # (K, Tp, A)
         else:
             noise = (
@@ -193,7 +194,8 @@ class PolicyRunner:
             self.uncertainty = float(normalized.std(dim=0).mean() / 2.0)
         choice = 0
         if self.safety is not None:
-            choice = self.safety.review(obs, goal_tensor, executed, self.uncertainty)
+            features = self._graph.features if self._graph is not None else None
+            choice = self.safety.review(obs, goal_tensor, executed, self.uncertainty, features)
             self.signals = self.safety.signals
             if choice is None:
                 return

@@ -20,7 +20,7 @@ from policies.data.windows import WindowDataset
 from policies.device import DeviceError, process_device, resolve_precision
 from policies.models.factory import ShapeMeta
 from policies.runner import PolicyRunner
-from policies.safety.models import load_safety
+from policies.safety.models import load_safety, policy_features
 from tests.test_device import META, D, fitted, observation, windows, write_store
 from tests.test_safety_filter import ACTION_DIM, ACTION_STEPS, STATE_DIM, safe_checkpoint  # noqa: F401
 from tests.test_safety_train import stores  # noqa: F401
@@ -202,7 +202,9 @@ def test_every_policys_plan_stays_on_its_device_so_a_cuda_graph_can_capture_it(k
     watch = HostToDevice()
     with torch.inference_mode(), watch:
         out = policy.predict_action(obs, goal, num_samples=3)
+        features = policy_features(policy, obs, goal)  # the safety models' input, captured with the plan
     assert out.shape == (1, 3, policy.horizon, meta.action_dim) and out.device.type == "meta"
+    assert features.shape[0] == 1 and features.device.type == "meta"
     assert watch.ops == []
 
 
@@ -437,3 +439,54 @@ def safety_models_on(device, stores, tmp_path):  # noqa: F811
 
 def test_safety_models_fit_calibrate_and_filter_on_the_cpu_the_same_way(stores, tmp_path):  # noqa: F811
     safety_models_on(CPU, stores, tmp_path)
+
+
+def graph_and_eager_filters_agree(device, safe_checkpoint, cuda_graphs):  # noqa: F811
+    """A filtering runner with the embedding precomputed (CUDA graphs: captured with the plan) against one
+    that embeds eagerly: the same actions, signals and decisions."""
+    from policies.safety.filter import FilterConfig
+    from tests.test_safety_filter import K, observations
+
+    runners = [
+        PolicyRunner.from_checkpoint(
+            safe_checkpoint,
+            K,
+            device=device,
+            noise_seed=4,
+            cuda_graphs=graphs,
+            safety_filter=FilterConfig(mode="ldm"),
+        )
+        for graphs in (False, cuda_graphs)
+    ]
+    eager, other = runners
+    if not cuda_graphs:  # hand the filter the embedding computed ahead of time, as a graph's replay does
+        review = other.safety.review
+
+        def given_features(obs, goal, executed, uncertainty=0.0, features=None):
+            assert features is None  # (an eager runner has none to give)
+            return review(obs, goal, executed, uncertainty, other.safety.features(obs, goal))
+
+        other.safety.review = given_features
+    decisions = set()
+    for obs in observations(24):
+        np.testing.assert_allclose(other.act(obs), eager.act(obs), atol=1e-4)
+        assert (
+            other.signals.keys() == eager.signals.keys()
+            and other.signals["filter"] == eager.signals["filter"]
+        )
+        for name, value in eager.signals.items():
+            if name != "filter":
+                assert abs(other.signals[name] - value) <= 1e-3 * max(1.0, abs(value)), name
+        decisions.add(eager.signals["filter"])
+    assert len(decisions) >= 2  # the observations' spread makes the filter both pass and switch or hold
+    return other
+
+
+def test_the_filter_given_the_embedding_decides_as_when_it_computes_it(safe_checkpoint):  # noqa: F811
+    graph_and_eager_filters_agree("cpu", safe_checkpoint, False)
+
+
+@cuda
+def test_a_graphed_runner_filters_as_the_eager_one_with_the_embedding_in_its_graph(safe_checkpoint):  # noqa: F811
+    runner = graph_and_eager_filters_agree("cuda", safe_checkpoint, True)
+    assert runner.graph_replays > 0 and runner._graph.features is not None

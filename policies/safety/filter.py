@@ -86,6 +86,10 @@ class SafetyFilter:
         self.signals: dict[str, float | str] = {}
         self.last: Plan | None = None
 
+    def features(self, obs: dict[str, torch.Tensor], goal: torch.Tensor | None) -> torch.Tensor:
+        """(B, Ds): what the safety models see of an observation (the policy's embedding)."""
+        return policy_features(self.policy, obs, goal)
+
     @torch.inference_mode()
     def review(
         self,
@@ -93,10 +97,12 @@ class SafetyFilter:
         goal: torch.Tensor | None,
         executed: torch.Tensor,
         uncertainty: float = 0.0,
+        features: torch.Tensor | None = None,
     ) -> int | None:
         """`executed`: (K, Ta, A) unnormalized candidate chunks; `uncertainty`: their sampling spread (for
-        "agree"). The index to execute, or None: hold."""
-        state = policy_features(self.policy, obs, goal)[0]
+        "agree"); `features`: ``self.features(obs, goal)`` if already computed (a CUDA graph's). The index
+        to execute, or None: hold."""
+        state = (self.features(obs, goal) if features is None else features)[0].clone()
         candidates = chunk_summary(self.policy, executed, self.action_steps)
         scores = (
             {}

@@ -55,6 +55,9 @@ def evaluate(
     kwargs = dict(env_kwargs or {})
     if max_steps is not None:
         kwargs["max_steps"] = max_steps
+    image_size = policy_image_size(runner.policy.shape_meta.obs, kwargs.get("image_size"))
+    if image_size is not None:
+        kwargs["image_size"] = image_size
     env = make_env(task, seed=seed, cameras=tuple(cameras), **kwargs)
     successes, lengths, violations, uncertainties, frames, held = [], [], 0, [], [], 0
     try:
@@ -92,6 +95,26 @@ def evaluate(
         "held_steps": held,  # steps the safety filter held the robot (no candidate passed)
         "video": str(video_path) if video_path is not None and frames else None,
     }
+
+
+def policy_image_size(obs_shapes: dict[str, tuple[int, ...]], asked: int | None) -> int | None:
+    """The camera size the sim must render for this policy: the size it was trained on (the sim's default
+    may differ, e.g. a checkpoint trained on 24x24 demos), or None for a policy without cameras. A size
+    asked for (``task.env.image_size``) that the policy cannot take is a config error naming both."""
+    sizes = {key: shape[:2] for key, shape in obs_shapes.items() if len(shape) == 3}
+    if not sizes:
+        return None
+    distinct = set(sizes.values())
+    trained = next(iter(distinct))
+    if len(distinct) > 1 or trained[0] != trained[1]:
+        seen = ", ".join(f"{key} {h}x{w}" for key, (h, w) in sizes.items())
+        raise ConfigError("checkpoint", f"the policy sees {seen}; the sim renders square cameras of one size")
+    if asked is not None and int(asked) != trained[0]:
+        raise ConfigError(
+            "task.env.image_size",
+            f"{asked}, but the policy was trained on {trained[0]}x{trained[0]} camera images (leave it unset)",
+        )
+    return trained[0]
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, scale: int = 3) -> None:

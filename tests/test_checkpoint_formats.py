@@ -186,3 +186,15 @@ def test_inference_settings_changed_after_loading_are_what_a_checkpoint_keeps(tm
     )
     folder = save_checkpoint(tmp_path / "gc", policy, checkpoint.shape_meta, "gc-v2", checkpoint.action_space)
     assert load_checkpoint(folder).policy.config == policy.config
+
+
+def test_eval_renders_the_cameras_at_the_size_the_policy_was_trained_on():
+    """mlp_images was trained on 24x24 frames; the sim's default is larger. Eval renders at the policy's
+    size; a different size asked for is one config error naming both (was a shape traceback)."""
+    from configs.schema import ConfigError
+    from sim.evaluate import evaluate
+
+    result = evaluate(V1 / "mlp_images", "reach", episodes=1, max_steps=3, progress=False, device="cpu")
+    assert result["episodes"] == 1
+    with pytest.raises(ConfigError, match=r"task\.env\.image_size.*32.*trained on 24x24"):
+        evaluate(V1 / "mlp_images", "reach", 1, max_steps=3, env_kwargs={"image_size": 32}, progress=False)

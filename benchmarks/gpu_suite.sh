@@ -122,9 +122,9 @@ else
   EPISODES=20
 fi
 
-step tests 80 python3 -m pytest -q -rs -p no:cacheprovider tests/test_device.py tests/test_device_paths.py \
+step tests 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_device.py tests/test_device_paths.py \
   "${tests[@]}"
-step policy_latency 60 python3 -m benchmarks.policy_latency --device "$DEVICE" "${latency[@]}"
+step policy_latency 50 python3 -m benchmarks.policy_latency --device "$DEVICE" "${latency[@]}"
 step train_throughput 130 python3 -m benchmarks.train_throughput --device "$DEVICE" "${throughput[@]}"
 step train_throughput_compile 90 python3 -m benchmarks.train_throughput --device "$DEVICE" --compile "${compiled[@]}"
 
@@ -155,7 +155,7 @@ e2e() { # the real trainer and runner on the device: a checkpoint trained there,
 }
 export GPU_DATA WORK DEVICE pybullet TRAIN_ARGS EVAL_ARGS E2E_ARGS EPISODES
 export -f e2e
-step e2e 90 bash -c e2e
+step e2e 80 bash -c e2e
 
 for name in tests policy_latency train_throughput train_throughput_compile; do # the figures, on stdout too
   echo "----- $name.txt (end)"

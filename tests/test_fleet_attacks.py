@@ -2,12 +2,14 @@
 streams opened and left silent, peers that never read what the server sends. Each test pins a defect
 found by that attack; real gRPC on 127.0.0.1, a real zarr store in tmp_path."""
 
+import contextlib
 import threading
 import time
 
 import grpc
+import numpy as np
 
-from fleet.client import OperatorClient
+from fleet.client import OperatorClient, fetch_checkpoint, publish_checkpoint
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from fleet.server.ledger import MAX_NOTES
@@ -165,3 +167,30 @@ def committed_count(server) -> int:
 def notes_of(server) -> list:
     with EpisodeStore.open(server.config.store) as store:
         return store.episode_meta(0).extra.get("notes", [])
+
+
+def test_fetches_that_never_read_are_ended_and_a_good_fetch_gets_through(make_server, tmp_path):
+    # Before: a Fetch whose reader took nothing waited in its write for ever, holding megabytes: 400 of
+    # them (a robot token is enough) took flotilla serve from 109 MB to 1.7 GB, and growing.
+    server = make_server(max_concurrent_fetches=3, stalled_reader_s=1.0, registry_chunk_bytes=256 * 1024)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"version": "v1"}')
+    (folder / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4 * 1024 * 1024))
+    publish_checkpoint(server.address, "trainer-token", folder, "v1")
+    with grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        deaf = [
+            pb_grpc.RegistryServiceStub(channel).Fetch(pb.FetchRequest(), metadata=ROBOT_AUTH)
+            for _ in range(2)
+        ]
+        # The deaf ones hold two of the three turns (until their streams are gone): the third is free.
+        fetched = fetch_checkpoint(server.address, "robot-token", tmp_path / "fetched")
+        assert (fetched / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+        time.sleep(1.5)
+        for call in deaf:
+            chunks = 0
+            with contextlib.suppress(grpc.RpcError):
+                for _ in call:  # read only now: what the server still had in flight
+                    chunks += 1
+            assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (call.code(), call.details())
+            assert "not read" in call.details() and chunks < 17

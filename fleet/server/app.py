@@ -122,7 +122,14 @@ class FleetServer:
         pb_grpc.add_RobotServiceServicer_to_server(RobotService(fleet, auth), server)
         pb_grpc.add_OperatorServiceServicer_to_server(OperatorService(fleet, auth), server)
         pb_grpc.add_RegistryServiceServicer_to_server(
-            RegistryService(registry, config.registry_chunk_bytes, new_latest), server
+            RegistryService(
+                registry,
+                config.registry_chunk_bytes,
+                new_latest,
+                config.max_concurrent_fetches,
+                config.stalled_reader_s,
+            ),
+            server,
         )
         pb_grpc.add_AdminServiceServicer_to_server(AdminService(fleet), server)
         address = f"{config.host}:{config.port}"

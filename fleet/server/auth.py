@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import hmac
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ def _parsing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
         except FleetError as err:
             await context.abort(err.code, err.message)
 
-    if handler.response_streaming:
+    if handler.response_streaming and inspect.isasyncgenfunction(handler.unary_stream):
 
         async def unary_stream(request, context):
             await checked(request, context)
@@ -164,6 +165,13 @@ def _parsing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
                 yield response
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+    if handler.response_streaming:  # a handler that writes its responses itself (context.write)
+
+        async def unary_writing(request, context) -> None:
+            await checked(request, context)
+            await handler.unary_stream(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_writing, **kwargs)
 
     async def unary_unary(request, context):
         await checked(request, context)

@@ -53,6 +53,7 @@ class ServerConfig:
     writer_batch_episodes: int = 16  # most episodes committed in one commit_many
     registry_dir: str = "data/registry"
     registry_chunk_bytes: int = 1024 * 1024
+    max_concurrent_fetches: int = 16  # checkpoint fetches sending at once; more wait their turn
     max_checkpoint_bytes: int = 4 * 1024**3
     allocation: AllocationConfig = dataclasses.field(default_factory=AllocationConfig)
     pre_intervention_steps: int = 15
@@ -106,6 +107,7 @@ class ServerConfig:
         for name in (
             "writer_queue_size",
             "registry_chunk_bytes",
+            "max_concurrent_fetches",
             "max_episode_steps",
             "max_step_bytes",
             "max_robots",

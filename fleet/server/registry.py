@@ -65,7 +65,8 @@ from fleet.registry_rules import (  # noqa: F401 - re-exported: the registry's r
     check_sha256,
     check_version,
 )
-from fleet.server.streams import FleetError, check_decoded
+from fleet.server.config import ServerConfig
+from fleet.server.streams import FleetError, check_decoded, write_replies
 
 log = logging.getLogger(__name__)
 
@@ -597,10 +598,23 @@ class _FileReader:
 
 
 class RegistryService(pb_grpc.RegistryServiceServicer):
-    def __init__(self, registry: PolicyRegistry, chunk_bytes: int, on_new_latest: Callable[[str], None]):
+    def __init__(
+        self,
+        registry: PolicyRegistry,
+        chunk_bytes: int,
+        on_new_latest: Callable[[str], None],
+        max_fetches: int = ServerConfig.max_concurrent_fetches,
+        stalled_reader_s: float = ServerConfig.stalled_reader_s,
+    ):
         self.registry = registry
         self.chunk_bytes = chunk_bytes
         self.on_new_latest = on_new_latest
+        # A Fetch in flight holds megabytes (its chunk in gRPC's buffers) for as long as its reader lets it:
+        # 400 fetches that never read took flotilla serve to 1.7 GB. So at most max_fetches send at once
+        # (the others wait their turn), and one whose reader stalls is ended (write_replies); it keeps its
+        # turn until its stream is gone (its last chunk is still held), so memory stays bounded.
+        self._sending = asyncio.Semaphore(max_fetches)
+        self.stalled_reader_s = stalled_reader_s
 
     async def Publish(self, requests, context):  # noqa: N802 - the generated servicer's name
         upload = None
@@ -638,7 +652,11 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
         self.on_new_latest(upload.version)
         return pb.PublishResult(version=upload.version, bytes=upload.total)
 
-    async def Fetch(self, request, context):  # noqa: N802
+    async def Fetch(self, request, context) -> None:  # noqa: N802
+        async with self._sending:
+            await write_replies(self._chunks(request, context), context, self.stalled_reader_s)
+
+    async def _chunks(self, request, context):
         try:
             version = request.version or self.registry.latest()
             if not version:

@@ -235,16 +235,23 @@ class SessionService:
 
 
 async def write_replies(replies: AsyncIterator, context: grpc.aio.ServicerContext, stall_s: float) -> None:
-    """Write a session's replies; a write the peer has not taken within `stall_s` ends the stream with
+    """Write a stream's replies; a write the peer has not taken within `stall_s` ends the stream with
     RESOURCE_EXHAUSTED. (A handler that yields its replies would wait in that write forever when the peer
-    never reads: gRPC's flow control stops it, and the stream, its task and its outbox stay.)"""
-    async with contextlib.aclosing(replies):  # the session's own cleanup runs however this ends
+    never reads: gRPC's flow control stops it, and the stream, its task and its outbox stay.)
+
+    At a stall `replies` is closed first, so its own cleanup runs now (a session leaves the fleet, a
+    fetch closes its file): the status itself waits behind the message the peer has not read, until it
+    reads or its connection ends, holding only that message."""
+    async with contextlib.aclosing(replies):
         async for reply in replies:
             try:
                 async with asyncio.timeout(stall_s):
                     await context.write(reply)
             except TimeoutError:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, NOT_READING)
+                break
+        else:
+            return
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, NOT_READING)
 
 
 def peer_of(context) -> str:

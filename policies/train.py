@@ -226,11 +226,12 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.compile:
         model = torch.compile(model, mode=cfg.compile_mode)
     drop_last = len(train_set) >= cfg.batch_size * world
+    # A resumed run starts its schedule at the saved step (stepping the schedule forward before any
+    # optimizer step made torch warn that the order was wrong).
+    resumed_at = step
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps)
+        optimizer, lambda s: _lr_factor(resumed_at + s, cfg.warmup_steps, cfg.steps)
     )
-    for _ in range(step):
-        schedule.step()
 
     writer = _tensorboard(out / "tb") if rank == 0 and cfg.tensorboard else None
     training_summary = {

@@ -12,8 +12,8 @@
 # all), going on after a failure. Writes 7 files to $OUT (the device tool brings back at most 8):
 #   summary.txt                  each step's exit status and seconds, and the verdict
 #   machine.txt                  GPU, driver, Python, torch, load; what was installed; the import check
-#   tests.txt                    tests/test_device.py and test_device_paths.py: the CUDA-only tests run
-#                                here (skipped in CI), the rest with CUDA present (device=auto takes it)
+#   tests.txt                    the test files naming this suite (test_device.py, test_device_paths.py):
+#                                their CUDA-only tests (skipped in CI), the rest with CUDA present
 #   policy_latency.txt           chunk latency at batch 1 and training samples/s, on the device
 #   train_throughput.txt         Flotilla's pipeline vs the reference, batch 64 and 256, GPU utilization,
 #                                chunk latency eager and CUDA-graphed
@@ -122,8 +122,9 @@ else
   EPISODES=20
 fi
 
-step tests 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_device.py tests/test_device_paths.py \
-  "${tests[@]}"
+# The test files that name this suite as where their CUDA-only tests run (test_device.py, test_device_paths.py).
+mapfile -t test_files < <(grep -l "benchmarks/gpu_suite.sh" tests/test_*.py | grep -v test_gpu_suite.py)
+step tests 100 python3 -m pytest -q -rs -p no:cacheprovider "${test_files[@]}" "${tests[@]}"
 step policy_latency 50 python3 -m benchmarks.policy_latency --device "$DEVICE" "${latency[@]}"
 step train_throughput 130 python3 -m benchmarks.train_throughput --device "$DEVICE" "${throughput[@]}"
 step train_throughput_compile 90 python3 -m benchmarks.train_throughput --device "$DEVICE" --compile "${compiled[@]}"

@@ -1,0 +1,168 @@
+"""Resource attacks on `flotilla serve` (a subprocess on 127.0.0.1): what a token holder's streams cost the
+server, in resident memory (RSS, /proc) and file descriptors, and whether it stays responsive.
+
+    python -m benchmarks.attacks [--streams 3000] [--fetches 400] [--resends 300000]
+
+- silent: streams opened with a robot token that never send their hello (ended after hello_timeout_s);
+- deaf robot: a robot that sends a resent message as fast as it can and never reads its Commands (its
+  replies stall; ended after stalled_reader_s, its outbox bounded);
+- deaf fetch: Fetch streams of a 16 MB checkpoint that never read (at most max_concurrent_fetches send;
+  a stalled one is ended after stalled_reader_s).
+Each row: RSS when the attack began, at its peak, and after the server's timeouts ran (freed memory stays
+with the process: the silent streams come in two waves, the second after the first was ended, so a peak
+that does not grow with the second wave is memory given back); open file descriptors; how long
+AdminService.Status took at the end. The fixes and tests: tests/test_fleet_attacks.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from benchmarks.common import machine_line, print_table
+from fleet.client import publish_checkpoint
+from fleet.proto import flotilla_pb2 as pb
+from fleet.proto import flotilla_pb2_grpc as pb_grpc
+from tests.fleet_harness import TOKEN, ServeProcess, free_port, serve_overrides
+
+TIMEOUTS = ("hello_timeout_s=3", "stalled_reader_s=3")  # shorter than the defaults (10 s): a quicker run
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def metadata(role: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {TOKEN[role]}")]
+
+
+def status_s(address: str) -> float:
+    began = time.monotonic()
+    with grpc.insecure_channel(address) as channel:
+        pb_grpc.AdminServiceStub(channel).Status(pb.StatusRequest(), metadata=metadata("admin"), timeout=30)
+    return time.monotonic() - began
+
+
+def watch(server: ServeProcess, seconds: float) -> tuple[float, float]:
+    """Peak RSS while waiting `seconds`; then the RSS."""
+    peak, deadline = rss_mb(server.pid), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        peak = max(peak, rss_mb(server.pid))
+    return peak, rss_mb(server.pid)
+
+
+def silent_streams(server: ServeProcess, count: int) -> list:
+    never = threading.Event()
+
+    def silence():
+        never.wait(120)
+        yield from ()
+
+    channels = [grpc.insecure_channel(server.address) for _ in range(max(1, count // 300))]
+    calls = []
+    for wave in range(2):
+        if wave:
+            time.sleep(int(TIMEOUTS[0].split("=")[1]) + 1.0)  # the first wave ended by hello_timeout_s
+        calls += [
+            pb_grpc.RobotServiceStub(channels[n % len(channels)]).Session(
+                silence(), metadata=metadata("robot")
+            )
+            for n in range(count // 2)
+        ]
+    return [calls, never, channels]
+
+
+def deaf_robot(server: ServeProcess, resends: int) -> list:
+    def requests():
+        yield pb.RobotMessage(
+            hello=pb.RobotHello(robot_id="deaf", task="attack", action_dim=2, boot_id="deaf-boot")
+        )
+        message = pb.RobotMessage(episode_start=pb.EpisodeStart(episode_id=1, seq=1))
+        for _ in range(resends + 1):
+            yield message
+
+    channel = grpc.insecure_channel(server.address)
+    return [[pb_grpc.RobotServiceStub(channel).Session(requests(), metadata=metadata("robot"))], channel]
+
+
+def deaf_fetches(server: ServeProcess, count: int, workdir: Path) -> list:
+    folder = workdir / "checkpoint"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text('{"format": 1}')
+    (folder / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(16 * 1024 * 1024))
+    publish_checkpoint(server.address, TOKEN["trainer"], folder, "v1")
+    channels = [grpc.insecure_channel(server.address) for _ in range(max(1, count // 50))]
+    calls = [
+        pb_grpc.RegistryServiceStub(channels[n % len(channels)]).Fetch(
+            pb.FetchRequest(), metadata=metadata("robot")
+        )
+        for n in range(count)
+    ]
+    return [calls, channels]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--streams", type=int, default=3000, help="silent streams")
+    parser.add_argument("--fetches", type=int, default=400, help="Fetch streams that never read")
+    parser.add_argument("--resends", type=int, default=300_000, help="messages of the deaf robot")
+    parser.add_argument("--wait", type=float, default=8.0, help="seconds to watch after each attack")
+    args = parser.parse_args()
+    print(machine_line(), "| load:", " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        attacks = [
+            ("silent streams", args.streams, lambda s: silent_streams(s, args.streams)),
+            ("deaf robot", args.resends, lambda s: deaf_robot(s, args.resends)),
+            ("deaf fetches", args.fetches, lambda s: deaf_fetches(s, args.fetches, workdir)),
+        ]
+        for name, size, attack in attacks:
+            store = workdir / f"{name.replace(' ', '_')}.zarr"
+            server = ServeProcess(
+                serve_overrides(store, workdir / "registry", free_port(), *TIMEOUTS)
+            ).start()
+            try:
+                before = rss_mb(server.pid)
+                held = attack(server)
+                peak, after = watch(server, args.wait)
+                answered = status_s(server.address)
+                rows.append([name, size, before, peak, after, fds(server.pid), answered, server.tracebacks()])
+                print(f"{name}: done", flush=True)
+                for call in held[0]:
+                    call.cancel()
+            finally:
+                server.kill9()
+    print_table(
+        [
+            "attack",
+            "size",
+            "RSS before MB",
+            "RSS peak MB",
+            "RSS after MB",
+            "fds after",
+            "Status s",
+            "tracebacks",
+        ],
+        rows,
+    )
+    print("load after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()

@@ -213,6 +213,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="3 steps, 10 calls, 10 episodes")
     args = parser.parse_args()
+    unknown = [name for name in args.networks.split(",") if name not in NETWORKS]
+    if unknown:
+        parser.error(
+            f"--networks: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(NETWORKS)}"
+        )
     if args.quick:
         args.steps, args.calls, args.episodes = 3, 10, 10
     torch.set_num_threads(args.threads)

@@ -5,15 +5,18 @@ found by that attack; real gRPC on 127.0.0.1, a real zarr store in tmp_path."""
 import contextlib
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from fleet.client import OperatorClient, fetch_checkpoint, publish_checkpoint
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
+from fleet.server import ServerThread
 from fleet.server.ledger import MAX_NOTES
-from fleet.store import EpisodeStore
+from fleet.store import EpisodeStore, StoreCorruptError
 from tests.fleet_harness import ServeProcess, free_port, serve_overrides
 from tests.fleet_harness import robot_client as harness_robot
 from tests.fleet_harness import wait_until as wait_for
@@ -22,7 +25,9 @@ from tests.test_fleet_server import (
     INTERVENTION,
     committed,
     hello,
+    make_config,
     operator_client,
+    raw_robot_session,
     robot_client,
     send,
     take_over,
@@ -194,3 +199,37 @@ def test_fetches_that_never_read_are_ended_and_a_good_fetch_gets_through(make_se
                     chunks += 1
             assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (call.code(), call.details())
             assert "not read" in call.details() and chunks < 17
+
+
+def test_a_damaged_last_chunk_leaves_the_server_serving_without_logging(tmp_path, clients):
+    # Before: flotilla serve refused to start on a store whose last chunk of an array was damaged (the
+    # chunk the next commit rewrites): no robot could be driven or stopped until someone repaired it.
+    config = make_config(tmp_path)
+    with ServerThread(config) as server:
+        robot = clients(robot_client(server))
+        for episode in (1, 2):
+            robot.start_episode(episode)
+            send(robot, episode, range(4))
+            robot.end_episode(episode, success=True)
+        assert committed(server, 2).num_episodes == 2
+        robot.close()
+    chunk = Path(config.store) / "data" / "state" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10])  # truncated
+
+    with ServerThread(config) as server:
+        fleet = status(server)
+        assert not fleet.writer_healthy and "damaged" in fleet.writer_error, fleet.writer_error
+        assert "data/state, steps [0, 8)" in fleet.writer_error, fleet.writer_error
+        _, error = raw_robot_session(
+            server, [hello("r2"), pb.RobotMessage(episode_start=pb.EpisodeStart(episode_id=1, seq=1))]
+        )
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and "damaged" in error.details(), error.details()
+        robot = clients(robot_client(server, "r3"))
+        wait_until(lambda: robot.state.mode == pb.MODE_AUTONOMOUS, what="the server driving a robot")
+        operator = clients(operator_client(server, "alice"))
+        operator.estop("r3")
+        wait_until(lambda: robot.state.estop, what="a stop reaching the robot")
+    with EpisodeStore.open(config.store) as store:  # readers still open it; the damage is named
+        assert store.num_episodes == 2
+        with pytest.raises(StoreCorruptError, match="data/state"):
+            store.episode(0)

@@ -36,7 +36,7 @@ from fleet.server.policy_thresholds import published_thresholds
 from fleet.server.registry import PolicyRegistry, RegistryService
 from fleet.server.robots import RobotService
 from fleet.server.writer import EpisodeWriter
-from fleet.store import EpisodeStore, StoreError
+from fleet.store import EpisodeStore, StoreCorruptError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,14 @@ class FleetServer:
             )
         for problem in problems:
             log.warning("INSECURE (insecure=true): %s", problem)
-        store = EpisodeStore.open(config.store, mode="a")
+        try:
+            store, damage = EpisodeStore.open(config.store, mode="a"), ""
+        except StoreCorruptError as err:
+            # Damage where the next commit would write (an array's last chunk): appending would build on
+            # it. Serve without logging rather than not at all: robots, operators and stops work, every
+            # step is refused with this message (robots keep them), readers still read the rest.
+            store, damage = EpisodeStore.open(config.store), f"the episode store is damaged: {err}"
+            log.error("%s; serving WITHOUT logging episodes until the store is repaired", damage)
         writer = EpisodeWriter(
             store,
             config.writer_queue_size,
@@ -101,6 +108,7 @@ class FleetServer:
             on_error=lambda key, message: loop.call_soon_threadsafe(self.fleet.writer_failed, key, message),
             on_commit=lambda keys: loop.call_soon_threadsafe(self.fleet.episodes_committed, keys),
         )
+        writer.error = damage
         registry = PolicyRegistry(config.registry_dir, config.max_checkpoint_bytes)
         self.metrics = Metrics(gauges=self._gauges(writer))
         self.writer = writer

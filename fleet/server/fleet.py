@@ -321,6 +321,8 @@ class Fleet:
                 PRECONDITION,
                 f"episode_start {start.episode_id}: episode {robot.episode_id} is still open; end it first",
             )
+        if not self.writer.store.writable:  # a damaged store, served read-only: the writer could not begin it
+            raise self._unwritable(f"episode_start {start.episode_id}")
         check_text(start.policy_version, "episode_start: policy_version")
         start_time = float(step_time(start.timestamp, f"episode_start {start.episode_id}"))
         goal = None
@@ -365,11 +367,7 @@ class Fleet:
             return  # the rest of an episode that is committed already, or that the server cut short
         if not self.writer.healthy:
             self.metrics.inc("steps_refused_store")
-            raise FleetError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the episode store cannot be written ({self.writer.error}); step seq {step.seq} "
-                "was NOT logged: keep it and resend later",
-            )
+            raise self._unwritable(f"step seq {step.seq}")
         label = self._decide_label(robot, step)
         flat = decode_step(step, robot.spec, robot.episode_goal, self.config.max_frame_bytes, label)
         if not self.writer.step(robot.episode_key, flat):
@@ -415,6 +413,13 @@ class Fleet:
                 f"{self.config.max_episode_steps}: committed as {TOO_LONG_OUTCOME!r}; the rest of "
                 "it is not logged: end it and start a new one",
             )
+
+    def _unwritable(self, what: str) -> FleetError:
+        return FleetError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the episode store cannot be written ({self.writer.error}); {what} was NOT logged: keep it "
+            "and resend later",
+        )
 
     def _decide_label(self, robot: Robot, step: pb.Step) -> np.uint8:
         """The label the store gets (see the module docstring): the server's word, not the robot's."""

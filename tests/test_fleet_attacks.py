@@ -233,3 +233,25 @@ def test_a_damaged_last_chunk_leaves_the_server_serving_without_logging(tmp_path
         assert store.num_episodes == 2
         with pytest.raises(StoreCorruptError, match="data/state"):
             store.episode(0)
+
+
+def test_a_stop_on_a_robot_not_yet_connected_is_latched_for_it(make_server, clients):
+    # Before: NOT_FOUND, and the robot (not back yet after a server restart, say) came back AUTONOMOUS.
+    server = make_server()
+    operator = clients(operator_client(server, "alice"))
+    bob = clients(operator_client(server, "bob"))
+    assert operator.next_update(5, kind="queue") is not None and bob.next_update(5, kind="queue") is not None
+    operator.estop("r1")
+    stops = Path(f"{server.config.store}.estop.json")  # where latched stops are kept
+    wait_until(lambda: stops.exists() and '"r1"' in stops.read_text(), what="the stop latched on disk")
+    bob.estop("r1", engage=False)  # not bob's stop to release
+    error = bob.next_update(5, kind="error").error
+    assert error.code == pb.ERROR_CODE_PERMISSION_DENIED and "stopped by ['alice']" in error.message
+    robot = clients(robot_client(server, "r1"))
+    wait_until(lambda: robot.state.message == "hello", what="the robot connected")
+    assert robot.state.estop and robot.state.mode == pb.MODE_HOLD
+    operator.estop("r1", engage=False)
+    wait_until(lambda: not robot.state.estop, what="the stop released by alice")
+    assert robot.state.mode == pb.MODE_AUTONOMOUS
+    bob.estop("r7", engage=False)  # nothing latched there
+    assert "no stop to release" in bob.next_update(5, kind="error").error.message

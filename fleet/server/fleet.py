@@ -727,18 +727,10 @@ class Fleet:
         by = operator.operator_id
         robot = self.robots.get(robot_id) if robot_id else None
         if robot_id and robot is None:
-            raise FleetError(grpc.StatusCode.NOT_FOUND, f"estop: unknown robot {clip(robot_id)!r}")
+            self._estop_absent(robot_id, engage, operator)
+            return
         if robot is not None:
-            if not engage and not operator.is_admin and robot.estop and by not in robot.estop_by:
-                raise FleetError(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"estop: robot {robot_id!r} was stopped by {sorted(robot.estop_by)}; only they or an "
-                    "admin may release it",
-                )
-            if engage:
-                new_by = robot.estop_by | {by}
-            else:  # each engager's stop is their own: one released leaves another's latched (an admin: all)
-                new_by = set() if operator.is_admin else robot.estop_by - {by}
+            new_by = self._stoppers_after(robot_id, robot.estop_by, engage, operator)
             if new_by == robot.estop_by:
                 return  # nothing changes: no log line, no disk write (a flood of these costs nothing)
             robot.estop_by = new_by
@@ -770,6 +762,51 @@ class Fleet:
         log.warning("protective stop %s on %s by %s", what, robot_id or "the whole fleet", by)
         for target in targets:
             self._push(target, f"protective stop {what} by {by}" + ("" if robot_id else " (whole fleet)"))
+
+    def _estop_absent(self, robot_id: str, engage: bool, operator: Operator) -> None:
+        """A stop for a robot the server has no record of (not back yet after a restart, say): latched for
+        when it says hello, so a stop wins whenever it is asked for; released like any other."""
+        check_id(robot_id, "estop: robot_id")
+        if self.config.robot_ids and robot_id not in self.config.robot_ids:
+            raise FleetError(grpc.StatusCode.NOT_FOUND, f"estop: robot {robot_id!r} is not in robot_ids")
+        held = self._robot_estops.get(robot_id, set())
+        if not engage and not held:
+            raise FleetError(
+                grpc.StatusCode.NOT_FOUND, f"estop: unknown robot {robot_id!r}, no stop to release"
+            )
+        if engage and not held and len(self._robot_estops) >= self.config.max_robots:
+            raise FleetError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"estop: {len(self._robot_estops)} stops are latched already (max_robots)",
+            )
+        new_by = self._stoppers_after(robot_id, held, engage, operator)
+        if new_by == held:
+            return
+        if new_by:
+            self._robot_estops[robot_id] = new_by
+        else:
+            self._robot_estops.pop(robot_id, None)
+        self._save_estops(now=engage)
+        log.warning(
+            "protective stop %s on %s (not connected) by %s",
+            "engaged" if engage else "released",
+            robot_id,
+            operator.operator_id,
+        )
+
+    @staticmethod
+    def _stoppers_after(robot_id: str, held: set[str], engage: bool, operator: Operator) -> set[str]:
+        """Who holds a robot's stop after this request. Each engager's stop is their own: one released
+        leaves another's latched; only they or an admin (who releases all) may release theirs."""
+        by = operator.operator_id
+        if engage:
+            return held | {by}
+        if not operator.is_admin and held and by not in held:
+            raise FleetError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"estop: robot {robot_id!r} was stopped by {sorted(held)}; only they or an admin may release it",
+            )
+        return set() if operator.is_admin else held - {by}
 
     def _save_estops(self, now: bool = False) -> None:
         """Keep the latched stops on disk. An engaged stop is saved `now`, before anyone is told of it (~2 ms

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import zarr
 
 from fleet.client import OperatorClient, fetch_checkpoint, publish_checkpoint
 from fleet.proto import flotilla_pb2 as pb
@@ -255,3 +256,57 @@ def test_a_stop_on_a_robot_not_yet_connected_is_latched_for_it(make_server, clie
     assert robot.state.mode == pb.MODE_AUTONOMOUS
     bob.estop("r7", engage=False)  # nothing latched there
     assert "no stop to release" in bob.next_update(5, kind="error").error.message
+
+
+def test_an_episode_is_bounded_in_bytes_too(make_server, clients):
+    # Before: only in steps (10,000): a hello may declare 16 MB steps, and an open episode is held in
+    # memory until it ends (60 such steps took flotilla serve to 1.2 GB; 10,000 would be 160 GB).
+    step_bytes = 3 * 4 + 8 * 8 * 3  # SPEC in tests/test_fleet_server.py: float32 state (3), uint8 rgb 8x8x3
+    server = make_server(max_episode_bytes=5 * step_bytes)
+    messages = []
+    robot = clients(robot_client(server, on_command=lambda command, state: messages.append(command.message)))
+    robot.start_episode(1)
+    send(robot, 1, range(8))
+    robot.end_episode(1, success=True)
+    robot.start_episode(2)
+    send(robot, 2, range(2))
+    robot.end_episode(2, success=True)
+    assert robot.wait_committed(timeout=10) and robot.error is None
+    assert any(f"max_episode_bytes={5 * step_bytes}" in message for message in messages), messages
+    store = committed(server, 2)
+    assert [(store.episode_meta(i).outcome, store.episode_meta(i).length) for i in range(2)] == [
+        ("too_long", 5),
+        ("success", 2),
+    ]
+
+
+def record_depth(store: EpisodeStore, first: int, length: int) -> None:
+    episode = store.begin_episode("r1", "push")
+    for t in range(first, first + length):
+        episode.append({"depth": np.full((64, 64), t, np.float32)}, np.zeros(2, np.float32), "robot")
+    episode.commit(success=True)
+
+
+def test_large_low_dim_steps_get_chunks_of_bounded_bytes_and_old_stores_keep_theirs(tmp_path, monkeypatch):
+    # Before: every non-image array was chunked 1024 steps long, so a float32 depth map (1.2 MB a step)
+    # made 1.2 GB chunks, rewritten whole by every commit, and a hello declaring a 16 MB observation one
+    # of 16 GB (zarr allocated it: a robot token could run the server out of memory).
+    import fleet.store.episode_store as episode_store
+
+    store = EpisodeStore.create(tmp_path / "new.zarr")
+    record_depth(store, 0, 5)
+    rows = zarr.open_array(str(tmp_path / "new.zarr" / "data" / "depth"), mode="r").chunks[0]
+    assert rows == episode_store.LOWDIM_CHUNK_BYTES // (64 * 64 * 4) == 256  # 16 kB steps
+    assert zarr.open_array(str(tmp_path / "new.zarr" / "data" / "action"), mode="r").chunks[0] == 1024
+    store.close()
+    # A store written before the byte bound keeps its 1024-row chunks: it opens, appends and reads back.
+    monkeypatch.setattr(episode_store, "LOWDIM_CHUNK_BYTES", 1 << 40)
+    old = EpisodeStore.create(tmp_path / "old.zarr")
+    record_depth(old, 0, 2)
+    old.close()
+    monkeypatch.undo()
+    with EpisodeStore.open(tmp_path / "old.zarr", mode="a") as old:
+        record_depth(old, 2, 2)
+    with EpisodeStore.open(tmp_path / "old.zarr") as old:
+        assert zarr.open_array(str(tmp_path / "old.zarr" / "data" / "depth"), mode="r").chunks[0] == 1024
+        assert [old.episode(i)["depth"][:, 0, 0].tolist() for i in range(2)] == [[0, 1], [2, 3]]

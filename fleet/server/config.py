@@ -64,6 +64,8 @@ class ServerConfig:
     resume_grace_s: float = 30.0  # a disconnected robot's open episode waits this long for it to resume
     shutdown_grace_s: float = 2.0
     max_episode_steps: int = 10_000  # an episode this long is committed with outcome "too_long"
+    # ... and one holding this many observation bytes (an open episode is kept in memory until it ends)
+    max_episode_bytes: int = 1024**3
     max_step_bytes: int = 16 * 1024 * 1024  # most bytes of observation a hello may declare per step
     # Liveness: a session that sends nothing (clients heartbeat when idle) for this long is ended; its
     # robot holds and goes back to the queue, or its operator is freed.
@@ -109,6 +111,7 @@ class ServerConfig:
             "registry_chunk_bytes",
             "max_concurrent_fetches",
             "max_episode_steps",
+            "max_episode_bytes",
             "max_step_bytes",
             "max_robots",
         ):

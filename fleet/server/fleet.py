@@ -93,6 +93,7 @@ class Robot:
     episode_key: str | None = None
     episode_goal: np.ndarray | None = None
     episode_steps: int = 0
+    episode_bytes: int = 0  # observation bytes the open episode holds in the writer's memory
     episode_start_seq: int = 0
     # Writer keys of this robot's episodes not yet committed -> the seq of their episode_start.
     uncommitted: dict[str, int] = field(default_factory=dict)
@@ -329,6 +330,7 @@ class Fleet:
         if start.HasField("goal") and robot.spec.goal_dim:
             goal = decode_vector(start.goal, robot.spec.goal_dim, f"episode_start {start.episode_id}: goal")
         robot.episode_id, robot.episode_goal, robot.episode_steps = start.episode_id, goal, 0
+        robot.episode_bytes = 0
         robot.episode_start_seq = start.seq
         robot.violation_cleared = False
         if (robot.robot_id, robot.boot_id, start.episode_id) in self._committed:
@@ -398,21 +400,28 @@ class Fleet:
             robot.policy_version = check_text(step.policy_version, f"step seq {step.seq}: policy_version")
         if robot.alloc.blocked and not blocked_before:
             self._push(robot, "constraint violation: holding until a human resets the robot")
+        # An open episode is held in memory until it ends: bounded in steps and in bytes (a hello may
+        # declare 16 MB steps: 60 of them took flotilla serve to 1.2 GB, 10,000 would be 160 GB).
+        robot.episode_bytes += sum(entry[4] for entry in robot.spec.wire_layout)
         if robot.episode_steps >= self.config.max_episode_steps:
-            log.warning(
-                "robot %s: episode %d reached max_episode_steps=%d; committed as %r",
-                robot.robot_id,
-                robot.episode_id,
-                self.config.max_episode_steps,
-                TOO_LONG_OUTCOME,
-            )
-            self._close_episode(robot, TOO_LONG_OUTCOME, keep_open=True)
-            self._push(
-                robot,
-                f"episode {step.episode_id} reached max_episode_steps="
-                f"{self.config.max_episode_steps}: committed as {TOO_LONG_OUTCOME!r}; the rest of "
-                "it is not logged: end it and start a new one",
-            )
+            limit = f"max_episode_steps={self.config.max_episode_steps}"
+        elif robot.episode_bytes >= self.config.max_episode_bytes:
+            limit = f"max_episode_bytes={self.config.max_episode_bytes}"
+        else:
+            return
+        log.warning(
+            "robot %s: episode %d reached %s; committed as %r",
+            robot.robot_id,
+            robot.episode_id,
+            limit,
+            TOO_LONG_OUTCOME,
+        )
+        self._close_episode(robot, TOO_LONG_OUTCOME, keep_open=True)
+        self._push(
+            robot,
+            f"episode {step.episode_id} reached {limit}: committed as {TOO_LONG_OUTCOME!r}; the rest of "
+            "it is not logged: end it and start a new one",
+        )
 
     def _unwritable(self, what: str) -> FleetError:
         return FleetError(

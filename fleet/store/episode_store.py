@@ -89,6 +89,10 @@ ATTRS_KEY = "flotilla_store"
 RESERVED_KEYS = ("action", "label", "timestamp", "goal")
 SIGNAL_PREFIX = "signal_"
 LOWDIM_CHUNK_STEPS = 1024
+# ... but at most this many bytes: a commit rewrites an array's last chunk whole, so a large non-image step
+# (a float depth map, a point cloud; a hello may declare 16 MB) at 1024 rows made one chunk of up to 16 GB.
+# Arrays created before this keep their 1024 rows (_layout_problem accepts them).
+LOWDIM_CHUNK_BYTES = 4 * 1024**2
 META_CHUNK_EPISODES = 4096
 
 # Schema rules (check_schema): key names that are safe as folder names, plain numeric dtypes, bounded steps.
@@ -817,7 +821,10 @@ class _Layout:
 def _data_layout(spec: FieldSpec) -> _Layout:
     if spec.is_image:
         return _Layout(spec.dtype, spec.shape, 1, "image")
-    return _Layout(spec.dtype, spec.shape, LOWDIM_CHUNK_STEPS, "lowdim")
+    step_bytes = max(1, math.prod(spec.shape) * spec.dtype.itemsize)
+    return _Layout(
+        spec.dtype, spec.shape, max(1, min(LOWDIM_CHUNK_STEPS, LOWDIM_CHUNK_BYTES // step_bytes)), "lowdim"
+    )
 
 
 def _meta_layout(dtype: Any) -> _Layout:
@@ -828,6 +835,10 @@ def _layout_problem(array: zarr.Array, layout: _Layout, legacy_ok: bool) -> str:
     """'' when `array`'s metadata decodes its chunks as `layout` says, else what differs. With `legacy_ok`
     (a format-1 store) the checksum codec may be absent."""
     got, want = _decoding_fields(array.metadata), _decoding_fields(_reference_metadata(layout))
+    if layout.compressor == "lowdim" and got["chunk_grid"] != want["chunk_grid"]:
+        legacy = dataclasses.replace(layout, chunk_rows=LOWDIM_CHUNK_STEPS)  # before LOWDIM_CHUNK_BYTES
+        if got["chunk_grid"] == _decoding_fields(_reference_metadata(legacy))["chunk_grid"]:
+            want["chunk_grid"] = got["chunk_grid"]
     if legacy_ok and {"name": "crc32c"} not in got["codecs"]:
         want["codecs"] = [codec for codec in want["codecs"] if codec["name"] != "crc32c"]
     return "; ".join(

@@ -55,8 +55,10 @@ from fleet.client import OperatorClient
 from fleet.client._session import _credentials, _metadata
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
+from fleet.server.config import is_loopback
 from fleet.stop_signals import StopSignals
 from teleop.config import ConsoleConfig
+from teleop.guard import ConnectionGuard, ensure_descriptors, guarded_protocols
 
 log = logging.getLogger(__name__)
 
@@ -587,6 +589,7 @@ class ConsoleApp:
     def __init__(self, config: ConsoleConfig):
         self.config = config
         self.sessions: dict[str, OperatorSession] = {}  # cookie -> session
+        self.origins = own_origins(config, config.port)  # (port 0: ConsoleThread sets them once it listens)
         self.app = Starlette(
             routes=[
                 Route("/", self.index),
@@ -613,12 +616,10 @@ class ConsoleApp:
             log.info("console: operator %s: session ended (%s)", session.operator_id, reason)
         return None if session.ended else session.close(reason)
 
-    def origin_ok(self, origin: str | None, host: str | None, secure: bool) -> bool:
-        """A browser names the page's origin; it must be this console's own (or an allowed one)."""
-        if not origin:
-            return False
-        own = f"{'https' if secure else 'http'}://{host}"
-        return origin == own or origin in self.config.allowed_origins
+    def origin_ok(self, origin: str | None) -> bool:
+        """A browser names the page's origin; it must be this console's own as configured (not the Host
+        header the client sent, which a DNS-rebinding page controls) or one in allowed_origins."""
+        return bool(origin) and (origin.lower() in self.origins or origin in self.config.allowed_origins)
 
     async def index(self, request: Request) -> Response:
         if self.session_of(request.cookies) is None:
@@ -626,7 +627,7 @@ class ConsoleApp:
         return FileResponse(STATIC / "console.html")
 
     async def signin(self, request: Request) -> Response:
-        if not self.origin_ok(request.headers.get("origin"), request.headers.get("host"), _secure(request)):
+        if not self.origin_ok(request.headers.get("origin")):
             return signin_page("This sign-in did not come from the console's own page.", 403)
         if request.headers.get("content-type", "").split(";")[0].strip() != FORM:
             return signin_page("Sign in with the console's form (application/x-www-form-urlencoded).", 415)
@@ -694,7 +695,7 @@ class ConsoleApp:
         )
 
     async def signout(self, request: Request) -> Response:
-        if not self.origin_ok(request.headers.get("origin"), request.headers.get("host"), _secure(request)):
+        if not self.origin_ok(request.headers.get("origin")):
             return Response("sign-out must come from the console's own page", 403)
         session = self.sessions.get(request.cookies.get(COOKIE, ""))
         if session is not None:
@@ -704,8 +705,7 @@ class ConsoleApp:
         return response
 
     async def socket(self, websocket: WebSocket) -> None:
-        secure = websocket.url.scheme == "wss"
-        if not self.origin_ok(websocket.headers.get("origin"), websocket.headers.get("host"), secure):
+        if not self.origin_ok(websocket.headers.get("origin")):
             await websocket.close(code=1008, reason="origin not allowed")
             return
         session = self.session_of(websocket.cookies)
@@ -756,6 +756,19 @@ class ConsoleApp:
         for session in list(self.sessions.values()):
             session.close()
         self.sessions.clear()
+
+
+def own_origins(config: ConsoleConfig, port: int) -> set[str]:
+    """The origins of the console's own pages as a browser names them: scheme://host:port as configured
+    (the port left out where it is the scheme's default), and localhost too on a loopback address."""
+    scheme = "https" if config.tls_cert else "http"
+    hosts = {config.host.lower()} | ({"localhost"} if is_loopback(config.host) else set())
+    default = port == (443 if scheme == "https" else 80)
+    origins = set()
+    for host in hosts:
+        named = f"{scheme}://[{host}]" if ":" in host else f"{scheme}://{host}"
+        origins |= {f"{named}:{port}"} | ({named} if default else set())
+    return origins
 
 
 def _secure(request) -> bool:
@@ -815,14 +828,22 @@ class ConsoleThread:
         self.config = config
         self.console = ConsoleApp(config)
         kwargs = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key} if config.tls_cert else {}
+        self.guard = ConnectionGuard(
+            config.read_timeout_s, config.max_connections, config.max_connections_per_client
+        )
+        http, ws = guarded_protocols(self.guard)
         self.server = uvicorn.Server(
             uvicorn.Config(
                 self.console.app,
                 host=config.host,
                 port=config.port,
                 log_level="warning",
-                ws="websockets-sansio",
+                http=http,
+                ws=ws,
                 ws_max_size=64 * 1024,
+                timeout_keep_alive=config.keep_alive_s,
+                # A browser's idle keep-alive (over TLS its close waits for the browser) must not hold a stop.
+                timeout_graceful_shutdown=config.shutdown_grace_s,
                 **kwargs,
             )
         )
@@ -836,12 +857,14 @@ class ConsoleThread:
         return f"{scheme}://{host}:{socket.getsockname()[1]}"
 
     def start(self, timeout: float = 20.0) -> ConsoleThread:
+        ensure_descriptors(self.config.max_connections)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError(f"the console did not start on {self.config.host}:{self.config.port}")
             time.sleep(0.02)
+        self.console.origins = own_origins(self.config, self.server.servers[0].sockets[0].getsockname()[1])
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +21,7 @@ from fleet.agent import OPERATOR, RobotAgent, observation_spec
 from fleet.client import RobotClient
 from sim.tasks import make_env
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -235,3 +241,104 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+# ---------------------------------------------------------------------- connection-level attackers
+
+
+SLOWLORIS_HEAD = b"GET / HTTP/1.1\r\nHost: console\r\n"  # then a header byte now and then, never the end
+UNSIGNED_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: console\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class Attackers:
+    """Raw sockets against the console from loopback addresses other than 127.0.0.1 (Linux routes all of
+    127/8 to lo), so an operator on 127.0.0.1 is another client: `first` is sent at once, then one byte of
+    `dribble` per `drip()` (a slowloris). Counts what the console answered and which sockets it closed."""
+
+    def __init__(self, url: str, count: int, first: bytes = b"", dribble: bool = False, addresses: int = 1):
+        hostport = url.split("//")[1]
+        self.target = (hostport.rsplit(":", 1)[0], int(hostport.rsplit(":", 1)[1]))
+        self.count, self.first, self.dribble, self.addresses = count, first, dribble, addresses
+        self.sockets: list[socket.socket] = []
+        self.answers: dict[socket.socket, bytes] = {}
+        self.closed: set[socket.socket] = set()
+        self.refused_connects = 0
+        self.timeout = 10.0
+
+    def open(self, timeout: float = 10.0) -> Attackers:
+        self.timeout = timeout
+        for n in range(self.count):
+            self._connect(n)
+        return self
+
+    def _connect(self, n: int) -> None:
+        s = socket.socket()
+        s.bind((f"127.0.0.{2 + n % self.addresses}", 0))
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.target)
+            if self.first:
+                s.sendall(self.first)
+        except OSError:  # the console's backlog is full (it cannot accept) or it reset us
+            self.refused_connects += 1
+            s.close()
+            return
+        s.setblocking(False)
+        self.sockets.append(s)
+
+    def reconnect(self) -> None:
+        """A sustained attack: as many new sockets as the console closed (the total stays `count`)."""
+        for n in range(self.count - self.still_open):
+            self._connect(n)
+
+    def drip(self) -> None:
+        """Read what came back, note closed sockets, send the still-open ones one more header byte."""
+        for s in self.sockets:
+            if s in self.closed:
+                continue
+            try:
+                while data := s.recv(65536):
+                    self.answers[s] = self.answers.get(s, b"") + data
+                self.closed.add(s)  # b"": the console closed it
+                continue
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.closed.add(s)
+                continue
+            if self.dribble:
+                with contextlib.suppress(OSError):
+                    s.send(b"x")
+
+    def statuses(self) -> Counter:
+        """HTTP status -> how many sockets got it ("" for none)."""
+        return Counter(self.answers.get(s, b"")[9:12].decode() for s in self.sockets)
+
+    @property
+    def still_open(self) -> int:
+        return len(self.sockets) - len(self.closed)
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()
+
+
+def console_process(*settings: str) -> tuple[subprocess.Popen, list[str]]:
+    """`flotilla console SETTINGS...` in its own process, its output read up to the line with its URL
+    (the lines so far are returned; the URL is the last line's third word)."""
+    console = subprocess.Popen(
+        [sys.executable, "-m", "flotilla.cli", "console", *settings],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    lines = []
+    for line in console.stdout:
+        lines.append(line)
+        if line.startswith("flotilla console: http"):
+            break
+    return console, lines

@@ -26,6 +26,7 @@ from fleet.client import OperatorClient
 from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 from fleet.server.app import AdminService
+from tests.console_harness import console_process
 from tests.test_fleet_server import (
     NEEDS_OPENSSL,
     committed,
@@ -243,19 +244,8 @@ def test_console_job_stops_gracefully_on_ctrl_c_and_a_service_managers_sigterm(s
     killed by the signal, -15, without closing its operators' sessions)."""
     import signal
 
-    console = subprocess.Popen(
-        [sys.executable, "-m", "flotilla.cli", "console", f"server={server.address}", "port=0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
+    console, lines = console_process(f"server={server.address}", "port=0")
     try:
-        lines = []
-        for line in console.stdout:
-            lines.append(line)
-            if line.startswith("flotilla console: http"):
-                break
         assert console.poll() is None, "".join(lines)
         console.send_signal(getattr(signal, stop_signal))
         out = console.communicate(timeout=30)[0]

@@ -1,0 +1,234 @@
+"""The console under connection-level attacks (no browser): raw sockets from other loopback addresses
+(127.0.0.2+) against a real console and fleet server. Slow requests are closed after read_timeout_s,
+connections beyond the caps get a 503 at once, a signed-in operator's protective stop still reaches the
+robot during a flood, the Origin is checked against the console's configured origins (not the Host
+header), and a TLS console stops promptly with a browser's idle connection open."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import signal
+import socket
+import ssl
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.console_harness import SLOWLORIS_HEAD, UNSIGNED_UPGRADE, Attackers, console_process, wait_for
+from tests.test_console_server import FORM, console_of, page_socket, request, sign_in
+from tests.test_fleet_server import NEEDS_OPENSSL, robot_client, self_signed_certificate, send
+
+
+def drip_until(attack: Attackers, predicate, timeout: float, what: str) -> None:
+    def dripped():
+        attack.drip()
+        return predicate()
+
+    wait_for(dripped, timeout, what, interval=0.2)
+
+
+def test_slow_and_silent_requests_are_closed_after_the_read_deadline(make_server):
+    """A slowloris (headers a byte at a time), sockets that never send, a slow sign-in body and a
+    keep-alive connection whose next request dribbles are all closed (408) after read_timeout_s; on the
+    old console they stayed open for as long as the client liked."""
+    server = make_server()
+    with console_of(server, read_timeout_s=1.0) as console:
+        slow = Attackers(console.url, 10, first=SLOWLORIS_HEAD, dribble=True).open()
+        silent = Attackers(console.url, 10).open()
+        body = f"POST /signin HTTP/1.1\r\nHost: c\r\nOrigin: {console.url}\r\nContent-Type: {FORM}\r\n"
+        body = body.encode() + b"Content-Length: 900\r\n\r\n"
+        slow_body = Attackers(console.url, 3, first=body + b"operator=a", dribble=True).open()
+        keep_alive = Attackers(
+            console.url, 3, first=b"GET /static/console.css HTTP/1.1\r\nHost: c\r\n\r\nGET /", dribble=True
+        ).open()
+        for attack in (slow, silent, slow_body, keep_alive):
+            drip_until(
+                attack, lambda a=attack: a.still_open == 0, 20, "the console to close the slow sockets"
+            )
+        assert slow.statuses() == {"408": 10} and silent.statuses() == {"408": 10}, (
+            slow.statuses(),
+            silent.statuses(),
+        )
+        assert slow_body.statuses() == {"408": 3}
+        for s in keep_alive.sockets:  # its first request was answered, the dribbled second one closed
+            assert keep_alive.answers[s].startswith(b"HTTP/1.1 200"), keep_alive.answers[s][:40]
+        assert console.guard.refused["too slow"] >= 26
+        wait_for(lambda: not console.guard.open, 15, "their slots freed")
+        status, _, _ = request(console, "GET", "/")  # a prompt client is served as before
+        assert status == 200
+
+
+def test_connections_beyond_the_caps_get_a_503_at_once_and_free_their_slots(make_server):
+    server = make_server()
+    with console_of(server, read_timeout_s=60.0, max_connections=12, max_connections_per_client=5) as console:
+        first = Attackers(console.url, 8).open()  # 127.0.0.2: 5 kept, 3 refused
+        drip_until(first, lambda: first.still_open == 5, 15, "3 sockets refused")
+        assert first.statuses() == {"": 5, "503": 3}
+        refused = next(first.answers[s] for s in first.sockets if s in first.answers)
+        assert b"127.0.0.2 has 5 open connections, at most 5" in refused, refused
+        status, _, _ = request(console, "GET", "/")  # another client (127.0.0.1) is served
+        assert status == 200
+        spread = Attackers(console.url, 10, addresses=5).open()  # 127.0.0.2-6: the console's 12 fill up
+        drip_until(spread, lambda: spread.still_open == 7, 15, "the console's 12 connections in use")
+        status, _, page = request(console, "GET", "/")
+        assert status == 503 and b"12 open connections, at most 12" in page, (status, page)
+        first.close()
+        spread.close()
+        wait_for(lambda: not console.guard.open, 15, "the slots freed")
+        assert request(console, "GET", "/")[0] == 200
+
+
+def test_an_operators_stop_reaches_the_robot_through_a_connection_flood(make_server, clients):
+    """Alice is signed in with her page open; 300 slow, 300 silent sockets and 100 unsigned WebSocket
+    upgrades from one address, 300 slow ones from 30 more. Her protective stop still lands on the robot
+    (on the old console a 1,500-socket slowloris took its descriptors and her stop never landed), another
+    operator can still load the console and sign in, and the flood's sockets are refused or closed."""
+    server = make_server(t_T=10_000)
+    robot = clients(robot_client(server))
+    robot.start_episode(1)
+    send(robot, 1, [0], uncertainty=0.0)
+    with console_of(server, read_timeout_s=2.0) as console:
+        alice = sign_in(console, "alice")
+        with page_socket(console, alice) as page:
+            attacks = [
+                Attackers(console.url, 300, first=SLOWLORIS_HEAD, dribble=True),
+                Attackers(console.url, 300),
+                Attackers(console.url, 100, first=UNSIGNED_UPGRADE),
+                Attackers(console.url, 300, first=SLOWLORIS_HEAD, dribble=True, addresses=30),
+            ]
+            for attack in attacks:
+                attack.open()
+                attack.drip()
+            t0 = time.monotonic()
+            page.send(json.dumps({"t": "estop", "robot": "r1"}))
+            wait_for(lambda: robot.state.estop, 20, "alice's stop to reach the robot", interval=0.001)
+            print(f"alice's stop -> robot during the flood: {(time.monotonic() - t0) * 1000:.1f} ms")
+            assert request(console, "GET", "/")[0] == 200
+            assert sign_in(console, "bob")
+            upgrades = attacks[2]
+            drip_until(upgrades, lambda: upgrades.still_open == 0, 20, "the unsigned upgrades closed")
+            assert set(upgrades.statuses()) <= {"403", "503"}, upgrades.statuses()
+            for attack in (attacks[0], attacks[1], attacks[3]):
+                drip_until(attack, lambda a=attack: a.still_open == 0, 30, "the flood's sockets closed")
+                assert set(attack.statuses()) <= {"408", "503"}, attack.statuses()
+            assert attacks[1].statuses()["503"]  # 127.0.0.2 was at its cap of 64
+            print("refused:", dict(console.guard.refused))
+            page.send(json.dumps({"t": "estop", "robot": "r1", "engage": False}))
+            wait_for(lambda: not robot.state.estop, 20, "the release")
+        for attack in attacks:
+            attack.close()
+
+
+def test_origin_is_checked_against_the_configured_origins_not_the_host_header(make_server):
+    """A DNS-rebinding page (evil.example resolving to the console) names itself in both Origin and Host:
+    the old check compared them and let it in. Own origins as configured, localhost on loopback, and
+    allowed_origins (a reverse proxy) pass."""
+    from websockets.sync.client import connect
+
+    server = make_server()
+    with console_of(server, allowed_origins=["https://console.example"]) as console:
+        port = console.url.rsplit(":", 1)[1]
+        form = {"Content-Type": FORM}
+        body = b"operator=alice&token=operator-token"
+        rebinding = {"Origin": f"http://evil.example:{port}", "Host": f"evil.example:{port}", **form}
+        assert request(console, "POST", "/signin", body, rebinding)[0] == 403
+        for origin, expected in [
+            (console.url, 303),
+            (f"http://localhost:{port}", 303),
+            ("https://console.example", 303),  # the proxy forwards its own Host; the origin is what counts
+            (f"http://127.0.0.1:{int(port) + 1}", 403),
+            ("https://console.example.evil", 403),
+        ]:
+            status = request(
+                console, "POST", "/signin", body, {"Origin": origin, "Host": "console.example", **form}
+            )[0]
+            assert status == expected, (origin, status)
+        cookie = sign_in(console, "alice")
+        rebound = UNSIGNED_UPGRADE.replace(b"Host: console", f"Host: evil.example:{port}".encode())
+        rebound = rebound.replace(
+            b"\r\n\r\n", f"\r\nOrigin: http://evil.example:{port}\r\nCookie: {cookie}\r\n\r\n".encode()
+        )
+        upgrade = Attackers(console.url, 1, first=rebound).open()
+        drip_until(upgrade, lambda: upgrade.still_open == 0, 15, "the rebinding page's socket refused")
+        assert upgrade.statuses() == {"403": 1}, upgrade.answers
+        url = console.url.replace("http", "ws") + "/ws"
+        with pytest.raises(InvalidStatus):
+            connect(url, origin=f"http://evil.example:{port}", additional_headers={"Cookie": cookie})
+        with connect(
+            url, origin="https://console.example", additional_headers={"Cookie": cookie}, open_timeout=20
+        ):
+            pass
+
+
+@NEEDS_OPENSSL
+def test_a_tls_console_stops_promptly_with_a_browsers_idle_connection_open(server, tmp_path):
+    """Over TLS, closing an idle keep-alive connection waits for the browser's answer; uvicorn waited for
+    it, and the old console's stop took its full 10 s join. Now idle connections do not hold the stop."""
+    from websockets.sync.client import connect
+
+    cert, key = self_signed_certificate(tmp_path)
+    settings = f"server={server.address}", "port=0", f"tls_cert={cert}", f"tls_key={key}", "keep_alive_s=60"
+    console, lines = console_process(*settings)
+    try:
+        url = lines[-1].split()[2]
+        trusted = ssl.create_default_context(cafile=str(cert))
+        browser = http.client.HTTPSConnection(url.split("//")[1], timeout=30, context=trusted)
+        browser.request("GET", "/static/console.css")
+        response = browser.getresponse()
+        assert response.status == 200
+        response.read()  # the connection stays open, idle, as a browser's does
+        address = browser.sock.getpeername()[:2]
+        preconnect = trusted.wrap_socket(socket.create_connection(address), server_hostname=address[0])
+        # (a browser's speculative connection: TLS set up, no request yet)
+        body = b"operator=alice&token=operator-token"
+        browser.request("POST", "/signin", body=body, headers={"Origin": url, "Content-Type": FORM})
+        response = browser.getresponse()
+        response.read()
+        cookie = {"Cookie": response.headers["set-cookie"].split(";")[0]}
+        wss = url.replace("https", "wss") + "/ws"
+        with connect(wss, origin=url, additional_headers=cookie, ssl=trusted, open_timeout=20) as page:
+            t0 = time.monotonic()
+            console.send_signal(signal.SIGTERM)
+            out = console.communicate(timeout=30)[0]
+            stopped = time.monotonic() - t0
+            print(f"TLS console stopped {stopped:.2f} s after SIGTERM with idle connections and a page open")
+            assert console.returncode == 0, "".join(lines) + out
+            assert stopped < 10.0, "the stop waited for an idle connection (ConsoleThread.stop's 10 s)"
+            with pytest.raises(ConnectionClosed):  # the page is told the console went away
+                while True:
+                    page.recv(5)
+        for idle in (browser.sock, preconnect):
+            idle.settimeout(5)
+            with contextlib.suppress(ssl.SSLError, ConnectionResetError):  # (dropped: no close_notify)
+                assert idle.recv(1) == b""  # the console closed it
+    finally:
+        console.kill()
+        console.wait()
+
+
+def test_console_job_refuses_bad_connection_limits_in_one_line():
+    from configs.schema import ConfigError
+    from teleop.config import ConsoleConfig
+
+    for settings, words in [
+        (dict(read_timeout_s=0), "read_timeout_s"),
+        (dict(max_connections=0), "max_connections"),
+        (dict(max_connections=10, max_connections_per_client=20), "more than max_connections"),
+        (dict(host="0.0.0.0", tls_cert="c", tls_key="k"), "allowed_origins"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            ConsoleConfig(**settings)
+        assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_ipv6_clients_count_against_their_64():
+    """One host commonly holds a whole IPv6 /64: a cap per address would not hold it back."""
+    from teleop.guard import client_of
+
+    assert client_of("2001:db8::1") == client_of("2001:db8::ffff:2") == "2001:db8::/64"
+    assert client_of("2001:db8:0:1::1") != client_of("2001:db8::1")
+    assert client_of("::ffff:10.0.0.1") == client_of("10.0.0.1") == "10.0.0.1"
+    assert client_of("127.0.0.2") != client_of("127.0.0.1")

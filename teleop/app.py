@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import html
 import json
 import logging
@@ -44,7 +45,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
@@ -58,7 +59,7 @@ from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from fleet.server.config import is_loopback
 from fleet.stop_signals import StopSignals
 from teleop.config import ConsoleConfig
-from teleop.guard import ConnectionGuard, ensure_descriptors, guarded_protocols
+from teleop.guard import ConnectionGuard, ConsoleLoop, ensure_descriptors, guarded_protocols
 
 log = logging.getLogger(__name__)
 
@@ -631,7 +632,10 @@ class ConsoleApp:
             return signin_page("This sign-in did not come from the console's own page.", 403)
         if request.headers.get("content-type", "").split(";")[0].strip() != FORM:
             return signin_page("Sign in with the console's form (application/x-www-form-urlencoded).", 415)
-        body = await _bounded_body(request, MAX_MESSAGE_BYTES)
+        try:
+            body = await _bounded_body(request, MAX_MESSAGE_BYTES)
+        except ClientDisconnect:  # gone, or too slow (teleop/guard.py closed it): nobody to answer
+            return Response(status_code=408)
         if body is None:
             return signin_page("That sign-in form is too large.", 413)
         try:
@@ -847,7 +851,14 @@ class ConsoleThread:
                 **kwargs,
             )
         )
-        self._thread = threading.Thread(target=self.server.run, name="console", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="console", daemon=True)
+
+    def _serve(self) -> None:
+        # TLS handshakes get read_timeout_s too: uvicorn leaves asyncio's 60 s, and a connection is only the
+        # guard's to count once its handshake is done.
+        loop = functools.partial(ConsoleLoop, tls_handshake_timeout=self.config.read_timeout_s)
+        with asyncio.Runner(loop_factory=loop) as runner:
+            runner.run(self.server.serve())
 
     @property
     def url(self) -> str:

@@ -8,6 +8,7 @@ classes (given to uvicorn.Config as `http` and `ws`) add, per ConsoleConfig:
 - read_timeout_s: a request's head and body must have arrived this long after its first byte (or after the
   connection opened): a slower one is closed (408). Idle keep-alive connections are uvicorn's
   timeout_keep_alive (keep_alive_s).
+- TLS handshakes must be done within read_timeout_s too (ConsoleLoop; asyncio's default is 60 s).
 - max_connections / max_connections_per_client: more open connections than that in all, or from one client
   address, and a new one is answered 503 at once and closed. An upgraded WebSocket keeps its slot until it
   closes (a signed-in page's socket, which is how a protective stop reaches the console in a flood).
@@ -71,6 +72,20 @@ class ConnectionGuard:
         if now - self._logged_at >= LOG_EVERY_S:
             self._logged_at = now
             log.warning("console: %s (%s so far: %d)", detail, kind, self.refused[kind])
+
+
+class ConsoleLoop(asyncio.SelectorEventLoop):
+    """The console's event loop: its TLS listener gives a handshake `tls_handshake_timeout` (asyncio's
+    default is 60 s, during which a socket that never starts TLS holds a descriptor uncounted)."""
+
+    def __init__(self, tls_handshake_timeout: float):
+        super().__init__()
+        self.tls_handshake_timeout = tls_handshake_timeout
+
+    async def create_server(self, *args, **kwargs):
+        if kwargs.get("ssl") is not None and kwargs.get("ssl_handshake_timeout") is None:
+            kwargs["ssl_handshake_timeout"] = self.tls_handshake_timeout
+        return await super().create_server(*args, **kwargs)
 
 
 def client_of(address: str) -> str:

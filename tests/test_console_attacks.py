@@ -164,6 +164,22 @@ def test_origin_is_checked_against_the_configured_origins_not_the_host_header(ma
 
 
 @NEEDS_OPENSSL
+def test_sockets_that_never_start_tls_are_closed_after_the_read_deadline(make_server, tmp_path):
+    """asyncio gives a TLS handshake 60 s, and until it is done the connection is not the guard's to
+    count: now the handshake has read_timeout_s as well."""
+    cert, key = self_signed_certificate(tmp_path)
+    with console_of(make_server(), tls_cert=str(cert), tls_key=str(key), read_timeout_s=1.0) as console:
+        silent = Attackers(console.url, 20).open()
+        t0 = time.monotonic()
+        drip_until(silent, lambda: silent.still_open == 0, 30, "the console to close them")
+        print(f"20 sockets that never started TLS closed after {time.monotonic() - t0:.2f} s")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        connection = http.client.HTTPSConnection(console.url.split("//")[1], timeout=10, context=trusted)
+        connection.request("GET", "/")
+        assert connection.getresponse().status == 200
+
+
+@NEEDS_OPENSSL
 def test_a_tls_console_stops_promptly_with_a_browsers_idle_connection_open(server, tmp_path):
     """Over TLS, closing an idle keep-alive connection waits for the browser's answer; uvicorn waited for
     it, and the old console's stop took its full 10 s join. Now idle connections do not hold the stop."""

@@ -8,6 +8,8 @@ server, in resident memory (RSS, /proc) and file descriptors, and whether it sta
   replies stall; ended after stalled_reader_s, its outbox bounded);
 - deaf fetch: Fetch streams of a 16 MB checkpoint that never read (at most max_concurrent_fetches send;
   a stalled one is ended after stalled_reader_s).
+- big steps: a robot whose hello declares a 16 MB float32 observation (max_step_bytes) streams one long
+  episode of such steps (the episode is cut at max_episode_bytes, here 256 MiB; chunks hold <= 4 MiB).
 Each row: RSS when the attack began, at its peak, and after the server's timeouts ran (freed memory stays
 with the process: the silent streams come in two waves, the second after the first was ended, so a peak
 that does not grow with the second wave is memory given back); open file descriptors; how long
@@ -27,12 +29,14 @@ import grpc
 import numpy as np
 
 from benchmarks.common import machine_line, print_table
+from fleet import codec
 from fleet.client import publish_checkpoint
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from tests.fleet_harness import TOKEN, ServeProcess, free_port, serve_overrides
 
-TIMEOUTS = ("hello_timeout_s=3", "stalled_reader_s=3")  # shorter than the defaults (10 s): a quicker run
+# Shorter than the defaults (10 s, 1 GiB): a quicker run.
+TIMEOUTS = ("hello_timeout_s=3", "stalled_reader_s=3", "max_episode_bytes=268435456")
 
 
 def rss_mb(pid: int) -> float:
@@ -100,6 +104,26 @@ def deaf_robot(server: ServeProcess, resends: int) -> list:
     return [[pb_grpc.RobotServiceStub(channel).Session(requests(), metadata=metadata("robot"))], channel]
 
 
+def big_steps(server: ServeProcess, count: int) -> list:
+    data = codec.to_tensor(np.zeros((2048, 2048), np.float32))
+
+    def requests():
+        hello = pb.RobotHello(robot_id="big", task="attack", action_dim=2, boot_id="big-boot")
+        hello.observation_spec["x"].CopyFrom(pb.TensorSpec(shape=[2048, 2048], dtype="float32"))
+        yield pb.RobotMessage(hello=hello)
+        yield pb.RobotMessage(episode_start=pb.EpisodeStart(episode_id=1, seq=1))
+        for t in range(count):
+            step = pb.Step(seq=t + 2, episode_id=1, t=t, action=codec.to_tensor(np.zeros(2, np.float32)))
+            step.label = pb.CONTROL_LABEL_ROBOT
+            step.observation["x"].CopyFrom(data)
+            yield pb.RobotMessage(step=step)
+
+    channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 << 20)])
+    call = pb_grpc.RobotServiceStub(channel).Session(requests(), metadata=metadata("robot"))
+    threading.Thread(target=lambda: [None for _ in call], daemon=True).start()  # read its commands
+    return [[call], channel]
+
+
 def deaf_fetches(server: ServeProcess, count: int, workdir: Path) -> list:
     folder = workdir / "checkpoint"
     folder.mkdir(exist_ok=True)
@@ -121,6 +145,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=3000, help="silent streams")
     parser.add_argument("--fetches", type=int, default=400, help="Fetch streams that never read")
     parser.add_argument("--resends", type=int, default=300_000, help="messages of the deaf robot")
+    parser.add_argument("--big-steps", type=int, default=200, help="16 MB steps of the big robot")
     parser.add_argument("--wait", type=float, default=8.0, help="seconds to watch after each attack")
     args = parser.parse_args()
     print(machine_line(), "| load:", " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
@@ -128,11 +153,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         attacks = [
-            ("silent streams", args.streams, lambda s: silent_streams(s, args.streams)),
-            ("deaf robot", args.resends, lambda s: deaf_robot(s, args.resends)),
-            ("deaf fetches", args.fetches, lambda s: deaf_fetches(s, args.fetches, workdir)),
+            ("silent streams", args.streams, lambda s: silent_streams(s, args.streams), args.wait),
+            ("deaf robot", args.resends, lambda s: deaf_robot(s, args.resends), args.wait),
+            ("deaf fetches", args.fetches, lambda s: deaf_fetches(s, args.fetches, workdir), args.wait),
+            ("big steps", args.big_steps, lambda s: big_steps(s, args.big_steps), 4 * args.wait),
         ]
-        for name, size, attack in attacks:
+        for name, size, attack, wait in attacks:
             store = workdir / f"{name.replace(' ', '_')}.zarr"
             server = ServeProcess(
                 serve_overrides(store, workdir / "registry", free_port(), *TIMEOUTS)
@@ -140,7 +166,7 @@ def main() -> None:
             try:
                 before = rss_mb(server.pid)
                 held = attack(server)
-                peak, after = watch(server, args.wait)
+                peak, after = watch(server, wait)
                 answered = status_s(server.address)
                 rows.append([name, size, before, peak, after, fds(server.pid), answered, server.tracebacks()])
                 print(f"{name}: done", flush=True)

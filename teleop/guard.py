@@ -9,9 +9,11 @@ classes (given to uvicorn.Config as `http` and `ws`) add, per ConsoleConfig:
   connection opened): a slower one is closed (408). Idle keep-alive connections are uvicorn's
   timeout_keep_alive (keep_alive_s).
 - TLS handshakes must be done within read_timeout_s too (ConsoleLoop; asyncio's default is 60 s).
-- max_connections / max_connections_per_client: more open connections than that in all, or from one client
-  address, and a new one is answered 503 at once and closed. An upgraded WebSocket keeps its slot until it
-  closes (a signed-in page's socket, which is how a protective stop reaches the console in a flood).
+- max_connections / max_connections_per_client: at max_connections, the oldest connection with no request
+  in progress (a slow one, or an idle keep-alive) is closed (503) to make room for a new one; with none
+  such, or past the cap for one client address, a new one is answered 503 at once and closed. An upgraded
+  WebSocket keeps its slot until it closes (a signed-in page's socket: how a protective stop reaches the
+  console in a flood).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ipaddress
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -46,20 +49,31 @@ class ConnectionGuard:
         self.open: dict[asyncio.BaseTransport, str] = {}  # transport -> client address
         self.per_client: Counter[str] = Counter()
         self.refused = Counter()  # why -> how many (read by tests and the benchmark)
+        # Connections with no request in progress (its head or body on the way, or an idle keep-alive),
+        # oldest first, each with how to close it: at max_connections the oldest makes room for a new one,
+        # so a flood of slow sockets cannot keep operators out; a request being served or a page's
+        # WebSocket is never closed for that.
+        self.waiting: dict[asyncio.BaseTransport, Callable[[], None]] = {}
         self.lingering = 0
         self._logged_at = 0.0
 
     def admit(self, transport: asyncio.BaseTransport, client: str) -> str | None:
         """None when the connection may stay (it is counted), else why it may not."""
-        if len(self.open) >= self.max_connections:
-            return f"the console has {len(self.open)} open connections, at most {self.max_connections}"
         if self.per_client[client] >= self.max_per_client:
             return f"{client} has {self.per_client[client]} open connections, at most {self.max_per_client}"
+        if len(self.open) >= self.max_connections and self.waiting:
+            next(iter(self.waiting.values()))()  # the oldest waiting connection makes room
+        if len(self.open) >= self.max_connections:
+            return (
+                f"the console has {len(self.open)} open connections, at most {self.max_connections}, all "
+                "serving requests or pages"
+            )
         self.open[transport] = client
         self.per_client[client] += 1
         return None
 
     def release(self, transport: asyncio.BaseTransport) -> None:
+        self.waiting.pop(transport, None)
         client = self.open.pop(transport, None)
         if client is not None:
             self.per_client[client] -= 1
@@ -159,10 +173,12 @@ def guarded_protocols(guard: ConnectionGuard) -> tuple[type, type]:
             self._arm()
 
         def _arm(self) -> None:
+            guard.waiting.setdefault(self.transport, self._make_room)
             if self._deadline is None:
                 self._deadline = self.loop.call_later(guard.read_timeout_s, self._too_slow)
 
         def _disarm(self) -> None:
+            guard.waiting.pop(self.transport, None)
             if self._deadline is not None:
                 self._deadline.cancel()
                 self._deadline = None
@@ -171,13 +187,21 @@ def guarded_protocols(guard: ConnectionGuard) -> tuple[type, type]:
             self._deadline = None
             if self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
                 return
-            guard.note(
-                "too slow", f"a request from {self.client} was not in after {guard.read_timeout_s:g} s"
+            detail = f"a request from {self.client} was not in after {guard.read_timeout_s:g} s"
+            self._close("too slow", detail, 408, "Request Timeout", "the request came in too slowly")
+
+        def _make_room(self) -> None:
+            detail = (
+                f"at {guard.max_connections} connections, the oldest waiting one ({self.client}) was closed"
             )
+            text = "the console is at its connection limit and closed this waiting connection for a new one"
+            self._close("closed to make room", detail, 503, "Service Unavailable", text)
+
+        def _close(self, kind: str, detail: str, status: int, reason: str, text: str) -> None:
+            guard.note(kind, detail)
+            guard.release(self.transport)  # (at once: its slot is wanted now)
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # nothing of an answer sent yet
-                self.transport.write(
-                    _plain_response(408, "Request Timeout", "the request came in too slowly")
-                )
+                self.transport.write(_plain_response(status, reason, text))
             self.transport.close()
 
         def data_received(self, data: bytes) -> None:
@@ -196,6 +220,8 @@ def guarded_protocols(guard: ConnectionGuard) -> tuple[type, type]:
         def on_response_complete(self) -> None:
             self._disarm()  # the keep-alive timer takes over until the next request's first byte
             super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                guard.waiting.setdefault(self.transport, self._make_room)  # idle: may make room
 
         def shutdown(self) -> None:
             """At a stop: an idle connection over TLS is dropped, not closed politely (that waits for the

@@ -61,23 +61,37 @@ def test_slow_and_silent_requests_are_closed_after_the_read_deadline(make_server
         assert status == 200
 
 
-def test_connections_beyond_the_caps_get_a_503_at_once_and_free_their_slots(make_server):
+def test_connection_caps_refuse_with_a_503_and_the_oldest_waiting_connection_makes_room(make_server):
+    """Past its cap one address gets a 503 at once; at the console's cap the oldest connection with no
+    request in progress is closed (503) for a new one, so slow sockets cannot keep an operator out;
+    with every slot serving a page, a new connection gets the 503, and a slot freed serves again."""
     server = make_server()
-    with console_of(server, read_timeout_s=60.0, max_connections=12, max_connections_per_client=5) as console:
-        first = Attackers(console.url, 8).open()  # 127.0.0.2: 5 kept, 3 refused
-        drip_until(first, lambda: first.still_open == 5, 15, "3 sockets refused")
-        assert first.statuses() == {"": 5, "503": 3}
+    with console_of(server, read_timeout_s=60.0, max_connections=6, max_connections_per_client=4) as console:
+        first = Attackers(console.url, 6).open()  # 127.0.0.2: 4 kept, 2 refused
+        drip_until(first, lambda: first.still_open == 4, 15, "2 sockets refused")
+        assert first.statuses() == {"": 4, "503": 2}
         refused = next(first.answers[s] for s in first.sockets if s in first.answers)
-        assert b"127.0.0.2 has 5 open connections, at most 5" in refused, refused
-        status, _, _ = request(console, "GET", "/")  # another client (127.0.0.1) is served
-        assert status == 200
-        spread = Attackers(console.url, 10, addresses=5).open()  # 127.0.0.2-6: the console's 12 fill up
-        drip_until(spread, lambda: spread.still_open == 7, 15, "the console's 12 connections in use")
-        status, _, page = request(console, "GET", "/")
-        assert status == 503 and b"12 open connections, at most 12" in page, (status, page)
+        assert b"127.0.0.2 has 4 open connections, at most 4" in refused, refused
+        spread = Attackers(console.url, 4, addresses=4).open()  # 127.0.0.2 (refused), .3-.5: 7 > 6
+        drip_until(first, lambda: first.still_open == 3, 15, "the oldest waiting connection closed")
+        assert request(console, "GET", "/")[0] == 200  # an operator gets in: the next oldest made room
+        drip_until(first, lambda: first.still_open == 2, 15, "one more closed for the operator")
+        made_room = [first.answers[s] for s in first.sockets[:2]]
+        assert all(b"closed this waiting connection for a new one" in answer for answer in made_room), (
+            made_room
+        )
+        assert console.guard.refused["closed to make room"] == 2
         first.close()
         spread.close()
         wait_for(lambda: not console.guard.open, 15, "the slots freed")
+    with console_of(server, max_connections=3, max_connections_per_client=3) as console:
+        cookie = sign_in(console, "alice")
+        with page_socket(console, cookie), page_socket(console, cookie), page_socket(console, cookie):
+            late = Attackers(console.url, 2).open()
+            drip_until(late, lambda: late.still_open == 0, 15, "the late sockets refused")
+            assert late.statuses() == {"503": 2}
+            assert b"all serving requests or pages" in late.answers[late.sockets[0]]
+        wait_for(lambda: not console.guard.open, 15, "the pages' slots freed")
         assert request(console, "GET", "/")[0] == 200
 
 

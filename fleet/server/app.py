@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -81,6 +83,7 @@ class FleetServer:
 
     async def start(self) -> None:
         config = self.config
+        raise_open_files_limit()
         loop = asyncio.get_running_loop()
         if not config.tokens:
             raise ValueError("serve: no tokens configured; every call would be refused")
@@ -123,6 +126,9 @@ class FleetServer:
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # A connection with no call open (one that only pings, or whose calls are done) is closed: a
+            # peer, even one without a token, cannot hold thousands of them (a file descriptor each).
+            ("grpc.max_connection_idle_ms", int(config.idle_connection_s * 1000)),
             *KEEPALIVE_OPTIONS,
         ]
         auth = TokenAuth(config.tokens)
@@ -234,6 +240,15 @@ class FleetServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def raise_open_files_limit() -> None:
+    """Every connection, stream file and chunk being written takes a file descriptor: use the hard limit
+    the system allows, not the soft one (often 1024, about a thousand connections)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class ServerThread:

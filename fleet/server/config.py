@@ -77,6 +77,7 @@ class ServerConfig:
     # A session that reads none of the server's replies for this long (gRPC's flow control holds the
     # write) is ended with RESOURCE_EXHAUSTED: its replies would pile up in the server for ever.
     stalled_reader_s: float = 10.0
+    idle_connection_s: float = 300.0  # a connection with no call open this long is closed (clients reconnect)
     # The teleop watchdog: a robot under an operator holds when no fresh action came for this long (the
     # console sends 25 per second while the deadman is held), so it holds within this + one control tick
     # of the operator's input stopping, however the page or its network failed.
@@ -125,6 +126,7 @@ class ServerConfig:
             "teleop_watchdog_s",
             "hello_timeout_s",
             "stalled_reader_s",
+            "idle_connection_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

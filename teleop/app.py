@@ -76,6 +76,9 @@ MAX_TABS = 8  # open pages per signed-in operator (each costs the console a flee
 MAX_QUEUED = 512  # messages waiting for a tab that does not read: past this it is closed (it reconnects)
 LINK_CHECK_S = 0.1  # how often a session looks at its link to the fleet server (the page shows it)
 SIGNIN_PENALTY_S = 1.0  # a refused sign-in answers after this long
+# The listen backlog, which is also how many connections asyncio accepts in one go before any is refused
+# (uvicorn's 2048 let a flood's burst take ~900 descriptors past max_connections).
+ACCEPT_BATCH = 256
 MODE_NAMES = {pb.MODE_UNSPECIFIED: "unknown", pb.MODE_AUTONOMOUS: "autonomous", pb.MODE_TELEOP: "teleop"}
 MODE_NAMES[pb.MODE_HOLD] = "hold"
 # No inline script or style, nothing from elsewhere: the page's own files, its socket and decoded frames.
@@ -848,6 +851,7 @@ class ConsoleThread:
                 timeout_keep_alive=config.keep_alive_s,
                 # A browser's idle keep-alive (over TLS its close waits for the browser) must not hold a stop.
                 timeout_graceful_shutdown=config.shutdown_grace_s,
+                backlog=ACCEPT_BATCH,
                 **kwargs,
             )
         )

@@ -4,11 +4,15 @@ the fleet server and serves the page operators work in.
     app = ConsoleApp(ConsoleConfig(server="127.0.0.1:50051")).app   # any ASGI server can run it
     ConsoleThread(config).start()                                    # uvicorn in a thread (tests, demo)
 
+(Under another ASGI server the connection limits of teleop/guard.py are that server's to set, and the
+console's own origin is its configured host and port: port 0 names none, so list them in allowed_origins.)
+
 Sign-in: the operator posts their operator id and token (a form, no script sees it); the console opens
 that operator's session with the fleet server (fleet.client.OperatorClient) and keeps the token on its
 side only. The browser gets a random session cookie (HttpOnly, SameSite=Strict). The page talks over one
-WebSocket (/ws): the upgrade is refused unless the Origin is the console's own (or listed in
-allowed_origins) and the cookie names a live session. Several operators at once, each in their own
+WebSocket (/ws): the upgrade is refused unless the Origin is the console's own as configured (never the
+Host header: a DNS-rebinding page sets that), or listed in allowed_origins, and the cookie names a live
+session. Several operators at once, each in their own
 browser (one fleet session per operator; their tabs share it).
 
 Over the WebSocket the page gets JSON text messages (`{"t": "fleet" | "queue" | "assignment" |

@@ -57,7 +57,11 @@ def start_console(server_address: str, root: Path, nofile: int, log: Path) -> tu
     )
     # systemd's default for a service: soft 1024, hard 524288 (no preexec_fn: the gRPC threads)
     hard = min(524288, resource.getrlimit(resource.RLIMIT_NOFILE)[1])  # (as far as this machine lets us)
-    resource.prlimit(console.pid, resource.RLIMIT_NOFILE, (nofile, hard))
+    try:
+        resource.prlimit(console.pid, resource.RLIMIT_NOFILE, (nofile, hard))
+    except OSError:
+        console.kill()  # (not left running without its limit)
+        raise
     deadline = time.monotonic() + 60
     while console.poll() is None and time.monotonic() < deadline:
         for line in log.read_text().splitlines():

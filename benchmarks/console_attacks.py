@@ -68,6 +68,7 @@ def start_console(server_address: str, root: Path, nofile: int, log: Path) -> tu
             if line.startswith("flotilla console: http"):
                 return console, line.split()[2]
         time.sleep(0.1)
+    console.kill()
     raise RuntimeError("the console did not start:\n" + log.read_text()[-2000:])
 
 

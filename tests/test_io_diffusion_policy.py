@@ -335,3 +335,23 @@ def test_train_on_an_imported_pusht_dataset(tmp_path):
     )  # fmt: skip
     config = json.loads((out / "checkpoints" / "latest" / "config.json").read_text())
     assert config["training"]["episodes"] == 6 and config["step"] == 4, result.stdout
+
+
+def test_a_wide_state_is_exported_in_chunks_of_bounded_bytes(tmp_path):
+    """A 1.6 MB state per step (a point cloud kept as low-dim) gets chunks of a few steps, as the store's,
+    not 1024 steps (a 1.6 GB chunk that the export had to build in memory); the values round-trip."""
+    from fleet.io.diffusion_policy import export_diffusion_policy
+    from fleet.store.episode_store import LOWDIM_CHUNK_BYTES
+
+    rng = np.random.default_rng(0)
+    with EpisodeStore.create(tmp_path / "wide.zarr") as store:
+        episode = store.begin_episode("robot-0", "push", "v1")
+        for t in range(6):
+            cloud = rng.normal(size=400_000).astype(np.float32)
+            episode.append({"cloud": cloud}, np.zeros(4, np.float32), ControlLabel.DEMO, timestamp=t * 0.1)
+        episode.commit(success=True)
+        export_diffusion_policy(store, tmp_path / "dp.zarr")
+        root = zarr.open_group(str(tmp_path / "dp.zarr"), mode="r", zarr_format=2)
+        state = root["data"]["state"]
+        assert state.chunks[0] == LOWDIM_CHUNK_BYTES // (400_000 * 4) and state.chunks[0] < 6
+        np.testing.assert_array_equal(state[:], store.episode(0)["cloud"])

@@ -40,10 +40,9 @@ from fleet.io.common import (
     progress,
     to_uint8_images,
 )
-from fleet.store.episode_store import SIGNAL_PREFIX, EpisodeStore
+from fleet.store.episode_store import LOWDIM_CHUNK_BYTES, LOWDIM_CHUNK_STEPS, SIGNAL_PREFIX, EpisodeStore
 
 ATTRS_KEY = "flotilla_export"
-LOWDIM_CHUNK_STEPS = 1024
 # Image chunks of about 2 MB, as DP's own stores have (a chunk per frame is a file per frame on disk and
 # a read per frame for DP's copy into memory; one chunk of everything is read whole for any window).
 IMAGE_CHUNK_BYTES = 2_000_000
@@ -106,7 +105,11 @@ def export_diffusion_policy(
             step_shape, dtype = schema[keys[0]].shape, schema[keys[0]].dtype
         image = len(step_shape) == 3 and dtype == np.uint8
         step_bytes = int(np.prod(step_shape)) * dtype.itemsize
-        chunk_steps = max(IMAGE_CHUNK_BYTES // step_bytes, 1) if image else LOWDIM_CHUNK_STEPS
+        # Low-dim chunks as the store's: 1024 steps, fewer when a step is large (a wide state vector).
+        chunk_bytes, most_steps = (
+            (IMAGE_CHUNK_BYTES, total) if image else (LOWDIM_CHUNK_BYTES, LOWDIM_CHUNK_STEPS)
+        )
+        chunk_steps = max(1, min(most_steps, chunk_bytes // step_bytes))
         arrays[dp_key] = data.create_array(
             dp_key,
             shape=(total, *step_shape),

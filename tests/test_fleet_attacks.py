@@ -18,7 +18,7 @@ from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from fleet.server import ServerThread
 from fleet.server.ledger import MAX_NOTES
 from fleet.store import EpisodeStore, StoreCorruptError
-from tests.fleet_harness import ServeProcess, free_port, serve_overrides
+from tests.fleet_harness import TOKENS, ServeProcess, free_port, serve_overrides
 from tests.fleet_harness import robot_client as harness_robot
 from tests.fleet_harness import wait_until as wait_for
 from tests.test_fleet_server import (
@@ -335,3 +335,129 @@ def test_idle_connections_are_closed(tmp_path):
             channel.close()
     finally:
         server.kill9()
+
+
+# A second robot token: the attacker's, so that its calls count apart from the good robot's.
+ATTACKER_AUTH = [("authorization", "Bearer attacker-token")]
+WITH_ATTACKER = {**TOKENS, "robot": ["robot-token", "attacker-token"]}
+
+
+def held_open(address: str, count: int, auth, never: threading.Event) -> list:
+    """`count` robot sessions that never send anything (open until hello_timeout_s or `never`)."""
+
+    def silence():
+        never.wait(30)
+        yield from ()
+
+    channel = grpc.insecure_channel(address)
+    return [pb_grpc.RobotServiceStub(channel).Session(silence(), metadata=auth) for _ in range(count)]
+
+
+def test_one_token_holds_at_most_its_calls_while_others_keep_working(make_server, clients):
+    # Before: no cap; a stalled stream is gone only when its peer reads or disconnects, so one token
+    # holder could open them until the server ran out of memory (~30 kB each) or descriptors.
+    server = make_server(tokens=WITH_ATTACKER, max_calls_per_token=3, hello_timeout_s=5.0)
+    never = threading.Event()
+    try:
+        held = held_open(server.address, 3, ATTACKER_AUTH, never)
+        wait_until(lambda: status(server) is not None, what="the server answering")
+        time.sleep(0.5)  # the three are open in the server
+        refused = held_open(server.address, 1, ATTACKER_AUTH, never)[0]
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (refused.code(), refused.details())
+        assert "max_calls_per_token" in refused.details() and "3 calls open" in refused.details()
+        robot = clients(robot_client(server, "good"))
+        robot.start_episode(1)
+        send(robot, 1, range(3))
+        robot.end_episode(1, success=True)
+        assert committed(server, 1).num_episodes == 1
+        operator = clients(operator_client(server, "alice"))
+        assert operator.next_update(5, kind="queue") is not None
+        operator.estop("good")
+        wait_until(
+            lambda: robot.state.estop and robot.state.mode == pb.MODE_HOLD, what="the good robot stopped"
+        )
+        assert not any(call.done() for call in held)  # the attacker's three were served all along
+    finally:
+        never.set()
+
+
+def test_one_address_holds_at_most_its_calls_and_another_address_is_served(make_server):
+    server = make_server(tokens=WITH_ATTACKER, max_calls_per_peer=2, hello_timeout_s=10.0, host="localhost")
+    never = threading.Event()
+    try:
+        address_v4 = f"127.0.0.1:{server.port}"
+        held = held_open(address_v4, 2, ATTACKER_AUTH, never)
+        time.sleep(0.5)
+        refused = held_open(address_v4, 1, ROBOT_AUTH, never)[0]  # another token, the same address
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (refused.code(), refused.details())
+        assert "max_calls_per_peer" in refused.details() and "127.0.0.1" in refused.details()
+        served = held_open(f"[::1]:{server.port}", 1, ROBOT_AUTH, never)  # another address
+        time.sleep(1.0)
+        assert not any(call.done() for call in held + served)
+    finally:
+        never.set()
+
+
+def test_a_robot_reconnecting_replaces_its_session_within_the_cap(make_server):
+    # The same robot id taking a new session replaces its old one, which then releases its call: a robot
+    # reconnecting many times never reaches its cap (here 2: the old stream and the new one at once).
+    server = make_server(max_calls_per_token=2, max_calls_per_peer=2, hello_timeout_s=10.0)
+    never = threading.Event()
+
+    def session():
+        yield hello("arm")
+        never.wait(30)
+
+    channel = grpc.insecure_channel(server.address)
+    try:
+        calls = []
+        for boot in range(5):
+            calls.append(pb_grpc.RobotServiceStub(channel).Session(session(), metadata=ROBOT_AUTH))
+            assert next(calls[-1]) is not None, f"session {boot} got no reply"  # taken, not refused
+            if boot:
+                previous = calls[-2]
+                wait_until(previous.done, what=f"session {boot - 1} replaced")
+                assert previous.code() != grpc.StatusCode.RESOURCE_EXHAUSTED, previous.details()
+        assert not calls[-1].done()
+    finally:
+        never.set()
+        channel.close()
+
+
+def test_deaf_fetches_of_one_token_leave_turns_for_others(make_server, tmp_path):
+    # Before: a token's fetches that never read took every turn of max_concurrent_fetches (each keeps its
+    # turn until its stream is gone), so every other robot's fetch waited behind them.
+    server = make_server(
+        tokens=WITH_ATTACKER,
+        max_concurrent_fetches=3,
+        max_fetches_per_caller=2,
+        max_calls_per_peer=100,
+        stalled_reader_s=30.0,
+        registry_chunk_bytes=256 * 1024,
+        host="localhost",
+    )
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"version": "v1"}')
+    (folder / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4 * 1024 * 1024))
+    publish_checkpoint(server.address, "trainer-token", folder, "v1")
+    # The attacker fetches from ::1 without reading; the good robot from 127.0.0.1, its own token.
+    with grpc.insecure_channel(f"[::1]:{server.port}", options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        deaf = [
+            pb_grpc.RegistryServiceStub(channel).Fetch(pb.FetchRequest(), metadata=ATTACKER_AUTH)
+            for _ in range(5)
+        ]
+        time.sleep(1.0)  # the deaf fetches have taken what turns they may
+        fetched = []
+        fetch = threading.Thread(
+            target=lambda: fetched.append(
+                fetch_checkpoint(f"127.0.0.1:{server.port}", "robot-token", tmp_path / "fetched")
+            ),
+            daemon=True,
+        )
+        fetch.start()
+        fetch.join(20)  # not behind the deaf ones (they hold their turns for as long as they are open)
+        assert fetched, "the good robot's fetch waited behind the deaf ones"
+        assert (fetched[0] / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+        for call in deaf:
+            call.cancel()

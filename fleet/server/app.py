@@ -37,6 +37,7 @@ from fleet.server.operators import OperatorService
 from fleet.server.policy_thresholds import published_thresholds
 from fleet.server.registry import PolicyRegistry, RegistryService
 from fleet.server.robots import RobotService
+from fleet.server.streams import CallLimits
 from fleet.server.writer import EpisodeWriter
 from fleet.store import EpisodeStore, StoreCorruptError, StoreError
 
@@ -132,9 +133,12 @@ class FleetServer:
             *KEEPALIVE_OPTIONS,
         ]
         auth = TokenAuth(config.tokens)
+        # One count of open calls across robot and operator sessions and fetches: a token's or an
+        # address's calls of every kind together.
+        limits = CallLimits(config.max_calls_per_token, config.max_calls_per_peer)
         server = grpc.aio.server(interceptors=[AuthInterceptor(auth)], options=options)
-        pb_grpc.add_RobotServiceServicer_to_server(RobotService(fleet, auth), server)
-        pb_grpc.add_OperatorServiceServicer_to_server(OperatorService(fleet, auth), server)
+        pb_grpc.add_RobotServiceServicer_to_server(RobotService(fleet, auth, limits), server)
+        pb_grpc.add_OperatorServiceServicer_to_server(OperatorService(fleet, auth, limits), server)
         pb_grpc.add_RegistryServiceServicer_to_server(
             RegistryService(
                 registry,
@@ -142,6 +146,9 @@ class FleetServer:
                 new_latest,
                 config.max_concurrent_fetches,
                 config.stalled_reader_s,
+                auth=auth,
+                limits=limits,
+                fetch_turns_per_caller=config.max_fetches_per_caller,
             ),
             server,
         )

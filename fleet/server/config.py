@@ -54,6 +54,15 @@ class ServerConfig:
     registry_dir: str = "data/registry"
     registry_chunk_bytes: int = 1024 * 1024
     max_concurrent_fetches: int = 16  # checkpoint fetches sending at once; more wait their turn
+    # ... of which at most this many go to one token, and to one address: a caller's fetches that never
+    # read (each keeps its turn until its stream is gone) cannot take every turn.
+    max_fetches_per_caller: int = 4
+    # Open calls (robot and operator sessions, fetches) one token, and one address, may hold at once;
+    # beyond: RESOURCE_EXHAUSTED. A stalled stream is gone only when its peer reads or disconnects, so
+    # this bounds what one token holder's stalled streams cost. A fleet sharing one token (or simulated
+    # robots on one host) needs one per robot plus one for its reconnect: raise these for larger fleets.
+    max_calls_per_token: int = 2048
+    max_calls_per_peer: int = 2048
     max_checkpoint_bytes: int = 4 * 1024**3
     allocation: AllocationConfig = dataclasses.field(default_factory=AllocationConfig)
     pre_intervention_steps: int = 15
@@ -111,6 +120,9 @@ class ServerConfig:
             "writer_queue_size",
             "registry_chunk_bytes",
             "max_concurrent_fetches",
+            "max_fetches_per_caller",
+            "max_calls_per_token",
+            "max_calls_per_peer",
             "max_episode_steps",
             "max_episode_bytes",
             "max_step_bytes",

@@ -39,6 +39,7 @@ I/O runs in worker threads, so the event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
@@ -66,7 +67,7 @@ from fleet.registry_rules import (  # noqa: F401 - re-exported: the registry's r
     check_version,
 )
 from fleet.server.config import ServerConfig
-from fleet.server.streams import FleetError, check_decoded, write_replies
+from fleet.server.streams import CallLimits, FleetError, check_decoded, write_replies
 
 log = logging.getLogger(__name__)
 
@@ -597,6 +598,30 @@ class _FileReader:
         )
 
 
+class KeyedTurns:
+    """At most `per_key` holders of a turn per key at once (the rest wait); a key's semaphore exists only
+    while someone holds or waits for it, so callers that come and go leave nothing behind."""
+
+    def __init__(self, per_key: int):
+        self.per_key = per_key
+        self._turns: dict[tuple, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: tuple):
+        semaphore, users = self._turns.get(key, (None, 0))
+        semaphore = semaphore or asyncio.Semaphore(self.per_key)
+        self._turns[key] = (semaphore, users + 1)
+        try:
+            async with semaphore:
+                yield
+        finally:
+            semaphore, users = self._turns[key]
+            if users == 1:
+                del self._turns[key]
+            else:
+                self._turns[key] = (semaphore, users - 1)
+
+
 class RegistryService(pb_grpc.RegistryServiceServicer):
     def __init__(
         self,
@@ -605,6 +630,10 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
         on_new_latest: Callable[[str], None],
         max_fetches: int = ServerConfig.max_concurrent_fetches,
         stalled_reader_s: float = ServerConfig.stalled_reader_s,
+        *,
+        auth=None,  # a TokenAuth: names the caller's token for the per-token limits (None: one caller)
+        limits: CallLimits | None = None,
+        fetch_turns_per_caller: int = ServerConfig.max_fetches_per_caller,
     ):
         self.registry = registry
         self.chunk_bytes = chunk_bytes
@@ -614,7 +643,12 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
         # (the others wait their turn), and one whose reader stalls is ended (write_replies); it keeps its
         # turn until its stream is gone (its last chunk is still held), so memory stays bounded.
         self._sending = asyncio.Semaphore(max_fetches)
+        # ... and at most fetch_turns_per_caller of those turns go to one token or one address, so a
+        # caller's deaf fetches (each holds its turn until its stream is gone) cannot take them all.
+        self._caller_turns = KeyedTurns(fetch_turns_per_caller)
         self.stalled_reader_s = stalled_reader_s
+        self.auth = auth
+        self.limits = limits or CallLimits(ServerConfig.max_calls_per_token, ServerConfig.max_calls_per_peer)
 
     async def Publish(self, requests, context):  # noqa: N802 - the generated servicer's name
         upload = None
@@ -653,8 +687,18 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
         return pb.PublishResult(version=upload.version, bytes=upload.total)
 
     async def Fetch(self, request, context) -> None:  # noqa: N802
-        async with self._sending:
-            await write_replies(self._chunks(request, context), context, self.stalled_reader_s)
+        identity = None if self.auth is None else self.auth.identity_of(context.invocation_metadata())
+        try:
+            with self.limits.call(identity, context, "Fetch"):
+                keys = CallLimits.keys(identity, context)
+                async with (
+                    self._caller_turns.turn(keys["token"]),
+                    self._caller_turns.turn(keys["peer"]),
+                    self._sending,
+                ):
+                    await write_replies(self._chunks(request, context), context, self.stalled_reader_s)
+        except FleetError as err:
+            await context.abort(err.code, err.message)
 
     async def _chunks(self, request, context):
         try:

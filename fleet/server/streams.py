@@ -204,6 +204,47 @@ async def serve_session(
             left(state, outbox)
 
 
+class CallLimits:
+    """Open calls (Session streams, Fetch calls) per token and per peer address.
+
+    A call beyond `per_token` open calls of one token, or `per_peer` of one address, is refused with
+    RESOURCE_EXHAUSTED naming the limit: a stalled stream stays open until its peer reads or its
+    connection ends (its status waits behind the message it has not read), so without a cap one token
+    holder could open them until the server runs out of memory or descriptors. A robot that reconnects
+    while its old stream is being torn down holds two calls for that moment, well within the caps."""
+
+    def __init__(self, per_token: int, per_peer: int):
+        self.limits = {"token": (per_token, "max_calls_per_token"), "peer": (per_peer, "max_calls_per_peer")}
+        self.open: dict[tuple, int] = {}
+
+    @staticmethod
+    def keys(identity, context) -> dict[str, tuple]:
+        # Per token entry, not per role: tokens with equal role and ids are separate Identity objects.
+        return {"token": ("token", id(identity)), "peer": ("peer", peer_of(context))}
+
+    @contextlib.contextmanager
+    def call(self, identity, context, what: str):
+        """Hold one open call for the block; raise FleetError(RESOURCE_EXHAUSTED) when a cap is reached."""
+        keys = self.keys(identity, context)
+        for kind, key in keys.items():
+            limit, name = self.limits[kind]
+            if self.open.get(key, 0) >= limit:
+                whose = "this token" if kind == "token" else f"address {key[1]}"
+                raise FleetError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{what}: {whose} already has {limit} calls open ({name}); close one first",
+                )
+        for key in keys.values():
+            self.open[key] = self.open.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            for key in keys.values():
+                self.open[key] -= 1
+                if not self.open[key]:
+                    del self.open[key]
+
+
 class SessionService:
     """The Session handler of one kind of peer (a robot, an operator): names the caller from its
     metadata and runs serve_session with the fleet's callbacks for that kind. Put it before the
@@ -211,9 +252,11 @@ class SessionService:
 
     peer: str  # "a robot": how error messages name the peer
 
-    def __init__(self, fleet, auth):
+    def __init__(self, fleet, auth, limits: CallLimits | None = None):
         self.fleet = fleet
         self.auth = auth
+        config = fleet.config
+        self.limits = limits or CallLimits(config.max_calls_per_token, config.max_calls_per_peer)
 
     def callbacks(self) -> dict[str, Callable]:
         """serve_session's hello, handle and left (and optionally on_sent) for this kind of peer."""
@@ -231,7 +274,11 @@ class SessionService:
             hello_timeout_s=config.hello_timeout_s,
             **self.callbacks(),
         )
-        await write_replies(replies, context, config.stalled_reader_s)
+        try:
+            with self.limits.call(identity, context, "Session"):
+                await write_replies(replies, context, config.stalled_reader_s)
+        except FleetError as err:
+            await context.abort(err.code, err.message)
 
 
 async def write_replies(replies: AsyncIterator, context: grpc.aio.ServicerContext, stall_s: float) -> None:

@@ -1,7 +1,8 @@
 """Resource attacks on `flotilla serve` (a subprocess on 127.0.0.1): what a token holder's streams cost the
 server, in resident memory (RSS, /proc) and file descriptors, and whether it stays responsive.
 
-    python -m benchmarks.attacks [--streams 3000] [--fetches 400] [--resends 300000]
+    python -m benchmarks.attacks [--streams 3000] [--fetches 400] [--resends 300000] [--held 4000]
+                                 [--only held_streams starved_fetch ...] [--uncapped]
 
 - silent: streams opened with a robot token that never send their hello (ended after hello_timeout_s);
 - deaf robot: a robot that sends a resent message as fast as it can and never reads its Commands (its
@@ -10,6 +11,11 @@ server, in resident memory (RSS, /proc) and file descriptors, and whether it sta
   a stalled one is ended after stalled_reader_s).
 - big steps: a robot whose hello declares a 16 MB float32 observation (max_step_bytes) streams one long
   episode of such steps (the episode is cut at max_episode_bytes, here 256 MiB; chunks hold <= 4 MiB).
+- held streams: robot sessions of one token held open at once (hello_timeout_s 60 s here: they stay
+  as stalled streams do); how many max_calls_per_token (2048) lets in;
+- starved fetch: deaf fetches from 127.0.0.1 with the robot token, then a fetch by the trainer token from
+  ::1: how long it waits for a turn (max_fetches_per_caller, 4 of 16, per token and per address).
+`--uncapped` serves without the per-token/address caps, as before they existed.
 Each row: RSS when the attack began, at its peak, and after the server's timeouts ran (freed memory stays
 with the process: the silent streams come in two waves, the second after the first was ended, so a peak
 that does not grow with the second wave is memory given back); open file descriptors; how long
@@ -19,6 +25,7 @@ AdminService.Status took at the end. The fixes and tests: tests/test_fleet_attac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import threading
@@ -30,13 +37,17 @@ import numpy as np
 
 from benchmarks.common import machine_line, print_table
 from fleet import codec
-from fleet.client import publish_checkpoint
+from fleet.client import fetch_checkpoint, publish_checkpoint
 from fleet.proto import flotilla_pb2 as pb
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from tests.fleet_harness import TOKEN, ServeProcess, free_port, serve_overrides
 
-# Shorter than the defaults (10 s, 1 GiB): a quicker run.
-TIMEOUTS = ("hello_timeout_s=3", "stalled_reader_s=3", "max_episode_bytes=268435456")
+# Shorter than the defaults (10 s, 1 GiB): a quicker run. Held streams: a hello timeout long enough that
+# they stay open as stalled ones do; localhost: served on ::1 too (another address for starved fetch).
+TIMEOUTS = ("hello_timeout_s=3", "stalled_reader_s=3", "max_episode_bytes=268435456", "host=localhost")
+HELD_TIMEOUT = "hello_timeout_s=60"
+# --uncapped: as before the per-token/address caps (max_concurrent_fetches is 16).
+UNCAPPED = ("max_calls_per_token=1000000", "max_calls_per_peer=1000000", "max_fetches_per_caller=16")
 
 
 def rss_mb(pid: int) -> float:
@@ -124,13 +135,13 @@ def big_steps(server: ServeProcess, count: int) -> list:
     return [[call], channel]
 
 
-def deaf_fetches(server: ServeProcess, count: int, workdir: Path) -> list:
+def deaf_fetches(server: ServeProcess, count: int, workdir: Path, address: str = "") -> list:
     folder = workdir / "checkpoint"
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text('{"format": 1}')
     (folder / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(16 * 1024 * 1024))
     publish_checkpoint(server.address, TOKEN["trainer"], folder, "v1")
-    channels = [grpc.insecure_channel(server.address) for _ in range(max(1, count // 50))]
+    channels = [grpc.insecure_channel(address or server.address) for _ in range(max(1, count // 50))]
     calls = [
         pb_grpc.RegistryServiceStub(channels[n % len(channels)]).Fetch(
             pb.FetchRequest(), metadata=metadata("robot")
@@ -140,14 +151,61 @@ def deaf_fetches(server: ServeProcess, count: int, workdir: Path) -> list:
     return [calls, channels]
 
 
+def held_streams(server: ServeProcess, count: int) -> list:
+    """`count` robot sessions of one token held open at once (no hello; hello_timeout_s is long here, as a
+    stalled stream stays until its peer reads or disconnects): how many the server takes."""
+    never = threading.Event()
+
+    def silence():
+        never.wait(120)
+        yield from ()
+
+    channels = [grpc.insecure_channel(server.address) for _ in range(max(1, count // 300))]
+    calls = [
+        pb_grpc.RobotServiceStub(channels[n % len(channels)]).Session(silence(), metadata=metadata("robot"))
+        for n in range(count)
+    ]
+    time.sleep(3.0)
+    refused = sum(1 for call in calls if call.done() and call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
+    print(f"held streams: {count - refused} of {count} open, {refused} refused (RESOURCE_EXHAUSTED)")
+    return [calls, never, channels]
+
+
+def starved_fetch(server: ServeProcess, count: int, workdir: Path) -> list:
+    """deaf_fetches from 127.0.0.1 with the robot token, then a fetch by another token from another
+    address (::1): how long it waits for a turn (capped at 30 s)."""
+    port = server.address.rsplit(":", 1)[1]
+    held = deaf_fetches(server, count, workdir, f"127.0.0.1:{port}")
+    time.sleep(1.0)
+    done: list[float] = []
+    began = time.monotonic()
+
+    def fetch() -> None:
+        with contextlib.suppress(grpc.RpcError):  # still waiting when the server is killed: > 30 s
+            fetch_checkpoint(f"[::1]:{port}", TOKEN["trainer"], workdir / "fetched")
+            done.append(time.monotonic() - began)
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(30)
+    print(f"starved fetch: another caller's fetch took {done[0]:.2f} s" if done else "starved fetch: > 30 s")
+    return held
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--streams", type=int, default=3000, help="silent streams")
     parser.add_argument("--fetches", type=int, default=400, help="Fetch streams that never read")
     parser.add_argument("--resends", type=int, default=300_000, help="messages of the deaf robot")
     parser.add_argument("--big-steps", type=int, default=200, help="16 MB steps of the big robot")
+    parser.add_argument("--held", type=int, default=4000, help="robot sessions of one token held open")
     parser.add_argument("--wait", type=float, default=8.0, help="seconds to watch after each attack")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these attacks (their names)")
+    parser.add_argument(
+        "--uncapped", action="store_true", help="no per-token/address caps (as before they existed)"
+    )
     args = parser.parse_args()
+    settings = (*TIMEOUTS, *(UNCAPPED if args.uncapped else ()))
     print(machine_line(), "| load:", " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,11 +215,23 @@ def main() -> None:
             ("deaf robot", args.resends, lambda s: deaf_robot(s, args.resends), args.wait),
             ("deaf fetches", args.fetches, lambda s: deaf_fetches(s, args.fetches, workdir), args.wait),
             ("big steps", args.big_steps, lambda s: big_steps(s, args.big_steps), 4 * args.wait),
+            ("held streams", args.held, lambda s: held_streams(s, args.held), args.wait),
+            ("starved fetch", args.fetches, lambda s: starved_fetch(s, args.fetches, workdir), args.wait),
         ]
         for name, size, attack, wait in attacks:
+            if args.only and name.replace(" ", "_") not in args.only and name not in args.only:
+                continue
             store = workdir / f"{name.replace(' ', '_')}.zarr"
             server = ServeProcess(
-                serve_overrides(store, workdir / "registry", free_port(), *TIMEOUTS)
+                serve_overrides(
+                    store,
+                    workdir / "registry",
+                    free_port(),
+                    *(
+                        HELD_TIMEOUT if name == "held streams" and item == TIMEOUTS[0] else item
+                        for item in settings
+                    ),
+                )
             ).start()
             try:
                 before = rss_mb(server.pid)

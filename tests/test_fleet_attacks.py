@@ -280,6 +280,32 @@ def test_an_episode_is_bounded_in_bytes_too(make_server, clients):
     ]
 
 
+def test_all_open_episodes_together_are_bounded_in_bytes(make_server, clients):
+    # Before: only each robot's (max_episode_bytes), and one robot token may use many ids: N ids held
+    # N x max_episode_bytes in memory. Past max_open_episode_bytes the largest open episode is committed.
+    step_bytes = 3 * 4 + 8 * 8 * 3  # SPEC in tests/test_fleet_server.py: float32 state (3), uint8 rgb 8x8x3
+    server = make_server(max_open_episode_bytes=6 * step_bytes)
+    messages = []
+    big = clients(
+        robot_client(server, "big", on_command=lambda command, state: messages.append(command.message))
+    )
+    small = clients(robot_client(server, "small"))
+    big.start_episode(1)
+    send(big, 1, range(4))
+    small.start_episode(1)
+    send(small, 1, range(3))  # 7 steps open together: the big one (4) is cut, the small one goes on
+    wait_until(lambda: any("max_open_episode_bytes" in message for message in messages), what="big told")
+    send(small, 1, range(3, 5))
+    small.end_episode(1, success=True)
+    big.end_episode(1, success=True)
+    assert big.wait_committed(timeout=10) and small.wait_committed(timeout=10)
+    store = committed(server, 2)
+    outcomes = {store.episode_meta(i).robot_id: store.episode_meta(i) for i in range(2)}
+    assert (outcomes["big"].outcome, outcomes["big"].length) == ("too_long", 4)
+    assert (outcomes["small"].outcome, outcomes["small"].length) == ("success", 5)
+    assert server.call(lambda: server.server.fleet.open_episode_bytes) == 0
+
+
 def record_depth(store: EpisodeStore, first: int, length: int) -> None:
     episode = store.begin_episode("r1", "push")
     for t in range(first, first + length):

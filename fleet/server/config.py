@@ -75,6 +75,9 @@ class ServerConfig:
     max_episode_steps: int = 10_000  # an episode this long is committed with outcome "too_long"
     # ... and one holding this many observation bytes (an open episode is kept in memory until it ends)
     max_episode_bytes: int = 1024**3
+    # ... and all robots' open episodes together (one token may use many robot ids): past it, the largest
+    # open episode is committed as "too_long"
+    max_open_episode_bytes: int = 4 * 1024**3
     max_step_bytes: int = 16 * 1024 * 1024  # most bytes of observation a hello may declare per step
     # Liveness: a session that sends nothing (clients heartbeat when idle) for this long is ended; its
     # robot holds and goes back to the queue, or its operator is freed.
@@ -125,6 +128,7 @@ class ServerConfig:
             "max_calls_per_peer",
             "max_episode_steps",
             "max_episode_bytes",
+            "max_open_episode_bytes",
             "max_step_bytes",
             "max_robots",
         ):

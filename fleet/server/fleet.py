@@ -165,6 +165,10 @@ class Fleet:
         self._keys = itertools.count(1)
         # Writer key -> (robot_id, boot_id, robot episode id), for episodes not yet committed.
         self._key_episode: dict[str, tuple[str, str, int]] = {}
+        # Robots whose open episode is being logged (writer key -> robot), and the observation bytes those
+        # episodes hold in memory together: bounded by max_open_episode_bytes (see robot_step).
+        self._logging: dict[str, Robot] = {}
+        self.open_episode_bytes = 0
         self._committed = committed_episodes(writer.store)
         self._queue = pb.Queue()
         self._tasks: set[asyncio.Task] = set()
@@ -342,6 +346,7 @@ class Fleet:
             )
             return
         robot.episode_key = key = f"{robot.robot_id}#{next(self._keys)}"
+        self._logging[key] = robot
         robot.uncommitted[key] = start.seq
         self._key_episode[key] = (robot.robot_id, robot.boot_id, start.episode_id)
         self.writer.begin(
@@ -402,13 +407,27 @@ class Fleet:
             self._push(robot, "constraint violation: holding until a human resets the robot")
         # An open episode is held in memory until it ends: bounded in steps and in bytes (a hello may
         # declare 16 MB steps: 60 of them took flotilla serve to 1.2 GB, 10,000 would be 160 GB).
-        robot.episode_bytes += sum(entry[4] for entry in robot.spec.wire_layout)
+        step_bytes = sum(entry[4] for entry in robot.spec.wire_layout)
+        robot.episode_bytes += step_bytes
+        self.open_episode_bytes += step_bytes
+        # ... and together: one token may use many robot ids, each with an episode of max_episode_bytes.
+        while self.open_episode_bytes > self.config.max_open_episode_bytes and self._logging:
+            self._cut(
+                max(self._logging.values(), key=lambda other: other.episode_bytes),
+                f"max_open_episode_bytes={self.config.max_open_episode_bytes}",
+            )
+        if robot.episode_key is None:
+            return  # cut just now: the largest open episode was this robot's
         if robot.episode_steps >= self.config.max_episode_steps:
             limit = f"max_episode_steps={self.config.max_episode_steps}"
         elif robot.episode_bytes >= self.config.max_episode_bytes:
             limit = f"max_episode_bytes={self.config.max_episode_bytes}"
         else:
             return
+        self._cut(robot, limit)
+
+    def _cut(self, robot: Robot, limit: str) -> None:
+        """Commit the robot's open episode as too_long (it reached `limit`); the rest is not logged."""
         log.warning(
             "robot %s: episode %d reached %s; committed as %r",
             robot.robot_id,
@@ -419,9 +438,16 @@ class Fleet:
         self._close_episode(robot, TOO_LONG_OUTCOME, keep_open=True)
         self._push(
             robot,
-            f"episode {step.episode_id} reached {limit}: committed as {TOO_LONG_OUTCOME!r}; the rest of "
+            f"episode {robot.episode_id} reached {limit}: committed as {TOO_LONG_OUTCOME!r}; the rest of "
             "it is not logged: end it and start a new one",
         )
+
+    def _stop_logging(self, robot: Robot) -> None:
+        """The robot's open episode is no longer logged (ended, cut, dropped): its bytes leave the count."""
+        if robot.episode_key is not None:
+            self._logging.pop(robot.episode_key, None)
+            self.open_episode_bytes -= robot.episode_bytes
+            robot.episode_key = None
 
     def _unwritable(self, what: str) -> FleetError:
         return FleetError(
@@ -472,7 +498,8 @@ class Fleet:
             self.ledger.episode_closed(robot.robot_id, robot.episode_key)
             self.writer.end(robot.episode_key, end.success, end.outcome)
         self.ledger.episode_ended(robot.robot_id, robot.policy_version, end.success, ROBOT_LABEL)
-        robot.episode_id, robot.episode_key = None, None
+        self._stop_logging(robot)
+        robot.episode_id = None
         robot.episodes += 1
 
     def _close_episode(self, robot: Robot, outcome: str, keep_open: bool = False) -> None:
@@ -481,7 +508,7 @@ class Fleet:
         if robot.episode_key is not None:
             self.ledger.episode_closed(robot.robot_id, robot.episode_key)
             self.writer.end(robot.episode_key, False, outcome)
-            robot.episode_key = None
+            self._stop_logging(robot)
         if not keep_open:
             robot.episode_id = None
 
@@ -503,7 +530,7 @@ class Fleet:
         if robot is None or robot.uncommitted.pop(key, None) is None:
             return
         if robot.episode_key == key:
-            robot.episode_key = None
+            self._stop_logging(robot)
         if robot.outbox is not None:
             robot.outbox.fail(PRECONDITION, f"episode store refused this robot's episode: {message}")
             self._robot_gone(robot)

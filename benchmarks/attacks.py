@@ -11,6 +11,8 @@ server, in resident memory (RSS, /proc) and file descriptors, and whether it sta
   a stalled one is ended after stalled_reader_s).
 - big steps: a robot whose hello declares a 16 MB float32 observation (max_step_bytes) streams one long
   episode of such steps (the episode is cut at max_episode_bytes, here 256 MiB; chunks hold <= 4 MiB).
+- many ids: `--ids` robot ids of one token, each streaming 24 such steps at once (each episode is cut at
+  256 MiB, all open ones together at max_open_episode_bytes, here 512 MiB);
 - held streams: robot sessions of one token held open at once (hello_timeout_s 60 s here: they stay
   as stalled streams do); how many max_calls_per_token (2048) lets in;
 - starved fetch: deaf fetches from 127.0.0.1 with the robot token, then a fetch by the trainer token from
@@ -44,10 +46,21 @@ from tests.fleet_harness import TOKEN, ServeProcess, free_port, serve_overrides
 
 # Shorter than the defaults (10 s, 1 GiB): a quicker run. Held streams: a hello timeout long enough that
 # they stay open as stalled ones do; localhost: served on ::1 too (another address for starved fetch).
-TIMEOUTS = ("hello_timeout_s=3", "stalled_reader_s=3", "max_episode_bytes=268435456", "host=localhost")
+TIMEOUTS = (
+    "hello_timeout_s=3",
+    "stalled_reader_s=3",
+    "max_episode_bytes=268435456",
+    "max_open_episode_bytes=536870912",
+    "host=localhost",
+)
 HELD_TIMEOUT = "hello_timeout_s=60"
 # --uncapped: as before the per-token/address caps (max_concurrent_fetches is 16).
-UNCAPPED = ("max_calls_per_token=1000000", "max_calls_per_peer=1000000", "max_fetches_per_caller=16")
+UNCAPPED = (
+    "max_calls_per_token=1000000",
+    "max_calls_per_peer=1000000",
+    "max_fetches_per_caller=16",
+    "max_open_episode_bytes=1000000000000000",
+)
 
 
 def rss_mb(pid: int) -> float:
@@ -115,11 +128,11 @@ def deaf_robot(server: ServeProcess, resends: int) -> list:
     return [[pb_grpc.RobotServiceStub(channel).Session(requests(), metadata=metadata("robot"))], channel]
 
 
-def big_steps(server: ServeProcess, count: int) -> list:
+def big_steps(server: ServeProcess, count: int, robot_id: str = "big") -> list:
     data = codec.to_tensor(np.zeros((2048, 2048), np.float32))
 
     def requests():
-        hello = pb.RobotHello(robot_id="big", task="attack", action_dim=2, boot_id="big-boot")
+        hello = pb.RobotHello(robot_id=robot_id, task="attack", action_dim=2, boot_id=f"{robot_id}-boot")
         hello.observation_spec["x"].CopyFrom(pb.TensorSpec(shape=[2048, 2048], dtype="float32"))
         yield pb.RobotMessage(hello=hello)
         yield pb.RobotMessage(episode_start=pb.EpisodeStart(episode_id=1, seq=1))
@@ -133,6 +146,12 @@ def big_steps(server: ServeProcess, count: int) -> list:
     call = pb_grpc.RobotServiceStub(channel).Session(requests(), metadata=metadata("robot"))
     threading.Thread(target=lambda: [None for _ in call], daemon=True).start()  # read its commands
     return [[call], channel]
+
+
+def many_ids(server: ServeProcess, ids: int, steps: int) -> list:
+    """big_steps from `ids` robot ids of one token at once, `steps` each."""
+    held = [big_steps(server, steps, f"big-{n}") for n in range(ids)]
+    return [[call for calls, _ in held for call in calls], [channel for _, channel in held]]
 
 
 def deaf_fetches(server: ServeProcess, count: int, workdir: Path, address: str = "") -> list:
@@ -198,6 +217,7 @@ def main() -> None:
     parser.add_argument("--fetches", type=int, default=400, help="Fetch streams that never read")
     parser.add_argument("--resends", type=int, default=300_000, help="messages of the deaf robot")
     parser.add_argument("--big-steps", type=int, default=200, help="16 MB steps of the big robot")
+    parser.add_argument("--ids", type=int, default=8, help="robot ids of one token sending 16 MB steps")
     parser.add_argument("--held", type=int, default=4000, help="robot sessions of one token held open")
     parser.add_argument("--wait", type=float, default=8.0, help="seconds to watch after each attack")
     parser.add_argument("--only", nargs="+", default=None, help="run only these attacks (their names)")
@@ -205,7 +225,8 @@ def main() -> None:
         "--uncapped", action="store_true", help="no per-token/address caps (as before they existed)"
     )
     args = parser.parse_args()
-    settings = (*TIMEOUTS, *(UNCAPPED if args.uncapped else ()))
+    merged = dict(item.split("=", 1) for item in (*TIMEOUTS, *(UNCAPPED if args.uncapped else ())))
+    settings = tuple(f"{key}={value}" for key, value in merged.items())
     print(machine_line(), "| load:", " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,6 +236,7 @@ def main() -> None:
             ("deaf robot", args.resends, lambda s: deaf_robot(s, args.resends), args.wait),
             ("deaf fetches", args.fetches, lambda s: deaf_fetches(s, args.fetches, workdir), args.wait),
             ("big steps", args.big_steps, lambda s: big_steps(s, args.big_steps), 4 * args.wait),
+            ("many ids", args.ids, lambda s: many_ids(s, args.ids, 24), 4 * args.wait),
             ("held streams", args.held, lambda s: held_streams(s, args.held), args.wait),
             ("starved fetch", args.fetches, lambda s: starved_fetch(s, args.fetches, workdir), args.wait),
         ]

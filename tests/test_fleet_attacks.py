@@ -3,6 +3,7 @@ streams opened and left silent, peers that never read what the server sends. Eac
 found by that attack; real gRPC on 127.0.0.1, a real zarr store in tmp_path."""
 
 import contextlib
+import socket
 import threading
 import time
 from pathlib import Path
@@ -368,6 +369,19 @@ ATTACKER_AUTH = [("authorization", "Bearer attacker-token")]
 WITH_ATTACKER = {**TOKENS, "robot": ["robot-token", "attacker-token"]}
 
 
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# A second address on this machine: ::1 beside 127.0.0.1 (the server listens on both as "localhost").
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback (::1) for a second address")
+
+
 def held_open(address: str, count: int, auth, never: threading.Event) -> list:
     """`count` robot sessions that never send anything (open until hello_timeout_s or `never`)."""
 
@@ -407,6 +421,7 @@ def test_one_token_holds_at_most_its_calls_while_others_keep_working(make_server
         never.set()
 
 
+@needs_ipv6
 def test_one_address_holds_at_most_its_calls_and_another_address_is_served(make_server):
     server = make_server(tokens=WITH_ATTACKER, max_calls_per_peer=2, hello_timeout_s=10.0, host="localhost")
     never = threading.Event()
@@ -450,6 +465,7 @@ def test_a_robot_reconnecting_replaces_its_session_within_the_cap(make_server):
         channel.close()
 
 
+@needs_ipv6
 def test_deaf_fetches_of_one_token_leave_turns_for_others(make_server, tmp_path):
     # Before: a token's fetches that never read took every turn of max_concurrent_fetches (each keeps its
     # turn until its stream is gone), so every other robot's fetch waited behind them.

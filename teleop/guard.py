@@ -29,6 +29,8 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from fleet.open_files import raise_open_files_limit
+
 log = logging.getLogger(__name__)
 
 # A refused connection is read (and dropped) this long so that the client gets its 503 rather than a reset
@@ -123,19 +125,15 @@ def ensure_descriptors(max_connections: int) -> None:
     import resource
 
     want = 4 * max_connections + 256
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        if raised > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-        if raised < want:
-            log.warning(
-                "console: %d file descriptors (the hard limit) for max_connections=%d: a flood can run them "
-                "out; raise the limit (LimitNOFILE) to %d or lower max_connections",
-                raised,
-                max_connections,
-                want,
-            )
+    raised = raise_open_files_limit(want)
+    if raised != resource.RLIM_INFINITY and raised < want:
+        log.warning(
+            "console: %d file descriptors (the hard limit) for max_connections=%d: a flood can run them "
+            "out; raise the limit (LimitNOFILE) to %d or lower max_connections",
+            raised,
+            max_connections,
+            want,
+        )
 
 
 def _plain_response(status: int, reason: str, text: str) -> bytes:

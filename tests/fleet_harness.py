@@ -63,6 +63,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def has_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (some containers have no IPv6 loopback)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

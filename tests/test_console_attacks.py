@@ -19,6 +19,7 @@ import time
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from fleet.open_files import raise_open_files_limit
 from tests.console_harness import (
     CHROMIUM,
     SLOWLORIS_HEAD,
@@ -111,12 +112,8 @@ def descriptors_for_a_flood(needed: int) -> bool:
     sockets and the in-process console's); False where the hard limit cannot hold them."""
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        return False
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    return True
+    raised = raise_open_files_limit(needed)
+    return raised == resource.RLIM_INFINITY or raised >= needed
 
 
 def test_an_operators_stop_reaches_the_robot_through_a_connection_flood(make_server, clients):

@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from fleet.labels import ControlLabel
 from fleet.proto import flotilla_pb2 as pb
 from fleet.server.app import AdminService
 from tests.console_harness import console_process
+from tests.fleet_harness import has_ipv6_loopback
 from tests.test_fleet_server import (
     NEEDS_OPENSSL,
     committed,
@@ -545,16 +545,7 @@ def test_console_sign_in_refuses_an_oversized_body_without_waiting_for_it(make_s
         assert status == 400 and b"not the sign-in form" in page  # (it was a 500)
 
 
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
 def test_console_on_ipv6_loopback_prints_a_url_that_works(make_server):
     server = make_server()
     with console_of(server, host="::1") as console:

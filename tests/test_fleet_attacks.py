@@ -3,7 +3,6 @@ streams opened and left silent, peers that never read what the server sends. Eac
 found by that attack; real gRPC on 127.0.0.1, a real zarr store in tmp_path."""
 
 import contextlib
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from fleet.server import ServerThread
 from fleet.server.ledger import MAX_NOTES
 from fleet.store import EpisodeStore, StoreCorruptError
-from tests.fleet_harness import TOKENS, ServeProcess, free_port, serve_overrides
+from tests.fleet_harness import TOKENS, ServeProcess, free_port, has_ipv6_loopback, serve_overrides
 from tests.fleet_harness import robot_client as harness_robot
 from tests.fleet_harness import wait_until as wait_for
 from tests.test_fleet_server import (
@@ -367,15 +366,6 @@ def test_idle_connections_are_closed(tmp_path):
 # A second robot token: the attacker's, so that its calls count apart from the good robot's.
 ATTACKER_AUTH = [("authorization", "Bearer attacker-token")]
 WITH_ATTACKER = {**TOKENS, "robot": ["robot-token", "attacker-token"]}
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 # A second address on this machine: ::1 beside 127.0.0.1 (the server listens on both as "localhost").

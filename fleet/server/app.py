@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
-import resource
 import signal
 import sys
 import threading
@@ -28,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from fleet.allocation import Allocator
+from fleet.open_files import raise_open_files_limit
 from fleet.proto import flotilla_pb2_grpc as pb_grpc
 from fleet.server.auth import AuthInterceptor, TokenAuth
 from fleet.server.config import ServerConfig
@@ -247,15 +246,6 @@ class FleetServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-
-def raise_open_files_limit() -> None:
-    """Every connection, stream file and chunk being written takes a file descriptor: use the hard limit
-    the system allows, not the soft one (often 1024, about a thousand connections)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class ServerThread:
